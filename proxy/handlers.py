@@ -1,0 +1,197 @@
+"""Thin HTTP handlers: parse once, route, run, answer. Domain errors become
+OpenAI's error JSON in `error_middleware`, in one place."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .accounting import Accounting, RequestRecord, Usage
+from .app_keys import RUNTIME
+from .errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
+from .executor import Attempt
+from .features import extract_features
+from .health import BlockView, CircuitBreakers
+from .routing import Plan, UnknownModel
+from .runtime import RuntimeRef
+from .streaming import relay
+from .upstream import UpstreamClient
+
+log = logging.getLogger("orproxy")
+REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
+JSON = "application/json"
+
+
+class ChatHandler:
+    def __init__(self, breakers: CircuitBreakers, accounting: Accounting) -> None:
+        self._breakers = breakers
+        self._accounting = accounting
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        runtime = request.app[RUNTIME].current
+        request_id = _request_id(request)
+        body = await _read_body(request)
+        model_name = body["model"]
+        features = extract_features(body, request.headers)
+        record = RequestRecord(request_id, time.time(), model_name, None, features.stream)
+        try:
+            try:
+                plan = runtime.router.plan(model_name, features, self._blocked(runtime.keyless))
+            except UnknownModel as exc:
+                raise ModelNotFound(f"The model '{exc.requested}' does not exist on this proxy. Valid virtual "
+                                    f"models: {', '.join(exc.valid)}"
+                                    + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
+                                       if runtime.config.allow_direct_models else "."), param="model") from None
+            record.virtual_model = plan.chain_owner
+            record.route = plan.describe()
+            if features.stream:
+                answer = await runtime.executor.run(plan, body, _open_stream)
+            else:
+                answer = await runtime.executor.run(plan, body, _complete)
+            record.model, record.upstream, record.attempts = answer.target.model, answer.target.upstream, answer.attempts
+            headers = _proxy_headers(request_id, plan, answer.attempts)
+            if features.stream:
+                record.status = 200
+                return await relay(request, answer.result, headers, record, started)
+            raw, payload = answer.result
+            _fill_from_payload(record, payload)
+            record.status = 200
+            return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
+        except ProxyError as exc:
+            record.status, record.error = exc.status, exc.code
+            exc.request_id = request_id
+            raise
+        finally:
+            record.latency_s = time.monotonic() - started
+            self._accounting.record(record)
+
+    def _blocked(self, keyless: dict) -> BlockView | None:
+        open_breakers = self._breakers.active(time.time())
+        if not keyless and not open_breakers:
+            return None
+        return BlockView(keyless, open_breakers)
+
+
+async def _complete(client: UpstreamClient, payload: bytes) -> tuple[bytes, dict[str, Any]]:
+    response = await client.post(payload, stream=False)
+    return await client.read_json(response)
+
+
+async def _open_stream(client: UpstreamClient, payload: bytes):
+    return await client.post(payload, stream=True)
+
+
+def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
+    record.usage = Usage.from_payload(payload.get("usage"))
+    generation = payload.get("id")
+    record.generation_id = generation if isinstance(generation, str) else None
+    provider = payload.get("provider")
+    record.provider = provider if isinstance(provider, str) else None
+
+
+def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt]) -> dict[str, str]:
+    answered = attempts[-1].target
+    return {
+        "x-request-id": request_id,
+        "x-proxy-virtual-model": plan.requested,
+        "x-proxy-model": answered.model,
+        "x-proxy-attempts": str(len(attempts)),
+        "x-proxy-route": route_header(plan, attempts),
+    }
+
+
+def route_header(plan: Plan, attempts: list[Attempt]) -> str:
+    """e.g. `auto>cheap: mistralai/mistral-7b-instruct=http_503,http_503 meta-llama/llama-3.1-8b-instruct=ok`."""
+    outcomes: dict[str, list[str]] = {}
+    for attempt in attempts:
+        outcomes.setdefault(str(attempt.target), []).append(attempt.outcome)
+    head = plan.describe().split(":", 1)[0] if plan.chain_owner else f"direct:{plan.requested}"
+    tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
+    skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
+    return f"{head}: {tried}{skipped}"
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID")
+    return given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"The request body is larger than this proxy accepts ({exc.text or 'limit'}); "
+                           "raise `max_body_bytes` in the config if this is expected.") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages",
+                             code="missing_required_parameter" if messages is None else "invalid_type")
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+    return body
+
+
+async def list_models(request: web.Request) -> web.Response:
+    runtime: RuntimeRef = request.app[RUNTIME]
+    return web.Response(body=runtime.current.models_body, content_type=JSON)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type=JSON)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape, so SDKs raise the right exception."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return _error_response(exc, exc.request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = ProxyError(_http_message(request, exc), code=exc.reason.lower().replace(" ", "_"))
+        error.status, error.type = exc.status, "invalid_request_error" if exc.status < 500 else "server_error"
+        return _error_response(error, None, dict(exc.headers) if exc.status == 405 else None)
+    except Exception:
+        request_id = uuid.uuid4().hex
+        log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path, request_id)
+        return _error_response(ProxyError(f"The proxy hit an internal error (error id {request_id}); "
+                                          "it has been logged.", code="internal_error"), request_id)
+
+
+def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"No route {request.method} {request.path}; this proxy serves POST /v1/chat/completions and GET /v1/models."
+    if exc.status == 405:
+        return f"Method {request.method} is not allowed on {request.path}."
+    return exc.text or exc.reason
+
+
+def _error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None) -> web.Response:
+    headers = exc.headers()
+    if request_id:
+        headers["x-request-id"] = request_id
+    if extra and "Allow" in extra:
+        headers["Allow"] = extra["Allow"]
+    return web.Response(status=exc.status, body=exc.body(), content_type=JSON, headers=headers)

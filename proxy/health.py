@@ -1,0 +1,65 @@
+"""Member health: the circuit breaker behind `retry.cooldown`.
+
+A target that fails `failures` times within `window_s` is skipped for
+`cooldown_s`, then tried again. Time is passed in, never read, so the logic is
+tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .config import Cooldown
+from .routing import Block, Target
+
+
+class CircuitBreakers:
+    def __init__(self, policy: Cooldown) -> None:
+        self._policy = policy
+        self._failures: dict[Target, deque[float]] = {}
+        self._open: dict[Target, Block] = {}
+
+    def record_failure(self, target: Target, now: float, detail: str = "") -> bool:
+        """Count a failure; return True when it opens the breaker."""
+        window = self._failures.setdefault(target, deque())
+        window.append(now)
+        while window and window[0] <= now - self._policy.window_s:
+            window.popleft()
+        if len(window) >= self._policy.failures and self._policy.cooldown_s > 0:
+            window.clear()
+            until = now + self._policy.cooldown_s
+            self._open[target] = Block("cooldown", until, detail or
+                                       f"{self._policy.failures} failures within {self._policy.window_s:g}s")
+            return True
+        return False
+
+    def record_success(self, target: Target) -> None:
+        if target in self._failures:
+            del self._failures[target]
+
+    def active(self, now: float) -> dict[Target, Block]:
+        """Open breakers at `now`; expired ones are closed (half-open: the next call decides)."""
+        if self._open:
+            for target in [t for t, block in self._open.items() if block.until is not None and block.until <= now]:
+                del self._open[target]
+        return self._open
+
+    def is_open(self, target: Target, now: float) -> bool:
+        return target in self.active(now)
+
+
+class BlockView:
+    """What routing asks per target: is it blocked, and why? Merges the static
+    blocks (an upstream without a key) with the open circuit breakers."""
+
+    __slots__ = ("_by_upstream", "_by_target")
+
+    def __init__(self, by_upstream: dict[str, Block], by_target: dict[Target, Block]) -> None:
+        self._by_upstream = by_upstream
+        self._by_target = by_target
+
+    def __bool__(self) -> bool:
+        return bool(self._by_upstream or self._by_target)
+
+    def get(self, target: Target) -> Block | None:
+        return self._by_upstream.get(target.upstream) or self._by_target.get(target)

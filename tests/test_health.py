@@ -1,0 +1,33 @@
+"""The circuit breaker behind retry.cooldown, with time passed in."""
+
+from proxy.config import Cooldown
+from proxy.health import CircuitBreakers
+from proxy.routing import Target
+
+T = Target("a/b", "openrouter")
+
+
+def test_opens_after_failures_within_window_and_closes_after_cooldown():
+    breakers = CircuitBreakers(Cooldown(failures=3, window_s=60, cooldown_s=30))
+    assert not breakers.record_failure(T, 0)
+    assert not breakers.record_failure(T, 10)
+    assert breakers.record_failure(T, 20)
+    assert breakers.is_open(T, 49.9)
+    assert breakers.active(49.9)[T].reason == "cooldown"
+    assert not breakers.is_open(T, 50.0)
+
+
+def test_old_failures_fall_out_of_the_window():
+    breakers = CircuitBreakers(Cooldown(failures=3, window_s=60, cooldown_s=30))
+    breakers.record_failure(T, 0)
+    breakers.record_failure(T, 10)
+    assert not breakers.record_failure(T, 61)
+    assert not breakers.is_open(T, 62)
+
+
+def test_success_resets_the_count():
+    breakers = CircuitBreakers(Cooldown(failures=2, window_s=60, cooldown_s=30))
+    breakers.record_failure(T, 0)
+    breakers.record_success(T)
+    assert not breakers.record_failure(T, 1)
+    assert breakers.record_failure(T, 2)

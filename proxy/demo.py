@@ -30,7 +30,8 @@ async def start_demo(config: Config) -> tuple[Config, dict[str, str]]:
     env: dict[str, str] = {}
     for name, upstream in config.upstreams.items():
         prefix = "/api/v1" if upstream.flavour == "openrouter" else "/v1"
-        upstreams[name] = upstream.model_copy(update={"base_url": f"http://127.0.0.1:{port}{prefix}"})
+        upstreams[name] = upstream.model_copy(update={"base_url": f"http://127.0.0.1:{port}{prefix}",
+                                                     "kind": upstream.flavour})
         env[upstream.api_key_env] = DEMO_KEY
     failing = _first_model_of(config, "quality")
     if failing:

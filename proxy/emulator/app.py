@@ -1,0 +1,342 @@
+"""The OpenRouter emulator as an aiohttp app: wiring, state and handlers.
+
+Speaks OpenRouter's wire format (and, under `/v1`, stands in for a plain
+OpenAI-compatible upstream) with faults injected from a `FaultPlan`.  Reply
+content comes from the pure `completions` module; this module only does the
+HTTP and timing parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .completions import (
+    ModelInfo, StreamFrames, completion_body, error_body, index_catalogue, key_data, plan_reply, usage_of,
+)
+from .faults import Fault, FaultPlan, fault_error, rate_limit_headers
+
+PREFIXES = ("/api/v1", "/v1")
+PROCESSING_INTERVAL_S = 0.1  # how often `: OPENROUTER PROCESSING` is sent while "thinking"
+MAX_RECORDED = 10_000  # recorded requests kept, so a long benchmark cannot exhaust memory
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    path: str
+    headers: CIMultiDict[str]  # as received (case-insensitive); redacted only when served over HTTP
+    body: dict[str, Any]
+    model: str | None
+
+
+def _fresh_stats() -> dict[str, Any]:
+    return {
+        "requests": 0, "completions": 0, "errors": 0, "drops": 0,
+        "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "streams_failed": 0,
+        "per_model": {},
+    }
+
+
+@dataclass(slots=True)
+class EmulatorState:
+    """Everything one emulator instance knows; tests read and poke it directly.
+
+    faults: armed faults; requests: recorded chat requests (oldest trimmed past
+    MAX_RECORDED); stats: counters; key_usage: USD billed to the key so far;
+    credit_limit: the key's limit reported by /key (None = unlimited).
+    """
+
+    catalogue: dict[str, Any]
+    models: dict[str, ModelInfo]
+    api_key: str | None
+    clock: Callable[[], float]
+    faults: FaultPlan = field(default_factory=FaultPlan)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=_fresh_stats)
+    key_usage: float = 0.0
+    credit_limit: float | None = 100.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def new_id(self, created: int) -> str:
+        return f"gen-{created}-{''.join(self.rng.choices(_ALPHANUMERIC, k=20))}"
+
+    def record(self, request: web.Request, body: dict[str, Any], model: str | None) -> None:
+        if len(self.requests) >= MAX_RECORDED:
+            del self.requests[: MAX_RECORDED // 2]
+        self.requests.append(RecordedRequest(request.path, CIMultiDict(request.headers), body, model))
+
+
+EMULATOR_STATE = web.AppKey("emulator_state", EmulatorState)
+
+
+def load_default_catalogue() -> dict[str, Any]:
+    """The packaged `/api/v1/models` snapshot."""
+    return orjson.loads((resources.files("proxy") / "data" / "openrouter-models.json").read_bytes())
+
+
+def create_emulator_app(
+    *, catalogue: dict[str, Any] | None = None, api_key: str | None = None, clock: Callable[[], float] = time.time
+) -> web.Application:
+    """An emulator app; its state is `app[EMULATOR_STATE]`."""
+    catalogue = catalogue if catalogue is not None else load_default_catalogue()
+    app = web.Application()
+    app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock)
+    for prefix in PREFIXES:
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/key", key_info)
+    app.router.add_routes([
+        web.get("/_emulator/faults", get_faults), web.post("/_emulator/faults", post_fault),
+        web.delete("/_emulator/faults", delete_faults), web.get("/_emulator/stats", get_stats),
+        web.get("/_emulator/requests", get_requests), web.delete("/_emulator/requests", delete_requests),
+    ])
+    return app
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _json(payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(body=error_body(status, message), status=status, content_type=_JSON)
+
+
+def _authorized(state: EmulatorState, request: web.Request) -> web.Response | None:
+    """None when the bearer key is acceptable, else OpenRouter's 401."""
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer ") or not header[7:].strip():
+        return _error(401, "No auth credentials found")
+    if state.api_key is not None and header[7:].strip() != state.api_key:
+        return _error(401, "User not found.")
+    return None
+
+
+def _drop_connection(request: web.Request) -> web.Response:
+    """Close the socket; aiohttp then fails to send the returned response and gives up quietly."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[EMULATOR_STATE]
+    stats = state.stats
+    stats["requests"] += 1
+    denied = _authorized(state, request)
+    if denied is not None:
+        stats["errors"] += 1
+        return denied
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        stats["errors"] += 1
+        return _error(400, "Invalid JSON in request body")
+    if not isinstance(body, dict):
+        stats["errors"] += 1
+        return _error(400, "Request body must be a JSON object")
+    model_id = body.get("model")
+    if not isinstance(model_id, str):
+        model_id = None
+    state.record(request, body, model_id)
+    if model_id is not None:
+        per_model = stats["per_model"]
+        per_model[model_id] = per_model.get(model_id, 0) + 1
+    rejected = _validate(state, body, model_id)
+    if rejected is not None:
+        stats["errors"] += 1
+        return rejected
+    model = state.models[model_id]
+    fault = state.faults.take(model_id)
+    if body.get("stream") is True and (fault is None or fault.streams_normally):
+        return await _stream(request, state, body, model, fault)
+    if fault is not None:
+        failed = await _failure(request, state, fault, model)
+        if failed is not None:
+            return failed
+    return _complete(state, body, model, fault)
+
+
+async def _failure(request: web.Request, state: EmulatorState, fault: Fault, model: ModelInfo) -> web.Response | None:
+    """The response standing in for a non-streamed reply under `fault`, or None to answer normally."""
+    if fault.latency_s:
+        await asyncio.sleep(fault.latency_s)
+    if fault.drop:
+        state.stats["drops"] += 1
+        return _drop_connection(request)
+    if fault.status is None:
+        return None
+    state.stats["errors"] += 1
+    status, headers, payload = fault_error(fault, model.provider, int(state.clock() * 1000))
+    return web.Response(body=payload, status=status, headers=headers, content_type=_JSON)
+
+
+def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> web.Response | None:
+    if not model_id:
+        return _error(400, "No model specified: set `model` to a model ID from /api/v1/models")
+    if model_id not in state.models:
+        return _error(400, f"{model_id} is not a valid model ID")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return _error(400, "Input required: `messages` must be a non-empty array")
+    return None
+
+
+def _complete(state: EmulatorState, body: dict[str, Any], model: ModelInfo, fault: Fault | None) -> web.Response:
+    created = int(state.clock())
+    gen_id = state.new_id(created)
+    reply = plan_reply(body, model, "call_" + gen_id[-20:])
+    usage = usage_of(reply, model)
+    state.key_usage += usage["cost"]
+    state.stats["completions"] += 1
+    headers = {"X-Generation-Id": gen_id}
+    if fault is not None and fault.rate_limit is not None:
+        headers.update(rate_limit_headers(fault.rate_limit))
+    return web.Response(body=completion_body(reply, model, gen_id, created, usage), headers=headers, content_type=_JSON)
+
+
+async def _stream(
+    request: web.Request, state: EmulatorState, body: dict[str, Any], model: ModelInfo, fault: Fault | None
+) -> web.StreamResponse:
+    """Stream the reply as OpenRouter does, honouring latency and mid-stream faults."""
+    stats = state.stats
+    created = int(state.clock())
+    gen_id = state.new_id(created)
+    reply = plan_reply(body, model, "call_" + gen_id[-20:])
+    usage = usage_of(reply, model)
+    frames = StreamFrames(model, gen_id, created)
+    headers = {**_SSE_HEADERS, "X-Generation-Id": gen_id}
+    if fault is not None and fault.rate_limit is not None:
+        headers.update(rate_limit_headers(fault.rate_limit))
+    response = web.StreamResponse(status=200, headers=headers)
+    broken = fault if fault is not None and (fault.midstream_error or fault.drop_midstream) else None
+    content = frames.script(reply, usage, cut=None if broken is None else broken.after_chunks)
+    delay = fault.chunk_delay_s if fault is not None else 0.0
+    stats["streams_started"] += 1
+    try:
+        await response.prepare(request)
+        await response.write(StreamFrames.COMMENT)
+        if fault is not None and fault.latency_s:
+            await _keep_alive(response, fault.latency_s)
+        await response.write(frames.role())
+        for frame in content:
+            if delay:  # a slow model: a pause before every chunk after the first
+                await asyncio.sleep(delay)
+            await response.write(frame)
+        if broken is not None:
+            return await _break_stream(request, state, response, frames, broken)
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away mid-stream
+        stats["streams_cancelled"] += 1
+        return response
+    except asyncio.CancelledError:
+        stats["streams_cancelled"] += 1
+        raise
+    state.key_usage += usage["cost"]
+    stats["streams_completed"] += 1
+    stats["completions"] += 1
+    return response
+
+
+async def _keep_alive(response: web.StreamResponse, latency_s: float) -> None:
+    """Wait `latency_s`, sending a processing comment every PROCESSING_INTERVAL_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + latency_s
+    while (remaining := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(PROCESSING_INTERVAL_S, remaining))
+        if deadline - loop.time() > 0:
+            await response.write(StreamFrames.COMMENT)
+
+
+async def _break_stream(
+    request: web.Request, state: EmulatorState, response: web.StreamResponse, frames: StreamFrames, fault: Fault
+) -> web.StreamResponse:
+    state.stats["streams_failed"] += 1
+    if fault.drop_midstream:
+        _drop_connection(request)
+        return response
+    message = fault.message or "Provider disconnected unexpectedly"
+    await response.write(frames.error(fault.code if fault.code is not None else "server_error", message))
+    # OpenRouter ends the stream right after the error event: no usage chunk, no [DONE].
+    await response.write_eof()
+    return response
+
+
+# ---------------------------------------------------------------- catalogue and key
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json({"data": request.app[EMULATOR_STATE].catalogue.get("data", [])})
+
+
+async def key_info(request: web.Request) -> web.Response:
+    state = request.app[EMULATOR_STATE]
+    denied = _authorized(state, request)
+    if denied is not None:
+        return denied
+    return _json({"data": key_data(state.key_usage, state.credit_limit)})
+
+
+# ---------------------------------------------------------------- control endpoints
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return _json({"faults": request.app[EMULATOR_STATE].faults.snapshot()})
+
+
+async def post_fault(request: web.Request) -> web.Response:
+    state = request.app[EMULATOR_STATE]
+    try:
+        fields = orjson.loads(await request.read())
+        model = fields.pop("model")
+        if not isinstance(model, str):
+            raise ValueError("`model` must be a string (a model ID or \"*\")")
+        fault = Fault.from_mapping(fields)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, ValueError) as exc:
+        return _error(400, f"Bad fault: {exc}. Send {{\"model\": ..., <Fault fields>}}")
+    state.faults.set(model, fault)
+    return _json({"faults": state.faults.snapshot()})
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    state = request.app[EMULATOR_STATE]
+    state.faults.clear(request.query.get("model"))
+    return _json({"faults": state.faults.snapshot()})
+
+
+def _redacted(headers: CIMultiDict[str]) -> dict[str, str]:
+    return {str(k): ("Bearer [REDACTED]" if k.lower() == "authorization" else v) for k, v in headers.items()}
+
+
+async def get_requests(request: web.Request) -> web.Response:
+    recorded = request.app[EMULATOR_STATE].requests
+    return _json({"data": [
+        {"path": r.path, "model": r.model, "headers": _redacted(r.headers), "body": r.body} for r in recorded
+    ]})
+
+
+async def delete_requests(request: web.Request) -> web.Response:
+    request.app[EMULATOR_STATE].requests.clear()
+    return _json({"data": []})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    state = request.app[EMULATOR_STATE]
+    return _json({**state.stats, "key_usage": state.key_usage})

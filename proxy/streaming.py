@@ -36,36 +36,41 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers:
                 record: RequestRecord, started: float) -> web.StreamResponse:
     """Forward the stream; fill `record` with what it carried. The upstream response is always closed."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    done = False
     try:
         await response.prepare(request)
+        if not await _forward(upstream, response, record, started):
+            await response.write(DONE)
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        # The client went away: drop the upstream connection now, so no more tokens are generated.
+        upstream.close()
+        record.error, record.status = "client_disconnected", 499
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    finally:
+        upstream.close()
+    return response
+
+
+async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamResponse, record: RequestRecord,
+                   started: float) -> bool:
+    """Copy events until [DONE] or the end; return whether [DONE] was forwarded."""
+    try:
         async for event in iter_events(upstream):
             data = event.data
             if data is not None:
                 if data == b"[DONE]":
-                    done = True
-                elif record.ttft_s is None or b'"usage"' in data or b'"error"' in data:
+                    await response.write(event.raw)
+                    return True
+                if record.ttft_s is None or b'"usage"' in data or b'"error"' in data:
                     _observe(data, record, started)
             await response.write(event.raw)
-            if done:
-                break
     except UpstreamError as exc:
         # After the first byte there is no falling back: say what broke, then end cleanly.
         record.error = "stream_interrupted"
         await response.write(error_event(f"The upstream stream broke off: {exc.failure.message}",
                                          "stream_interrupted"))
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The client went away: drop the upstream connection now, so no more tokens are generated.
-        upstream.close()
-        record.error = "client_disconnected"
-        record.status = 499
-        raise
-    finally:
-        upstream.close()
-    if not done:
-        await response.write(DONE)
-    await response.write_eof()
-    return response
+    return False
 
 
 def _observe(data: bytes, record: RequestRecord, started: float) -> None:

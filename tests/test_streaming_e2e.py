@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
@@ -83,7 +84,8 @@ async def test_processing_comments_are_passed_through(proxy, emulator, aiohttp_c
     assert body.endswith("data: [DONE]\n\n")
 
 
-async def test_client_disconnect_cancels_the_upstream_request(proxy, emulator):
+async def test_client_disconnect_cancels_the_upstream_request(proxy, emulator, caplog):
+    caplog.set_level(logging.INFO, logger="orproxy")
     emulator.state.faults.set("google/gemini-2.5-flash", Fault(chunk_delay_s=0.2))
     async with aiohttp.ClientSession() as session:
         response = await session.post(f"{proxy.url}/v1/chat/completions",
@@ -96,3 +98,5 @@ async def test_client_disconnect_cancels_the_upstream_request(proxy, emulator):
         await asyncio.sleep(0.05)
     assert emulator.state.stats["streams_cancelled"] == 1
     assert emulator.state.stats["streams_completed"] == 0
+    assert "unexpected error" not in caplog.text
+    assert "client_disconnected" in caplog.text  # the access log says what happened

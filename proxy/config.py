@@ -162,7 +162,18 @@ class Config(_Frozen):
         return tuple(rule.to for rule in model.route or ())
 
 
-def _check_references(config: Config) -> list[SourceIssue]:
+class _RoutingPart(BaseModel):
+    """The keys the reference checks read: validated alone when another section is broken,
+    so one bad edit elsewhere does not hide a dangling rule."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    models: dict[str, VirtualModel] = Field(min_length=1)
+    allow_direct_models: bool = True
+    direct_upstream: str = DEFAULT_UPSTREAM
+
+
+def _check_references(config: Config | _RoutingPart) -> list[SourceIssue]:
     """What the schema cannot see: dangling names, loops, unreachable rules."""
     issues: list[SourceIssue] = []
     upstreams = set(config.upstreams)
@@ -193,7 +204,7 @@ def _check_references(config: Config) -> list[SourceIssue]:
     return issues
 
 
-def _find_loops(config: Config) -> list[SourceIssue]:
+def _find_loops(config: Config | _RoutingPart) -> list[SourceIssue]:
     issues: list[SourceIssue] = []
     reported: set[frozenset[str]] = set()
 
@@ -244,12 +255,16 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     config = None
     try:
         config = Config.model_validate(doc.data)
+        issues.extend(_check_references(config))
     except ValidationError as exc:
         issues.extend(_pydantic_issues(exc))
-    if config is not None:
-        issues.extend(_check_references(config))
+        try:
+            issues.extend(_check_references(_RoutingPart.model_validate(doc.data)))
+        except ValidationError:
+            pass  # the routing keys themselves are broken: already reported above
     if issues:
-        raise ConfigError(filename, [_with_line(issue, doc) for issue in issues])
+        located = sorted((_with_line(issue, doc) for issue in issues), key=lambda i: i.line or 0)
+        raise ConfigError(filename, located)
     assert config is not None
     return config
 

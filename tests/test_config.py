@@ -91,3 +91,13 @@ def test_missing_file_is_a_config_error(tmp_path):
 def test_rule_tasks_are_normalised():
     config = parse_config(BASE + "  auto: {route: [{when: {task: [Code_Generation, ' x ']}, to: cheap}, {to: cheap}]}\n")
     assert config.models["auto"].route[0].when.task == ("code_generation", "x")
+
+
+def test_a_broken_section_does_not_hide_a_dangling_rule():
+    text = BASE + "  auto: {route: [{to: qualty}]}\nretry: {attempts_per_model: 0}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "c.yaml")
+    assert str(caught.value).splitlines() == [
+        "c.yaml:5: models.auto.route[0].to: routes to 'qualty', which is not a virtual model (known: auto, cheap)",
+        "c.yaml:6: retry.attempts_per_model: Input should be greater than or equal to 1",
+    ]

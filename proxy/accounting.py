@@ -1,15 +1,23 @@
-"""What happened to one client request, gathered once and handed to every sink
-(the access log now; the ledger and the metrics read the same record)."""
+"""What happened to one client request, priced once and handed to every sink:
+the budget book, the ledger (awaited: the row is committed before the answer
+completes), the access log and the metrics read the same record."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .budget import Refusal, Reservation, SpendBook
 from .executor import Attempt
+from .features import CHARS_PER_TOKEN
+from .ledger import Ledger, LedgerRow
+from .pricing import Cost, PriceBook
+from .routing import Plan
 
+log = logging.getLogger("orproxy")
 access_log = logging.getLogger("orproxy.access")
 
 
@@ -39,53 +47,122 @@ class RequestRecord:
     requested_model: str
     virtual_model: str | None         # the virtual model whose chain served it (None: direct slug)
     streamed: bool
+    key_name: str | None = None
+    prompt_estimate: int = 0          # prompt tokens estimated from the text, for when no usage comes
     status: int = 0
     model: str | None = None          # the real model that answered
     upstream: str | None = None
     provider: str | None = None
     generation_id: str | None = None
     usage: Usage | None = None
+    streamed_text_bytes: int = 0      # a stream without usage: about how much text came
     attempts: list[Attempt] = field(default_factory=list)
     latency_s: float = 0.0
     ttft_s: float | None = None
     error: str | None = None          # a short label: the error code, or stream_interrupted / client_disconnected
     route: str = ""
+    downgrade: str | None = None
+    cost: Cost | None = None
+    baseline_usd: float = 0.0
+    settled: bool = False
 
     @property
     def fallbacks(self) -> int:
         """How many times the request moved on to another member."""
-        changes = 0
-        for before, after in zip(self.attempts, self.attempts[1:]):
-            changes += before.target != after.target
-        return changes
+        return sum(a.target != b.target for a, b in zip(self.attempts, self.attempts[1:]))
 
 
 Sink = Callable[[RequestRecord], None]
 
 
-class Accounting:
-    """Fans a finished request out to the sinks; a failing sink never fails the request."""
+class Accountant:
+    """Reserves before a request goes upstream, and settles after it: price, book, ledger, sinks."""
 
-    def __init__(self, sinks: Iterable[Sink] = ()) -> None:
+    def __init__(self, prices: PriceBook, book: SpendBook, ledger: Ledger | None, sinks: Iterable[Sink] = (),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.prices = prices
+        self.book = book
+        self.ledger = ledger
         self._sinks = list(sinks)
+        self._clock = clock
 
-    def add(self, sink: Sink) -> None:
+    def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
-    def record(self, record: RequestRecord) -> None:
+    def worst_case(self, plan: Plan, prompt_tokens: int, max_tokens: int | None) -> float:
+        """The dearest member decides: a fallback may land on it."""
+        return max((self.prices.worst_case(t.model, prompt_tokens, max_tokens) for t in plan.targets), default=0.0)
+
+    def reserve(self, key: str | None, amount: float) -> Reservation | Refusal:
+        return self.book.try_reserve(key, amount, self._clock())
+
+    def price(self, record: RequestRecord) -> Cost:
+        usage = record.usage
+        model = record.model or record.requested_model
+        if usage is not None:
+            return self.prices.cost(model, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
+        if record.model is None:
+            return Cost(0.0, "upstream")  # nothing answered: nothing to pay
+        # A stream cut before its usage chunk: bill what was seen, estimated from the text.
+        completion = -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
+        return self.prices.cost(model, record.prompt_estimate, completion, None, estimated=True)
+
+    async def settle(self, record: RequestRecord, reservation: Reservation | None, *, wait: bool = True) -> None:
+        """Book the request once: idempotent, and never raises into the request."""
+        if record.settled:
+            return
+        record.settled = True
+        now = self._clock()
+        record.cost = cost = self.price(record)
+        tokens = self._tokens(record)
+        record.baseline_usd = self.prices.baseline(*tokens) if record.model else 0.0
+        if reservation is not None:
+            self.book.settle(reservation, cost.usd, now)
+        elif cost.usd:
+            self.book.add_spend(record.key_name, cost.usd, now)
         for sink in self._sinks:
             try:
                 sink(record)
             except Exception:  # noqa: BLE001 - accounting must never take a request down
-                logging.getLogger("orproxy").exception("accounting sink %r failed", sink)
+                log.exception("accounting sink %r failed", sink)
+        if self.ledger is None:
+            return
+        try:
+            row = _row(record, tokens)
+            if wait:
+                await self.ledger.record(row)
+            else:
+                self.ledger.record_nowait(row)
+        except Exception:  # noqa: BLE001 - the answer is already paid for; say so loudly, keep serving
+            log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
+
+    def _tokens(self, record: RequestRecord) -> tuple[int, int]:
+        if record.usage is not None:
+            return record.usage.prompt_tokens, record.usage.completion_tokens
+        if record.model is None:
+            return 0, 0
+        return record.prompt_estimate, -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
+
+
+def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
+    cost = record.cost or Cost(0.0, "upstream")
+    return LedgerRow(
+        ts=record.started_at, request_id=record.request_id, key_name=record.key_name,
+        requested_model=record.requested_model[:200], virtual_model=record.virtual_model, model=record.model,
+        upstream=record.upstream, provider=record.provider, prompt_tokens=tokens[0], completion_tokens=tokens[1],
+        cost_usd=cost.usd, cost_source=cost.source, baseline_cost_usd=record.baseline_usd,
+        latency_s=record.latency_s, ttft_s=record.ttft_s, status=record.status, attempts=len(record.attempts),
+        streamed=record.streamed, generation_id=record.generation_id, error=record.error)
 
 
 def log_access(record: RequestRecord) -> None:
     usage = record.usage
+    cost = record.cost
     access_log.info(
-        "%s %s -> %s status=%s attempts=%d latency_ms=%.1f tokens=%s/%s cost=%s%s%s",
-        record.request_id, record.requested_model, record.model or "-", record.status, len(record.attempts),
-        record.latency_s * 1000,
+        "%s %s%s -> %s status=%s attempts=%d latency_ms=%.1f tokens=%s/%s cost=%s%s%s%s",
+        record.request_id, record.requested_model, f" key={record.key_name}" if record.key_name else "",
+        record.model or "-", record.status, len(record.attempts), record.latency_s * 1000,
         usage.prompt_tokens if usage else "-", usage.completion_tokens if usage else "-",
-        f"{usage.cost_usd:.6f}" if usage and usage.cost_usd is not None else "-",
-        " stream" if record.streamed else "", f" error={record.error}" if record.error else "")
+        f"{cost.usd:.6f}({cost.source})" if cost else "-",
+        " stream" if record.streamed else "", f" downgrade={record.downgrade!r}" if record.downgrade else "",
+        f" error={record.error}" if record.error else "")

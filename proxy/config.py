@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
@@ -142,6 +143,76 @@ class Retry(_Frozen):
     cooldown: Cooldown = Cooldown()
 
 
+class DowngradeStep(_Frozen):
+    at: float = Field(gt=0, le=1, description="fraction of the daily (or monthly) budget spent")
+    map: dict[str, str] = Field(min_length=1, description='virtual model -> cheaper virtual model; "*" = any')
+
+
+class Budget(_Frozen):
+    daily_usd: float | None = Field(None, gt=0)
+    monthly_usd: float | None = Field(None, gt=0)
+    downgrade: tuple[DowngradeStep, ...] = ()
+    on_exhausted: Literal["reject", "cheapest"] = "reject"
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone '{value}' (use an IANA name such as UTC or Europe/Paris)") from None
+        return value
+
+    @field_validator("downgrade")
+    @classmethod
+    def _ascending(cls, steps: tuple[DowngradeStep, ...]) -> tuple[DowngradeStep, ...]:
+        if any(a.at >= b.at for a, b in zip(steps, steps[1:])):
+            raise ValueError("steps must be listed with strictly increasing `at`")
+        return steps
+
+
+class ProxyKey(_Frozen):
+    """A client key: only its hash or the name of the env variable holding it live in the config."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.\-]+$")
+    key_env: str | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    daily_usd: float | None = Field(None, gt=0)
+    monthly_usd: float | None = Field(None, gt=0)
+    models: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ProxyKey:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError("needs exactly one of `key_env` (an environment variable holding the key) "
+                             "or `key_sha256` (the hex SHA-256 of the key)")
+        return self
+
+
+class PriceOverride(_Frozen):
+    """Prices per MILLION tokens, the unit providers publish (the catalogue stores per-token prices)."""
+
+    prompt_usd_per_mtok: float = Field(ge=0)
+    completion_usd_per_mtok: float = Field(ge=0)
+
+
+class Pricing(_Frozen):
+    savings_baseline: str = "openai/gpt-4o-mini"
+    overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+    catalogue: str | None = None  # a models.json in OpenRouter's format; default: the packaged snapshot
+
+
+class Ledger(_Frozen):
+    path: str = "data/ledger.sqlite3"
+    retention_days: int = Field(400, ge=1)
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class Admin(_Frozen):
+    key_env: str | None = None
+
+
 class Logging(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
@@ -156,6 +227,20 @@ class Config(_Frozen):
     direct_upstream: str = DEFAULT_UPSTREAM
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     logging: Logging = Logging()
+    budget: Budget = Budget()
+    keys: tuple[ProxyKey, ...] = ()
+    pricing: Pricing = Pricing()
+    ledger: Ledger = Ledger()
+    admin: Admin = Admin()
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_key_names(cls, keys: tuple[ProxyKey, ...]) -> tuple[ProxyKey, ...]:
+        names = [key.name for key in keys]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"key names must be unique; repeated: {', '.join(duplicated)}")
+        return keys
 
     def route_targets(self, name: str) -> tuple[str, ...]:
         model = self.models[name]
@@ -201,6 +286,27 @@ def _check_references(config: Config | _RoutingPart) -> list[SourceIssue]:
                                       "has no catch-all rule, so some requests would match nothing; "
                                       "end it with a rule without `when`, e.g. `- {to: cheap}`"))
     issues.extend(_find_loops(config))
+    if isinstance(config, Config):
+        issues.extend(_check_money_references(config))
+    return issues
+
+
+def _check_money_references(config: Config) -> list[SourceIssue]:
+    issues: list[SourceIssue] = []
+    chains = {name for name, model in config.models.items() if model.chain is not None}
+    for index, step in enumerate(config.budget.downgrade):
+        for source, target in step.map.items():
+            path: Path = ("budget", "downgrade", index, "map", source)
+            if source != "*" and source not in config.models:
+                issues.append(SourceIssue(path, f"'{source}' is not a virtual model"))
+            if target not in chains:
+                issues.append(SourceIssue(path, f"steps down to '{target}', which is not a virtual model with a "
+                                                f"`chain` (known: {', '.join(sorted(chains))})"))
+    for index, key in enumerate(config.keys):
+        for position, name in enumerate(key.models or ()):
+            if name not in config.models:
+                issues.append(SourceIssue(("keys", index, "models", position),
+                                          f"'{name}' is not a virtual model (known: {', '.join(sorted(config.models))})"))
     return issues
 
 
@@ -284,5 +390,6 @@ def load_config(path: str | FsPath) -> Config:
     return parse_config(text, str(fs_path))
 
 
-__all__ = ["ChainMember", "Config", "ConfigError", "Cooldown", "Retry", "Rule", "Upstream", "VirtualModel",
-           "When", "format_path", "load_config", "parse_config"]
+__all__ = ["Budget", "ChainMember", "Config", "ConfigError", "Cooldown", "DowngradeStep", "PriceOverride",
+           "Pricing", "ProxyKey", "Retry", "Rule", "Upstream", "VirtualModel", "When", "format_path", "load_config",
+           "parse_config"]

@@ -9,9 +9,11 @@
     │   └── UpstreamKeyMissing      401 the proxy itself has no upstream key: names the variable to set
     ├── Forbidden                   403 (a model outside the client key's list)
     ├── RateLimited                 429 every member rate-limited; Retry-After set
+    ├── BudgetExceeded              429 insufficient_quota / budget_exceeded; Retry-After = the budget's reset
     ├── UpstreamFailed              502 every member failed; the message lists each attempt
     ├── UpstreamUnavailable         503 every member cooling down; Retry-After set
-    └── UpstreamTimeout             504 every member timed out
+    ├── UpstreamTimeout             504 every member timed out
+    └── ServiceUnavailable          503 the proxy itself is not ready (e.g. the ledger is not open)
 
 SDKs pick the exception class from the status, so the status is what matters
 most; `type` and `code` follow OpenAI's own values where it has them.
@@ -113,3 +115,15 @@ class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"
+
+
+class BudgetExceeded(ProxyError):
+    status = 429
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"

@@ -4,6 +4,7 @@ OpenAI's error JSON in `error_middleware`, in one place."""
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 import uuid
@@ -13,14 +14,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .accounting import Accounting, RequestRecord, Usage
+from .accounting import Accountant, RequestRecord, Usage
+from .admission import Admission, admit
 from .app_keys import RUNTIME
 from .errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from .executor import Attempt
-from .features import extract_features
+from .features import RequestFeatures, extract_features
 from .health import BlockView, CircuitBreakers
 from .routing import Plan, UnknownModel
-from .runtime import RuntimeRef
+from .runtime import Runtime, RuntimeRef
 from .streaming import relay
 from .upstream import UpstreamClient
 
@@ -30,54 +32,70 @@ JSON = "application/json"
 
 
 class ChatHandler:
-    def __init__(self, breakers: CircuitBreakers, accounting: Accounting) -> None:
+    def __init__(self, breakers: CircuitBreakers, accountant: Accountant) -> None:
         self._breakers = breakers
-        self._accounting = accounting
+        self._accountant = accountant
+        self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         runtime = request.app[RUNTIME].current
-        request_id = _request_id(request)
-        body = await _read_body(request)
+        request_id = self._request_id(request)
+        try:
+            client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
+            body = await _read_body(request)
+        except ProxyError as exc:
+            exc.request_id = request_id
+            raise
         model_name = body["model"]
         features = extract_features(body, request.headers)
-        record = RequestRecord(request_id, time.time(), model_name, None, features.stream)
+        record = RequestRecord(request_id, time.time(), model_name, None, features.stream,
+                               key_name=client_key.name, prompt_estimate=features.prompt_tokens)
+        reservation = None
         try:
-            try:
-                plan = runtime.router.plan(model_name, features, self._blocked(runtime.keyless))
-            except UnknownModel as exc:
-                raise ModelNotFound(f"The model '{exc.requested}' does not exist on this proxy. Valid virtual "
-                                    f"models: {', '.join(exc.valid)}"
-                                    + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
-                                       if runtime.config.allow_direct_models else "."), param="model") from None
-            record.virtual_model = plan.chain_owner
-            record.route = plan.describe()
-            if features.stream:
-                answer = await runtime.executor.run(plan, body, _open_stream)
-            else:
-                answer = await runtime.executor.run(plan, body, _complete)
+            client_key.check_model(model_name)
+            admission = self._admit(runtime, client_key.name, model_name, features)
+            plan, reservation = admission.plan, admission.reservation
+            record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
+            answer = await runtime.executor.run(plan, body, _open_stream if features.stream else _complete)
             record.model, record.upstream, record.attempts = answer.target.model, answer.target.upstream, answer.attempts
-            headers = _proxy_headers(request_id, plan, answer.attempts)
+            headers = _proxy_headers(request_id, plan, answer.attempts, admission.downgrade)
+            record.route = headers["x-proxy-route"]
+            record.status = 200
             if features.stream:
-                record.status = 200
-                return await relay(request, answer.result, headers, record, started)
+                async def finish() -> None:
+                    record.latency_s = time.monotonic() - started
+                    await self._accountant.settle(record, reservation)
+                return await relay(request, answer.result, headers, record, started, finish)
             raw, payload = answer.result
             _fill_from_payload(record, payload)
-            record.status = 200
+            record.latency_s = time.monotonic() - started
+            await self._accountant.settle(record, reservation)
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
         except ProxyError as exc:
             record.status, record.error = exc.status, exc.code
             exc.request_id = request_id
             raise
         finally:
-            record.latency_s = time.monotonic() - started
-            self._accounting.record(record)
+            if not record.settled:  # failures, refusals and hang-ups are booked too
+                record.latency_s = time.monotonic() - started
+                await self._accountant.settle(record, reservation, wait=False)
 
-    def _blocked(self, keyless: dict) -> BlockView | None:
-        open_breakers = self._breakers.active(time.time())
-        if not keyless and not open_breakers:
-            return None
-        return BlockView(keyless, open_breakers)
+    def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
+        now = time.time()
+        open_breakers = self._breakers.active(now)
+        blocked = BlockView(runtime.keyless, open_breakers) if runtime.keyless or open_breakers else None
+        try:
+            return admit(runtime.config, runtime.router, self._accountant, key, model, features, blocked, now)
+        except UnknownModel as exc:
+            raise ModelNotFound(f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
+                                f"models: {', '.join(exc.valid)}"
+                                + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
+                                   if runtime.config.allow_direct_models else "."), param="model") from None
+
+    def _request_id(self, request: web.Request) -> str:
+        given = request.headers.get("X-Request-ID")
+        return given if given and REQUEST_ID.match(given) else f"{self._ids.getrandbits(128):032x}"
 
 
 async def _complete(client: UpstreamClient, payload: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -97,15 +115,17 @@ def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
     record.provider = provider if isinstance(provider, str) else None
 
 
-def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt]) -> dict[str, str]:
-    answered = attempts[-1].target
-    return {
+def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
+    headers = {
         "x-request-id": request_id,
         "x-proxy-virtual-model": plan.requested,
-        "x-proxy-model": answered.model,
+        "x-proxy-model": attempts[-1].target.model,
         "x-proxy-attempts": str(len(attempts)),
         "x-proxy-route": route_header(plan, attempts),
     }
+    if downgrade:
+        headers["x-proxy-downgrade"] = downgrade
+    return headers
 
 
 def route_header(plan: Plan, attempts: list[Attempt]) -> str:
@@ -113,15 +133,10 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     outcomes: dict[str, list[str]] = {}
     for attempt in attempts:
         outcomes.setdefault(str(attempt.target), []).append(attempt.outcome)
-    head = plan.describe().split(":", 1)[0] if plan.chain_owner else f"direct:{plan.requested}"
+    head = plan.describe().split(": ", 1)[0]
     tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
     skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
     return f"{head}: {tried}{skipped}"
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID")
-    return given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:

@@ -6,6 +6,7 @@ No IO, no clocks, no aiohttp: the executor runs the plan, tests read it as a tab
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +51,7 @@ class Plan:
     steps: tuple[RouteStep, ...] = ()
     targets: tuple[Target, ...] = ()
     skipped: tuple[tuple[Target, Block], ...] = field(default=())
+    rewrites: tuple[tuple[str, str], ...] = ()  # budget downgrades applied: (from, to)
 
     @property
     def direct(self) -> bool:
@@ -59,6 +61,8 @@ class Plan:
         """The short form for the x-proxy-route header, e.g. auto>cheap: a, b (skip c: cooldown)."""
         names = [step.virtual_model for step in self.steps]
         head = ">".join(names + [self.chain_owner]) if self.chain_owner else f"direct:{self.requested}"
+        if self.rewrites:
+            head = "budget[" + ",".join(f"{a}->{b}" for a, b in self.rewrites) + "] " + head
         text = f"{head}: {', '.join(map(str, self.targets)) or '-'}"
         if self.skipped:
             text += " (" + ", ".join(f"skip {t}: {b.reason}" for t, b in self.skipped) + ")"
@@ -91,6 +95,7 @@ class Router:
             for name, vm in config.models.items() if vm.route is not None
         }
         self.virtual_models: tuple[str, ...] = tuple(config.models)
+        self.chain_models: tuple[str, ...] = tuple(self._chains)
 
     def chain_of(self, name: str) -> tuple[Target, ...]:
         return self._chains.get(name, ())
@@ -119,12 +124,25 @@ class Router:
                 raise RuntimeError(f"no rule of {name!r} matched; the config check should have refused this")
         return name, tuple(steps)
 
-    def plan(self, requested: str, features: RequestFeatures,
-             blocked: BlockLookup | None = None) -> Plan:
-        owner, steps = self.resolve(requested, features)
+    def plan(self, requested: str, features: RequestFeatures, blocked: BlockLookup | None = None,
+             rewrite: Mapping[str, str] | None = None) -> Plan:
+        """The ordered targets for a request. `rewrite` is a budget step's map (virtual -> cheaper
+        virtual, "*" for any): it applies to the requested name and to the model routing lands on."""
+        rewrites: tuple[tuple[str, str], ...] = ()
+        name = requested
+        if rewrite:
+            if requested not in self._config.models:
+                self.resolve(requested, features)  # an unknown name stays a 404, budget or not
+            swapped = rewrite.get(requested) or rewrite.get("*")
+            if swapped and swapped != requested:
+                name, rewrites = swapped, ((requested, swapped),)
+        owner, steps = self.resolve(name, features)
+        if rewrite and owner and owner != name and rewrite.get(owner, owner) != owner:
+            rewrites += ((owner, rewrite[owner]),)
+            owner = rewrite[owner]
         chain = self._chains[owner] if owner else (Target(requested, self._config.direct_upstream),)
         if not blocked:
-            return Plan(requested, owner, steps, chain)
+            return Plan(requested, owner, steps, chain, (), rewrites)
         targets, skipped = [], []
         for target in chain:
             block = blocked.get(target)
@@ -132,7 +150,7 @@ class Router:
                 targets.append(target)
             else:
                 skipped.append((target, block))
-        return Plan(requested, owner, steps, tuple(targets), tuple(skipped))
+        return Plan(requested, owner, steps, tuple(targets), tuple(skipped), rewrites)
 
 
 def rule_matches(when: When, f: RequestFeatures) -> bool:

@@ -11,12 +11,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 
 from .config import Config
 from .executor import Executor
 from .health import CircuitBreakers
+from .keys import KeyRing
 from .routing import Block, Router
 from .upstream import UpstreamClient
 
@@ -31,6 +31,11 @@ class Runtime:
     clients: Mapping[str, UpstreamClient]
     keyless: dict[str, Block]          # upstream name -> why it cannot be called (no key)
     models_body: bytes                 # GET /v1/models, rendered once
+    keys: KeyRing
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
 
 
 class RuntimeRef:
@@ -38,17 +43,17 @@ class RuntimeRef:
         self.current = runtime
 
 
-def build_runtime(config: Config, session: aiohttp.ClientSession, env: Mapping[str, str],
-                  breakers: CircuitBreakers) -> Runtime:
+def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreakers) -> Runtime:
+    """Must run inside the event loop: each upstream client opens its connection pool."""
     clients: dict[str, UpstreamClient] = {}
     keyless: dict[str, Block] = {}
     for name, upstream in config.upstreams.items():
         key = env.get(upstream.api_key_env, "").strip() or None
-        clients[name] = UpstreamClient(name, upstream, session, key)
+        clients[name] = UpstreamClient(name, upstream, key)
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
     return Runtime(config, Router(config), Executor(clients, config.retry, breakers), clients, keyless,
-                   render_models(config))
+                   render_models(config), KeyRing(config.keys, env))
 
 
 def warn_missing_keys(runtime: Runtime) -> None:

@@ -1,22 +1,24 @@
-"""Relay an upstream SSE stream to the client, event by event, bytes untouched.
+"""Relay an upstream SSE stream to the client as it arrives, bytes untouched.
 
-Only a few events are looked into (the first, the one with `usage`, an
-`error`); the rest are forwarded after a substring check, so a long answer
-costs one write per event and nothing more.
+Each network read is forwarded in one write, once the events in it are whole.
+Only a few events are looked into (the first, one carrying `usage` or
+`error`, `[DONE]`); the rest cost a substring check. Before the final
+`[DONE]` goes out, `finish` runs, so the ledger row of a stream is committed
+before the client has the whole answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from .accounting import RequestRecord, Usage
-from .upstream import UpstreamError, iter_events
+from .upstream import UpstreamError, event_data, iter_batches
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -24,6 +26,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # keep nginx and friends from buffering the stream
 }
 DONE = b"data: [DONE]\n\n"
+Finish = Callable[[], Awaitable[None]]
 
 
 def error_event(message: str, code: str) -> bytes:
@@ -33,13 +36,15 @@ def error_event(message: str, code: str) -> bytes:
 
 
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers: Mapping[str, str],
-                record: RequestRecord, started: float) -> web.StreamResponse:
-    """Forward the stream; fill `record` with what it carried. The upstream response is always closed."""
+                record: RequestRecord, started: float, finish: Finish) -> web.StreamResponse:
+    """Forward the stream and fill `record` from it. The upstream response is always closed."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
-        if not await _forward(upstream, response, record, started):
-            await response.write(DONE)
+        error = await _forward(upstream, response, record, started)
+        upstream.close()
+        await finish()
+        await response.write(error + DONE if error else DONE)
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError) as exc:
         # The client went away: drop the upstream connection now, so no more tokens are generated.
@@ -53,41 +58,73 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers:
 
 
 async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamResponse, record: RequestRecord,
-                   started: float) -> bool:
-    """Copy events until [DONE] or the end; return whether [DONE] was forwarded."""
+                   started: float) -> bytes:
+    """Copy events up to (not including) [DONE]; return an error event to send if the stream broke."""
+    tracker = _Tracker(record, started)
     try:
-        async for event in iter_events(upstream):
-            data = event.data
-            if data is not None:
-                if data == b"[DONE]":
-                    await response.write(event.raw)
-                    return True
-                if record.ttft_s is None or b'"usage"' in data or b'"error"' in data:
-                    _observe(data, record, started)
-            await response.write(event.raw)
+        async for batch, events in iter_batches(upstream):
+            for index, event in enumerate(events):
+                if event == b"data: [DONE]":
+                    head = b"".join(e + b"\n\n" for e in events[:index])
+                    if head:
+                        await response.write(head)
+                    tracker.close()
+                    return b""
+                tracker.see(event)
+            await response.write(batch)
     except UpstreamError as exc:
         # After the first byte there is no falling back: say what broke, then end cleanly.
         record.error = "stream_interrupted"
-        await response.write(error_event(f"The upstream stream broke off: {exc.failure.message}",
-                                         "stream_interrupted"))
-    return False
+        tracker.close()
+        return error_event(f"The upstream stream broke off: {exc.failure.message}", "stream_interrupted")
+    tracker.close()
+    return b""
 
 
-def _observe(data: bytes, record: RequestRecord, started: float) -> None:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(chunk, dict):
-        return
-    if record.ttft_s is None:
-        record.ttft_s = time.monotonic() - started
-        record.generation_id = chunk.get("id") if isinstance(chunk.get("id"), str) else None
-        provider = chunk.get("provider")
-        record.provider = provider if isinstance(provider, str) else None
-    usage = Usage.from_payload(chunk.get("usage"))
-    if usage is not None:
-        record.usage = usage
-    error = chunk.get("error")
-    if error:
-        record.error = "upstream_stream_error"
+class _Tracker:
+    """What the stream tells accounting: first-token time, ids, usage, and a size estimate of
+    the answer for when no usage ever comes (a stream cut short must still be billed)."""
+
+    __slots__ = ("record", "started", "envelope", "extra_bytes")
+
+    def __init__(self, record: RequestRecord, started: float) -> None:
+        self.record = record
+        self.started = started
+        self.envelope = 0       # the byte size of an empty chunk: the first (role) chunk
+        self.extra_bytes = 0    # bytes beyond the envelope, summed: roughly the generated text
+
+    def see(self, event: bytes) -> None:
+        if event.startswith(b":"):
+            return  # a comment, e.g. ": OPENROUTER PROCESSING"
+        data = event_data(event)
+        if data is None:
+            return
+        record = self.record
+        if record.ttft_s is None or b'"usage"' in data or b'"error"' in data:
+            self._parse(data)
+        elif self.envelope:
+            self.extra_bytes += max(0, len(data) - self.envelope)
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        record = self.record
+        if record.ttft_s is None:
+            record.ttft_s = time.monotonic() - self.started
+            self.envelope = len(data)
+            record.generation_id = chunk.get("id") if isinstance(chunk.get("id"), str) else None
+            provider = chunk.get("provider")
+            record.provider = provider if isinstance(provider, str) else None
+        usage = Usage.from_payload(chunk.get("usage"))
+        if usage is not None:
+            record.usage = usage
+        if chunk.get("error"):
+            record.error = "upstream_stream_error"
+
+    def close(self) -> None:
+        if self.record.usage is None:
+            self.record.streamed_text_bytes = self.extra_bytes

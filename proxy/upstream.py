@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.http_exceptions import LineTooLong
 
 from .config import Upstream
 from .failures import Failure, classify_status, connection_failure, dropped_failure, timeout_failure
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+UPSTREAM_CONNECTIONS = 1000
 # Fields only OpenRouter understands; an OpenAI-style upstream rejects them with a 400,
 # which would turn a fallback into a client error.
 OPENROUTER_ONLY_FIELDS = ("provider", "transforms", "models", "route", "usage", "plugins")
@@ -30,31 +29,31 @@ class UpstreamError(Exception):
         self.failure = failure
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
-    raw: bytes            # the event exactly as received, terminator included: what the client gets
-    data: bytes | None    # the joined `data:` payload; None for a comment-only event
-
-    @property
-    def is_done(self) -> bool:
-        return self.data == b"[DONE]"
-
-
 class UpstreamClient:
-    def __init__(self, name: str, config: Upstream, session: aiohttp.ClientSession, api_key: str | None) -> None:
+    """One upstream, with its own session: default headers and timeout are set once there,
+    so a request merges nothing and builds no timer objects of its own."""
+
+    def __init__(self, name: str, config: Upstream, api_key: str | None,
+                 connector: aiohttp.BaseConnector | None = None) -> None:
         self.name = name
         self.kind = config.flavour
         self.api_key = api_key
         self.key_env = config.api_key_env
         self.url = f"{config.base_url}/chat/completions"
-        self._session = session
-        self._headers = {"Content-Type": "application/json", **config.headers}
+        headers = {"Content-Type": "application/json", **config.headers}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._session = aiohttp.ClientSession(
+            connector=connector or aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300,
+                                                        keepalive_timeout=60),
+            headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s),
+            skip_auto_headers=("User-Agent",))
         # A stream may run long; what must not happen is a silence longer than timeout_s.
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
                                                      sock_read=config.timeout_s)
+
+    async def close(self) -> None:
+        await self._session.close()
 
     def prepare_body(self, body: dict[str, Any], model: str) -> bytes:
         """The request for this upstream: the client's body with only `model` rewritten."""
@@ -71,8 +70,10 @@ class UpstreamClient:
     async def post(self, payload: bytes, *, stream: bool) -> aiohttp.ClientResponse:
         """Send a chat request; return a 2xx response (the caller closes it) or raise UpstreamError."""
         try:
-            response = await self._session.post(self.url, data=payload, headers=self._headers,
-                                                timeout=self._stream_timeout if stream else self._timeout)
+            if stream:
+                response = await self._session.post(self.url, data=payload, timeout=self._stream_timeout)
+            else:
+                response = await self._session.post(self.url, data=payload)
         except asyncio.TimeoutError:
             raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
         except aiohttp.ClientConnectionError as exc:
@@ -125,37 +126,44 @@ def error_object(raw: bytes) -> dict[str, Any] | None:
     return None
 
 
-async def iter_events(response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
-    """Yield the upstream's SSE events one by one, as they arrive, bytes untouched.
+async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[bytes, list[bytes]]]:
+    """Yield, per network read, the complete SSE events it finished: (their bytes, untouched and
+    ready to forward in one write; the events themselves, without their blank-line terminators).
 
-    Raises UpstreamError when the stream breaks (connection dropped, read timeout).
+    Forwarding per read rather than per event keeps one write per packet, not one per token, while
+    every event still leaves as soon as it has arrived whole. Raises UpstreamError when the stream
+    breaks (connection dropped, read timeout, an event over MAX_EVENT_BYTES).
     """
     content = response.content
+    carry = b""
     while True:
         try:
-            block = await content.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
+            piece = await content.readany()
         except asyncio.TimeoutError:
             raise UpstreamError(timeout_failure("waiting for the next stream event")) from None
-        except LineTooLong:
-            raise UpstreamError(dropped_failure("a stream event exceeded the size limit")) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None
-        if not block:
-            return
-        if not block.endswith(b"\n\n"):
-            if block.strip():  # EOF in the middle of an event: the connection was cut
+        if not piece:
+            if carry.strip():  # EOF in the middle of an event: the connection was cut
                 raise UpstreamError(dropped_failure("the upstream closed the stream mid-event"))
             return
-        yield SSEEvent(block, parse_data(block))
+        buffer = carry + piece if carry else piece
+        if b"\r" in buffer:  # CRLF framing is legal SSE; normalise it once so one terminator fits all
+            buffer = buffer.replace(b"\r\n", b"\n")
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise UpstreamError(dropped_failure("a stream event exceeded the size limit"))
+            carry = buffer
+            continue
+        end += 2
+        complete, carry = buffer[:end], buffer[end:]
+        yield complete, complete[:-2].split(b"\n\n")
 
 
-def parse_data(block: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     """The `data:` payload of one event (multi-line data joined by newlines, per the SSE spec)."""
-    if block.startswith(b"data: ") and block.count(b"\n") == 2:  # the common single-line case
-        return block[6:-2]
-    lines = []
-    for line in block.replace(b"\r\n", b"\n").split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(b" ") else value)
+    if event.startswith(b"data: ") and b"\n" not in event:  # the common single-line case
+        return event[6:]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None

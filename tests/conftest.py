@@ -125,12 +125,15 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
-async def make_proxy(aiohttp_server, emulator) -> ProxyFactory:
+async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
     async def make(body: str = "", *, retry: str | None = None, env: dict[str, str] | None = None,
-                   config_text: str | None = None) -> Proxy:
-        config = parse_config(config_text or proxy_config_text(emulator.url, body, retry), "test-config.yaml")
+                   config_text: str | None = None, extra: str = "", ledger_path: Path | None = None,
+                   clock: Callable[[], float] | None = None) -> Proxy:
+        text = config_text or proxy_config_text(emulator.url, body, retry) + extra
+        config = parse_config(text, "test-config.yaml")
         env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY} if env is None else env
-        app = create_app(config, env=env)
+        app = create_app(config, env=env, ledger_path=ledger_path or tmp_path / "ledger.sqlite3",
+                         **({"clock": clock} if clock else {}))
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect, like `orproxy serve`
         return Proxy(server, app, config)
 

@@ -1,0 +1,75 @@
+"""Admission: turn a request into a plan the budget can afford, or refuse it.
+
+Route with the downgrade step that today's spend calls for, reserve the plan's
+worst-case cost, and when that does not fit either step down to the cheapest
+chain (`on_exhausted: cheapest`) or refuse with a message naming the budget.
+No IO: the only state touched is the in-memory spend book.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .accounting import Accountant
+from .budget import Refusal, Reservation
+from .config import Config
+from .errors import BudgetExceeded
+from .features import RequestFeatures
+from .routing import BlockLookup, Plan, Router
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    plan: Plan
+    reservation: Reservation
+    downgrade: str | None   # for the x-proxy-downgrade header; None when nothing was rewritten
+
+
+def admit(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
+          features: RequestFeatures, blocked: BlockLookup | None, now: float) -> Admission:
+    book = accountant.book
+    step = book.downgrade_step(book.fraction(key, now)) if config.budget.downgrade else None
+    plan = router.plan(model, features, blocked, step[1].map if step else None)
+    estimate = accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+    outcome = accountant.reserve(key, estimate)
+    if isinstance(outcome, Reservation):
+        return Admission(plan, outcome, _describe(plan, f"step {step[0]} at {step[1].at:.0%}" if step else ""))
+    if config.budget.on_exhausted == "cheapest":
+        cheaper = _cheapest_plan(router, accountant, features, blocked, plan)
+        if cheaper is not None:
+            cheap_plan, cheap_estimate = cheaper
+            second = accountant.reserve(key, cheap_estimate)
+            if isinstance(second, Reservation):
+                return Admission(cheap_plan, second, _describe(cheap_plan, "budget exhausted: cheapest"))
+            outcome = second
+    raise _refusal_error(outcome, estimate, now)
+
+
+def _cheapest_plan(router: Router, accountant: Accountant, features: RequestFeatures,
+                   blocked: BlockLookup | None, original: Plan) -> tuple[Plan, float] | None:
+    """The chain model whose worst case is lowest for this very request."""
+    best: tuple[Plan, float] | None = None
+    for name in router.chain_models:
+        plan = router.plan(name, features, blocked)
+        if not plan.targets:
+            continue
+        cost = accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+        if best is None or cost < best[1]:
+            best = (plan, cost)
+    if best is None or best[0].chain_owner == original.chain_owner:
+        return None
+    requested = original.requested
+    plan = best[0]
+    rewritten = Plan(requested, plan.chain_owner, plan.steps, plan.targets, plan.skipped,
+                     ((requested, plan.chain_owner or ""),))
+    return rewritten, best[1]
+
+
+def _describe(plan: Plan, why: str) -> str | None:
+    if not plan.rewrites:
+        return None
+    return ", ".join(f"{a}->{b}" for a, b in plan.rewrites) + (f" ({why})" if why else "")
+
+
+def _refusal_error(refusal: Refusal, needed: float, now: float) -> BudgetExceeded:
+    return BudgetExceeded(refusal.message(needed, now), retry_after=max(1.0, refusal.resets_at - now))

@@ -123,6 +123,7 @@ class Bench:
                                                            "--api-key", API_KEY]),
                    f"http://127.0.0.1:{passthrough}/v1/chat/completions", SLUG)
         config = (BENCH / "bench-config.yaml").read_text().replace("http://127.0.0.1:9000/api/v1", upstream)
+        config += f"\nledger: {{path: {self.tmp / 'ledger.sqlite3'}}}\n"  # a fresh ledger, outside the repo
         config_path = self.tmp / "bench-config.yaml"
         config_path.write_text(config)
         self.spawn("proxy", self.pinned(SERVER_CPU, [py, "-m", "proxy", "serve", "--config", str(config_path),

@@ -31,7 +31,7 @@ def admit(config: Config, router: Router, accountant: Accountant, key: str | Non
     step = book.downgrade_step(book.fraction(key, now)) if config.budget.downgrade else None
     plan = router.plan(model, features, blocked, step[1].map if step else None)
     estimate = accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
-    outcome = accountant.reserve(key, estimate)
+    outcome, needed = accountant.reserve(key, estimate), estimate
     if isinstance(outcome, Reservation):
         return Admission(plan, outcome, _describe(plan, f"step {step[0]} at {step[1].at:.0%}" if step else ""))
     if config.budget.on_exhausted == "cheapest":
@@ -41,8 +41,8 @@ def admit(config: Config, router: Router, accountant: Accountant, key: str | Non
             second = accountant.reserve(key, cheap_estimate)
             if isinstance(second, Reservation):
                 return Admission(cheap_plan, second, _describe(cheap_plan, "budget exhausted: cheapest"))
-            outcome = second
-    raise _refusal_error(outcome, estimate, now)
+            outcome, needed = second, cheap_estimate   # quote what was tried last, not the dearer plan
+    raise _refusal_error(outcome, needed, now)
 
 
 def _cheapest_plan(router: Router, accountant: Accountant, features: RequestFeatures,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -10,25 +11,31 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .accounting import Accountant, Sink, log_access
 from .admin import AdminRoutes
-from .app_keys import ACCOUNTANT, BREAKERS, CONFIG, RUNTIME
+from .app_keys import ACCOUNTANT, BREAKERS, CONFIG, METRICS, RATELIMITS, RUNTIME
 from .budget import SpendBook
 from .config import Config
 from .handlers import ChatHandler, error_middleware, healthz, list_models
 from .health import CircuitBreakers
+from .credits import poll_credits
 from .ledger import Ledger
+from .metrics import Metrics, StateCollector
 from .pricing import Catalogue, PriceBook
+from .ratelimits import RateLimits
 from .runtime import RuntimeRef, build_runtime, warn_missing_keys
 
 log = logging.getLogger("orproxy")
 
 
 def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: Iterable[Sink] = (),
-               ledger_path: str | Path | None = None, clock: Callable[[], float] = time.time) -> web.Application:
+               ledger_path: str | Path | None = None, clock: Callable[[], float] = time.time,
+               registry: CollectorRegistry | None = None) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
-    the ledger lives at `ledger_path` (default: the config's `ledger.path`)."""
+    the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
+    (default: a new one, never the process-global registry)."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
@@ -36,17 +43,25 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
     accountant = Accountant(prices, SpendBook(config.budget, config.keys, clock()), None,
                             [log_access] if config.logging.access_log else [], clock)
+    metrics = Metrics(registry or CollectorRegistry(auto_describe=True), config)
+    accountant.add_sink(metrics.observe)
     for sink in sinks:
         accountant.add_sink(sink)
     app[ACCOUNTANT] = accountant
+    app[METRICS] = metrics
+    app[RATELIMITS] = RateLimits(clock=clock)
+    metrics.registry.register(StateCollector(metrics, accountant.book, app[BREAKERS], app[RATELIMITS], clock))
+    metrics.gauges.downgrade_step = _downgrade_step(accountant, clock)
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
     app.cleanup_ctx.append(_upstreams(env))
+    app.cleanup_ctx.append(_credit_poller)
 
-    chat = ChatHandler(app[BREAKERS], accountant).chat_completions
+    chat = ChatHandler(app[BREAKERS], app[RATELIMITS], accountant, metrics.gauges).chat_completions
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/api/v1/chat/completions", chat)  # clients configured with OpenRouter's own path
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
     admin_key = env.get(config.admin.key_env or "", "") if config.admin.key_env else ""
     if admin_key:
         AdminRoutes(admin_key, accountant, config).register(app.router)
@@ -78,9 +93,36 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
     return context
 
 
+def _downgrade_step(accountant: Accountant, clock: Callable[[], float]) -> Callable[[], int]:
+    def current() -> int:
+        book = accountant.book
+        step = book.downgrade_step(book.fraction(None, clock()))
+        return step[0] if step else -1
+    return current
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(poll_credits(client, app[METRICS].gauges, app[CONFIG].upstreams[name].credits_poll_s))
+             for name, client in app[RUNTIME].current.clients.items()
+             if client.kind == "openrouter" and client.api_key and app[CONFIG].upstreams[name].credits_poll_s > 0]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _upstreams(env: Mapping[str, str]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         runtime = build_runtime(app[CONFIG], env, app[BREAKERS])
+        for client in runtime.clients.values():
+            client.observe = app[RATELIMITS].observe_response
         warn_missing_keys(runtime)
         app[RUNTIME] = RuntimeRef(runtime)
         try:

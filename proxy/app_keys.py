@@ -7,9 +7,13 @@ from aiohttp import web
 from .accounting import Accountant
 from .config import Config
 from .health import CircuitBreakers
+from .metrics import Metrics
+from .ratelimits import RateLimits
 from .runtime import RuntimeRef
 
 CONFIG = web.AppKey("config", Config)
 RUNTIME = web.AppKey("runtime", RuntimeRef)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
+METRICS = web.AppKey("metrics", Metrics)
+RATELIMITS = web.AppKey("ratelimits", RateLimits)

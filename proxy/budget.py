@@ -31,9 +31,9 @@ class Refusal:
     def message(self, needed: float, now: float) -> str:
         budget = f"the {self.window} budget" + (f" of key '{self.scope}'" if self.scope else "")
         reset = datetime.fromtimestamp(self.resets_at, ZoneInfo("UTC")).strftime("%Y-%m-%d %H:%M UTC")
-        return (f"Request refused: {budget} is exhausted. Spent ${self.spent:.4f} of ${self.limit:.2f}"
-                f" (${self.reserved:.4f} more reserved by requests in flight); this request may cost up to"
-                f" ${needed:.4f}. The budget resets at {reset} (in {_duration(self.resets_at - now)}).")
+        return (f"Request refused: {budget} is exhausted. Spent {_usd(self.spent, 4)} of {_usd(self.limit, 2)}"
+                f" ({_usd(self.reserved, 4)} more reserved by requests in flight); this request may cost up to"
+                f" {_usd(needed, 4)}. The budget resets at {reset} (in {_duration(self.resets_at - now)}).")
 
 
 @dataclass(slots=True)
@@ -188,6 +188,16 @@ class SpendBook:
     def reserved(self, key: str | None = None) -> float:
         scope = self._scopes.get(key or GLOBAL)
         return scope.reserved if scope else 0.0
+
+
+def _usd(value: float, places: int) -> str:
+    """Dollars with at least `places` decimals, more when fewer would misstate a small amount
+    (a $0.002 budget must not read "$0.00")."""
+    text = f"{value:.{places}f}"
+    while places < 9 and abs(float(text) - value) > abs(value) * 0.005:
+        places += 1
+        text = f"{value:.{places}f}"
+    return "$" + text
 
 
 def _duration(seconds: float) -> str:

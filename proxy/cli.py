@@ -7,7 +7,11 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
 
 from aiohttp import web
 
@@ -41,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file without starting anything")
     check.add_argument("config", nargs="?", default="config.yaml")
     check.set_defaults(run=_check)
+
+    report = sub.add_parser("report", help="what was spent and saved, from the ledger")
+    report.add_argument("--config", default="config.yaml")
+    report.add_argument("--period", choices=("day", "month"), default="day")
+    report.add_argument("--by", choices=("model", "virtual", "key"), default="model")
+    report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.set_defaults(run=_report)
 
     emulator = sub.add_parser("emulator", help="run the OpenRouter emulator on its own")
     emulator.add_argument("--host", default="127.0.0.1")
@@ -100,6 +112,36 @@ def _serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
                 print=None, loop=loop)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    path = Path(args.ledger or config.ledger.path)
+    if not path.exists():
+        print(f"orproxy: no ledger at {path} yet (it is created when the proxy first serves)", file=sys.stderr)
+        return 1
+    report = asyncio.run(_build_report(path, config, args.period, args.by))
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        from rich.console import Console
+
+        from .reports import render
+        # Piped output has no terminal width to fit; do not squash the columns into ellipses.
+        Console(width=None if sys.stdout.isatty() else 200).print(render(report))
+    return 0
+
+
+async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
+    from .ledger import Ledger
+    from .reports import spend_report
+    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days)
+    try:
+        return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
+    finally:
+        await ledger.close()
 
 
 def _emulator(args: argparse.Namespace) -> int:

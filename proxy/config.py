@@ -50,6 +50,7 @@ class Upstream(_Frozen):
     timeout_s: float = Field(60.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    credits_poll_s: float = Field(60.0, ge=0)  # poll GET /key for the credit balance (openrouter kind; 0 = off)
 
     @field_validator("base_url")
     @classmethod

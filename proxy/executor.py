@@ -58,7 +58,7 @@ class Executor:
         self._secrets = tuple(c.api_key for c in clients.values() if c.api_key)
 
     async def run(self, plan: Plan, body: dict[str, Any],
-                  attempt: Callable[[UpstreamClient, bytes], Awaitable[T]]) -> Answer[T]:
+                  attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]]) -> Answer[T]:
         """Try the plan's targets in order until `attempt` succeeds for one."""
         attempts: list[Attempt] = []
         dead_upstreams: dict[str, Failure] = {}
@@ -70,7 +70,7 @@ class Executor:
             for number in range(1, self._retry.attempts_per_model + 1):
                 started = self._monotonic()
                 try:
-                    result = await attempt(client, payload)
+                    result = await attempt(client, payload, target.model)
                 except UpstreamError as exc:
                     failure = exc.failure
                     attempts.append(Attempt(target, failure.reason, failure.status, self._redact(failure.message),

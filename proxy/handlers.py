@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from .accounting import Accountant, RequestRecord, Usage
 from .admission import Admission, admit
@@ -21,6 +21,8 @@ from .errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from .executor import Attempt
 from .features import RequestFeatures, extract_features
 from .health import BlockView, CircuitBreakers
+from .metrics import Gauges
+from .ratelimits import RateLimits
 from .routing import Plan, UnknownModel
 from .runtime import Runtime, RuntimeRef
 from .streaming import relay
@@ -32,12 +34,22 @@ JSON = "application/json"
 
 
 class ChatHandler:
-    def __init__(self, breakers: CircuitBreakers, accountant: Accountant) -> None:
+    def __init__(self, breakers: CircuitBreakers, ratelimits: RateLimits, accountant: Accountant,
+                 gauges: Gauges) -> None:
         self._breakers = breakers
+        self._ratelimits = ratelimits
         self._accountant = accountant
+        self._gauges = gauges
         self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._gauges.in_flight += 1
+        try:
+            return await self._chat(request)
+        finally:
+            self._gauges.in_flight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         runtime = request.app[RUNTIME].current
         request_id = self._request_id(request)
@@ -84,7 +96,9 @@ class ChatHandler:
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = time.time()
         open_breakers = self._breakers.active(now)
-        blocked = BlockView(runtime.keyless, open_breakers) if runtime.keyless or open_breakers else None
+        limited = self._ratelimits.active(now)
+        blocked = BlockView(runtime.keyless, open_breakers, limited) if runtime.keyless or open_breakers or limited \
+            else None
         try:
             return admit(runtime.config, runtime.router, self._accountant, key, model, features, blocked, now)
         except UnknownModel as exc:
@@ -98,13 +112,13 @@ class ChatHandler:
         return given if given and REQUEST_ID.match(given) else f"{self._ids.getrandbits(128):032x}"
 
 
-async def _complete(client: UpstreamClient, payload: bytes) -> tuple[bytes, dict[str, Any]]:
-    response = await client.post(payload, stream=False)
+async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
+    response = await client.post(payload, stream=False, model=model)
     return await client.read_json(response)
 
 
-async def _open_stream(client: UpstreamClient, payload: bytes):
-    return await client.post(payload, stream=True)
+async def _open_stream(client: UpstreamClient, payload: bytes, model: str) -> ClientResponse:
+    return await client.post(payload, stream=True, model=model)
 
 
 def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:

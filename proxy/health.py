@@ -49,17 +49,23 @@ class CircuitBreakers:
 
 
 class BlockView:
-    """What routing asks per target: is it blocked, and why? Merges the static
-    blocks (an upstream without a key) with the open circuit breakers."""
+    """What routing asks per target: is it blocked, and why? Merges the static blocks
+    (an upstream without a key) with the live ones (open breakers, exhausted rate limits)."""
 
     __slots__ = ("_by_upstream", "_by_target")
 
-    def __init__(self, by_upstream: dict[str, Block], by_target: dict[Target, Block]) -> None:
+    def __init__(self, by_upstream: dict[str, Block], *by_target: dict[Target, Block]) -> None:
         self._by_upstream = by_upstream
-        self._by_target = by_target
+        self._by_target = tuple(blocks for blocks in by_target if blocks)
 
     def __bool__(self) -> bool:
         return bool(self._by_upstream or self._by_target)
 
     def get(self, target: Target) -> Block | None:
-        return self._by_upstream.get(target.upstream) or self._by_target.get(target)
+        block = self._by_upstream.get(target.upstream)
+        if block is None:
+            for blocks in self._by_target:
+                block = blocks.get(target)
+                if block is not None:
+                    break
+        return block

@@ -78,8 +78,14 @@ class Catalogue:
 class PriceBook:
     def __init__(self, catalogue: Catalogue, pricing: Pricing) -> None:
         self.catalogue = catalogue
-        self._overrides = {model: Price(o.prompt_usd_per_mtok / PER_MILLION, o.completion_usd_per_mtok / PER_MILLION)
-                           for model, o in pricing.overrides.items()}
+        # An override changes what a token costs, not how many tokens the model can produce:
+        # keep the catalogue's caps, or worst cases of overridden models fall back to 4096 tokens.
+        self._overrides: dict[str, Price] = {}
+        for model, o in pricing.overrides.items():
+            listed = catalogue.prices.get(model)
+            self._overrides[model] = Price(o.prompt_usd_per_mtok / PER_MILLION, o.completion_usd_per_mtok / PER_MILLION,
+                                           0.0, listed.context_length if listed else None,
+                                           listed.max_completion_tokens if listed else None)
         self.baseline_model = pricing.savings_baseline
         known = list(catalogue.prices.values()) + list(self._overrides.values())
         self._dearest = Price(max((p.prompt for p in known), default=0.0),

@@ -6,7 +6,7 @@ SSE byte stream is cut into events without being re-encoded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -39,6 +39,7 @@ class UpstreamClient:
         self.kind = config.flavour
         self.api_key = api_key
         self.key_env = config.api_key_env
+        self.base_url = config.base_url
         self.url = f"{config.base_url}/chat/completions"
         headers = {"Content-Type": "application/json", **config.headers}
         if api_key:
@@ -48,12 +49,24 @@ class UpstreamClient:
                                                         keepalive_timeout=60),
             headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s),
             skip_auto_headers=("User-Agent",))
+        # Told of every response's status and headers (rate-limit tracking); set by the app.
+        self.observe: Callable[[str, str, int, Mapping[str, str]], None] | None = None
         # A stream may run long; what must not happen is a silence longer than timeout_s.
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
                                                      sock_read=config.timeout_s)
 
     async def close(self) -> None:
         await self._session.close()
+
+    async def key_info(self) -> dict[str, Any]:
+        """OpenRouter's GET /key: the key's limit, what is left, and its usage."""
+        async with self._session.get(self.base_url + "/key") as response:
+            if response.status != 200:
+                raise UpstreamError(classify_status(response.status, error_object(await response.read()),
+                                                    response.headers))
+            payload = orjson.loads(await response.read())
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return data if isinstance(data, dict) else {}
 
     def prepare_body(self, body: dict[str, Any], model: str) -> bytes:
         """The request for this upstream: the client's body with only `model` rewritten."""
@@ -67,7 +80,7 @@ class UpstreamClient:
             out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return orjson.dumps(out)
 
-    async def post(self, payload: bytes, *, stream: bool) -> aiohttp.ClientResponse:
+    async def post(self, payload: bytes, *, stream: bool, model: str) -> aiohttp.ClientResponse:
         """Send a chat request; return a 2xx response (the caller closes it) or raise UpstreamError."""
         try:
             if stream:
@@ -78,6 +91,8 @@ class UpstreamClient:
             raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamError(connection_failure(f"{type(exc).__name__}: {exc}")) from None
+        if self.observe is not None:
+            self.observe(self.name, model, response.status, response.headers)
         if response.status < 300:
             return response
         try:

@@ -86,6 +86,10 @@ class Accountant:
         self._sinks = list(sinks)
         self._clock = clock
 
+    def now(self) -> float:
+        """The clock the spend book runs on (injected in tests)."""
+        return self._clock()
+
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import time
 
 import orjson
 from aiohttp import web
@@ -40,7 +39,10 @@ class AdminRoutes:
         ledger = self._accountant.ledger
         if ledger is None:
             raise ServiceUnavailable("The ledger is not open yet.")
-        report = await spend_report(ledger, period, by, self._config.budget.timezone, time.time())
+        now = self._accountant.now()
+        report = await spend_report(ledger, period, by, self._config.budget.timezone, now)
+        book = self._accountant.book
+        book.roll(now)   # after midnight with no request since, the book still holds yesterday's figures
         report["budget"] = [{"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
-                            for scope, window, spent, limit in self._accountant.book.snapshot()]
+                            for scope, window, spent, limit in book.snapshot()]
         return web.Response(body=orjson.dumps(report), content_type="application/json")

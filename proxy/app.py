@@ -128,6 +128,6 @@ def _upstreams(env: Mapping[str, str]):
         try:
             yield
         finally:
-            await app[RUNTIME].current.close()
+            await app[RUNTIME].close()
 
     return context

@@ -50,8 +50,15 @@ class ChatHandler:
             self._gauges.in_flight -= 1
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        runtimes = request.app[RUNTIME]
+        runtime = runtimes.acquire()
+        try:
+            return await self._serve(request, runtime)
+        finally:
+            runtimes.release(runtime)
+
+    async def _serve(self, request: web.Request, runtime: Runtime) -> web.StreamResponse:
         started = time.monotonic()
-        runtime = request.app[RUNTIME].current
         request_id = self._request_id(request)
         try:
             client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
@@ -61,7 +68,7 @@ class ChatHandler:
             raise
         model_name = body["model"]
         features = extract_features(body, request.headers)
-        record = RequestRecord(request_id, time.time(), model_name, None, features.stream,
+        record = RequestRecord(request_id, self._accountant.now(), model_name, None, features.stream,
                                key_name=client_key.name, prompt_estimate=features.prompt_tokens)
         reservation = None
         try:
@@ -94,7 +101,7 @@ class ChatHandler:
                 await self._accountant.settle(record, reservation, wait=False)
 
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
-        now = time.time()
+        now = self._accountant.now()
         open_breakers = self._breakers.active(now)
         limited = self._ratelimits.active(now)
         blocked = BlockView(runtime.keyless, open_breakers, limited) if runtime.keyless or open_breakers or limited \

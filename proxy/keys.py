@@ -49,10 +49,12 @@ class KeyRing:
     def authenticate(self, authorization: str | None) -> ClientKey:
         if not self.enabled:
             return OPEN
-        if not authorization or not authorization.startswith("Bearer ") or not authorization[7:].strip():
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:   # auth schemes are case-insensitive (RFC 7235)
             raise Unauthorized("Missing API key: send `Authorization: Bearer <your proxy key>`.",
                                code="missing_api_key")
-        presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        presented = hashlib.sha256(token.encode()).digest()
         found = None
         for digest, client in self._entries:
             if hmac.compare_digest(presented, digest) and found is None:

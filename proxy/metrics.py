@@ -25,7 +25,7 @@ from .accounting import RequestRecord
 from .budget import SpendBook
 from .config import Config
 from .health import CircuitBreakers
-from .ratelimits import RateLimits
+from .ratelimits import RateLimits, Reading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OTHER, DIRECT, UNKNOWN, NO_KEY = "other", "direct", "unknown", "none"
@@ -139,7 +139,7 @@ class StateCollector(Collector):
         for model in sorted(self._metrics.models):
             cooldown.add_metric([model], 1.0 if model in open_now else 0.0)
         yield cooldown
-        yield from self._rate_limits()
+        yield from self._rate_limits(now)
         credits = GaugeMetricFamily("orproxy_upstream_credits_remaining_usd", "Credits left on the upstream key",
                                     labels=["upstream"])
         for upstream, value in gauges.credits_remaining.items():
@@ -171,15 +171,31 @@ class StateCollector(Collector):
         step.add_metric([], self._metrics.gauges.downgrade_step())
         yield step
 
-    def _rate_limits(self) -> Iterator[Metric]:
+    def _rate_limits(self, now: float) -> Iterator[Metric]:
         names = ("orproxy_ratelimit_remaining", "orproxy_ratelimit_limit", "orproxy_ratelimit_reset_timestamp_seconds")
         helps = ("Upstream rate limit left", "Upstream rate limit size", "When the upstream rate limit resets")
         families = [GaugeMetricFamily(n, h, labels=["upstream", "scope", "model"]) for n, h in zip(names, helps)]
-        for (target, scope), reading in self._ratelimits.readings().items():
-            labels = [target.upstream, scope, self._metrics.model_label(target.model)]
-            families[0].add_metric(labels, reading.remaining)
+        for labels, reading in self._rate_limit_series(now).items():
+            families[0].add_metric(list(labels), reading.remaining)
             if reading.limit is not None:
-                families[1].add_metric(labels, reading.limit)
+                families[1].add_metric(list(labels), reading.limit)
             if reading.reset_at is not None:
-                families[2].add_metric(labels, reading.reset_at)
+                families[2].add_metric(list(labels), reading.reset_at)
         yield from families
+
+    def _rate_limit_series(self, now: float) -> dict[tuple[str, str, str], Reading]:
+        """One reading per label set. Direct slugs all share the model label `other`, so several
+        readings can land on one series: the most constrained one is shown (a duplicate series
+        would make Prometheus drop samples). A reading whose reset has passed says the window is
+        full again (its limit), or nothing when the limit is unknown."""
+        series: dict[tuple[str, str, str], Reading] = {}
+        for (target, scope), reading in self._ratelimits.readings().items():
+            if reading.reset_at is not None and reading.reset_at <= now:
+                if reading.limit is None:
+                    continue
+                reading = Reading(reading.limit, reading.limit, reading.reset_at)
+            labels = (target.upstream, scope, self._metrics.model_label(target.model))
+            shown = series.get(labels)
+            if shown is None or reading.remaining < shown.remaining:
+                series[labels] = reading
+        return series

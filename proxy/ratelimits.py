@@ -32,6 +32,9 @@ class Reading:
 
 
 _SIGNALS = ("X-RateLimit-Remaining", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+# Direct slugs are chosen by clients, so readings are keyed by values from outside: keep only the
+# most recently updated ones, so a client cycling through model names cannot grow this without end.
+MAX_READINGS = 1024
 
 
 class RateLimits:
@@ -69,10 +72,15 @@ class RateLimits:
             cap = float(limit) if limit not in (None, "") else None
         except (TypeError, ValueError):
             return
-        self._readings[(target, scope)] = Reading(cap, left, reset_at)
+        key = (target, scope)
+        previous = self._readings.pop(key, None)  # re-inserted last: the dict's order is least recent first
+        self._readings[key] = Reading(cap, left, reset_at)
+        if len(self._readings) > MAX_READINGS:
+            del self._readings[next(iter(self._readings))]
         if left <= 0 and reset_at is not None and reset_at > now:
             self._block(target, reset_at, f"{scope} remaining 0")
-        elif cap and left < cap * self._warn_below:
+        elif cap and left < cap * self._warn_below and not _low(previous, self._warn_below):
+            # Said once when the limit runs low, not on every response while it stays low.
             log.warning("rate limit of %s on %s is running low: %g of %g %s left", target.model, target.upstream,
                         left, cap, scope)
 
@@ -89,6 +97,10 @@ class RateLimits:
 
     def readings(self) -> dict[tuple[Target, str], Reading]:
         return self._readings
+
+
+def _low(reading: Reading | None, warn_below: float) -> bool:
+    return reading is not None and bool(reading.limit) and reading.remaining < reading.limit * warn_below
 
 
 def _epoch(value: str | None, now: float) -> float | None:

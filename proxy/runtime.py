@@ -1,11 +1,12 @@
 """Everything derived from one config, built once and swapped as a whole.
 
-A request reads `RuntimeRef.current` once and keeps that snapshot to its end,
-so a later config swap never changes a request halfway through.
+A request acquires `RuntimeRef.current` once and keeps that snapshot to its
+end, so a config swap never changes a request halfway through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from .upstream import UpstreamClient
 log = logging.getLogger("orproxy")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Runtime:
     config: Config
     router: Router
@@ -32,6 +33,8 @@ class Runtime:
     keyless: dict[str, Block]          # upstream name -> why it cannot be called (no key)
     models_body: bytes                 # GET /v1/models, rendered once
     keys: KeyRing
+    users: int = 0                     # requests in flight on this snapshot
+    retiring: tuple[UpstreamClient, ...] | None = None  # set when swapped out: the clients only it used
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -39,17 +42,67 @@ class Runtime:
 
 
 class RuntimeRef:
+    """The current runtime, swapped whole on reload. Requests hold the snapshot they started on
+    (acquire/release); a swapped-out runtime closes the clients no newer one reuses once its last
+    request is done, so a reload never cuts a stream off."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def acquire(self) -> Runtime:
+        runtime = self.current
+        runtime.users += 1
+        return runtime
+
+    def release(self, runtime: Runtime) -> None:
+        runtime.users -= 1
+        if runtime.users == 0 and runtime.retiring is not None:
+            self._close(runtime)
+
+    def swap(self, new: Runtime) -> Runtime:
+        old = self.current
+        kept = {id(client) for client in new.clients.values()}
+        old.retiring = tuple(c for c in old.clients.values() if id(c) not in kept)
+        self.current = new
+        if old.users == 0:
+            self._close(old)
+        return old
+
+    def _close(self, runtime: Runtime) -> None:
+        clients, runtime.retiring = runtime.retiring or (), ()
+        if clients:
+            task = asyncio.get_running_loop().create_task(_close_all(clients))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self.current.close()
 
 
-def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreakers) -> Runtime:
-    """Must run inside the event loop: each upstream client opens its connection pool."""
+async def _close_all(clients: tuple[UpstreamClient, ...]) -> None:
+    for client in clients:
+        await client.close()
+
+
+def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreakers,
+                  previous: Runtime | None = None) -> Runtime:
+    """Must run inside the event loop: each new upstream client opens its connection pool.
+    Clients of `previous` whose upstream settings and key are unchanged are reused as they are."""
     clients: dict[str, UpstreamClient] = {}
     keyless: dict[str, Block] = {}
     for name, upstream in config.upstreams.items():
         key = env.get(upstream.api_key_env, "").strip() or None
-        clients[name] = UpstreamClient(name, upstream, key)
+        reusable = previous.clients.get(name) if previous else None
+        if reusable is not None and previous and previous.config.upstreams.get(name) == upstream \
+                and reusable.api_key == key:
+            clients[name] = reusable
+        else:
+            clients[name] = UpstreamClient(name, upstream, key)
+            if reusable is not None:
+                clients[name].observe = reusable.observe
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
     return Runtime(config, Router(config), Executor(clients, config.retry, breakers), clients, keyless,

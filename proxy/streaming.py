@@ -68,16 +68,15 @@ async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamRespons
                     head = b"".join(e + b"\n\n" for e in events[:index])
                     if head:
                         await response.write(head)
-                    tracker.close()
                     return b""
                 tracker.see(event)
             await response.write(batch)
     except UpstreamError as exc:
         # After the first byte there is no falling back: say what broke, then end cleanly.
         record.error = "stream_interrupted"
-        tracker.close()
         return error_event(f"The upstream stream broke off: {exc.failure.message}", "stream_interrupted")
-    tracker.close()
+    finally:
+        tracker.close()  # also when the client hangs up: the text it was sent is billed
     return b""
 
 

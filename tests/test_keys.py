@@ -33,6 +33,7 @@ keys:
     (f"Bearer {BOT_SECRET}", "bot"),
     (f"Bearer {OPS_SECRET}", "ops"),
     (f"Bearer  {OPS_SECRET} ", "ops"),
+    (f"bearer {BOT_SECRET}", "bot"),                   # the scheme is case-insensitive (RFC 7235)
 ])
 def test_a_known_key_is_recognised(authorization, name):
     assert KeyRing(KEYS, ENV).authenticate(authorization).name == name

@@ -354,10 +354,19 @@ async def test_a_client_that_hangs_up_midstream_is_billed(make_proxy, emulator):
     await wait_for(lambda: proxy.app[ACCOUNTANT].book.snapshot()[0][2] > 0)
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/streaming.py relay(): on a client disconnect _forward is cancelled "
-                                       "before _Tracker.close() runs, so the text already relayed is never "
-                                       "counted (streamed_text_bytes stays 0): only the prompt is billed")
 async def test_a_client_that_hangs_up_midstream_pays_for_the_text_it_was_sent(make_proxy, emulator):
     proxy = await make_proxy(MODELS)
     row = await _disconnect_midstream(proxy, emulator)
     assert row.completion_tokens > 0
+
+
+async def test_a_restart_keeps_the_spend_under_an_injected_clock(make_proxy, tmp_path):
+    path = tmp_path / "clock.sqlite3"
+    later = time.time() + 2 * 86_400   # e.g. a test pinning "the day after tomorrow"
+    first = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
+    _, completion = await ask(first.client(), "quality", max_tokens=5)
+    spent = usage_cost(completion.usage)
+    assert first.app[ACCOUNTANT].book.snapshot()[0][2] == pytest.approx(spent)
+    await first.server.close()
+    second = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
+    assert second.app[ACCOUNTANT].book.snapshot()[0][2] == pytest.approx(spent, abs=1e-9)

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import hmac
-
 import orjson
 from aiohttp import web
 
-from .accounting import Accountant
-from .config import Config
-from .errors import InvalidRequest, ServiceUnavailable, Unauthorized
+from .app_keys import ACCOUNTANT, RELOADER, RUNTIME
+from .errors import InvalidRequest, ProxyError, ServiceUnavailable, Unauthorized
+from .keys import bearer_matches
 from .reports import GROUPS, PERIODS, spend_report
+
+JSON = "application/json"
 
 
 class AdminRoutes:
-    def __init__(self, admin_key: str, accountant: Accountant, config: Config) -> None:
-        self._expected = f"Bearer {admin_key}".encode()
-        self._accountant = accountant
-        self._config = config
+    def __init__(self, admin_key: str, key_env: str) -> None:
+        self._admin_key = admin_key
+        self._key_env = key_env
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/admin/spend", self.spend)
+        router.add_get("/admin/status", self.status)
+        router.add_post("/admin/reload", self.reload)
 
     def _authorize(self, request: web.Request) -> None:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, self._expected):
+        if not bearer_matches(request.headers.get("Authorization"), self._admin_key):
             raise Unauthorized("Admin routes need `Authorization: Bearer <admin key>` (the value of "
-                               f"{self._config.admin.key_env}).")
+                               f"{self._key_env}).")
 
     async def spend(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -36,13 +36,40 @@ class AdminRoutes:
             raise InvalidRequest(f"`period` must be one of {', '.join(PERIODS)}", param="period")
         if by not in GROUPS:
             raise InvalidRequest(f"`by` must be one of {', '.join(GROUPS)}", param="by")
-        ledger = self._accountant.ledger
+        accountant = request.app[ACCOUNTANT]
+        ledger = accountant.ledger
         if ledger is None:
             raise ServiceUnavailable("The ledger is not open yet.")
-        now = self._accountant.now()
-        report = await spend_report(ledger, period, by, self._config.budget.timezone, now)
-        book = self._accountant.book
+        now = accountant.now()
+        config = request.app[RUNTIME].current.config
+        report = await spend_report(ledger, period, by, config.budget.timezone, now)
+        book = accountant.book
         book.roll(now)   # after midnight with no request since, the book still holds yesterday's figures
         report["budget"] = [{"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
                             for scope, window, spent, limit in book.snapshot()]
-        return web.Response(body=orjson.dumps(report), content_type="application/json")
+        return web.Response(body=orjson.dumps(report), content_type=JSON)
+
+    async def status(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        runtime = request.app[RUNTIME].current
+        reloader = request.app.get(RELOADER)
+        body = {
+            "virtual_models": list(runtime.config.models),
+            "upstreams": {name: {"kind": client.kind, "has_key": bool(client.api_key)}
+                          for name, client in runtime.clients.items()},
+            "reload": reloader.status.as_dict() if reloader else None,
+        }
+        return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+    async def reload(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        reloader = request.app.get(RELOADER)
+        if reloader is None:
+            raise ServiceUnavailable("This proxy was started without a config file path; nothing to reload.")
+        status = await reloader.reload("POST /admin/reload")
+        if status.last_result != "success":
+            error = ProxyError("The new config is invalid; the previous one keeps serving: "
+                               + "; ".join(status.last_errors), code="invalid_config")
+            error.status, error.type = 422, "invalid_request_error"
+            raise error
+        return web.Response(body=orjson.dumps(status.as_dict()), content_type=JSON)

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .accounting import Accountant, Sink, log_access
 from .admin import AdminRoutes
-from .app_keys import ACCOUNTANT, BREAKERS, CONFIG, METRICS, RATELIMITS, RUNTIME
+from .app_keys import ACCOUNTANT, BREAKERS, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
 from .budget import SpendBook
 from .config import Config
 from .handlers import ChatHandler, error_middleware, healthz, list_models
@@ -25,6 +25,7 @@ from .ledger import Ledger
 from .metrics import Metrics, StateCollector
 from .pricing import Catalogue, PriceBook
 from .ratelimits import RateLimits
+from .reload import Reloader, reload_context
 from .runtime import RuntimeRef, build_runtime, warn_missing_keys
 
 log = logging.getLogger("orproxy")
@@ -32,10 +33,11 @@ log = logging.getLogger("orproxy")
 
 def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: Iterable[Sink] = (),
                ledger_path: str | Path | None = None, clock: Callable[[], float] = time.time,
-               registry: CollectorRegistry | None = None) -> web.Application:
+               registry: CollectorRegistry | None = None, config_path: str | Path | None = None) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
-    (default: a new one, never the process-global registry)."""
+    (default: a new one, never the process-global registry). With `config_path`, the config is
+    reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
@@ -55,8 +57,13 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
     app.cleanup_ctx.append(_upstreams(env))
     app.cleanup_ctx.append(_credit_poller)
+    if config_path is not None:
+        app.cleanup_ctx.append(_reloader(Path(config_path), env, clock))
+        app.cleanup_ctx.append(reload_context(RELOADER, config.watch_config))
 
-    chat = ChatHandler(app[BREAKERS], app[RATELIMITS], accountant, metrics.gauges).chat_completions
+    handler = ChatHandler(app[BREAKERS], app[RATELIMITS], accountant, metrics.gauges)
+    chat = handler.chat_completions
+    app.router.add_post("/v1/route/explain", handler.explain)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/api/v1/chat/completions", chat)  # clients configured with OpenRouter's own path
     app.router.add_get("/v1/models", list_models)
@@ -64,7 +71,7 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     app.router.add_get("/metrics", metrics_endpoint)
     admin_key = env.get(config.admin.key_env or "", "") if config.admin.key_env else ""
     if admin_key:
-        AdminRoutes(admin_key, accountant, config).register(app.router)
+        AdminRoutes(admin_key, config.admin.key_env or "").register(app.router)
     elif config.admin.key_env:
         log.warning("admin routes are off: the environment variable %s is not set", config.admin.key_env)
     return app
@@ -89,6 +96,16 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
         finally:
             accountant.ledger = None
             await ledger.close()
+
+    return context
+
+
+def _reloader(path: Path, env: Mapping[str, str], clock: Callable[[], float]):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
+        app[RELOADER] = Reloader(path, app[RUNTIME], app[ACCOUNTANT], metrics, app[BREAKERS], env,
+                                 metrics.registry, clock)
+        yield
 
     return context
 

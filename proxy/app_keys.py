@@ -9,6 +9,7 @@ from .config import Config
 from .health import CircuitBreakers
 from .metrics import Metrics
 from .ratelimits import RateLimits
+from .reload import Reloader
 from .runtime import RuntimeRef
 
 CONFIG = web.AppKey("config", Config)
@@ -17,3 +18,4 @@ BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
 METRICS = web.AppKey("metrics", Metrics)
 RATELIMITS = web.AppKey("ratelimits", RateLimits)
+RELOADER = web.AppKey("reloader", Reloader)

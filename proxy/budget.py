@@ -146,6 +146,35 @@ class SpendBook:
                 self._scopes[name].reserved += amount
         return Reservation(key or GLOBAL, amount)
 
+    def would_refuse(self, key: str | None, amount: float, now: float) -> Refusal | None:
+        """What try_reserve would say, without reserving anything (for explain)."""
+        self.roll(now)
+        for name in (GLOBAL, key) if key else (GLOBAL,):
+            refusal = self._would_exceed(name, amount)
+            if refusal is not None:
+                return refusal
+        return None
+
+    def reconfigure(self, budget: Budget, keys: tuple[ProxyKey, ...], now: float,
+                    day_by_key: Mapping[str, float] | None = None,
+                    month_by_key: Mapping[str, float] | None = None) -> None:
+        """New limits from a reloaded config; spend and reservations carry over. A key new to
+        the book starts from what the ledger says it spent (day_by_key / month_by_key)."""
+        self._budget = budget
+        scopes = {GLOBAL: self._scopes[GLOBAL]}
+        scopes[GLOBAL].daily_limit, scopes[GLOBAL].monthly_limit = budget.daily_usd, budget.monthly_usd
+        for key in keys:
+            scope = self._scopes.get(key.name)
+            if scope is None:
+                scope = _Scope(None, None, (day_by_key or {}).get(key.name, 0.0),
+                               (month_by_key or {}).get(key.name, 0.0))
+            scope.daily_limit, scope.monthly_limit = key.daily_usd, key.monthly_usd
+            scopes[key.name] = scope
+        self._scopes = scopes
+        if ZoneInfo(budget.timezone) != self.calendar.tz:
+            self.calendar = _Calendar(ZoneInfo(budget.timezone))
+            self.calendar.place(now)
+
     def _would_exceed(self, name: str, amount: float) -> Refusal | None:
         scope = self._scopes.get(name)
         if scope is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -46,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", default="config.yaml")
     check.set_defaults(run=_check)
 
+    schema = sub.add_parser("schema", help="print the JSON Schema of config.yaml (for editors)")
+    schema.set_defaults(run=_schema)
+
+    explain = sub.add_parser("explain", help="show where a request would go, and why (nothing is sent)")
+    explain.add_argument("--config", default="config.yaml")
+    explain.add_argument("--model", required=True, help="the model the client asks for, e.g. auto")
+    explain.add_argument("--task", help="the X-Task-Type header")
+    explain.add_argument("--messages-file", help="a JSON file with the `messages` array (or a whole request body)")
+    explain.add_argument("--max-tokens", type=int)
+    explain.add_argument("--stream", action="store_true")
+    explain.add_argument("--key", help="the client key's name, for its budget")
+    explain.add_argument("--ledger", help="ledger file for today's spend (default: the config's ledger.path)")
+    explain.set_defaults(run=_explain)
+
     report = sub.add_parser("report", help="what was spent and saved, from the ledger")
     report.add_argument("--config", default="config.yaml")
     report.add_argument("--period", choices=("day", "month"), default="day")
@@ -58,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=9000)
     emulator.set_defaults(run=_emulator)
+    from .cli_ops import register as register_ops  # TEMP(catalogue helper): lead wires this
+    register_ops(sub)
     return parser
 
 
@@ -78,6 +95,62 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams)")
     return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from .config import config_json_schema
+    sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    body: dict = {"model": args.model, "messages": [{"role": "user", "content": ""}]}
+    if args.messages_file:
+        try:
+            loaded = orjson.loads(Path(args.messages_file).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            print(f"orproxy: cannot read {args.messages_file}: {exc}", file=sys.stderr)
+            return 1
+        body.update(loaded if isinstance(loaded, dict) else {"messages": loaded})
+        body["model"] = args.model
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    if args.stream:
+        body["stream"] = True
+    headers = {"X-Task-Type": args.task} if args.task else {}
+    decision = asyncio.run(_offline_explain(config, body, headers, args))
+    if decision is None:
+        return 1
+    sys.stdout.write(orjson.dumps(decision, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
+    """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
+    from .budget import SpendBook
+    from .explain import explain
+    from .ledger import Ledger
+    from .pricing import Catalogue, PriceBook
+    from .routing import Router, UnknownModel
+    now = time.time()
+    book = SpendBook(config.budget, config.keys, now)
+    path = Path(args.ledger or config.ledger.path)
+    if path.exists():
+        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days)
+        try:
+            book.load(await ledger.spend_by_key_between(book.calendar.day_start),
+                      await ledger.spend_by_key_between(book.calendar.month_start))
+        finally:
+            await ledger.close()
+    prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
+    try:
+        return explain(config, Router(config), prices, book, body, headers, key=args.key, blocked=None, now=now)
+    except UnknownModel as exc:
+        print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
+        return None
 
 
 def _setup_logging(config: Config) -> None:
@@ -106,12 +179,23 @@ def _serve(args: argparse.Namespace) -> int:
         from .demo import start_demo
         config, env = loop.run_until_complete(start_demo(config))
     from .app import create_app
-    app = create_app(config, env=env)
+    app = create_app(config, env=env, config_path=None if args.demo else args.config)
+    app.on_startup.append(_freeze_heap)
     log.info("orproxy listening on http://%s:%d/v1 (%d virtual models: %s)", listen.host, listen.port,
              len(config.models), ", ".join(config.models))
+    # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
+    # the cleanup contexts (the ledger is flushed and closed) and exit 0.
     web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
-                print=None, loop=loop)
+                print=None, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
+    log.info("orproxy stopped")
     return 0
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Everything built so far lives as long as the process: keep it out of the garbage
+    collector's scans, which per-request allocations would otherwise trigger over and over."""
+    gc.collect()
+    gc.freeze()
 
 
 def _report(args: argparse.Namespace) -> int:

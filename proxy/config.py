@@ -87,7 +87,7 @@ class When(_Frozen):
     prompt_tokens_under: int | None = Field(None, ge=0)
     last_user_message_matches: re.Pattern[str] | None = None
 
-    @field_validator("task", mode="before")
+    @field_validator("task", mode="before", json_schema_input_type=str | list[str] | None)
     @classmethod
     def _task_list(cls, value: Any) -> Any:
         values = (value,) if isinstance(value, str) else value
@@ -116,7 +116,8 @@ class Rule(_Frozen):
 
 class VirtualModel(_Frozen):
     description: str = ""
-    chain: tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand)], ...] | None = None
+    chain: tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand,
+                                                        json_schema_input_type=str | ChainMember)], ...] | None = None
     route: tuple[Rule, ...] | None = None
 
     @model_validator(mode="after")
@@ -227,6 +228,8 @@ class Config(_Frozen):
     allow_direct_models: bool = True
     direct_upstream: str = DEFAULT_UPSTREAM
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    watch_config: bool = True          # reload when the file changes (SIGHUP and POST /admin/reload always work)
+    shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long requests in flight may take to finish
     logging: Logging = Logging()
     budget: Budget = Budget()
     keys: tuple[ProxyKey, ...] = ()
@@ -382,6 +385,14 @@ def _with_line(issue: SourceIssue, doc: YamlDocument) -> SourceIssue:
     return SourceIssue(issue.path, issue.message, doc.line_of(issue.path))
 
 
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema of config.yaml, published as config.schema.json for editors."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "openrouter-proxy config.yaml"
+    return schema
+
+
 def load_config(path: str | FsPath) -> Config:
     fs_path = FsPath(path)
     try:
@@ -391,6 +402,6 @@ def load_config(path: str | FsPath) -> Config:
     return parse_config(text, str(fs_path))
 
 
-__all__ = ["Budget", "ChainMember", "Config", "ConfigError", "Cooldown", "DowngradeStep", "PriceOverride",
+__all__ = ["config_json_schema", "Budget", "ChainMember", "Config", "ConfigError", "Cooldown", "DowngradeStep", "PriceOverride",
            "Pricing", "ProxyKey", "Retry", "Rule", "Upstream", "VirtualModel", "When", "format_path", "load_config",
            "parse_config"]

@@ -19,6 +19,7 @@ from .admission import Admission, admit
 from .app_keys import RUNTIME
 from .errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from .executor import Attempt
+from .explain import explain
 from .features import RequestFeatures, extract_features
 from .health import BlockView, CircuitBreakers
 from .metrics import Gauges
@@ -100,23 +101,46 @@ class ChatHandler:
                 record.latency_s = time.monotonic() - started
                 await self._accountant.settle(record, reservation, wait=False)
 
-    def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
-        now = self._accountant.now()
+    def _blocked(self, runtime: Runtime, now: float) -> BlockView | None:
         open_breakers = self._breakers.active(now)
         limited = self._ratelimits.active(now)
-        blocked = BlockView(runtime.keyless, open_breakers, limited) if runtime.keyless or open_breakers or limited \
-            else None
+        if runtime.keyless or open_breakers or limited:
+            return BlockView(runtime.keyless, open_breakers, limited)
+        return None
+
+    def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
+        now = self._accountant.now()
         try:
-            return admit(runtime.config, runtime.router, self._accountant, key, model, features, blocked, now)
+            return admit(runtime.config, runtime.router, self._accountant, key, model, features,
+                         self._blocked(runtime, now), now)
         except UnknownModel as exc:
-            raise ModelNotFound(f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
-                                f"models: {', '.join(exc.valid)}"
-                                + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
-                                   if runtime.config.allow_direct_models else "."), param="model") from None
+            raise _model_not_found(exc, runtime) from None
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
+        runtime = request.app[RUNTIME].current
+        client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
+        body = await _read_body(request)
+        client_key.check_model(body["model"])
+        now = self._accountant.now()
+        try:
+            decision = explain(runtime.config, runtime.router, self._accountant.prices, self._accountant.book,
+                               body, request.headers, key=client_key.name, blocked=self._blocked(runtime, now),
+                               now=now)
+        except UnknownModel as exc:
+            raise _model_not_found(exc, runtime) from None
+        return web.Response(body=orjson.dumps(decision), content_type=JSON)
 
     def _request_id(self, request: web.Request) -> str:
         given = request.headers.get("X-Request-ID")
         return given if given and REQUEST_ID.match(given) else f"{self._ids.getrandbits(128):032x}"
+
+
+def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
+    return ModelNotFound(f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
+                         f"models: {', '.join(exc.valid)}"
+                         + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
+                            if runtime.config.allow_direct_models else "."), param="model")
 
 
 async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:

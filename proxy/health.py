@@ -15,7 +15,7 @@ from .routing import Block, Target
 
 class CircuitBreakers:
     def __init__(self, policy: Cooldown) -> None:
-        self._policy = policy
+        self.policy = policy  # replaced on config reload; the counts carry over
         self._failures: dict[Target, deque[float]] = {}
         self._open: dict[Target, Block] = {}
 
@@ -23,13 +23,13 @@ class CircuitBreakers:
         """Count a failure; return True when it opens the breaker."""
         window = self._failures.setdefault(target, deque())
         window.append(now)
-        while window and window[0] <= now - self._policy.window_s:
+        while window and window[0] <= now - self.policy.window_s:
             window.popleft()
-        if len(window) >= self._policy.failures and self._policy.cooldown_s > 0:
+        if len(window) >= self.policy.failures and self.policy.cooldown_s > 0:
             window.clear()
-            until = now + self._policy.cooldown_s
+            until = now + self.policy.cooldown_s
             self._open[target] = Block("cooldown", until, detail or
-                                       f"{self._policy.failures} failures within {self._policy.window_s:g}s")
+                                       f"{self.policy.failures} failures within {self.policy.window_s:g}s")
             return True
         return False
 

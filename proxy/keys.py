@@ -62,3 +62,13 @@ class KeyRing:
         if found is None:
             raise Unauthorized("Incorrect API key provided. Ask the proxy's operator for a valid key.")
         return found
+
+
+def bearer_matches(authorization: str | None, secret: str) -> bool:
+    """`Authorization: Bearer <secret>`, compared in constant time (scheme case-insensitive)."""
+    if not authorization:
+        return False
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), secret.encode())

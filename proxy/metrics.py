@@ -68,6 +68,12 @@ class Metrics:
                                  ["virtual_model", "from_model", "reason"], registry=r)
         self._children: dict[tuple, Any] = {}
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: its names become the allowed label values (series seen stay)."""
+        self._virtual = frozenset(config.models)
+        self.models = frozenset(m.model for vm in config.models.values() for m in vm.chain or ())
+        self._keys = frozenset(k.name for k in config.keys)
+
     # -- label hygiene ---------------------------------------------------------------------
     def virtual_label(self, record: RequestRecord) -> str:
         if record.requested_model in self._virtual:
@@ -166,6 +172,12 @@ class StateCollector(Collector):
                 limit.add_metric([window, label], cap)
         yield spent
         yield limit
+        # Lets a dashboard project spend to the end of the budget's own day, in the budget's time zone.
+        ends = GaugeMetricFamily("orproxy_budget_window_end_timestamp_seconds",
+                                 "When the current budget window ends (epoch seconds)", labels=["window"])
+        ends.add_metric(["daily"], self._book.calendar.day_end)
+        ends.add_metric(["monthly"], self._book.calendar.month_end)
+        yield ends
         step = GaugeMetricFamily("orproxy_budget_downgrade_step",
                                  "Index of the downgrade step in force (-1: none)")
         step.add_metric([], self._metrics.gauges.downgrade_step())

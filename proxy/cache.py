@@ -1,0 +1,512 @@
+"""The response cache: exact-match answers for repeatable requests, kept in SQLite.
+
+How the request path uses it (the caller owns every decision about HTTP):
+
+    if policy.enabled and wants_cache(body, request.headers.get("X-Proxy-Cache")):
+        key = cache_key(body, plan_chain)             # plan_chain: ["model@upstream", ...], in order
+        answer = await cache.get(key)                 # counts a hit or a miss
+        if answer is not None:                        # costs nothing: ledger row cached=True, cost 0,
+            ...                                       # cost_source "cached"; answer.cost_usd = saved
+            return json(answer.completion) or stream(replay_as_sse(answer))
+        ... call upstream; on HTTP 200 with `choices`:
+        await cache.put(key, CachedAnswer(completion, model, upstream, cost, prompt, completion, now))
+
+- `wants_cache` and `cache_key` are pure. The header wins (`X-Proxy-Cache: on|off`, any
+  case); without it, `temperature: 0` (0 or 0.0, never `false`) turns the cache on.
+- The key is the sha256 of the request minus the fields that cannot change the answer
+  (`stream`, `stream_options`, `user`, `metadata`, `model`, ...), keys sorted at every
+  depth, plus the resolved chain. `model` is left out because the chain stands for it: two
+  virtual names resolving to the same chain share entries, and a config edit that changes
+  the chain changes the key. A streamed and a non-streamed request share one entry; a
+  streamed hit is replayed as SSE by `replay_as_sse`.
+- Only answers are cached, never errors: `put` refuses anything without `choices`, with an
+  `error` key or a choice that finished with "error", as well as anything over
+  `max_entry_bytes`. It returns whether it stored the entry.
+- Expiry is decided when reading (`created_at + ttl_s`), so a TTL changed in the config
+  applies to entries already stored; `purge_expired` (also run on open) frees their space.
+- Size is bounded by `max_entries`, evicting the least recently used. Marking an entry used
+  would cost a write per hit, so a hit only notes the time in memory, and only if the row
+  was not marked in the last minute; the notes are written in one transaction before an
+  eviction, once `_TOUCH_BATCH` have piled up, and on close. LRU order is therefore exact to
+  about a minute, which is plenty for entries that live a day.
+- The cache is an optimisation, so it never fails a request: a SQLite error in `get`/`put`
+  is logged and becomes a miss / a skipped store, and after `close()` `get` misses and
+  `put` does nothing (requests finishing during shutdown are unaffected). The entry count
+  is kept in memory, so one process should own the file.
+- On a config reload, `await cache.apply_policy(new_policy)`: no reopen needed. A path of
+  ":memory:" gives a process-local cache (tests, or a deployment without a disk).
+- `hits`/`misses` count `get` results (for `orproxy_cache_hits_total` /
+  `orproxy_cache_misses_total`); `entries` is the current number of entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+log = logging.getLogger("orproxy.cache")
+
+SCHEMA_VERSION = 1
+# Request fields that cannot change the answer. `model` is represented by the chain.
+IGNORED_FIELDS = frozenset({
+    "stream", "stream_options", "user", "metadata", "model",
+    "safety_identifier", "prompt_cache_key", "store",
+})
+_KEY_PREFIX = b"orproxy-cache/1\n"   # bump when the canonical form changes: old entries just stop matching
+_TOUCH_EVERY_S = 60.0                # a hit re-marks its row at most this often
+_TOUCH_BATCH = 256                   # pending marks written together once this many have piled up
+_PIECES = 4                          # a replayed text is split into at most this many chunks ...
+_MIN_PIECE = 16                      # ... of at least this many characters
+
+# What a failing store raises: SQLite's errors, and aiosqlite's ValueError for a connection
+# closed under a request that was already inside get/put during shutdown.
+_STORE_ERRORS = (sqlite3.Error, ValueError)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key        TEXT    PRIMARY KEY,    -- cache_key(): sha256 hex
+    created_at REAL    NOT NULL,       -- epoch seconds when stored; expiry is created_at + ttl_s
+    last_used  REAL    NOT NULL,       -- epoch seconds of the last (noted) hit, for LRU eviction
+    size       INTEGER NOT NULL,       -- bytes of payload
+    payload    BLOB    NOT NULL        -- orjson of the CachedAnswer
+);
+CREATE INDEX IF NOT EXISTS responses_last_used ON responses (last_used);
+CREATE INDEX IF NOT EXISTS responses_created_at ON responses (created_at);
+"""
+
+
+class CacheSchemaError(RuntimeError):
+    """The file was written by a newer proxy whose cache schema this one does not know."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    enabled: bool = True
+    ttl_s: float = 86_400.0
+    max_entries: int = 10_000
+    max_entry_bytes: int = 1_048_576
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.ttl_s) and self.ttl_s > 0):
+            raise ValueError(f"cache.ttl_s must be a number of seconds > 0, got {self.ttl_s!r}")
+        for name in ("max_entries", "max_entry_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cache.{name} must be a whole number >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    completion: dict          # the non-streamed chat.completion object, as the upstream returned it
+    model: str                # the real model that answered
+    upstream: str
+    cost_usd: float           # what the original request cost: what each hit saves
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float         # epoch seconds of the original answer
+
+
+# --- pure -------------------------------------------------------------------
+
+
+def wants_cache(body: Mapping[str, Any], header: str | None) -> bool:
+    """Whether this request may be answered from (and stored in) the cache."""
+    if header is not None:
+        switch = header.strip().lower()
+        if switch == "off":
+            return False
+        if switch == "on":
+            return True
+    temperature = body.get("temperature")
+    # type(), not isinstance(): `false` is an int in Python but not a temperature.
+    return type(temperature) in (int, float) and temperature == 0
+
+
+def cache_key(body: Mapping[str, Any], chain: Sequence[str]) -> str:
+    """sha256 hex of the request's canonical form and the ordered chain of real models."""
+    request = {name: _canonical_number(value) for name, value in body.items() if name not in IGNORED_FIELDS}
+    canonical = orjson.dumps({"chain": list(chain), "request": request}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(_KEY_PREFIX + canonical).hexdigest()
+
+
+def _canonical_number(value: Any) -> Any:
+    # `"temperature": 0.0` and `0` ask the same thing; only top-level parameters are numbers
+    # worth normalising, and below 2**53 the integer is exact.
+    if type(value) is float and value.is_integer() and abs(value) < 2 ** 53:
+        return int(value)
+    return value
+
+
+def cacheable(completion: Any) -> bool:
+    """An answer, not an error: `choices` present and non-empty, no `error`, no choice that errored."""
+    if not isinstance(completion, dict) or "error" in completion:
+        return False
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    return all(isinstance(choice, dict) and choice.get("finish_reason") != "error" for choice in choices)
+
+
+def replay_as_sse(answer: CachedAnswer) -> bytes:
+    """The SSE bytes of a stream carrying the stored answer, ending with `data: [DONE]`.
+
+    Per choice: a role chunk, the message's other fields (e.g. OpenRouter's `reasoning`)
+    in one chunk, refusal and content in a few chunks, each tool call as an opening delta
+    (id, name) followed by its arguments in a few chunks, then a chunk with finish_reason
+    (and logprobs, whole). Last a chunk with `usage` and no choices. Every chunk has the
+    stored completion's id, created and model.
+    """
+    completion = answer.completion
+    created = completion.get("created")
+    head: dict[str, Any] = {
+        "id": _str_or(completion.get("id"), "chatcmpl-cached"),
+        "object": "chat.completion.chunk",
+        "created": created if type(created) is int else int(answer.created_at),
+        "model": _str_or(completion.get("model"), answer.model),
+    }
+    for name in ("provider", "system_fingerprint", "service_tier"):
+        if isinstance(completion.get(name), str):
+            head[name] = completion[name]
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n"
+
+    events: list[bytes] = []
+    for position, choice in enumerate(completion.get("choices") or ()):
+        index = choice.get("index", position)
+
+        def delta(fields: dict[str, Any], index: int = index) -> bytes:
+            return event([{"index": index, "delta": fields, "finish_reason": None}])
+
+        events.extend(delta(fields) for fields in _message_deltas(choice.get("message") or {}))
+        finish: dict[str, Any] = {"index": index, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        for name in ("native_finish_reason", "logprobs"):
+            if choice.get(name) is not None:
+                finish[name] = choice[name]
+        events.append(event([finish]))
+    usage = completion.get("usage")
+    if not isinstance(usage, dict):
+        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+    events.append(event([], usage=usage))
+    events.append(b"data: [DONE]\n\n")
+    return b"".join(events)
+
+
+_STREAMED_PIECEWISE = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
+
+
+def _message_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The deltas whose concatenation, as an SDK accumulates them, is `message`."""
+    content = message.get("content")
+    deltas: list[dict[str, Any]] = [
+        # null, not "", when there is no text (a tool call), so the accumulated content is null too
+        {"role": message.get("role") or "assistant", "content": "" if isinstance(content, str) else None},
+    ]
+    others = {name: value for name, value in message.items()
+              if name not in _STREAMED_PIECEWISE and value is not None}
+    if others:
+        deltas.append(others)
+    for name in ("refusal", "content"):
+        text = message.get(name)
+        if isinstance(text, str):
+            deltas.extend({name: piece} for piece in _pieces(text))
+    for position, call in enumerate(message.get("tool_calls") or ()):
+        function = call.get("function")
+        if not isinstance(function, dict):     # not a function call: no piecewise form to give it
+            deltas.append({"tool_calls": [{**call, "index": position}]})
+            continue
+        opening = {"index": position, "id": call.get("id"), "type": call.get("type", "function"),
+                   "function": {"name": function.get("name"), "arguments": ""}}
+        deltas.append({"tool_calls": [opening]})
+        deltas.extend({"tool_calls": [{"index": position, "function": {"arguments": piece}}]}
+                      for piece in _pieces(function.get("arguments") or ""))
+    function_call = message.get("function_call")
+    if isinstance(function_call, dict):        # the deprecated single-function form
+        deltas.append({"function_call": {"name": function_call.get("name"), "arguments": ""}})
+        deltas.extend({"function_call": {"arguments": piece}}
+                      for piece in _pieces(function_call.get("arguments") or ""))
+    return deltas
+
+
+def _pieces(text: str) -> list[str]:
+    """At most _PIECES slices of at least _MIN_PIECE characters whose concatenation is `text`."""
+    size = max(_MIN_PIECE, -(-len(text) // _PIECES))
+    return [text[start:start + size] for start in range(0, len(text), size)]
+
+
+def _str_or(value: Any, default: str) -> str:
+    return value if isinstance(value, str) and value else default
+
+
+def _encode(answer: CachedAnswer) -> bytes:
+    return orjson.dumps({
+        "completion": answer.completion, "model": answer.model, "upstream": answer.upstream,
+        "cost_usd": answer.cost_usd, "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens, "created_at": answer.created_at,
+    })
+
+
+def _decode(payload: bytes) -> CachedAnswer:
+    stored = orjson.loads(payload)
+    return CachedAnswer(
+        completion=stored["completion"], model=stored["model"], upstream=stored["upstream"],
+        cost_usd=float(stored["cost_usd"]), prompt_tokens=int(stored["prompt_tokens"]),
+        completion_tokens=int(stored["completion_tokens"]), created_at=float(stored["created_at"]),
+    )
+
+
+# --- storage ----------------------------------------------------------------
+
+
+class ResponseCache:
+    """Answers in one SQLite file; build with `await ResponseCache.open(path, policy)`, end with `close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, policy: CachePolicy,
+                 clock: Callable[[], float], entries: int) -> None:
+        self._db = db
+        self._path = path
+        self._policy = policy
+        self._clock = clock
+        self._entries = entries
+        # Writes are serialised so the in-memory entry count and eviction stay exact;
+        # reads go straight to the connection (aiosqlite runs one statement at a time anyway).
+        self._write_lock = asyncio.Lock()
+        self._touched: dict[str, float] = {}    # key -> time of a hit not yet written to last_used
+        self._closed = False
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    async def open(cls, path: str | Path, policy: CachePolicy, *,
+                   clock: Callable[[], float] = time.time, busy_timeout_s: float = 5.0) -> ResponseCache:
+        in_memory = str(path) == ":memory:"
+        path = Path(path)
+        if not in_memory:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(":memory:" if in_memory else path, isolation_level=None)
+        try:
+            await _prepare(db, path, in_memory, busy_timeout_s)
+            (entries,), = await db.execute_fetchall("SELECT count(*) FROM responses")
+        except BaseException:
+            await db.close()
+            raise
+        cache = cls(db, path, policy, clock, entries)
+        await cache.purge_expired()
+        async with cache._write_lock:          # the policy may have shrunk since the file was written
+            await cache._evict_beyond_limit()
+        return cache
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def policy(self) -> CachePolicy:
+        return self._policy
+
+    @property
+    def entries(self) -> int:
+        return self._entries
+
+    async def apply_policy(self, policy: CachePolicy) -> None:
+        """Adopt a reloaded config's policy: a new TTL applies to stored entries at once, a smaller
+        `max_entries` evicts now, `enabled=False` makes get/put inert (entries are kept)."""
+        async with self._write_lock:
+            self._policy = policy
+            if not self._closed:
+                await self._evict_beyond_limit()
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        """The stored answer, or None when absent or expired (an expired row is deleted)."""
+        if self._closed or not self._policy.enabled:
+            return None
+        now = self._clock()
+        try:
+            found = await self._lookup(key, now)
+        except _STORE_ERRORS as exc:
+            log.warning("cache %s: read failed, treating %s as a miss: %s", self._path, key[:12], exc)
+            found = None
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        answer, last_used = found
+        if now - last_used >= _TOUCH_EVERY_S:
+            self._touched[key] = now
+            if len(self._touched) >= _TOUCH_BATCH:
+                try:
+                    async with self._write_lock:
+                        await self._write_touches()
+                except _STORE_ERRORS as exc:   # only LRU precision is lost
+                    log.warning("cache %s: could not record recent hits: %s", self._path, exc)
+        return answer
+
+    async def _lookup(self, key: str, now: float) -> tuple[CachedAnswer, float] | None:
+        found = await self._db.execute_fetchall(
+            "SELECT created_at, last_used, payload FROM responses WHERE key = ?", (key,))
+        if not found:
+            return None
+        (created_at, last_used, payload), = found
+        if created_at + self._policy.ttl_s <= now:
+            await self._delete(key, created_at)
+            return None
+        try:
+            return _decode(payload), last_used
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("cache %s: dropping unreadable entry %s: %s", self._path, key[:12], exc)
+            await self._delete(key, created_at)
+            return None
+
+    async def put(self, key: str, answer: CachedAnswer) -> bool:
+        """Store a successful answer under `key`; return False when it was refused or not stored."""
+        if self._closed or not self._policy.enabled:
+            return False
+        if not cacheable(answer.completion):
+            log.debug("cache %s: not storing %s: not a successful completion", self._path, key[:12])
+            return False
+        if not (math.isfinite(answer.cost_usd) and answer.cost_usd >= 0):
+            log.warning("cache %s: not storing %s: cost_usd %r is not a finite number >= 0",
+                        self._path, key[:12], answer.cost_usd)
+            return False
+        payload = _encode(answer)
+        if len(payload) > self._policy.max_entry_bytes:
+            log.debug("cache %s: not storing %s: %d bytes exceed max_entry_bytes %d",
+                      self._path, key[:12], len(payload), self._policy.max_entry_bytes)
+            return False
+        now = self._clock()
+        row = (now, now, len(payload), payload, key)
+        try:
+            async with self._write_lock:
+                async with self._db.execute(
+                        "INSERT OR IGNORE INTO responses (created_at, last_used, size, payload, key) "
+                        "VALUES (?, ?, ?, ?, ?)", row) as cursor:
+                    inserted = cursor.rowcount == 1
+                if inserted:
+                    self._entries += 1
+                else:   # two misses for the same request raced; the later answer wins
+                    await _exec(self._db, "UPDATE responses SET created_at = ?, last_used = ?, size = ?, "
+                                          "payload = ? WHERE key = ?", row)
+                self._touched.pop(key, None)
+                await self._evict_beyond_limit()
+        except _STORE_ERRORS as exc:
+            log.warning("cache %s: could not store %s: %s", self._path, key[:12], exc)
+            return False
+        return True
+
+    async def purge_expired(self) -> int:
+        """Delete every expired entry; return how many."""
+        if self._closed:
+            return 0
+        cutoff = self._clock() - self._policy.ttl_s
+        async with self._write_lock:
+            async with self._db.execute("DELETE FROM responses WHERE created_at <= ?", (cutoff,)) as cursor:
+                deleted = max(cursor.rowcount, 0)
+            await self._recount()
+        if deleted:
+            log.info("cache %s: purged %d expired entr%s", self._path, deleted, "y" if deleted == 1 else "ies")
+        return deleted
+
+    async def clear(self) -> int:
+        """Delete every entry; return how many."""
+        if self._closed:
+            return 0
+        async with self._write_lock:
+            async with self._db.execute("DELETE FROM responses") as cursor:
+                deleted = max(cursor.rowcount, 0)
+            self._touched.clear()
+            await self._recount()
+        return deleted
+
+    async def close(self) -> None:
+        """Write pending LRU marks and close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with self._write_lock:
+                await self._write_touches()
+        except _STORE_ERRORS as exc:   # only LRU precision is lost
+            log.warning("cache %s: could not record recent hits on close: %s", self._path, exc)
+        finally:
+            await self._db.close()
+
+    # --- under _write_lock ----------------------------------------------------
+
+    async def _delete(self, key: str, created_at: float) -> None:
+        async with self._write_lock:
+            # created_at too: a fresh answer stored meanwhile under the same key must survive.
+            async with self._db.execute("DELETE FROM responses WHERE key = ? AND created_at = ?",
+                                        (key, created_at)) as cursor:
+                self._entries -= max(cursor.rowcount, 0)
+            self._touched.pop(key, None)
+
+    async def _evict_beyond_limit(self) -> None:
+        excess = self._entries - self._policy.max_entries
+        if excess <= 0:
+            return
+        await self._write_touches()   # so recent hits count before choosing what to drop
+        async with self._db.execute(
+                "DELETE FROM responses WHERE key IN "
+                "(SELECT key FROM responses ORDER BY last_used, created_at LIMIT ?)", (excess,)) as cursor:
+            self._entries -= max(cursor.rowcount, 0)
+
+    async def _write_touches(self) -> None:
+        if not self._touched:
+            return
+        marks = [(used, key) for key, used in self._touched.items()]
+        self._touched.clear()
+        await _exec(self._db, "BEGIN")
+        try:
+            # max(): a mark noted before the row was replaced must not age the new row.
+            async with self._db.executemany(
+                    "UPDATE responses SET last_used = max(last_used, ?) WHERE key = ?", marks):
+                pass
+            await self._db.commit()
+        except BaseException:
+            if self._db.in_transaction:
+                await self._db.rollback()
+            raise
+
+    async def _recount(self) -> None:
+        (self._entries,), = await self._db.execute_fetchall("SELECT count(*) FROM responses")
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path, in_memory: bool, busy_timeout_s: float) -> None:
+    await _exec(db, f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    (mode,), = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+    if mode.lower() != "wal" and not in_memory:
+        log.warning("cache %s: SQLite refused WAL (journal_mode=%s); stores will be slower", path, mode)
+    # A cache may lose its last stores in a power cut; it must not pay an fsync per store.
+    await _exec(db, "PRAGMA synchronous = NORMAL")
+    (version,), = await db.execute_fetchall("PRAGMA user_version")
+    if version > SCHEMA_VERSION:
+        raise CacheSchemaError(
+            f"response cache {path} has schema version {version}, but this proxy knows only up to "
+            f"{SCHEMA_VERSION}; run a newer proxy, or point cache.path at another file (or delete it: "
+            f"it only holds cached answers)")
+    if version < SCHEMA_VERSION:
+        script = f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        try:
+            async with db.executescript(script):
+                pass
+        except BaseException:
+            if db.in_transaction:
+                await db.rollback()
+            raise
+
+
+async def _exec(db: aiosqlite.Connection, sql: str, params: Sequence = ()) -> None:
+    async with db.execute(sql, params):
+        pass

@@ -64,6 +64,8 @@ class RequestRecord:
     downgrade: str | None = None
     cost: Cost | None = None
     baseline_usd: float = 0.0
+    cached: bool = False              # answered from the response cache
+    saved_usd: float = 0.0            # a cache hit: what the answer cost when it was bought
     settled: bool = False
 
     @property
@@ -101,6 +103,8 @@ class Accountant:
         return self.book.try_reserve(key, amount, self._clock())
 
     def price(self, record: RequestRecord) -> Cost:
+        if record.cached:
+            return Cost(0.0, "cached")
         usage = record.usage
         model = record.model or record.requested_model
         if usage is not None:
@@ -156,7 +160,8 @@ def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
         upstream=record.upstream, provider=record.provider, prompt_tokens=tokens[0], completion_tokens=tokens[1],
         cost_usd=cost.usd, cost_source=cost.source, baseline_cost_usd=record.baseline_usd,
         latency_s=record.latency_s, ttft_s=record.ttft_s, status=record.status, attempts=len(record.attempts),
-        streamed=record.streamed, generation_id=record.generation_id, error=record.error)
+        streamed=record.streamed, generation_id=record.generation_id, error=record.error, cached=record.cached,
+        saved_usd=record.saved_usd)
 
 
 def log_access(record: RequestRecord) -> None:

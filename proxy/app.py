@@ -7,15 +7,17 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from .accounting import Accountant, Sink, log_access
 from .admin import AdminRoutes
-from .app_keys import ACCOUNTANT, BREAKERS, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
+from .app_keys import ACCOUNTANT, BREAKERS, CACHE, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
+from .cache import CachePolicy, ResponseCache
 from .budget import SpendBook
 from .config import Config
 from .handlers import ChatHandler, error_middleware, healthz, list_models
@@ -33,7 +35,8 @@ log = logging.getLogger("orproxy")
 
 def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: Iterable[Sink] = (),
                ledger_path: str | Path | None = None, clock: Callable[[], float] = time.time,
-               registry: CollectorRegistry | None = None, config_path: str | Path | None = None) -> web.Application:
+               registry: CollectorRegistry | None = None, config_path: str | Path | None = None,
+               cache_path: str | Path | None = None) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
     (default: a new one, never the process-global registry). With `config_path`, the config is
@@ -56,6 +59,7 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     metrics.gauges.downgrade_step = _downgrade_step(accountant, clock)
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
     app.cleanup_ctx.append(_upstreams(env))
+    app.cleanup_ctx.append(_response_cache(Path(cache_path or config.cache.path), config, clock))
     app.cleanup_ctx.append(_credit_poller)
     if config_path is not None:
         app.cleanup_ctx.append(_reloader(Path(config_path), env, clock))
@@ -98,6 +102,32 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
             await ledger.close()
 
     return context
+
+
+def _response_cache(path: Path, config: Config, clock: Callable[[], float]):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        if not config.cache.enabled:
+            yield
+            return
+        cfg = config.cache
+        cache = await ResponseCache.open(path, CachePolicy(True, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes),
+                                         clock=clock)
+        app[CACHE] = cache
+        app[METRICS].gauges.extra.append(lambda: _cache_counters(cache))
+        try:
+            yield
+        finally:
+            await cache.close()
+
+    return context
+
+
+def _cache_counters(cache: ResponseCache) -> Iterator[Metric]:
+    hits = CounterMetricFamily("orproxy_cache_hits", "Requests answered from the response cache")
+    hits.add_metric([], cache.hits)
+    misses = CounterMetricFamily("orproxy_cache_misses", "Cacheable requests that had to go upstream")
+    misses.add_metric([], cache.misses)
+    return iter((hits, misses))
 
 
 def _reloader(path: Path, env: Mapping[str, str], clock: Callable[[], float]):

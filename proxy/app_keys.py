@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .accounting import Accountant
+from .cache import ResponseCache
 from .config import Config
 from .health import CircuitBreakers
 from .metrics import Metrics
@@ -19,3 +20,4 @@ ACCOUNTANT = web.AppKey("accountant", Accountant)
 METRICS = web.AppKey("metrics", Metrics)
 RATELIMITS = web.AppKey("ratelimits", RateLimits)
 RELOADER = web.AppKey("reloader", Reloader)
+CACHE = web.AppKey("cache", ResponseCache)

@@ -211,6 +211,16 @@ class Ledger(_Frozen):
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
 
+class Cache(_Frozen):
+    """The exact-match response cache (on per request: `temperature: 0` or `X-Proxy-Cache: on`)."""
+
+    enabled: bool = True
+    ttl_s: float = Field(86400.0, gt=0)
+    max_entries: int = Field(10_000, ge=1)
+    max_entry_bytes: int = Field(1_048_576, ge=1024)
+    path: str = "data/cache.sqlite3"
+
+
 class Admin(_Frozen):
     key_env: str | None = None
 
@@ -235,6 +245,7 @@ class Config(_Frozen):
     keys: tuple[ProxyKey, ...] = ()
     pricing: Pricing = Pricing()
     ledger: Ledger = Ledger()
+    cache: Cache = Cache()
     admin: Admin = Admin()
 
     @field_validator("keys")

@@ -3,6 +3,7 @@ OpenAI's error JSON in `error_middleware`, in one place."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
@@ -16,7 +17,8 @@ from aiohttp import ClientResponse, web
 
 from .accounting import Accountant, RequestRecord, Usage
 from .admission import Admission, admit
-from .app_keys import RUNTIME
+from .app_keys import CACHE, RUNTIME
+from .cached import answer_hit, key_for, store
 from .errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from .executor import Attempt
 from .explain import explain
@@ -42,6 +44,7 @@ class ChatHandler:
         self._accountant = accountant
         self._gauges = gauges
         self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
+        self._background: set[asyncio.Task[Any]] = set()  # cache writes after the answer went out
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self._gauges.in_flight += 1
@@ -77,9 +80,21 @@ class ChatHandler:
             admission = self._admit(runtime, client_key.name, model_name, features)
             plan, reservation = admission.plan, admission.reservation
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
+            cache = request.app.get(CACHE)
+            cache_key = key_for(cache, body, request.headers, plan, runtime.router, runtime.config.direct_upstream)
+            if cache_key is not None and cache is not None:
+                hit = await cache.get(cache_key)
+                if hit is not None:
+                    response = answer_hit(request, hit, record, _proxy_headers(request_id, plan, [], admission.downgrade),
+                                          features.stream)
+                    record.latency_s = time.monotonic() - started
+                    await self._accountant.settle(record, reservation)
+                    return response
             answer = await runtime.executor.run(plan, body, _open_stream if features.stream else _complete)
             record.model, record.upstream, record.attempts = answer.target.model, answer.target.upstream, answer.attempts
             headers = _proxy_headers(request_id, plan, answer.attempts, admission.downgrade)
+            if cache_key is not None:
+                headers["x-proxy-cache"] = "miss"
             record.route = headers["x-proxy-route"]
             record.status = 200
             if features.stream:
@@ -91,6 +106,8 @@ class ChatHandler:
             _fill_from_payload(record, payload)
             record.latency_s = time.monotonic() - started
             await self._accountant.settle(record, reservation)
+            if cache_key is not None and cache is not None:
+                store(cache, cache_key, record, payload, self._accountant.now(), self._background)
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
         except ProxyError as exc:
             record.status, record.error = exc.status, exc.code
@@ -164,10 +181,11 @@ def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgra
     headers = {
         "x-request-id": request_id,
         "x-proxy-virtual-model": plan.requested,
-        "x-proxy-model": attempts[-1].target.model,
         "x-proxy-attempts": str(len(attempts)),
         "x-proxy-route": route_header(plan, attempts),
     }
+    if attempts:
+        headers["x-proxy-model"] = attempts[-1].target.model
     if downgrade:
         headers["x-proxy-downgrade"] = downgrade
     return headers

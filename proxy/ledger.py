@@ -36,7 +36,7 @@ import aiosqlite
 
 log = logging.getLogger("orproxy.ledger")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached"})
 NANO_PER_USD = 1_000_000_000
 
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS requests (
     streamed           INTEGER NOT NULL,
     generation_id      TEXT,
     cached             INTEGER NOT NULL,
-    error              TEXT
+    error              TEXT,
+    saved_nusd         INTEGER NOT NULL DEFAULT 0   -- what a cache hit saved, nano-dollars
 );
 -- Covering indexes: period spend, per-key spend and pruning never touch the table.
 CREATE INDEX IF NOT EXISTS requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
@@ -79,8 +80,10 @@ _COLUMNS = (
     "ts", "request_id", "key_name", "requested_model", "virtual_model", "model", "upstream",
     "provider", "prompt_tokens", "completion_tokens", "cost_nusd", "cost_source",
     "baseline_cost_nusd", "latency_s", "ttft_s", "status", "attempts", "streamed",
-    "generation_id", "cached", "error",
+    "generation_id", "cached", "error", "saved_nusd",
 )
+# Schema migrations: version -> the statements that take a file from it to the next version.
+_MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN saved_nusd INTEGER NOT NULL DEFAULT 0;"}
 _INSERT = f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 # SQLite caps the host parameters of one statement (32766 since 3.32, 999 before).
 _ROWS_PER_STATEMENT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_COLUMNS)
@@ -130,6 +133,7 @@ class LedgerRow:
     generation_id: str | None = None
     cached: bool = False
     error: str | None = None
+    saved_usd: float = 0.0        # a cache hit: what the answer cost when it was first bought
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,7 @@ def _to_params(row: LedgerRow) -> tuple:
         row.ts, row.request_id, row.key_name, row.requested_model, row.virtual_model, row.model,
         row.upstream, row.provider, row.prompt_tokens, row.completion_tokens, _to_nano(row.cost_usd),
         row.cost_source, _to_nano(row.baseline_cost_usd), row.latency_s, row.ttft_s, row.status,
-        row.attempts, int(row.streamed), row.generation_id, int(row.cached), row.error,
+        row.attempts, int(row.streamed), row.generation_id, int(row.cached), row.error, _to_nano(row.saved_usd),
     )
 
 
@@ -191,6 +195,7 @@ def _from_record(values: Sequence) -> LedgerRow:
     by_name["baseline_cost_usd"] = _from_nano(by_name.pop("baseline_cost_nusd"))
     by_name["streamed"] = bool(by_name["streamed"])
     by_name["cached"] = bool(by_name["cached"])
+    by_name["saved_usd"] = _from_nano(by_name.pop("saved_nusd"))
     return LedgerRow(**{f.name: by_name[f.name] for f in fields(LedgerRow)})
 
 
@@ -442,7 +447,8 @@ async def _prepare(db: aiosqlite.Connection, path: Path, synchronous: str, busy_
             f"{SCHEMA_VERSION}; run a newer proxy or point ledger.path at another file")
     if version < SCHEMA_VERSION:
         # One transaction, so a crash mid-way never leaves tables without their version.
-        script = f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        steps = _SCHEMA if version == 0 else "\n".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        script = f"BEGIN IMMEDIATE;\n{steps}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         try:
             async with db.executescript(script):
                 pass

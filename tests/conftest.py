@@ -137,7 +137,8 @@ async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
         config = parse_config(text, "test-config.yaml")
         env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY} if env is None else env
         app = create_app(config, env=env, ledger_path=ledger_path or tmp_path / "ledger.sqlite3",
-                         config_path=config_path, **({"clock": clock} if clock else {}))
+                         cache_path=tmp_path / "cache.sqlite3", config_path=config_path,
+                         **({"clock": clock} if clock else {}))
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect, like `orproxy serve`
         return Proxy(server, app, config)
 

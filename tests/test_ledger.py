@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger import Ledger, LedgerClosed, LedgerRow, LedgerSchemaError, SummaryRow
+from proxy.ledger import SCHEMA_VERSION, Ledger, LedgerClosed, LedgerRow, LedgerSchemaError, SummaryRow
 
 WRITER = Path(__file__).with_name("ledger_writer.py")
 DAY = 86_400.0
@@ -73,7 +73,7 @@ async def test_rows_and_aggregates_survive_reopen(tmp_path: Path) -> None:
     finally:
         await second.close()
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"requests_ts_key_cost", "requests_key_ts_cost"} <= indexes
@@ -305,3 +305,29 @@ async def test_a_ledger_never_closed_does_not_hang_the_process(tmp_path: Path) -
             await proc.wait()
     assert proc.returncode == 0, stderr.decode()
     assert not stderr, stderr.decode()
+
+
+async def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
+    """Files written before cache savings were recorded keep their rows and gain the column."""
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript("""
+            CREATE TABLE requests (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
+              key_name TEXT, requested_model TEXT NOT NULL, virtual_model TEXT, model TEXT, upstream TEXT,
+              provider TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+              cost_nusd INTEGER NOT NULL, cost_source TEXT NOT NULL, baseline_cost_nusd INTEGER NOT NULL,
+              latency_s REAL NOT NULL, ttft_s REAL, status INTEGER NOT NULL, attempts INTEGER NOT NULL,
+              streamed INTEGER NOT NULL, generation_id TEXT, cached INTEGER NOT NULL, error TEXT);
+            INSERT INTO requests (ts, request_id, requested_model, prompt_tokens, completion_tokens, cost_nusd,
+              cost_source, baseline_cost_nusd, latency_s, status, attempts, streamed, cached)
+              VALUES (1.0, 'old-1', 'cheap', 10, 20, 1500, 'upstream', 3000, 0.1, 200, 1, 0, 0);
+            PRAGMA user_version = 1;
+        """)
+    ledger = await Ledger.open(path, clock=lambda: 2.0)
+    try:
+        (row,) = await ledger.rows()
+        assert (row.request_id, row.cost_usd, row.saved_usd) == ("old-1", 0.0000015, 0.0)
+    finally:
+        await ledger.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

@@ -25,7 +25,8 @@ from .health import CircuitBreakers
 from .credits import poll_credits
 from .ledger import Ledger
 from .metrics import Metrics, StateCollector
-from .pricing import Catalogue, PriceBook
+from .catalogue import load_catalogue_source
+from .pricing import PriceBook
 from .ratelimits import RateLimits
 from .reload import Reloader, reload_context
 from .runtime import RuntimeRef, build_runtime, warn_missing_keys
@@ -45,7 +46,8 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
     app[BREAKERS] = CircuitBreakers(config.retry.cooldown)
-    prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
+    # The catalogue pinned by pricing.catalogue, else the one `orproxy models refresh` fetched, else the snapshot.
+    prices = PriceBook(load_catalogue_source(config).catalogue, config.pricing)
     accountant = Accountant(prices, SpendBook(config.budget, config.keys, clock()), None,
                             [log_access] if config.logging.access_log else [], clock)
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True), config)
@@ -92,12 +94,15 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
         book.load(await ledger.spend_by_key_between(calendar.day_start),
                   await ledger.spend_by_key_between(calendar.month_start))
         accountant.ledger = ledger
+        pruner = asyncio.create_task(_prune_daily(ledger))
         log.info("ledger %s: spend so far today $%.4f, this month $%.4f", path,
                  *(sum(amount for scope, window, amount, _ in book.snapshot() if scope == "" and window == w)
                    for w in ("daily", "monthly")))
         try:
             yield
         finally:
+            pruner.cancel()
+            await asyncio.gather(pruner, return_exceptions=True)
             accountant.ledger = None
             await ledger.close()
 
@@ -163,6 +168,19 @@ async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _prune_daily(ledger: Ledger) -> None:
+    """ledger.retention_days, enforced while running too, not only at start-up."""
+    while True:
+        await asyncio.sleep(6 * 3600)
+        try:
+            removed = await ledger.prune()
+        except Exception:  # noqa: BLE001 - pruning is housekeeping; the next round tries again
+            log.exception("ledger pruning failed")
+        else:
+            if removed:
+                log.info("ledger: pruned %d rows older than the retention period", removed)
 
 
 def _upstreams(env: Mapping[str, str]):

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import orjson
 
 from .config import DEFAULT_UPSTREAM, Config, Pricing
 from .pricing import PER_MILLION, Catalogue, PriceBook
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 DEFAULT_CACHE = Path("data/models-cache.json")
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
@@ -94,10 +97,14 @@ def load_catalogue_source(config: Config | None, cache_path: Path = DEFAULT_CACH
     return _source(packaged_snapshot(), "snapshot", "proxy/data/openrouter-models.json", tuple(notes))
 
 
+def _is_model_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in value)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     document = orjson.loads(path.read_bytes())
-    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        raise ValueError(f"{path} is not a /models document (a JSON object with a `data` list)")
+    if not isinstance(document, dict) or not _is_model_list(document.get("data")):
+        raise ValueError(f"{path} is not a /models document (a JSON object whose `data` lists models with an `id`)")
     return document
 
 
@@ -127,8 +134,8 @@ async def _get_models(session: aiohttp.ClientSession, url: str, timeout_s: float
         raise CatalogueFetchError(url, str(exc) or type(exc).__name__) from None
     except orjson.JSONDecodeError as exc:
         raise CatalogueFetchError(url, f"the answer is not JSON ({exc})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        raise CatalogueFetchError(url, "the answer has no `data` list of models")
+    if not isinstance(document, dict) or not _is_model_list(document.get("data")):
+        raise CatalogueFetchError(url, "the answer has no `data` list of models with an `id` each")
     return document["data"]
 
 
@@ -234,7 +241,8 @@ def _per_m(value: float | None) -> str:
     return "-" if value is None else f"{value:,.4f}".rstrip("0").rstrip(".")
 
 
-def render_models(view: ModelsView):  # -> rich.table.Table, imported lazily: rich is slow to import
+def render_models(view: ModelsView) -> Table:
+    # rich is imported here, not at the top: it is slow to import and the check path does not need it
     from rich.table import Table
     table = Table(title=f"Models from {view.source}, {view.order} order", title_justify="left",
                   caption="prices in USD per MILLION tokens", caption_justify="left")

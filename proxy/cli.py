@@ -16,6 +16,7 @@ import orjson
 
 from aiohttp import web
 
+from .cli_ops import register as register_ops
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("orproxy")
@@ -73,7 +74,6 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=9000)
     emulator.set_defaults(run=_emulator)
-    from .cli_ops import register as register_ops  # TEMP(catalogue helper): lead wires this
     register_ops(sub)
     return parser
 
@@ -93,7 +93,13 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    print(f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams)")
+    from .catalogue import catalogue_warnings, load_catalogue_source
+    source = load_catalogue_source(config)
+    warnings = catalogue_warnings(config, source.catalogue)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams"
+          f"{f', {len(warnings)} warnings' if warnings else ''}; prices from {source.describe()})")
     return 0
 
 
@@ -139,7 +145,7 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     book = SpendBook(config.budget, config.keys, now)
     path = Path(args.ledger or config.ledger.path)
     if path.exists():
-        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days)
+        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
         try:
             book.load(await ledger.spend_by_key_between(book.calendar.day_start),
                       await ledger.spend_by_key_between(book.calendar.month_start))
@@ -221,7 +227,7 @@ def _report(args: argparse.Namespace) -> int:
 async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
     from .ledger import Ledger
     from .reports import spend_report
-    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days)
+    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
     try:
         return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
     finally:

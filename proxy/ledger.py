@@ -233,7 +233,7 @@ class Ledger:
     @classmethod
     async def open(cls, path: str | Path, *, retention_days: int = 400, synchronous: str = "NORMAL",
                    max_batch: int = 512, clock: Callable[[], float] = time.time,
-                   busy_timeout_s: float = 5.0) -> Ledger:
+                   busy_timeout_s: float = 5.0, prune: bool = True) -> Ledger:
         path = Path(path)
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS_MODES:
@@ -251,7 +251,8 @@ class Ledger:
             await db.close()
             raise
         ledger = cls(db, path, retention_days=retention_days, max_batch=max_batch, clock=clock)
-        await ledger.prune()
+        if prune:  # the proxy prunes; tools that only read (report, explain, simulate) pass prune=False
+            await ledger.prune()
         return ledger
 
     @property

@@ -26,6 +26,7 @@ from .accounting import Accountant
 from .config import Config, ConfigError, load_config
 from .health import CircuitBreakers
 from .metrics import Metrics
+from .catalogue import catalogue_warnings, load_catalogue_source
 from .pricing import Catalogue, PriceBook
 from .runtime import RuntimeRef, build_runtime
 
@@ -76,7 +77,8 @@ class Reloader:
             self.status.last_attempt_at, self.status.last_trigger = now, trigger
             try:
                 config = await asyncio.to_thread(load_config, self.path)
-                catalogue = await asyncio.to_thread(Catalogue.load, config.pricing.catalogue)
+                source = await asyncio.to_thread(load_catalogue_source, config)
+                catalogue = source.catalogue
                 ledger = self._accountant.ledger
                 day = month = None
                 if ledger is not None:
@@ -97,6 +99,7 @@ class Reloader:
         current = self._runtimes.current.config
         warnings = [f"`{name}` changed: it takes effect at the next restart"
                     for name in RESTART_ONLY if getattr(config, name) != getattr(current, name)]
+        warnings += catalogue_warnings(config, catalogue)
         runtime = build_runtime(config, self._env, self._breakers, previous=self._runtimes.current)
         self._runtimes.swap(runtime)
         self._accountant.prices = PriceBook(catalogue, config.pricing)

@@ -1,0 +1,90 @@
+"""A real `orproxy serve` process: SIGHUP reloads the config, SIGTERM drains requests in flight and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import aiohttp
+
+from proxy.emulator import Fault
+from proxy.ledger import Ledger
+
+from .conftest import ROOT, UPSTREAM_KEY, proxy_config_text
+from .test_proxy_sigkill import free_port, wait_until_up
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def config_text(emulator_url: str, primary: str, ledger_path) -> str:
+    models = f"models:\n  cheap: {{chain: [{primary}]}}\n"
+    return (proxy_config_text(emulator_url, models) + f"ledger: {{path: '{ledger_path}'}}\n"
+            + "watch_config: false\nshutdown_timeout_s: 10\n")
+
+
+async def ask(session: aiohttp.ClientSession, url: str) -> tuple[int, dict, str]:
+    async with session.post(f"{url}/v1/chat/completions", json={"model": "cheap", "messages": HELLO}) as response:
+        body = await response.json()
+        return response.status, body, response.headers.get("x-request-id", "")
+
+
+async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ledger_path = tmp_path / "ledger.sqlite3"
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", ledger_path))
+    log = tmp_path / "proxy.log"
+    env = {**os.environ, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+            cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+            await wait_until_up(url, proc, log)
+            status, body, _ = await ask(session, url)
+            assert (status, body["model"]) == (200, "mistralai/mistral-7b-instruct")
+
+            # An invalid edit + SIGHUP: refused, the old config keeps serving.
+            config.write_text("models: [broken\n")
+            os.kill(proc.pid, signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            status, body, _ = await ask(session, url)
+            assert (status, body["model"]) == (200, "mistralai/mistral-7b-instruct")
+            assert "refused; the previous config keeps serving" in log.read_text()
+
+            # A valid edit + SIGHUP: applied.
+            config.write_text(config_text(emulator.url, "meta-llama/llama-3.1-8b-instruct", ledger_path))
+            os.kill(proc.pid, signal.SIGHUP)
+            for _ in range(40):
+                status, body, _ = await ask(session, url)
+                if body.get("model") == "meta-llama/llama-3.1-8b-instruct":
+                    break
+                await asyncio.sleep(0.1)
+            assert body["model"] == "meta-llama/llama-3.1-8b-instruct"
+
+            # SIGTERM while slow requests are in flight: they finish, new connections are refused, exit 0.
+            emulator.state.faults.set("meta-llama/llama-3.1-8b-instruct", Fault(latency_s=1.0))
+            slow = [asyncio.create_task(ask(session, url)) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            os.kill(proc.pid, signal.SIGTERM)
+            started = time.monotonic()
+            results = await asyncio.gather(*slow)
+            assert [status for status, _, _ in results] == [200, 200, 200]
+            returncode = await proc.wait()
+            assert returncode == 0, log.read_text()[-2000:]
+            assert time.monotonic() - started < 8
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    ledger = await Ledger.open(ledger_path, prune=False)
+    try:
+        recorded = {row.request_id for row in await ledger.rows()}
+    finally:
+        await ledger.close()
+    assert {request_id for _, _, request_id in results} <= recorded  # flushed before exit

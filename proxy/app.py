@@ -17,15 +17,15 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from .accounting import Accountant, Sink, log_access
 from .admin import AdminRoutes
 from .app_keys import ACCOUNTANT, BREAKERS, CACHE, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
-from .cache import CachePolicy, ResponseCache
 from .budget import SpendBook
+from .cache import CachePolicy, ResponseCache
+from .catalogue import load_catalogue_source
 from .config import Config
+from .credits import poll_credits
 from .handlers import ChatHandler, error_middleware, healthz, list_models
 from .health import CircuitBreakers
-from .credits import poll_credits
 from .ledger import Ledger
 from .metrics import Metrics, StateCollector
-from .catalogue import load_catalogue_source
 from .pricing import PriceBook
 from .ratelimits import RateLimits
 from .reload import Reloader, reload_context

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-
 from aiohttp import web
 
 from .cli_ops import register as register_ops

@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .catalogue import (DEFAULT_CACHE, CatalogueFetchError, build_models_view, fetch_catalogue,
-                        load_catalogue_source, openrouter_base_url, render_models, write_cache)
+from .catalogue import (
+    DEFAULT_CACHE,
+    CatalogueFetchError,
+    build_models_view,
+    fetch_catalogue,
+    load_catalogue_source,
+    openrouter_base_url,
+    render_models,
+    write_cache,
+)
 from .config import Config, ConfigError, load_config
 from .pricing import PriceBook
 from .routing import Router

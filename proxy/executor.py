@@ -15,8 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .config import Retry
-from .errors import (ProxyError, RateLimited, UpstreamFailed, UpstreamKeyMissing, UpstreamRejected,
-                     UpstreamTimeout, UpstreamUnavailable)
+from .errors import (
+    ProxyError,
+    RateLimited,
+    UpstreamFailed,
+    UpstreamKeyMissing,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .failures import Action, Failure
 from .health import CircuitBreakers
 from .routing import Plan, Target

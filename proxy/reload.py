@@ -23,10 +23,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .accounting import Accountant
+from .catalogue import catalogue_warnings, load_catalogue_source
 from .config import Config, ConfigError, load_config
 from .health import CircuitBreakers
 from .metrics import Metrics
-from .catalogue import catalogue_warnings, load_catalogue_source
 from .pricing import Catalogue, PriceBook
 from .runtime import RuntimeRef, build_runtime
 

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalogue import (CatalogueFetchError, CatalogueSource, build_models_view, catalogue_warnings, fetch_catalogue,
-                             load_catalogue_source, packaged_snapshot, write_cache)
+from proxy.catalogue import (
+    CatalogueFetchError,
+    CatalogueSource,
+    build_models_view,
+    catalogue_warnings,
+    fetch_catalogue,
+    load_catalogue_source,
+    packaged_snapshot,
+    write_cache,
+)
 from proxy.cli_ops import register
 from proxy.config import parse_config
 from proxy.emulator import create_emulator_app

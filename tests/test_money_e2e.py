@@ -19,8 +19,16 @@ from proxy.emulator import Fault
 from proxy.features import extract_features
 from proxy.routing import Router
 
-from .money_helpers import (CHAIN_MODEL, HELLO, MODELS, budget_block, ledger_rows, seed_ledger, seed_row,
-                            usage_cost, wait_for)
+from .money_helpers import (
+    CHAIN_MODEL,
+    HELLO,
+    MODELS,
+    budget_block,
+    seed_ledger,
+    seed_row,
+    usage_cost,
+    wait_for,
+)
 
 DAILY = 0.005
 # A direct request to an expensive model with a longish prompt and a one-token answer:

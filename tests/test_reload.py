@@ -142,6 +142,7 @@ def test_published_schema_matches_the_config_model_and_accepts_the_example():
     import jsonschema
 
     from proxy.config import config_json_schema
+
     from .conftest import ROOT
     published = json.loads((ROOT / "config.schema.json").read_text())
     assert published == json.loads(json.dumps(config_json_schema())), "run: orproxy schema > config.schema.json"

@@ -21,7 +21,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .completions import (
-    ModelInfo, StreamFrames, completion_body, error_body, index_catalogue, key_data, plan_reply, usage_of,
+    ModelInfo,
+    StreamFrames,
+    completion_body,
+    error_body,
+    index_catalogue,
+    key_data,
+    plan_reply,
+    usage_of,
 )
 from .faults import Fault, FaultPlan, fault_error, rate_limit_headers
 

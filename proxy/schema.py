@@ -1,0 +1,256 @@
+"""The shape of config.yaml: frozen pydantic models, one per section.
+
+Cross-references (rule targets, loops, upstream names) are checked in
+`proxy.config`, which loads files and reports problems with their lines.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_UPSTREAM = "openrouter"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Listen(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Upstream(_Frozen):
+    base_url: str
+    # openrouter: OpenRouter's extra request fields pass through; openai: they are dropped,
+    # since an OpenAI-style upstream would refuse them. Inferred from base_url when unset.
+    kind: Literal["openrouter", "openai"] | None = None
+    api_key_env: str = "OPENROUTER_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    credits_poll_s: float = Field(60.0, ge=0)  # poll GET /key for the credit balance (openrouter kind; 0 = off)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def flavour(self) -> str:
+        if self.kind is not None:
+            return self.kind
+        return "openrouter" if "openrouter" in self.base_url else "openai"
+
+
+def _member_shorthand(value: Any) -> Any:
+    return {"model": value} if isinstance(value, str) else value
+
+
+class ChainMember(_Frozen):
+    model: str = Field(min_length=1)
+    upstream: str = DEFAULT_UPSTREAM
+
+
+class When(_Frozen):
+    """Conditions of one routing rule; all that are set must hold."""
+
+    task: tuple[str, ...] | None = None
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    json_mode: bool | None = None
+    stream: bool | None = None
+    prompt_tokens_over: int | None = Field(None, ge=0)
+    prompt_tokens_under: int | None = Field(None, ge=0)
+    last_user_message_matches: re.Pattern[str] | None = None
+
+    @field_validator("task", mode="before", json_schema_input_type=str | list[str] | None)
+    @classmethod
+    def _task_list(cls, value: Any) -> Any:
+        values = (value,) if isinstance(value, str) else value
+        if isinstance(values, (list, tuple)):
+            return tuple(v.strip().lower() if isinstance(v, str) else v for v in values)
+        return values
+
+    @field_validator("last_user_message_matches", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return re.compile(value, re.IGNORECASE | re.DOTALL)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from exc
+        return value
+
+    def is_catch_all(self) -> bool:
+        return all(getattr(self, name) is None for name in type(self).model_fields)
+
+
+class Rule(_Frozen):
+    when: When = When()
+    to: str = Field(min_length=1)
+
+
+class VirtualModel(_Frozen):
+    description: str = ""
+    chain: tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand,
+                                                        json_schema_input_type=str | ChainMember)], ...] | None = None
+    route: tuple[Rule, ...] | None = None
+
+    @model_validator(mode="after")
+    def _chain_xor_route(self) -> VirtualModel:
+        if (self.chain is None) == (self.route is None):
+            raise ValueError("needs exactly one of `chain` (a list of models) or `route` (a list of rules)")
+        if self.chain is not None and not self.chain:
+            raise ValueError("`chain` must list at least one model")
+        if self.route is not None and not self.route:
+            raise ValueError("`route` must list at least one rule")
+        return self
+
+
+class Cooldown(_Frozen):
+    failures: int = Field(3, ge=1)
+    window_s: float = Field(60.0, gt=0)
+    cooldown_s: float = Field(30.0, ge=0)
+
+
+class Retry(_Frozen):
+    attempts_per_model: int = Field(2, ge=1, le=10)
+    backoff_s: float = Field(0.2, ge=0)
+    backoff_max_s: float = Field(5.0, ge=0)
+    max_retry_after_s: float = Field(10.0, ge=0)
+    cooldown: Cooldown = Cooldown()
+
+
+class DowngradeStep(_Frozen):
+    at: float = Field(gt=0, le=1, description="fraction of the daily (or monthly) budget spent")
+    map: dict[str, str] = Field(min_length=1, description='virtual model -> cheaper virtual model; "*" = any')
+
+
+class Budget(_Frozen):
+    daily_usd: float | None = Field(None, gt=0)
+    monthly_usd: float | None = Field(None, gt=0)
+    downgrade: tuple[DowngradeStep, ...] = ()
+    on_exhausted: Literal["reject", "cheapest"] = "reject"
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone '{value}' (use an IANA name such as UTC or Europe/Paris)") from None
+        return value
+
+    @field_validator("downgrade")
+    @classmethod
+    def _ascending(cls, steps: tuple[DowngradeStep, ...]) -> tuple[DowngradeStep, ...]:
+        if any(a.at >= b.at for a, b in zip(steps, steps[1:])):
+            raise ValueError("steps must be listed with strictly increasing `at`")
+        return steps
+
+
+class ProxyKey(_Frozen):
+    """A client key: only its hash or the name of the env variable holding it live in the config."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.\-]+$")
+    key_env: str | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    daily_usd: float | None = Field(None, gt=0)
+    monthly_usd: float | None = Field(None, gt=0)
+    models: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ProxyKey:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError("needs exactly one of `key_env` (an environment variable holding the key) "
+                             "or `key_sha256` (the hex SHA-256 of the key)")
+        return self
+
+
+class PriceOverride(_Frozen):
+    """Prices per MILLION tokens, the unit providers publish (the catalogue stores per-token prices)."""
+
+    prompt_usd_per_mtok: float = Field(ge=0)
+    completion_usd_per_mtok: float = Field(ge=0)
+
+
+class Pricing(_Frozen):
+    savings_baseline: str = "openai/gpt-4o-mini"
+    overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+    catalogue: str | None = None  # a models.json in OpenRouter's format; default: the packaged snapshot
+
+
+class Ledger(_Frozen):
+    path: str = "data/ledger.sqlite3"
+    retention_days: int = Field(400, ge=1)
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class Cache(_Frozen):
+    """The exact-match response cache (on per request: `temperature: 0` or `X-Proxy-Cache: on`)."""
+
+    enabled: bool = True
+    ttl_s: float = Field(86400.0, gt=0)
+    max_entries: int = Field(10_000, ge=1)
+    max_entry_bytes: int = Field(1_048_576, ge=1024)
+    path: str = "data/cache.sqlite3"
+
+
+class Admin(_Frozen):
+    key_env: str | None = None
+
+
+class Logging(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
+
+
+class Config(_Frozen):
+    listen: Listen = Listen()
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    models: dict[str, VirtualModel] = Field(min_length=1)
+    retry: Retry = Retry()
+    allow_direct_models: bool = True
+    direct_upstream: str = DEFAULT_UPSTREAM
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    watch_config: bool = True          # reload when the file changes (SIGHUP and POST /admin/reload always work)
+    shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long requests in flight may take to finish
+    logging: Logging = Logging()
+    budget: Budget = Budget()
+    keys: tuple[ProxyKey, ...] = ()
+    pricing: Pricing = Pricing()
+    ledger: Ledger = Ledger()
+    cache: Cache = Cache()
+    admin: Admin = Admin()
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_key_names(cls, keys: tuple[ProxyKey, ...]) -> tuple[ProxyKey, ...]:
+        names = [key.name for key in keys]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"key names must be unique; repeated: {', '.join(duplicated)}")
+        return keys
+
+    def route_targets(self, name: str) -> tuple[str, ...]:
+        model = self.models[name]
+        return tuple(rule.to for rule in model.route or ())
+
+
+class RoutingPart(BaseModel):
+    """The keys the reference checks read: validated alone when another section is broken,
+    so one bad edit elsewhere does not hide a dangling rule."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    models: dict[str, VirtualModel] = Field(min_length=1)
+    allow_direct_models: bool = True
+    direct_upstream: str = DEFAULT_UPSTREAM

@@ -115,6 +115,16 @@ class Accountant:
         completion = -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
         return self.prices.cost(model, record.prompt_estimate, completion, None, estimated=True)
 
+    def observe_refusal(self, record: RequestRecord) -> None:
+        """A request refused before it had a model (bad key, bad body): seen by the log and the
+        metrics, but not the ledger (a flood of bad keys must not fill the disk) nor the budget."""
+        record.settled = True
+        for sink in self._sinks:
+            try:
+                sink(record)
+            except Exception:  # noqa: BLE001 - accounting must never take a request down
+                log.exception("accounting sink %r failed", sink)
+
     async def settle(self, record: RequestRecord, reservation: Reservation | None, *, wait: bool = True) -> None:
         """Book the request once: idempotent, and never raises into the request."""
         if record.settled:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from .app_keys import ACCOUNTANT, RELOADER, RUNTIME
 from .errors import InvalidRequest, ProxyError, ServiceUnavailable, Unauthorized
+from .http_errors import openai_errors
 from .keys import bearer_matches
 from .reports import GROUPS, PERIODS, spend_report
 
@@ -19,9 +20,9 @@ class AdminRoutes:
         self._key_env = key_env
 
     def register(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/admin/spend", self.spend)
-        router.add_get("/admin/status", self.status)
-        router.add_post("/admin/reload", self.reload)
+        router.add_get("/admin/spend", openai_errors(self.spend))
+        router.add_get("/admin/status", openai_errors(self.status))
+        router.add_post("/admin/reload", openai_errors(self.reload))
 
     def _authorize(self, request: web.Request) -> None:
         if not bearer_matches(request.headers.get("Authorization"), self._admin_key):

@@ -22,8 +22,9 @@ from .cache import CachePolicy, ResponseCache
 from .catalogue import load_catalogue_source
 from .config import Config
 from .credits import poll_credits
-from .handlers import ChatHandler, error_middleware, healthz, list_models
+from .handlers import ChatHandler, healthz, list_models
 from .health import CircuitBreakers
+from .http_errors import openai_errors, unknown_route
 from .ledger import Ledger
 from .metrics import Metrics, StateCollector
 from .pricing import PriceBook
@@ -43,7 +44,7 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     (default: a new one, never the process-global registry). With `config_path`, the config is
     reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes."""
     env = os.environ if env is None else env
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[BREAKERS] = CircuitBreakers(config.retry.cooldown)
     # The catalogue pinned by pricing.catalogue, else the one `orproxy models refresh` fetched, else the snapshot.
@@ -56,7 +57,7 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
         accountant.add_sink(sink)
     app[ACCOUNTANT] = accountant
     app[METRICS] = metrics
-    app[RATELIMITS] = RateLimits(clock=clock)
+    app[RATELIMITS] = RateLimits(warn_below=config.rate_limits.warn_below, clock=clock)
     metrics.registry.register(StateCollector(metrics, accountant.book, app[BREAKERS], app[RATELIMITS], clock))
     metrics.gauges.downgrade_step = _downgrade_step(accountant, clock)
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
@@ -68,11 +69,11 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
         app.cleanup_ctx.append(reload_context(RELOADER, config.watch_config))
 
     handler = ChatHandler(app[BREAKERS], app[RATELIMITS], accountant, metrics.gauges)
-    chat = handler.chat_completions
-    app.router.add_post("/v1/route/explain", handler.explain)
+    chat = openai_errors(handler.chat_completions)
+    app.router.add_post("/v1/route/explain", openai_errors(handler.explain))
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/api/v1/chat/completions", chat)  # clients configured with OpenRouter's own path
-    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models", openai_errors(list_models))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     admin_key = env.get(config.admin.key_env or "", "") if config.admin.key_env else ""
@@ -80,6 +81,7 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
         AdminRoutes(admin_key, config.admin.key_env or "").register(app.router)
     elif config.admin.key_env:
         log.warning("admin routes are off: the environment variable %s is not set", config.admin.key_env)
+    app.router.add_route("*", "/{tail:.*}", unknown_route)  # last: only what nothing else matched
     return app
 
 
@@ -159,15 +161,12 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(poll_credits(client, app[METRICS].gauges, app[CONFIG].upstreams[name].credits_poll_s))
-             for name, client in app[RUNTIME].current.clients.items()
-             if client.kind == "openrouter" and client.api_key and app[CONFIG].upstreams[name].credits_poll_s > 0]
+    task = asyncio.create_task(poll_credits(app[RUNTIME], app[METRICS].gauges))
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _prune_daily(ledger: Ledger) -> None:

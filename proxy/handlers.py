@@ -1,5 +1,5 @@
 """Thin HTTP handlers: parse once, route, run, answer. Domain errors become
-OpenAI's error JSON in `error_middleware`, in one place."""
+OpenAI's error JSON in `proxy.http_errors`, in one place."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import logging
 import random
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -69,6 +67,9 @@ class ChatHandler:
             body = await _read_body(request)
         except ProxyError as exc:
             exc.request_id = request_id
+            refused = RequestRecord(request_id, self._accountant.now(), "", None, False, status=exc.status,
+                                    error=exc.code, latency_s=time.monotonic() - started)
+            self._accountant.observe_refusal(refused)
             raise
         model_name = body["model"]
         features = extract_features(body, request.headers)
@@ -238,43 +239,3 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type=JSON)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves in OpenAI's shape, so SDKs raise the right exception."""
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return _error_response(exc, exc.request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = ProxyError(_http_message(request, exc), code=exc.reason.lower().replace(" ", "_"))
-        error.status, error.type = exc.status, "invalid_request_error" if exc.status < 500 else "server_error"
-        return _error_response(error, None, dict(exc.headers) if exc.status == 405 else None)
-    except Exception:
-        request_id = uuid.uuid4().hex
-        log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path, request_id)
-        return _error_response(ProxyError(f"The proxy hit an internal error (error id {request_id}); "
-                                          "it has been logged.", code="internal_error"), request_id)
-
-
-def _http_message(request: web.Request, exc: web.HTTPException) -> str:
-    if exc.status == 404:
-        return f"No route {request.method} {request.path}; this proxy serves POST /v1/chat/completions and GET /v1/models."
-    if exc.status == 405:
-        return f"Method {request.method} is not allowed on {request.path}."
-    return exc.text or exc.reason
-
-
-def _error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None) -> web.Response:
-    headers = exc.headers()
-    if request_id:
-        headers["x-request-id"] = request_id
-    if extra and "Allow" in extra:
-        headers["Allow"] = extra["Allow"]
-    return web.Response(status=exc.status, body=exc.body(), content_type=JSON, headers=headers)

@@ -208,6 +208,10 @@ class Admin(_Frozen):
     key_env: str | None = None
 
 
+class RateLimitPolicy(_Frozen):
+    warn_below: float = Field(0.1, ge=0, le=1)  # log a warning when an upstream's remaining falls under this share
+
+
 class Logging(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
@@ -229,6 +233,7 @@ class Config(_Frozen):
     pricing: Pricing = Pricing()
     ledger: Ledger = Ledger()
     cache: Cache = Cache()
+    rate_limits: RateLimitPolicy = RateLimitPolicy()
     admin: Admin = Admin()
 
     @field_validator("keys")

@@ -47,12 +47,12 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             connector=connector or aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300,
                                                         keepalive_timeout=60),
-            headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s),
-            skip_auto_headers=("User-Agent",))
+            # sock_connect, not connect: armed only when a new connection is opened, not per pooled request.
+            headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s))
         # Told of every response's status and headers (rate-limit tracking); set by the app.
         self.observe: Callable[[str, str, int, Mapping[str, str]], None] | None = None
         # A stream may run long; what must not happen is a silence longer than timeout_s.
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
                                                      sock_read=config.timeout_s)
 
     async def close(self) -> None:

@@ -1,8 +1,7 @@
 """The metric set, on an injected registry. Names are a contract with the dashboards.
 
-Per-request numbers are recorded by one accounting sink (`observe`), with the
-labelled children cached so a request costs dictionary lookups, not label
-parsing. State-derived gauges (budgets, cooldowns, rate limits, in-flight,
+Per-request numbers are recorded by one accounting sink (`observe`) into
+lock-free tallies (`proxy.tallies`), so a request costs dictionary updates. State-derived gauges (budgets, cooldowns, rate limits, in-flight,
 credits) are read only when Prometheus scrapes, by a collector.
 
 Labels stay bounded: a virtual model label is a configured name (else
@@ -15,9 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,6 +24,7 @@ from .budget import SpendBook
 from .config import Config
 from .health import CircuitBreakers
 from .ratelimits import RateLimits, Reading
+from .tallies import LatencyTally, Tally, TallyCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OTHER, DIRECT, UNKNOWN, NO_KEY = "other", "direct", "unknown", "none"
@@ -49,24 +48,22 @@ class Metrics:
         self.models = frozenset(m.model for vm in config.models.values() for m in vm.chain or ())
         self._keys = frozenset(k.name for k in config.keys)
         self.gauges = Gauges()
-        r = registry
-        self.requests = Counter("orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status"],
-                                registry=r)
-        self.cost = Counter("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key"],
-                            registry=r)
-        self.baseline = Counter("orproxy_baseline_cost_usd", "What the savings baseline model would have cost, USD",
-                                ["virtual_model", "key"], registry=r)
-        self.tokens = Counter("orproxy_tokens", "Tokens billed", ["model", "kind"], registry=r)
-        self.duration = Histogram("orproxy_request_duration_seconds", "Whole request as the client saw it",
-                                  ["virtual_model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram("orproxy_upstream_duration_seconds", "One upstream attempt",
-                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("orproxy_time_to_first_token_seconds", "Time to the first streamed chunk",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.attempts = Counter("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"], registry=r)
-        self.fallbacks = Counter("orproxy_fallbacks", "Moves to the next chain member",
-                                 ["virtual_model", "from_model", "reason"], registry=r)
-        self._children: dict[tuple, Any] = {}
+        self.requests = Tally("orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status"])
+        self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key"])
+        self.baseline = Tally("orproxy_baseline_cost_usd", "What the savings baseline model would have cost, USD",
+                              ["virtual_model", "key"])
+        self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind"])
+        self.duration = LatencyTally("orproxy_request_duration_seconds", "Whole request as the client saw it",
+                                     ["virtual_model"], LATENCY_BUCKETS)
+        self.upstream_duration = LatencyTally("orproxy_upstream_duration_seconds", "One upstream attempt",
+                                              ["model"], LATENCY_BUCKETS)
+        self.ttft = LatencyTally("orproxy_time_to_first_token_seconds", "Time to the first streamed chunk",
+                                 ["model"], LATENCY_BUCKETS)
+        self.attempts = Tally("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"])
+        self.fallbacks = Tally("orproxy_fallbacks", "Moves to the next chain member",
+                               ["virtual_model", "from_model", "reason"])
+        registry.register(TallyCollector([self.requests, self.cost, self.baseline, self.tokens, self.duration,
+                                          self.upstream_duration, self.ttft, self.attempts, self.fallbacks]))
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: its names become the allowed label values (series seen stay)."""
@@ -86,38 +83,30 @@ class Metrics:
     def key_label(self, key: str | None) -> str:
         return key if key in self._keys else NO_KEY
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        cache_key = (id(metric), *labels)
-        child = self._children.get(cache_key)
-        if child is None:
-            child = self._children[cache_key] = metric.labels(*labels)
-        return child
-
     # -- the accounting sink -------------------------------------------------------------
     def observe(self, record: RequestRecord) -> None:
         virtual = self.virtual_label(record)
         model = self.model_label(record.model)
         key = self.key_label(record.key_name)
-        child = self._child
-        child(self.requests, virtual, model, str(record.status)).inc()
-        child(self.duration, virtual).observe(record.latency_s)
+        self.requests.add((virtual, model, str(record.status)))
+        self.duration.observe((virtual,), record.latency_s)
         if record.cost is not None and record.cost.usd:
-            child(self.cost, virtual, model, key).inc(record.cost.usd)
+            self.cost.add((virtual, model, key), record.cost.usd)
         if record.baseline_usd:
-            child(self.baseline, virtual, key).inc(record.baseline_usd)
+            self.baseline.add((virtual, key), record.baseline_usd)
         usage = record.usage
         if usage is not None:
-            child(self.tokens, model, "prompt").inc(usage.prompt_tokens)
-            child(self.tokens, model, "completion").inc(usage.completion_tokens)
+            self.tokens.add((model, "prompt"), usage.prompt_tokens)
+            self.tokens.add((model, "completion"), usage.completion_tokens)
         if record.ttft_s is not None and record.streamed:
-            child(self.ttft, model).observe(record.ttft_s)
+            self.ttft.observe((model,), record.ttft_s)
         previous = None
         for attempt in record.attempts:
             attempt_model = self.model_label(attempt.target.model)
-            child(self.attempts, attempt_model, attempt.outcome).inc()
-            child(self.upstream_duration, attempt_model).observe(attempt.duration_s)
+            self.attempts.add((attempt_model, attempt.outcome))
+            self.upstream_duration.observe((attempt_model,), attempt.duration_s)
             if previous is not None and previous.target != attempt.target:
-                child(self.fallbacks, virtual, self.model_label(previous.target.model), previous.outcome).inc()
+                self.fallbacks.add((virtual, self.model_label(previous.target.model), previous.outcome))
             previous = attempt
 
 

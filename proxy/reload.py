@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from watchfiles import awatch
 
 from .accounting import Accountant
 from .catalogue import catalogue_warnings, load_catalogue_source
@@ -162,10 +163,13 @@ def reload_context(reloader_key: web.AppKey[Reloader], watch: bool):
 
 async def _watch(reloader: Reloader) -> None:
     """Watch the config's directory (editors and Kubernetes replace files by renaming)."""
-    from watchfiles import awatch
-
     target = reloader.path.resolve()
-    async for changes in awatch(target.parent, debounce=200, recursive=False,
-                                watch_filter=lambda _change, name: Path(name).resolve() == target):
-        if changes:
-            await reloader.reload("file change")
+    try:
+        async for changes in awatch(target.parent, debounce=200, recursive=False,
+                                    watch_filter=lambda _change, name: Path(name).resolve() == target):
+            if changes:
+                await reloader.reload("file change")
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - say so loudly: SIGHUP and POST /admin/reload still work
+        log.exception("watching %s for changes failed; reload with SIGHUP or POST /admin/reload", target)

@@ -177,6 +177,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     _setup_logging(config)
     listen = config.listen.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    if not config.keys and args.host is None and not _is_loopback(listen.host):
+        # With no client keys anyone who reaches the port spends the upstream credits: stay local
+        # unless the operator says otherwise on the command line.
+        log.warning("no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of %s. "
+                    "Add `keys:` to the config, or pass --host %s to expose it anyway.", listen.host, listen.host)
+        listen = listen.model_copy(update={"host": "127.0.0.1"})
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     env = os.environ
@@ -194,6 +200,16 @@ def _serve(args: argparse.Namespace) -> int:
                 print=None, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
     log.info("orproxy stopped")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _freeze_heap(app: web.Application) -> None:

@@ -88,3 +88,22 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
     finally:
         await ledger.close()
     assert {request_id for _, _, request_id in results} <= recorded  # flushed before exit
+
+
+async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, tmp_path):
+    port = free_port()
+    config = tmp_path / "open.yaml"
+    config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", tmp_path / "l.sqlite3")
+                      + f"listen: {{host: 0.0.0.0, port: {port}}}\n")
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                                                    cwd=ROOT, env=dict(os.environ), stdout=out, stderr=out)
+    try:
+        async with asyncio.timeout(20):
+            await wait_until_up(f"http://127.0.0.1:{port}", proc, log)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert "no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of 0.0.0.0" \
+        in log.read_text()

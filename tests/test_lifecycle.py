@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 
 import aiohttp
@@ -13,8 +12,8 @@ import aiohttp
 from proxy.emulator import Fault
 from proxy.ledger import Ledger
 
-from .conftest import ROOT, UPSTREAM_KEY, proxy_config_text
-from .test_proxy_sigkill import free_port, wait_until_up
+from .conftest import proxy_config_text
+from .procs import free_port, start_proxy, wait_until_up
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -38,11 +37,7 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
     config = tmp_path / "config.yaml"
     config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", ledger_path))
     log = tmp_path / "proxy.log"
-    env = {**os.environ, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-            cwd=ROOT, env=env, stdout=out, stderr=out)
+    proc = await start_proxy(config, log, port)
     try:
         async with asyncio.timeout(30), aiohttp.ClientSession() as session:
             await wait_until_up(url, proc, log)
@@ -96,9 +91,7 @@ async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, 
     config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", tmp_path / "l.sqlite3")
                       + f"listen: {{host: 0.0.0.0, port: {port}}}\n")
     log = tmp_path / "proxy.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(config),
-                                                    cwd=ROOT, env=dict(os.environ), stdout=out, stderr=out)
+    proc = await start_proxy(config, log)
     try:
         async with asyncio.timeout(20):
             await wait_until_up(f"http://127.0.0.1:{port}", proc, log)

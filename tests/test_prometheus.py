@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.emulator import Fault
 
 from .conftest import proxy_config_text
+from .procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = {"orproxy-cost": ROOT / "grafana" / "dashboards" / "cost.json",
@@ -162,12 +162,6 @@ def healthcheck() -> list[str]:
 
 
 # ------------------------------------------------------------------ a real Prometheus
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def scrape_config_for(target: str, path: Path) -> Path:
     """The shipped prometheus.yml, pointed at the test's proxy and scraping every second."""

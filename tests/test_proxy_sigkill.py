@@ -5,42 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 
 from proxy.emulator import Fault
 from proxy.ledger import Ledger
 
-from .conftest import ROOT, UPSTREAM_KEY, proxy_config_text
+from .conftest import proxy_config_text
+from .procs import free_port, start_proxy, wait_until_up
 
 WORKERS = 24
 MIN_COMPLETED = 150
 LOAD_SECONDS = 4.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_until_up(url: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if proc.returncode is not None:
-                raise AssertionError(f"the proxy exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"the proxy did not come up:\n{log.read_text()[-2000:]}")
 
 
 class InFlight:
@@ -88,11 +65,7 @@ async def test_sigkill_under_load_loses_no_completed_row(emulator, tmp_path):
     config.write_text(proxy_config_text(emulator.url).replace("access_log: true", "access_log: false")
                       + f"ledger: {{path: '{ledger_path}'}}\n")
     log = tmp_path / "proxy.log"
-    env = {**os.environ, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
-    with log.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-            cwd=ROOT, env=env, stdout=log_file, stderr=log_file)
+    proc = await start_proxy(config, log, port)
     completed: list[str] = []
     stop = asyncio.Event()
     workers: list[asyncio.Task] = []

@@ -11,7 +11,8 @@ import orjson
 from aiohttp import web
 
 from .accounting import RequestRecord, Usage
-from .cache import CachedAnswer, ResponseCache, cache_key, replay_as_sse, wants_cache
+from .cache import CachedAnswer, ResponseCache, cache_key, wants_cache
+from .replay import replay_as_sse
 from .routing import Plan, Router, Target
 from .streaming import SSE_HEADERS
 

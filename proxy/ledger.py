@@ -22,133 +22,38 @@ costs well under $0.000001. Nano-dollars overflow int64 only past $9e9.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import aiosqlite
 
-log = logging.getLogger("orproxy.ledger")
-
-SCHEMA_VERSION = 2
-COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached"})
-NANO_PER_USD = 1_000_000_000
-
-_SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
-_GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name"}
-_PRUNE_CHUNK = 10_000   # rows deleted per transaction, so pruning never stalls the writer for long
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id                 INTEGER PRIMARY KEY,
-    ts                 REAL    NOT NULL,   -- epoch seconds
-    request_id         TEXT    NOT NULL,
-    key_name           TEXT,
-    requested_model    TEXT    NOT NULL,
-    virtual_model      TEXT,
-    model              TEXT,
-    upstream           TEXT,
-    provider           TEXT,
-    prompt_tokens      INTEGER NOT NULL,
-    completion_tokens  INTEGER NOT NULL,
-    cost_nusd          INTEGER NOT NULL,   -- nano-dollars
-    cost_source        TEXT    NOT NULL,
-    baseline_cost_nusd INTEGER NOT NULL,   -- nano-dollars
-    latency_s          REAL    NOT NULL,
-    ttft_s             REAL,
-    status             INTEGER NOT NULL,
-    attempts           INTEGER NOT NULL,
-    streamed           INTEGER NOT NULL,
-    generation_id      TEXT,
-    cached             INTEGER NOT NULL,
-    error              TEXT,
-    saved_nusd         INTEGER NOT NULL DEFAULT 0   -- what a cache hit saved, nano-dollars
-);
--- Covering indexes: period spend, per-key spend and pruning never touch the table.
-CREATE INDEX IF NOT EXISTS requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
-CREATE INDEX IF NOT EXISTS requests_key_ts_cost ON requests (key_name, ts, cost_nusd);
-CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
-"""
-
-_COLUMNS = (
-    "ts", "request_id", "key_name", "requested_model", "virtual_model", "model", "upstream",
-    "provider", "prompt_tokens", "completion_tokens", "cost_nusd", "cost_source",
-    "baseline_cost_nusd", "latency_s", "ttft_s", "status", "attempts", "streamed",
-    "generation_id", "cached", "error", "saved_nusd",
+from .ledger_rows import (
+    GROUP_COLUMNS,
+    MIGRATIONS,
+    ROWS_PER_STATEMENT,
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    SELECT_ROWS,
+    SYNCHRONOUS_MODES,
+    LedgerClosed,
+    LedgerRow,
+    LedgerSchemaError,
+    SummaryRow,
+    check_row,
+    from_nano,
+    from_record,
+    insert_many,
+    summary_row,
+    to_params,
 )
-# Schema migrations: version -> the statements that take a file from it to the next version.
-_MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN saved_nusd INTEGER NOT NULL DEFAULT 0;"}
-_INSERT = f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-# SQLite caps the host parameters of one statement (32766 since 3.32, 999 before).
-_ROWS_PER_STATEMENT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(_COLUMNS)
 
-
-@functools.lru_cache(maxsize=64)
-def _insert_many(count: int) -> str:
-    one = f"({', '.join('?' * len(_COLUMNS))})"
-    return f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {', '.join([one] * count)}"
-
-
-_SELECT_ROWS = f"SELECT {', '.join(_COLUMNS)} FROM requests WHERE ts >= ? AND ts < ? ORDER BY ts, id"
-
-
-class LedgerError(RuntimeError):
-    """Base of the ledger's own errors."""
-
-
-class LedgerClosed(LedgerError):
-    """The ledger was closed (or its writer stopped); the row was not recorded."""
-
-
-class LedgerSchemaError(LedgerError):
-    """The file was written by a newer proxy whose schema this one does not know."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
-    ts: float
-    request_id: str
-    key_name: str | None
-    requested_model: str
-    virtual_model: str | None
-    model: str | None
-    upstream: str | None
-    provider: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    cost_source: str
-    baseline_cost_usd: float
-    latency_s: float
-    ttft_s: float | None
-    status: int
-    attempts: int
-    streamed: bool
-    generation_id: str | None = None
-    cached: bool = False
-    error: str | None = None
-    saved_usd: float = 0.0        # a cache hit: what the answer cost when it was first bought
-
-
-@dataclass(frozen=True, slots=True)
-class SummaryRow:
-    group: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    avg_cost_usd: float
-    max_cost_usd: float
-    baseline_cost_usd: float
-    savings_usd: float
-    savings_pct: float | None   # 0-100 of the baseline; None when there is no baseline cost
-
+log = logging.getLogger("orproxy.ledger")
+_PRUNE_CHUNK = 10_000   # rows deleted per transaction, so pruning never stalls the writer for long
 
 @dataclass(slots=True)
 class _Pending:
@@ -157,59 +62,6 @@ class _Pending:
 
 
 _STOP = object()
-
-
-def _to_nano(usd: float) -> int:
-    return round(usd * NANO_PER_USD)
-
-
-def _from_nano(nano: int | None) -> float:
-    return (nano or 0) / NANO_PER_USD
-
-
-def _check_row(row: LedgerRow) -> None:
-    # Rejected here, at the caller, because one bad row inside a batch would fail
-    # the whole transaction and every other caller in it (a NaN even becomes NULL
-    # in SQLite and trips NOT NULL).
-    if row.cost_source not in COST_SOURCES:
-        raise ValueError(f"ledger row {row.request_id}: cost_source {row.cost_source!r} "
-                         f"is not one of {sorted(COST_SOURCES)}")
-    for name in ("ts", "cost_usd", "baseline_cost_usd", "latency_s"):
-        value = getattr(row, name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"ledger row {row.request_id}: {name} must be a finite number >= 0, got {value!r}")
-
-
-def _to_params(row: LedgerRow) -> tuple:
-    return (
-        row.ts, row.request_id, row.key_name, row.requested_model, row.virtual_model, row.model,
-        row.upstream, row.provider, row.prompt_tokens, row.completion_tokens, _to_nano(row.cost_usd),
-        row.cost_source, _to_nano(row.baseline_cost_usd), row.latency_s, row.ttft_s, row.status,
-        row.attempts, int(row.streamed), row.generation_id, int(row.cached), row.error, _to_nano(row.saved_usd),
-    )
-
-
-def _from_record(values: Sequence) -> LedgerRow:
-    by_name = dict(zip(_COLUMNS, values))
-    by_name["cost_usd"] = _from_nano(by_name.pop("cost_nusd"))
-    by_name["baseline_cost_usd"] = _from_nano(by_name.pop("baseline_cost_nusd"))
-    by_name["streamed"] = bool(by_name["streamed"])
-    by_name["cached"] = bool(by_name["cached"])
-    by_name["saved_usd"] = _from_nano(by_name.pop("saved_nusd"))
-    return LedgerRow(**{f.name: by_name[f.name] for f in fields(LedgerRow)})
-
-
-def _summary_row(group: str, requests: int, prompt: int | None, completion: int | None,
-                 cost: int | None, largest: int | None, baseline: int | None) -> SummaryRow:
-    cost_usd, baseline_usd = _from_nano(cost), _from_nano(baseline)
-    savings_nusd = (baseline or 0) - (cost or 0)
-    return SummaryRow(
-        group=group, requests=requests, prompt_tokens=prompt or 0, completion_tokens=completion or 0,
-        cost_usd=cost_usd, avg_cost_usd=cost_usd / requests if requests else 0.0,
-        max_cost_usd=_from_nano(largest), baseline_cost_usd=baseline_usd,
-        savings_usd=_from_nano(savings_nusd),
-        savings_pct=100.0 * savings_nusd / baseline if baseline else None,
-    )
 
 
 class Ledger:
@@ -236,8 +88,8 @@ class Ledger:
                    busy_timeout_s: float = 5.0, prune: bool = True) -> Ledger:
         path = Path(path)
         synchronous = synchronous.upper()
-        if synchronous not in _SYNCHRONOUS_MODES:
-            raise ValueError(f"ledger synchronous={synchronous!r}: use one of {sorted(_SYNCHRONOUS_MODES)}")
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"ledger synchronous={synchronous!r}: use one of {sorted(SYNCHRONOUS_MODES)}")
         if retention_days < 1 or max_batch < 1:
             raise ValueError(f"ledger needs retention_days >= 1 and max_batch >= 1 "
                              f"(got {retention_days}, {max_batch})")
@@ -268,7 +120,7 @@ class Ledger:
     def record_nowait(self, row: LedgerRow) -> asyncio.Future[None]:
         """Queue `row` and return the future its commit resolves. Cancelling that
         future does not withdraw the row: a client that went away still costs money."""
-        _check_row(row)
+        check_row(row)
         return self._enqueue(row)
 
     async def flush(self) -> None:
@@ -339,10 +191,10 @@ class Ledger:
         written = 0
         try:
             async with self._lock:
-                for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-                    chunk = rows[start:start + _ROWS_PER_STATEMENT]
-                    params = [value for row in chunk for value in _to_params(row)]
-                    await self._db.execute_insert(_insert_many(len(chunk)), params)  # one hop, cursor closed
+                for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                    chunk = rows[start:start + ROWS_PER_STATEMENT]
+                    params = [value for row in chunk for value in to_params(row)]
+                    await self._db.execute_insert(insert_many(len(chunk)), params)  # one hop, cursor closed
                     written += len(chunk)
                     self.commits += 1
                     self.rows_written += len(chunk)
@@ -377,37 +229,37 @@ class Ledger:
             sql = "SELECT sum(cost_nusd) FROM requests WHERE key_name = ? AND ts >= ? AND ts < ?"
             params = (key_name, start, _end(end))
         (total,), = await self._fetchall(sql, params)
-        return _from_nano(total)
+        return from_nano(total)
 
     async def spend_by_key_between(self, start: float, end: float | None = None) -> dict[str, float]:
         """Cost in [start, end) per key name; requests without a key are under ""."""
         found = await self._fetchall(
             "SELECT coalesce(key_name, ''), sum(cost_nusd) FROM requests "
             "WHERE ts >= ? AND ts < ? GROUP BY 1", (start, _end(end)))
-        return {key: _from_nano(total) for key, total in found}
+        return {key: from_nano(total) for key, total in found}
 
     async def summary(self, start: float, end: float,
                       by: Literal["model", "virtual", "key"]) -> list[SummaryRow]:
         """Per-group figures for [start, end), largest cost first; a missing group value is ""."""
-        column = _GROUP_COLUMNS.get(by)
+        column = GROUP_COLUMNS.get(by)
         if column is None:
-            raise ValueError(f"ledger summary by={by!r}: use one of {sorted(_GROUP_COLUMNS)}")
+            raise ValueError(f"ledger summary by={by!r}: use one of {sorted(GROUP_COLUMNS)}")
         found = await self._fetchall(
             f"SELECT coalesce({column}, '') AS grp, count(*), sum(prompt_tokens), sum(completion_tokens), "
             "sum(cost_nusd), max(cost_nusd), sum(baseline_cost_nusd) FROM requests "
             "WHERE ts >= ? AND ts < ? GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp", (start, end))
-        return [_summary_row(*values) for values in found]
+        return [summary_row(*values) for values in found]
 
     async def totals(self, start: float, end: float) -> SummaryRow:
         (values,) = await self._fetchall(
             "SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd), "
             "max(cost_nusd), sum(baseline_cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, end))
-        return _summary_row("total", *values)
+        return summary_row("total", *values)
 
     async def rows(self, start: float | None = None, end: float | None = None) -> list[LedgerRow]:
         """Committed rows in [start, end), oldest first."""
-        found = await self._fetchall(_SELECT_ROWS, (-math.inf if start is None else start, _end(end)))
-        return [_from_record(values) for values in found]
+        found = await self._fetchall(SELECT_ROWS, (-math.inf if start is None else start, _end(end)))
+        return [from_record(values) for values in found]
 
     # --- retention -----------------------------------------------------------
 
@@ -452,7 +304,7 @@ async def _prepare(db: aiosqlite.Connection, path: Path, synchronous: str, busy_
             f"{SCHEMA_VERSION}; run a newer proxy or point ledger.path at another file")
     if version < SCHEMA_VERSION:
         # One transaction, so a crash mid-way never leaves tables without their version.
-        steps = _SCHEMA if version == 0 else "\n".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        steps = SCHEMA_SQL if version == 0 else "\n".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
         script = f"BEGIN IMMEDIATE;\n{steps}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         try:
             async with db.executescript(script):

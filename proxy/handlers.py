@@ -24,6 +24,7 @@ from .features import RequestFeatures, extract_features
 from .health import BlockView, CircuitBreakers
 from .metrics import Gauges
 from .ratelimits import RateLimits
+from .replay import StreamAssembler
 from .routing import Plan, UnknownModel
 from .runtime import Runtime, RuntimeRef
 from .streaming import relay
@@ -99,10 +100,15 @@ class ChatHandler:
             record.route = headers["x-proxy-route"]
             record.status = 200
             if features.stream:
+                assembler = StreamAssembler() if cache_key is not None else None
+
                 async def finish() -> None:
                     record.latency_s = time.monotonic() - started
                     await self._accountant.settle(record, reservation)
-                return await relay(request, answer.result, headers, record, started, finish)
+                    completion = assembler.completion() if assembler is not None else None
+                    if completion is not None and cache is not None and cache_key is not None:
+                        store(cache, cache_key, record, completion, self._accountant.now(), self._background)
+                return await relay(request, answer.result, headers, record, started, finish, assembler)
             raw, payload = answer.result
             _fill_from_payload(record, payload)
             record.latency_s = time.monotonic() - started

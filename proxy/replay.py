@@ -1,8 +1,9 @@
-"""Replay a stored chat completion as the SSE stream the upstream would have sent.
+"""Between a chat completion and its stream, both ways, for the response cache.
 
-Pure: a cached answer (a non-streamed completion) in, the bytes of a stream out: a first
-chunk with the role, the text and tool calls in a few pieces, a finish chunk, a usage chunk,
-then `data: [DONE]`. Every chunk is a valid `chat.completion.chunk`.
+`replay_as_sse`: a cached answer (a non-streamed completion) in, the bytes of a stream out: a
+first chunk with the role, the text and tool calls in a few pieces, a finish chunk, a usage
+chunk, then `data: [DONE]`. Every chunk is a valid `chat.completion.chunk`.
+`StreamAssembler`: the chunks of a streamed answer in, the completion to cache out.
 """
 
 from __future__ import annotations
@@ -109,3 +110,68 @@ def _pieces(text: str) -> list[str]:
 
 def _str_or(value: Any, default: str) -> str:
     return value if isinstance(value, str) and value else default
+
+
+class StreamAssembler:
+    """The other direction: rebuild a chat completion from the chunks of a stream, so a streamed
+    answer can be cached too. Fed only for requests that use the cache (it parses every chunk)."""
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._usage: Any = None
+        self.failed = False
+
+    def add(self, data: bytes) -> None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.failed = True
+            return
+        if not isinstance(chunk, dict) or chunk.get("error"):
+            self.failed = True
+            return
+        if not self._head:
+            self._head = {k: chunk[k] for k in ("id", "created", "model", "provider", "system_fingerprint")
+                          if k in chunk}
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for delta_choice in chunk.get("choices") or ():
+            index = delta_choice.get("index", 0)
+            choice = self._choices.setdefault(index, {"content": [], "refusal": [], "tool_calls": {},
+                                                      "role": "assistant", "finish_reason": None})
+            delta = delta_choice.get("delta") or {}
+            if delta.get("role"):
+                choice["role"] = delta["role"]
+            if delta.get("content"):
+                choice["content"].append(delta["content"])
+            if delta.get("refusal"):
+                choice["refusal"].append(delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                slot = choice["tool_calls"].setdefault(call.get("index", 0), {"id": None, "type": "function",
+                                                                              "name": "", "arguments": []})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["name"] += function.get("name") or ""
+                slot["arguments"].append(function.get("arguments") or "")
+            if delta_choice.get("finish_reason"):
+                choice["finish_reason"] = delta_choice["finish_reason"]
+
+    def completion(self) -> dict[str, Any] | None:
+        """The assembled `chat.completion`, or None when the stream was not a clean, finished answer."""
+        if self.failed or not self._choices or any(c["finish_reason"] is None for c in self._choices.values()):
+            return None
+        choices = []
+        for index, choice in sorted(self._choices.items()):
+            message: dict[str, Any] = {"role": choice["role"], "content": "".join(choice["content"]) or None,
+                                       "refusal": "".join(choice["refusal"]) or None}
+            if choice["tool_calls"]:
+                message["tool_calls"] = [{"id": slot["id"], "type": slot["type"],
+                                          "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])}}
+                                         for _, slot in sorted(choice["tool_calls"].items())]
+            choices.append({"index": index, "message": message, "finish_reason": choice["finish_reason"],
+                            "logprobs": None})
+        completion = {**self._head, "object": "chat.completion", "choices": choices}
+        if self._usage:
+            completion["usage"] = self._usage
+        return completion

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from .accounting import RequestRecord, Usage
+from .replay import StreamAssembler
 from .upstream import UpstreamError, event_data, iter_batches
 
 SSE_HEADERS = {
@@ -36,12 +37,16 @@ def error_event(message: str, code: str) -> bytes:
 
 
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers: Mapping[str, str],
-                record: RequestRecord, started: float, finish: Finish) -> web.StreamResponse:
-    """Forward the stream and fill `record` from it. The upstream response is always closed."""
+                record: RequestRecord, started: float, finish: Finish,
+                assembler: StreamAssembler | None = None) -> web.StreamResponse:
+    """Forward the stream and fill `record` from it (and `assembler`, for the cache). The upstream
+    response is always closed."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
-        error = await _forward(upstream, response, record, started)
+        error = await _forward(upstream, response, record, started, assembler)
+        if error and assembler is not None:
+            assembler.failed = True
         upstream.close()
         await finish()
         await response.write(error + DONE if error else DONE)
@@ -58,7 +63,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers:
 
 
 async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamResponse, record: RequestRecord,
-                   started: float) -> bytes:
+                   started: float, assembler: StreamAssembler | None) -> bytes:
     """Copy events up to (not including) [DONE]; return an error event to send if the stream broke."""
     tracker = _Tracker(record, started)
     try:
@@ -70,7 +75,13 @@ async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamRespons
                         await response.write(head)
                     return b""
                 tracker.see(event)
+                if assembler is not None and not event.startswith(b":"):
+                    data = event_data(event)
+                    if data is not None:
+                        assembler.add(data)
             await response.write(batch)
+        if assembler is not None:
+            assembler.failed = True  # the stream ended without [DONE]
     except UpstreamError as exc:
         # After the first byte there is no falling back: say what broke, then end cleanly.
         record.error = "stream_interrupted"

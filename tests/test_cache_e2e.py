@@ -114,3 +114,34 @@ async def test_entries_expire_after_the_ttl(make_proxy, emulator):
     clock.now += 61
     raw = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
     assert raw.headers["x-proxy-cache"] == "miss"
+
+
+async def test_a_streamed_answer_is_cached_too(proxy, emulator, schemas):
+    client = proxy.client()
+    streamed = ""
+    stream = await client.chat.completions.create(model="quality", messages=QUESTION, temperature=0, stream=True)
+    async for chunk in stream:
+        streamed += "".join(choice.delta.content or "" for choice in chunk.choices)
+    calls = len(emulator.state.requests)
+    for _ in range(50):
+        raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION,
+                                                                     temperature=0)
+        if raw.headers["x-proxy-cache"] == "hit":
+            break
+    assert raw.headers["x-proxy-cache"] == "hit"
+    hit = raw.parse()
+    schemas.validate("CreateChatCompletionResponse", hit.model_dump(exclude_unset=True))
+    assert hit.choices[0].message.content == streamed
+    assert hit.usage.completion_tokens > 0
+    assert len(emulator.state.requests) == calls
+
+
+async def test_a_broken_stream_is_not_cached(proxy, emulator):
+    emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(midstream_error=True, after_chunks=1, times=1))
+    client = proxy.client()
+    stream = await client.chat.completions.create(model="quality", messages=QUESTION, temperature=0, stream=True)
+    with pytest.raises(openai.APIError):
+        async for _chunk in stream:
+            pass
+    raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION, temperature=0)
+    assert raw.headers["x-proxy-cache"] == "miss"

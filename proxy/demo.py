@@ -38,7 +38,15 @@ async def start_demo(config: Config) -> tuple[Config, dict[str, str]]:
         app[EMULATOR_STATE].faults.set(failing, Fault(status=503, message="demo: provider overloaded"))
     log.warning("DEMO MODE: upstreams point at the built-in emulator on 127.0.0.1:%d; %s",
                 port, f"'{failing}' always answers 503, so `quality` falls back" if failing else "no fault injected")
-    return config.model_copy(update={"upstreams": upstreams}), env
+    # Emulated spend must never count against the real budget: the demo keeps its own ledger and cache.
+    ledger = config.ledger.model_copy(update={"path": _beside(config.ledger.path, "demo-")})
+    cache = config.cache.model_copy(update={"path": _beside(config.cache.path, "demo-")})
+    return config.model_copy(update={"upstreams": upstreams, "ledger": ledger, "cache": cache}), env
+
+
+def _beside(path: str, prefix: str) -> str:
+    parent, _, name = path.rpartition("/")
+    return f"{parent}/{prefix}{name}" if parent else f"{prefix}{name}"
 
 
 def _first_model_of(config: Config, name: str) -> str | None:

@@ -12,6 +12,8 @@ from collections import deque
 from .config import Cooldown
 from .routing import Block, Target
 
+MAX_TRACKED = 4096  # targets with a failure window at once
+
 
 class CircuitBreakers:
     def __init__(self, policy: Cooldown) -> None:
@@ -21,6 +23,8 @@ class CircuitBreakers:
 
     def record_failure(self, target: Target, now: float, detail: str = "") -> bool:
         """Count a failure; return True when it opens the breaker."""
+        if target not in self._failures and len(self._failures) >= MAX_TRACKED:
+            self._forget_stale(now)
         window = self._failures.setdefault(target, deque())
         window.append(now)
         while window and window[0] <= now - self.policy.window_s:
@@ -32,6 +36,15 @@ class CircuitBreakers:
                                        f"{self.policy.failures} failures within {self.policy.window_s:g}s")
             return True
         return False
+
+    def _forget_stale(self, now: float) -> None:
+        """Direct slugs are chosen by clients: drop windows with no failure left in them, and if
+        every one is still live, the oldest, so memory stays bounded whatever clients send."""
+        horizon = now - self.policy.window_s
+        for target in [t for t, w in self._failures.items() if not w or w[-1] <= horizon]:
+            del self._failures[target]
+        while len(self._failures) >= MAX_TRACKED:
+            del self._failures[next(iter(self._failures))]
 
     def record_success(self, target: Target) -> None:
         if target in self._failures:

@@ -31,3 +31,15 @@ def test_success_resets_the_count():
     breakers.record_success(T)
     assert not breakers.record_failure(T, 1)
     assert breakers.record_failure(T, 2)
+
+
+def test_memory_stays_bounded_whatever_targets_fail():
+    from proxy.health import MAX_TRACKED
+    breakers = CircuitBreakers(Cooldown(failures=3, window_s=60, cooldown_s=30))
+    for i in range(MAX_TRACKED * 3):
+        breakers.record_failure(Target(f"bogus/model-{i}", "openrouter"), now=float(i) / 1000)
+    assert len(breakers._failures) <= MAX_TRACKED
+    # A target with a live window is still counted: the breaker still opens on its third failure.
+    assert not breakers.record_failure(T, 20.0)
+    assert not breakers.record_failure(T, 20.1)
+    assert breakers.record_failure(T, 20.2)

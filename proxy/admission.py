@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .accounting import Accountant
 from .budget import Refusal, Reservation
-from .config import Config
+from .config import Config, DowngradeStep
 from .errors import BudgetExceeded
 from .features import RequestFeatures
 from .routing import BlockLookup, Plan, Router
@@ -25,12 +25,20 @@ class Admission:
     downgrade: str | None   # for the x-proxy-downgrade header; None when nothing was rewritten
 
 
-def admit(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
-          features: RequestFeatures, blocked: BlockLookup | None, now: float) -> Admission:
+def budgeted_plan(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
+                  features: RequestFeatures, blocked: BlockLookup | None,
+                  now: float) -> tuple[Plan, tuple[int, DowngradeStep] | None, float]:
+    """The plan under today's downgrade step, the step (index, rule) and the plan's worst-case cost.
+    Reserves nothing: `admit` and explain both start here."""
     book = accountant.book
     step = book.downgrade_step(book.fraction(key, now)) if config.budget.downgrade else None
     plan = router.plan(model, features, blocked, step[1].map if step else None)
-    estimate = accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+    return plan, step, accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+
+
+def admit(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
+          features: RequestFeatures, blocked: BlockLookup | None, now: float) -> Admission:
+    plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
     outcome, needed = accountant.reserve(key, estimate), estimate
     if isinstance(outcome, Reservation):
         return Admission(plan, outcome, _describe(plan, f"step {step[0]} at {step[1].at:.0%}" if step else ""))

@@ -135,6 +135,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
     """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
+    from .accounting import Accountant
     from .budget import SpendBook
     from .explain import explain
     from .ledger import Ledger
@@ -152,7 +153,8 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
             await ledger.close()
     prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
     try:
-        return explain(config, Router(config), prices, book, body, headers, key=args.key, blocked=None, now=now)
+        return explain(config, Router(config), Accountant(prices, book, None, clock=lambda: now), body, headers,
+                       key=args.key, blocked=None, now=now)
     except UnknownModel as exc:
         print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
         return None

@@ -9,25 +9,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .budget import SpendBook
+from .accounting import Accountant
+from .admission import budgeted_plan
 from .config import Config
 from .features import RequestFeatures, extract_features
-from .pricing import PriceBook
 from .routing import BlockLookup, Router, UnknownModel
 
 
-def explain(config: Config, router: Router, prices: PriceBook, book: SpendBook, body: Mapping[str, Any],
+def explain(config: Config, router: Router, accountant: Accountant, body: Mapping[str, Any],
             headers: Mapping[str, str], *, key: str | None, blocked: BlockLookup | None, now: float) -> dict[str, Any]:
-    """The routing decision for `body`, as plain data."""
+    """The routing decision for `body`, as plain data: the same `budgeted_plan` that admission uses."""
     features = extract_features(body, headers)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise UnknownModel(str(model), sorted(config.models))
-    fraction = book.fraction(key, now)
-    step = book.downgrade_step(fraction) if config.budget.downgrade else None
-    plan = router.plan(model, features, blocked, step[1].map if step else None)
-    worst = {str(t): prices.worst_case(t.model, features.prompt_tokens, features.max_tokens) for t in plan.targets}
-    refusal = book.would_refuse(key, max(worst.values(), default=0.0), now)
+    plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
+    fraction = accountant.book.fraction(key, now)
+    worst = {str(t): accountant.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens)
+             for t in plan.targets}
+    refusal = accountant.book.would_refuse(key, estimate, now)
     return {
         "requested_model": model,
         "features": _features(features),
@@ -46,7 +46,7 @@ def explain(config: Config, router: Router, prices: PriceBook, book: SpendBook, 
         "chain": [{"model": t.model, "upstream": t.upstream, "worst_case_usd": worst[str(t)]} for t in plan.targets],
         "skipped": [{"model": t.model, "upstream": t.upstream, "reason": b.reason, "until": b.until,
                      "detail": b.detail} for t, b in plan.skipped],
-        "estimated_worst_case_usd": max(worst.values(), default=0.0),
+        "estimated_worst_case_usd": estimate,
         "route": plan.describe(),
     }
 

@@ -148,9 +148,8 @@ class ChatHandler:
         client_key.check_model(body["model"])
         now = self._accountant.now()
         try:
-            decision = explain(runtime.config, runtime.router, self._accountant.prices, self._accountant.book,
-                               body, request.headers, key=client_key.name, blocked=self._blocked(runtime, now),
-                               now=now)
+            decision = explain(runtime.config, runtime.router, self._accountant, body, request.headers,
+                               key=client_key.name, blocked=self._blocked(runtime, now), now=now)
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
         return web.Response(body=orjson.dumps(decision), content_type=JSON)

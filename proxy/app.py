@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,10 @@ from .reload import Reloader, reload_context
 from .runtime import RuntimeRef, build_runtime, warn_missing_keys
 
 log = logging.getLogger("orproxy")
+
+
+class StartupError(RuntimeError):
+    """A resource the proxy needs could not be opened; the message says which and what to do."""
 
 
 def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: Iterable[Sink] = (),
@@ -88,8 +93,12 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
 def _ledger(path: Path, config: Config, clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         accountant = app[ACCOUNTANT]
-        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days,
-                                   synchronous=config.ledger.synchronous, clock=clock)
+        try:
+            ledger = await Ledger.open(path, retention_days=config.ledger.retention_days,
+                                       synchronous=config.ledger.synchronous, clock=clock)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot open the ledger at {path} (ledger.path): {exc}; "
+                               "check that its directory exists or can be created, and is writable") from exc
         book = accountant.book
         calendar = book.calendar
         book.roll(clock())
@@ -117,8 +126,12 @@ def _response_cache(path: Path, config: Config, clock: Callable[[], float]):
             yield
             return
         cfg = config.cache
-        cache = await ResponseCache.open(path, CachePolicy(True, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes),
-                                         clock=clock)
+        try:
+            cache = await ResponseCache.open(path, CachePolicy(True, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes),
+                                             clock=clock)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot open the response cache at {path} (cache.path): {exc}; check that its "
+                               "directory is writable, or set `cache: {enabled: false}`") from exc
         app[CACHE] = cache
         app[METRICS].gauges.extra.append(lambda: _cache_counters(cache))
         try:

@@ -191,15 +191,24 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         from .demo import start_demo
         config, env = loop.run_until_complete(start_demo(config))
-    from .app import create_app
+    from .app import StartupError, create_app
     app = create_app(config, env=env, config_path=None if args.demo else args.config)
     app.on_startup.append(_freeze_heap)
-    log.info("orproxy listening on http://%s:%d/v1 (%d virtual models: %s)", listen.host, listen.port,
-             len(config.models), ", ".join(config.models))
+
+    def announce(_aiohttp_banner: str) -> None:  # called once the socket is bound, not before
+        log.info("orproxy listening on http://%s:%d/v1 (%d virtual models: %s)", listen.host, listen.port,
+                 len(config.models), ", ".join(config.models))
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
-    web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
-                print=None, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
+    try:
+        web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
+                    print=announce, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
+    except StartupError as exc:
+        print(f"orproxy: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"orproxy: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     log.info("orproxy stopped")
     return 0
 

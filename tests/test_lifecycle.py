@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import aiohttp
+import pytest
 
 from proxy.emulator import Fault
 from proxy.ledger import Ledger
@@ -100,3 +102,24 @@ async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, 
         await proc.wait()
     assert "no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of 0.0.0.0" \
         in log.read_text()
+
+
+@pytest.mark.parametrize("problem", ["port_taken", "ledger_unwritable"])
+def test_start_up_failures_are_one_clear_line(tmp_path, problem):
+    import socket
+    import subprocess
+    config = tmp_path / "config.yaml"
+    ledger = "/proc/no-such-dir/ledger.sqlite3" if problem == "ledger_unwritable" else str(tmp_path / "l.sqlite3")
+    config.write_text(config_text("http://127.0.0.1:9", "mistralai/mistral-7b-instruct", ledger))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] if problem == "port_taken" else free_port()
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    expected = (f"orproxy: cannot listen on 127.0.0.1:{port}" if problem == "port_taken"
+                else "orproxy: cannot open the ledger at /proc/no-such-dir/ledger.sqlite3 (ledger.path)")
+    assert last.startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr

@@ -68,10 +68,12 @@ class RequestRecord:
     saved_usd: float = 0.0            # a cache hit: what the answer cost when it was bought
     settled: bool = False
 
-    @property
-    def fallbacks(self) -> int:
-        """How many times the request moved on to another member."""
-        return sum(a.target != b.target for a, b in zip(self.attempts, self.attempts[1:]))
+    def note_origin(self, answer: dict[str, Any]) -> None:
+        """The generation id and provider an answer (or its first stream chunk) names."""
+        generation, provider = answer.get("id"), answer.get("provider")
+        self.generation_id = generation if isinstance(generation, str) else None
+        self.provider = provider if isinstance(provider, str) else None
+
 
 
 Sink = Callable[[RequestRecord], None]
@@ -102,23 +104,25 @@ class Accountant:
     def reserve(self, key: str | None, amount: float) -> Reservation | Refusal:
         return self.book.try_reserve(key, amount, self._clock())
 
-    def price(self, record: RequestRecord) -> Cost:
+    def price(self, record: RequestRecord, tokens: tuple[int, int]) -> Cost:
+        """`tokens` as `billed_tokens` gives them."""
         if record.cached:
             return Cost(0.0, "cached")
-        usage = record.usage
-        model = record.model or record.requested_model
-        if usage is not None:
-            return self.prices.cost(model, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd)
         if record.model is None:
             return Cost(0.0, "upstream")  # nothing answered: nothing to pay
+        usage = record.usage
+        if usage is not None:
+            return self.prices.cost(record.model, *tokens, usage.cost_usd)
         # A stream cut before its usage chunk: bill what was seen, estimated from the text.
-        completion = -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
-        return self.prices.cost(model, record.prompt_estimate, completion, None, estimated=True)
+        return self.prices.cost(record.model, *tokens, None, estimated=True)
 
     def observe_refusal(self, record: RequestRecord) -> None:
         """A request refused before it had a model (bad key, bad body): seen by the log and the
         metrics, but not the ledger (a flood of bad keys must not fill the disk) nor the budget."""
         record.settled = True
+        self._notify(record)
+
+    def _notify(self, record: RequestRecord) -> None:
         for sink in self._sinks:
             try:
                 sink(record)
@@ -131,18 +135,14 @@ class Accountant:
             return
         record.settled = True
         now = self._clock()
-        record.cost = cost = self.price(record)
-        tokens = self._tokens(record)
+        tokens = billed_tokens(record)
+        record.cost = cost = self.price(record, tokens)
         record.baseline_usd = self.prices.baseline(*tokens) if record.model else 0.0
         if reservation is not None:
             self.book.settle(reservation, cost.usd, now)
         elif cost.usd:
             self.book.add_spend(record.key_name, cost.usd, now)
-        for sink in self._sinks:
-            try:
-                sink(record)
-            except Exception:  # noqa: BLE001 - accounting must never take a request down
-                log.exception("accounting sink %r failed", sink)
+        self._notify(record)
         if self.ledger is None:
             return
         try:
@@ -154,12 +154,22 @@ class Accountant:
         except Exception:  # noqa: BLE001 - the answer is already paid for; say so loudly, keep serving
             log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
 
-    def _tokens(self, record: RequestRecord) -> tuple[int, int]:
-        if record.usage is not None:
-            return record.usage.prompt_tokens, record.usage.completion_tokens
-        if record.model is None:
-            return 0, 0
-        return record.prompt_estimate, -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
+
+
+async def recorded_spend(ledger: Ledger, book: SpendBook) -> tuple[dict[str, float], dict[str, float]]:
+    """What the ledger holds per key for the book's current day and month: `book.load` takes it."""
+    calendar = book.calendar
+    return (await ledger.spend_by_key_between(calendar.day_start),
+            await ledger.spend_by_key_between(calendar.month_start))
+
+
+def billed_tokens(record: RequestRecord) -> tuple[int, int]:
+    """(prompt, completion): the upstream's usage, else an estimate from the text seen."""
+    if record.usage is not None:
+        return record.usage.prompt_tokens, record.usage.completion_tokens
+    if record.model is None:
+        return 0, 0
+    return record.prompt_estimate, -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
 
 
 def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from .accounting import Accountant, Sink, log_access
+from .accounting import Accountant, Sink, log_access, recorded_spend
 from .admin import AdminRoutes
 from .app_keys import ACCOUNTANT, BREAKERS, CACHE, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
 from .budget import SpendBook
@@ -100,10 +100,8 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
             raise StartupError(f"cannot open the ledger at {path} (ledger.path): {exc}; "
                                "check that its directory exists or can be created, and is writable") from exc
         book = accountant.book
-        calendar = book.calendar
         book.roll(clock())
-        book.load(await ledger.spend_by_key_between(calendar.day_start),
-                  await ledger.spend_by_key_between(calendar.month_start))
+        book.load(*await recorded_spend(ledger, book))
         accountant.ledger = ledger
         pruner = asyncio.create_task(_prune_daily(ledger))
         log.info("ledger %s: spend so far today $%.4f, this month $%.4f", path,

@@ -135,7 +135,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
     """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
-    from .accounting import Accountant
+    from .accounting import Accountant, recorded_spend
     from .budget import SpendBook
     from .explain import explain
     from .ledger import Ledger
@@ -147,8 +147,7 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     if path.exists():
         ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
         try:
-            book.load(await ledger.spend_by_key_between(book.calendar.day_start),
-                      await ledger.spend_by_key_between(book.calendar.month_start))
+            book.load(*await recorded_spend(ledger, book))
         finally:
             await ledger.close()
     prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)

@@ -182,10 +182,7 @@ async def _open_stream(client: UpstreamClient, payload: bytes, model: str) -> Cl
 
 def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
     record.usage = Usage.from_payload(payload.get("usage"))
-    generation = payload.get("id")
-    record.generation_id = generation if isinstance(generation, str) else None
-    provider = payload.get("provider")
-    record.provider = provider if isinstance(provider, str) else None
+    record.note_origin(payload)
 
 
 def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
@@ -207,7 +204,7 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     outcomes: dict[str, list[str]] = {}
     for attempt in attempts:
         outcomes.setdefault(str(attempt.target), []).append(attempt.outcome)
-    head = plan.describe().split(": ", 1)[0]
+    head = plan.head()
     tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
     skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
     return f"{head}: {tried}{skipped}"

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
-from .accounting import Accountant
+from .accounting import Accountant, recorded_spend
 from .catalogue import catalogue_warnings, load_catalogue_source
 from .config import Config, ConfigError, load_config
 from .health import CircuitBreakers
@@ -83,9 +83,7 @@ class Reloader:
                 ledger = self._accountant.ledger
                 day = month = None
                 if ledger is not None:
-                    calendar = self._accountant.book.calendar
-                    day = await ledger.spend_by_key_between(calendar.day_start)
-                    month = await ledger.spend_by_key_between(calendar.month_start)
+                    day, month = await recorded_spend(ledger, self._accountant.book)
             except ConfigError as exc:
                 return self._failed([issue.render(exc.filename) for issue in exc.issues])
             except (OSError, ValueError) as exc:

@@ -57,13 +57,17 @@ class Plan:
     def direct(self) -> bool:
         return self.chain_owner is None
 
-    def describe(self) -> str:
-        """The short form for the x-proxy-route header, e.g. auto>cheap: a, b (skip c: cooldown)."""
+    def head(self) -> str:
+        """How the requested name became a chain, e.g. `auto>cheap` or `budget[quality->cheap] cheap`."""
         names = [step.virtual_model for step in self.steps]
         head = ">".join(names + [self.chain_owner]) if self.chain_owner else f"direct:{self.requested}"
         if self.rewrites:
             head = "budget[" + ",".join(f"{a}->{b}" for a, b in self.rewrites) + "] " + head
-        text = f"{head}: {', '.join(map(str, self.targets)) or '-'}"
+        return head
+
+    def describe(self) -> str:
+        """The plan in short, e.g. `auto>cheap: a, b (skip c: cooldown)`."""
+        text = f"{self.head()}: {', '.join(map(str, self.targets)) or '-'}"
         if self.skipped:
             text += " (" + ", ".join(f"skip {t}: {b.reason}" for t, b in self.skipped) + ")"
         return text
@@ -99,12 +103,6 @@ class Router:
 
     def chain_of(self, name: str) -> tuple[Target, ...]:
         return self._chains.get(name, ())
-
-    def all_targets(self) -> tuple[Target, ...]:
-        seen: dict[Target, None] = {}
-        for chain in self._chains.values():
-            seen.update(dict.fromkeys(chain))
-        return tuple(seen)
 
     def resolve(self, requested: str, features: RequestFeatures) -> tuple[str | None, tuple[RouteStep, ...]]:
         """Follow routing rules from a virtual model to the one whose chain is used."""

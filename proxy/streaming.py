@@ -74,11 +74,9 @@ async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamRespons
                     if head:
                         await response.write(head)
                     return b""
-                tracker.see(event)
-                if assembler is not None and not event.startswith(b":"):
-                    data = event_data(event)
-                    if data is not None:
-                        assembler.add(data)
+                data = tracker.see(event)
+                if assembler is not None and data is not None:
+                    assembler.add(data)
             await response.write(batch)
         if assembler is not None:
             assembler.failed = True  # the stream ended without [DONE]
@@ -103,17 +101,19 @@ class _Tracker:
         self.envelope = 0       # the byte size of an empty chunk: the first (role) chunk
         self.extra_bytes = 0    # bytes beyond the envelope, summed: roughly the generated text
 
-    def see(self, event: bytes) -> None:
+    def see(self, event: bytes) -> bytes | None:
+        """Note what the event says; return its data payload (None for a comment)."""
         if event.startswith(b":"):
-            return  # a comment, e.g. ": OPENROUTER PROCESSING"
+            return None  # a comment, e.g. ": OPENROUTER PROCESSING"
         data = event_data(event)
         if data is None:
-            return
+            return None
         record = self.record
         if record.ttft_s is None or b'"usage"' in data or b'"error"' in data:
             self._parse(data)
         elif self.envelope:
             self.extra_bytes += max(0, len(data) - self.envelope)
+        return data
 
     def _parse(self, data: bytes) -> None:
         try:
@@ -126,9 +126,7 @@ class _Tracker:
         if record.ttft_s is None:
             record.ttft_s = time.monotonic() - self.started
             self.envelope = len(data)
-            record.generation_id = chunk.get("id") if isinstance(chunk.get("id"), str) else None
-            provider = chunk.get("provider")
-            record.provider = provider if isinstance(provider, str) else None
+            record.note_origin(chunk)
         usage = Usage.from_payload(chunk.get("usage"))
         if usage is not None:
             record.usage = usage

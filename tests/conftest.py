@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI
 
-from proxy.app import create_app
+from proxy.http.app import create_app
 from proxy.config import Config, parse_config
 from proxy.emulator import EMULATOR_STATE, create_emulator_app
 

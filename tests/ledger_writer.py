@@ -10,7 +10,7 @@ import asyncio
 import sys
 import time
 
-from proxy.ledger import Ledger, LedgerRow
+from proxy.money.ledger import Ledger, LedgerRow
 
 
 def make_row(request_id: str) -> LedgerRow:

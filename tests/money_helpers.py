@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.ledger import Ledger, LedgerRow
+from proxy.money.ledger import Ledger, LedgerRow
 
 # One model per chain, so the answering model says which chain served a request.
 MODELS = """

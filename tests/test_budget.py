@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budget import GLOBAL, Refusal, Reservation, SpendBook
+from proxy.core.budget import GLOBAL, Refusal, Reservation, SpendBook
 from proxy.config import Budget, DowngradeStep, ProxyKey
 
 LA = ZoneInfo("America/Los_Angeles")
@@ -199,13 +199,13 @@ def test_refusal_message_names_the_budget_its_spend_its_limit_and_the_reset(refu
 
 # --- admission: the pure decision on real config, router, prices and book (no IO) ---------------
 
-from proxy.accounting import Accountant  # noqa: E402
-from proxy.admission import admit  # noqa: E402
+from proxy.money.accounting import Accountant  # noqa: E402
+from proxy.core.admission import admit  # noqa: E402
 from proxy.config import parse_config  # noqa: E402
-from proxy.errors import BudgetExceeded  # noqa: E402
-from proxy.features import RequestFeatures  # noqa: E402
-from proxy.pricing import Catalogue, PriceBook  # noqa: E402
-from proxy.routing import Router  # noqa: E402
+from proxy.core.errors import BudgetExceeded  # noqa: E402
+from proxy.core.features import RequestFeatures  # noqa: E402
+from proxy.core.pricing import Catalogue, PriceBook  # noqa: E402
+from proxy.core.routing import Router  # noqa: E402
 
 from .money_helpers import MODELS, budget_block  # noqa: E402
 

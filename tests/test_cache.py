@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.cache import CachedAnswer, CachePolicy, ResponseCache, cache_key, wants_cache
-from proxy.replay import replay_as_sse
+from proxy.cache.store import CachedAnswer, CachePolicy, ResponseCache, cache_key, wants_cache
+from proxy.cache.replay import replay_as_sse
 
 T0 = 1_750_000_000.0
 CHAIN = ["mistralai/mistral-7b-instruct@openrouter", "meta-llama/llama-3.1-8b-instruct@openrouter"]

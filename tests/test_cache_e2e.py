@@ -6,7 +6,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app_keys import ACCOUNTANT
+from proxy.http.appkeys import ACCOUNTANT
 from proxy.emulator import Fault
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.catalogue import (
+from proxy.money.catalogue import (
     CatalogueFetchError,
     CatalogueSource,
     build_models_view,
@@ -21,10 +21,10 @@ from proxy.catalogue import (
     packaged_snapshot,
     write_cache,
 )
-from proxy.cli_ops import register
+from proxy.cli.ops import register
 from proxy.config import parse_config
 from proxy.emulator import create_emulator_app
-from proxy.pricing import Catalogue
+from proxy.core.pricing import Catalogue
 
 CONFIG = """
 upstreams:

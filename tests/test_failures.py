@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.failures import Action, classify_status, parse_retry_after
+from proxy.core.failures import Action, classify_status, parse_retry_after
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 

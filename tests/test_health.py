@@ -1,8 +1,8 @@
 """The circuit breaker behind retry.cooldown, with time passed in."""
 
 from proxy.config import Cooldown
-from proxy.health import CircuitBreakers
-from proxy.routing import Target
+from proxy.core.breakers import CircuitBreakers
+from proxy.core.routing import Target
 
 T = Target("a/b", "openrouter")
 
@@ -34,7 +34,7 @@ def test_success_resets_the_count():
 
 
 def test_memory_stays_bounded_whatever_targets_fail():
-    from proxy.health import MAX_TRACKED
+    from proxy.core.breakers import MAX_TRACKED
     breakers = CircuitBreakers(Cooldown(failures=3, window_s=60, cooldown_s=30))
     for i in range(MAX_TRACKED * 3):
         breakers.record_failure(Target(f"bogus/model-{i}", "openrouter"), now=float(i) / 1000)

@@ -7,10 +7,10 @@ import hashlib
 import openai
 import pytest
 
-from proxy.app_keys import ACCOUNTANT
+from proxy.http.appkeys import ACCOUNTANT
 from proxy.config import ProxyKey
-from proxy.errors import Forbidden, Unauthorized
-from proxy.keys import OPEN, KeyRing
+from proxy.core.errors import Forbidden, Unauthorized
+from proxy.core.keys import OPEN, KeyRing
 
 from .conftest import UPSTREAM_KEY
 from .money_helpers import CHAIN_MODEL, HELLO, MODELS

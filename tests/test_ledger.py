@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger import SCHEMA_VERSION, Ledger, LedgerClosed, LedgerRow, LedgerSchemaError, SummaryRow
+from proxy.money.ledger import SCHEMA_VERSION, Ledger, LedgerClosed, LedgerRow, LedgerSchemaError, SummaryRow
 
 WRITER = Path(__file__).with_name("ledger_writer.py")
 DAY = 86_400.0
@@ -292,7 +292,7 @@ async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> N
 
 async def test_a_ledger_never_closed_does_not_hang_the_process(tmp_path: Path) -> None:
     # aiosqlite's worker thread is not a daemon; the writer must stop it when the loop tears down.
-    script = ("import asyncio, sys\nfrom proxy.ledger import Ledger\n"
+    script = ("import asyncio, sys\nfrom proxy.money.ledger import Ledger\n"
               "async def main():\n    await Ledger.open(sys.argv[1])\nasyncio.run(main())\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, str(tmp_path / "ledger.db"), stderr=asyncio.subprocess.PIPE)

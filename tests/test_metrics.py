@@ -270,7 +270,7 @@ async def test_refused_requests_are_counted_too(make_proxy, emulator):
 
 
 async def test_credits_keep_updating_after_a_reload_replaces_the_upstream_client(make_proxy, emulator, tmp_path):
-    from proxy.app_keys import RELOADER
+    from proxy.http.appkeys import RELOADER
 
     path = tmp_path / "config.yaml"
     proxy = await make_proxy(config_text=with_credit_polling(emulator.url, 0.05), config_path=path)

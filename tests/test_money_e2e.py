@@ -14,10 +14,10 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.app_keys import ACCOUNTANT
+from proxy.http.appkeys import ACCOUNTANT
 from proxy.emulator import Fault
-from proxy.features import extract_features
-from proxy.routing import Router
+from proxy.core.features import extract_features
+from proxy.core.routing import Router
 
 from .money_helpers import (
     CHAIN_MODEL,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import PriceOverride, Pricing, load_config
-from proxy.pricing import DEFAULT_MAX_COMPLETION_TOKENS, Catalogue, Cost, PriceBook
+from proxy.core.pricing import DEFAULT_MAX_COMPLETION_TOKENS, Catalogue, Cost, PriceBook
 
 ROOT = Path(__file__).resolve().parent.parent
 

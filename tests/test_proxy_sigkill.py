@@ -10,7 +10,7 @@ import time
 import aiohttp
 
 from proxy.emulator import Fault
-from proxy.ledger import Ledger
+from proxy.money.ledger import Ledger
 
 from .conftest import proxy_config_text
 from .procs import free_port, start_proxy, wait_until_up

@@ -17,8 +17,8 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
-from proxy.ratelimits import MAX_READINGS, RateLimits, Reading, _duration, _epoch
-from proxy.routing import Target
+from proxy.core.ratelimits import MAX_READINGS, RateLimits, Reading, _duration, _epoch
+from proxy.core.routing import Target
 
 from .conftest import proxy_config_text
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 import yaml
 
-from proxy.app_keys import RELOADER
+from proxy.http.appkeys import RELOADER
 
 from .conftest import UPSTREAM_KEY, proxy_config_text
 

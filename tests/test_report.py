@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.app_keys import ACCOUNTANT
+from proxy.http.appkeys import ACCOUNTANT
 
 from .conftest import ROOT, UPSTREAM_KEY, proxy_config_text
 from .money_helpers import usage_cost

@@ -3,9 +3,9 @@
 import pytest
 
 from proxy.config import parse_config
-from proxy.features import RequestFeatures, extract_features
-from proxy.health import BlockView
-from proxy.routing import Block, Router, Target, UnknownModel
+from proxy.core.features import RequestFeatures, extract_features
+from proxy.core.breakers import BlockView
+from proxy.core.routing import Block, Router, Target, UnknownModel
 
 CONFIG = parse_config("""
 upstreams:

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from proxy.catalogue import packaged_snapshot
-from proxy.cli_ops import register
+from proxy.money.catalogue import packaged_snapshot
+from proxy.cli.ops import register
 from proxy.config import parse_config
-from proxy.ledger import Ledger, LedgerRow
-from proxy.pricing import Catalogue, PriceBook
-from proxy.routing import Router
-from proxy.simulate import SimulationError, parse_mix, replay_rows, simulate_mix
+from proxy.money.ledger import Ledger, LedgerRow
+from proxy.core.pricing import Catalogue, PriceBook
+from proxy.core.routing import Router
+from proxy.money.simulate import SimulationError, parse_mix, replay_rows, simulate_mix
 
 # Snapshot prices, USD per token (= USD per million / 1e6):
 #   mistralai/mistral-7b-instruct  0.028/M prompt, 0.054/M completion

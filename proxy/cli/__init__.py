@@ -1,0 +1,5 @@
+"""The `orproxy` command."""
+
+from proxy.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,264 @@
+"""The `orproxy` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from proxy.cli.ops import register as register_ops
+from proxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("orproxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orproxy", description="A cost-aware OpenAI-compatible gateway for OpenRouter.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
+    serve.add_argument("--host", help="override listen.host")
+    serve.add_argument("--port", type=int, help="override listen.port")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve against the built-in OpenRouter emulator (no key, no network), "
+                            "with one failing model so you can watch fallback")
+    serve.set_defaults(run=_serve)
+
+    check = sub.add_parser("check", help="validate a config file without starting anything")
+    check.add_argument("config", nargs="?", default="config.yaml")
+    check.set_defaults(run=_check)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of config.yaml (for editors)")
+    schema.set_defaults(run=_schema)
+
+    explain = sub.add_parser("explain", help="show where a request would go, and why (nothing is sent)")
+    explain.add_argument("--config", default="config.yaml")
+    explain.add_argument("--model", required=True, help="the model the client asks for, e.g. auto")
+    explain.add_argument("--task", help="the X-Task-Type header")
+    explain.add_argument("--messages-file", help="a JSON file with the `messages` array (or a whole request body)")
+    explain.add_argument("--max-tokens", type=int)
+    explain.add_argument("--stream", action="store_true")
+    explain.add_argument("--key", help="the client key's name, for its budget")
+    explain.add_argument("--ledger", help="ledger file for today's spend (default: the config's ledger.path)")
+    explain.set_defaults(run=_explain)
+
+    report = sub.add_parser("report", help="what was spent and saved, from the ledger")
+    report.add_argument("--config", default="config.yaml")
+    report.add_argument("--period", choices=("day", "month"), default="day")
+    report.add_argument("--by", choices=("model", "virtual", "key"), default="model")
+    report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.set_defaults(run=_report)
+
+    emulator = sub.add_parser("emulator", help="run the OpenRouter emulator on its own")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=9000)
+    emulator.set_defaults(run=_emulator)
+    register_ops(sub)
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
+              file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue.render(exc.filename)}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
+    source = load_catalogue_source(config)
+    warnings = catalogue_warnings(config, source.catalogue)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams"
+          f"{f', {len(warnings)} warnings' if warnings else ''}; prices from {source.describe()})")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from proxy.config import config_json_schema
+    sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    body: dict = {"model": args.model, "messages": [{"role": "user", "content": ""}]}
+    if args.messages_file:
+        try:
+            loaded = orjson.loads(Path(args.messages_file).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            print(f"orproxy: cannot read {args.messages_file}: {exc}", file=sys.stderr)
+            return 1
+        body.update(loaded if isinstance(loaded, dict) else {"messages": loaded})
+        body["model"] = args.model
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    if args.stream:
+        body["stream"] = True
+    headers = {"X-Task-Type": args.task} if args.task else {}
+    decision = asyncio.run(_offline_explain(config, body, headers, args))
+    if decision is None:
+        return 1
+    sys.stdout.write(orjson.dumps(decision, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
+    """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
+    from proxy.money.accounting import Accountant, recorded_spend
+    from proxy.core.budget import SpendBook
+    from proxy.core.explain import explain
+    from proxy.money.ledger import Ledger
+    from proxy.core.pricing import Catalogue, PriceBook
+    from proxy.core.routing import Router, UnknownModel
+    now = time.time()
+    book = SpendBook(config.budget, config.keys, now)
+    path = Path(args.ledger or config.ledger.path)
+    if path.exists():
+        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+        try:
+            book.load(*await recorded_spend(ledger, book))
+        finally:
+            await ledger.close()
+    prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
+    try:
+        return explain(config, Router(config), Accountant(prices, book, None, clock=lambda: now), body, headers,
+                       key=args.key, blocked=None, now=now)
+    except UnknownModel as exc:
+        print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
+        return None
+
+
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (e.g. on Windows); asyncio's loop works, a little slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    _setup_logging(config)
+    listen = config.listen.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    if not config.keys and args.host is None and not _is_loopback(listen.host):
+        # With no client keys anyone who reaches the port spends the upstream credits: stay local
+        # unless the operator says otherwise on the command line.
+        log.warning("no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of %s. "
+                    "Add `keys:` to the config, or pass --host %s to expose it anyway.", listen.host, listen.host)
+        listen = listen.model_copy(update={"host": "127.0.0.1"})
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    env = os.environ
+    if args.demo:
+        from proxy.ops.demo import start_demo
+        config, env = loop.run_until_complete(start_demo(config))
+    from proxy.http.app import StartupError, create_app
+    app = create_app(config, env=env, config_path=None if args.demo else args.config)
+    app.on_startup.append(_freeze_heap)
+
+    def announce(_aiohttp_banner: str) -> None:  # called once the socket is bound, not before
+        log.info("orproxy listening on http://%s:%d/v1 (%d virtual models: %s)", listen.host, listen.port,
+                 len(config.models), ", ".join(config.models))
+    # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
+    # the cleanup contexts (the ledger is flushed and closed) and exit 0.
+    try:
+        web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
+                    print=announce, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
+    except StartupError as exc:
+        print(f"orproxy: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"orproxy: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    log.info("orproxy stopped")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Everything built so far lives as long as the process: keep it out of the garbage
+    collector's scans, which per-request allocations would otherwise trigger over and over."""
+    gc.collect()
+    gc.freeze()
+
+
+def _report(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    path = Path(args.ledger or config.ledger.path)
+    if not path.exists():
+        print(f"orproxy: no ledger at {path} yet (it is created when the proxy first serves)", file=sys.stderr)
+        return 1
+    report = asyncio.run(_build_report(path, config, args.period, args.by))
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        from rich.console import Console
+
+        from proxy.money.reports import render
+        # Piped output has no terminal width to fit; do not squash the columns into ellipses.
+        Console(width=None if sys.stdout.isatty() else 200).print(render(report))
+    return 0
+
+
+async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
+    from proxy.money.ledger import Ledger
+    from proxy.money.reports import spend_report
+    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+    try:
+        return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
+    finally:
+        await ledger.close()
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from proxy.emulator.__main__ import main as emulator_main
+    return emulator_main(["--host", args.host, "--port", str(args.port)]) or 0

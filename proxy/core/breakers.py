@@ -1,0 +1,84 @@
+"""Member health: the circuit breaker behind `retry.cooldown`.
+
+A target that fails `failures` times within `window_s` is skipped for
+`cooldown_s`, then tried again. Time is passed in, never read, so the logic is
+tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from proxy.config import Cooldown
+from proxy.core.routing import Block, Target
+
+MAX_TRACKED = 4096  # targets with a failure window at once
+
+
+class CircuitBreakers:
+    def __init__(self, policy: Cooldown) -> None:
+        self.policy = policy  # replaced on config reload; the counts carry over
+        self._failures: dict[Target, deque[float]] = {}
+        self._open: dict[Target, Block] = {}
+
+    def record_failure(self, target: Target, now: float, detail: str = "") -> bool:
+        """Count a failure; return True when it opens the breaker."""
+        if target not in self._failures and len(self._failures) >= MAX_TRACKED:
+            self._forget_stale(now)
+        window = self._failures.setdefault(target, deque())
+        window.append(now)
+        while window and window[0] <= now - self.policy.window_s:
+            window.popleft()
+        if len(window) >= self.policy.failures and self.policy.cooldown_s > 0:
+            window.clear()
+            until = now + self.policy.cooldown_s
+            self._open[target] = Block("cooldown", until, detail or
+                                       f"{self.policy.failures} failures within {self.policy.window_s:g}s")
+            return True
+        return False
+
+    def _forget_stale(self, now: float) -> None:
+        """Direct slugs are chosen by clients: drop windows with no failure left in them, and if
+        every one is still live, the oldest, so memory stays bounded whatever clients send."""
+        horizon = now - self.policy.window_s
+        for target in [t for t, w in self._failures.items() if not w or w[-1] <= horizon]:
+            del self._failures[target]
+        while len(self._failures) >= MAX_TRACKED:
+            del self._failures[next(iter(self._failures))]
+
+    def record_success(self, target: Target) -> None:
+        if target in self._failures:
+            del self._failures[target]
+
+    def active(self, now: float) -> dict[Target, Block]:
+        """Open breakers at `now`; expired ones are closed (half-open: the next call decides)."""
+        if self._open:
+            for target in [t for t, block in self._open.items() if block.until is not None and block.until <= now]:
+                del self._open[target]
+        return self._open
+
+    def is_open(self, target: Target, now: float) -> bool:
+        return target in self.active(now)
+
+
+class BlockView:
+    """What routing asks per target: is it blocked, and why? Merges the static blocks
+    (an upstream without a key) with the live ones (open breakers, exhausted rate limits)."""
+
+    __slots__ = ("_by_upstream", "_by_target")
+
+    def __init__(self, by_upstream: dict[str, Block], *by_target: dict[Target, Block]) -> None:
+        self._by_upstream = by_upstream
+        self._by_target = tuple(blocks for blocks in by_target if blocks)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_upstream or self._by_target)
+
+    def get(self, target: Target) -> Block | None:
+        block = self._by_upstream.get(target.upstream)
+        if block is None:
+            for blocks in self._by_target:
+                block = blocks.get(target)
+                if block is not None:
+                    break
+        return block

@@ -1,0 +1,171 @@
+"""Pure: request features + config + a snapshot of member health -> an ordered plan.
+
+No IO, no clocks, no aiohttp: the executor runs the plan, tests read it as a table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.config import Config, When
+from proxy.core.features import RequestFeatures
+
+# OpenRouter slugs look like vendor/model[:variant]; anything else that is not a
+# virtual model is a typo, and gets a 404 naming the valid names.
+DIRECT_SLUG = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-:+]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One model on one upstream: a chain member, the unit of retries and cooldowns."""
+
+    model: str
+    upstream: str
+
+    def __str__(self) -> str:
+        return self.model if self.upstream == "openrouter" else f"{self.model}@{self.upstream}"
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Why a target is not to be called right now, and until when (epoch seconds)."""
+
+    reason: str  # cooldown | rate_limited | no_api_key
+    until: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStep:
+    virtual_model: str
+    rule: str  # the key path of the rule that matched, e.g. models.auto.route[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    requested: str
+    chain_owner: str | None  # the virtual model whose chain is used; None for a direct model
+    steps: tuple[RouteStep, ...] = ()
+    targets: tuple[Target, ...] = ()
+    skipped: tuple[tuple[Target, Block], ...] = field(default=())
+    rewrites: tuple[tuple[str, str], ...] = ()  # budget downgrades applied: (from, to)
+
+    @property
+    def direct(self) -> bool:
+        return self.chain_owner is None
+
+    def head(self) -> str:
+        """How the requested name became a chain, e.g. `auto>cheap` or `budget[quality->cheap] cheap`."""
+        names = [step.virtual_model for step in self.steps]
+        head = ">".join(names + [self.chain_owner]) if self.chain_owner else f"direct:{self.requested}"
+        if self.rewrites:
+            head = "budget[" + ",".join(f"{a}->{b}" for a, b in self.rewrites) + "] " + head
+        return head
+
+    def describe(self) -> str:
+        """The plan in short, e.g. `auto>cheap: a, b (skip c: cooldown)`."""
+        text = f"{self.head()}: {', '.join(map(str, self.targets)) or '-'}"
+        if self.skipped:
+            text += " (" + ", ".join(f"skip {t}: {b.reason}" for t, b in self.skipped) + ")"
+        return text
+
+
+class BlockLookup(Protocol):
+    def __bool__(self) -> bool: ...
+    def get(self, target: Target, /) -> Block | None: ...
+
+
+class UnknownModel(LookupError):
+    def __init__(self, requested: str, valid: list[str]) -> None:
+        super().__init__(requested)
+        self.requested = requested
+        self.valid = valid
+
+
+class Router:
+    """Built once per config; `plan` is then a few dict lookups per request."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._chains: dict[str, tuple[Target, ...]] = {
+            name: tuple(Target(m.model, m.upstream) for m in vm.chain)
+            for name, vm in config.models.items() if vm.chain is not None
+        }
+        self._routes: dict[str, tuple[tuple[When, str, str], ...]] = {
+            name: tuple((rule.when, rule.to, f"models.{name}.route[{i}]") for i, rule in enumerate(vm.route))
+            for name, vm in config.models.items() if vm.route is not None
+        }
+        self.virtual_models: tuple[str, ...] = tuple(config.models)
+        self.chain_models: tuple[str, ...] = tuple(self._chains)
+
+    def chain_of(self, name: str) -> tuple[Target, ...]:
+        return self._chains.get(name, ())
+
+    def resolve(self, requested: str, features: RequestFeatures) -> tuple[str | None, tuple[RouteStep, ...]]:
+        """Follow routing rules from a virtual model to the one whose chain is used."""
+        if requested not in self._config.models:
+            if self._config.allow_direct_models and DIRECT_SLUG.match(requested):
+                return None, ()
+            raise UnknownModel(requested, sorted(self._config.models))
+        steps: list[RouteStep] = []
+        name = requested
+        while name in self._routes:  # the config loader guarantees no loops and a catch-all
+            for when, to, where in self._routes[name]:
+                if rule_matches(when, features):
+                    steps.append(RouteStep(name, where))
+                    name = to
+                    break
+            else:
+                raise RuntimeError(f"no rule of {name!r} matched; the config check should have refused this")
+        return name, tuple(steps)
+
+    def plan(self, requested: str, features: RequestFeatures, blocked: BlockLookup | None = None,
+             rewrite: Mapping[str, str] | None = None) -> Plan:
+        """The ordered targets for a request. `rewrite` is a budget step's map (virtual -> cheaper
+        virtual, "*" for any): it applies to the requested name and to the model routing lands on."""
+        rewrites: tuple[tuple[str, str], ...] = ()
+        name = requested
+        if rewrite:
+            if requested not in self._config.models:
+                self.resolve(requested, features)  # an unknown name stays a 404, budget or not
+            swapped = rewrite.get(requested) or rewrite.get("*")
+            if swapped and swapped != requested:
+                name, rewrites = swapped, ((requested, swapped),)
+        owner, steps = self.resolve(name, features)
+        if rewrite and owner and owner != name and rewrite.get(owner, owner) != owner:
+            rewrites += ((owner, rewrite[owner]),)
+            owner = rewrite[owner]
+        chain = self._chains[owner] if owner else (Target(requested, self._config.direct_upstream),)
+        if not blocked:
+            return Plan(requested, owner, steps, chain, (), rewrites)
+        targets, skipped = [], []
+        for target in chain:
+            block = blocked.get(target)
+            if block is None:
+                targets.append(target)
+            else:
+                skipped.append((target, block))
+        return Plan(requested, owner, steps, tuple(targets), tuple(skipped), rewrites)
+
+
+def rule_matches(when: When, f: RequestFeatures) -> bool:
+    if when.task is not None and f.task not in when.task:
+        return False
+    if when.has_tools is not None and f.has_tools != when.has_tools:
+        return False
+    if when.has_images is not None and f.has_images != when.has_images:
+        return False
+    if when.json_mode is not None and f.json_mode != when.json_mode:
+        return False
+    if when.stream is not None and f.stream != when.stream:
+        return False
+    if when.prompt_tokens_over is not None and not f.prompt_tokens > when.prompt_tokens_over:
+        return False
+    if when.prompt_tokens_under is not None and not f.prompt_tokens < when.prompt_tokens_under:
+        return False
+    if when.last_user_message_matches is not None and not when.last_user_message_matches.search(f.last_user_text):
+        return False
+    return True

@@ -1,0 +1,243 @@
+"""Thin HTTP handlers: parse once, route, run, answer. Domain errors become
+OpenAI's error JSON in `proxy.http_errors`, in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from typing import Any
+
+import orjson
+from aiohttp import ClientResponse, web
+
+from proxy.money.accounting import Accountant, RequestRecord, Usage
+from proxy.core.admission import Admission, admit
+from proxy.http.appkeys import CACHE, RUNTIME
+from proxy.http.cached import answer_hit, key_for, store
+from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
+from proxy.upstream.executor import Attempt
+from proxy.core.explain import explain
+from proxy.core.features import RequestFeatures, extract_features
+from proxy.core.breakers import BlockView, CircuitBreakers
+from proxy.ops.metrics import Gauges
+from proxy.core.ratelimits import RateLimits
+from proxy.cache.replay import StreamAssembler
+from proxy.core.routing import Plan, UnknownModel
+from proxy.ops.runtime import Runtime, RuntimeRef
+from proxy.upstream.relay import relay
+from proxy.upstream.client import UpstreamClient
+
+log = logging.getLogger("orproxy")
+REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
+JSON = "application/json"
+
+
+class ChatHandler:
+    def __init__(self, breakers: CircuitBreakers, ratelimits: RateLimits, accountant: Accountant,
+                 gauges: Gauges) -> None:
+        self._breakers = breakers
+        self._ratelimits = ratelimits
+        self._accountant = accountant
+        self._gauges = gauges
+        self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
+        self._background: set[asyncio.Task[Any]] = set()  # cache writes after the answer went out
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._gauges.in_flight += 1
+        try:
+            return await self._chat(request)
+        finally:
+            self._gauges.in_flight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        runtimes = request.app[RUNTIME]
+        runtime = runtimes.acquire()
+        try:
+            return await self._serve(request, runtime)
+        finally:
+            runtimes.release(runtime)
+
+    async def _serve(self, request: web.Request, runtime: Runtime) -> web.StreamResponse:
+        started = time.monotonic()
+        request_id = self._request_id(request)
+        try:
+            client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
+            body = await _read_body(request)
+        except ProxyError as exc:
+            exc.request_id = request_id
+            refused = RequestRecord(request_id, self._accountant.now(), "", None, False, status=exc.status,
+                                    error=exc.code, latency_s=time.monotonic() - started)
+            self._accountant.observe_refusal(refused)
+            raise
+        model_name = body["model"]
+        features = extract_features(body, request.headers)
+        record = RequestRecord(request_id, self._accountant.now(), model_name, None, features.stream,
+                               key_name=client_key.name, prompt_estimate=features.prompt_tokens)
+        reservation = None
+        try:
+            client_key.check_model(model_name)
+            admission = self._admit(runtime, client_key.name, model_name, features)
+            plan, reservation = admission.plan, admission.reservation
+            record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
+            cache = request.app.get(CACHE)
+            cache_key = key_for(cache, body, request.headers, plan, runtime.router, runtime.config.direct_upstream)
+            if cache_key is not None and cache is not None:
+                hit = await cache.get(cache_key)
+                if hit is not None:
+                    response = answer_hit(request, hit, record, _proxy_headers(request_id, plan, [], admission.downgrade),
+                                          features.stream)
+                    record.latency_s = time.monotonic() - started
+                    await self._accountant.settle(record, reservation)
+                    return response
+            answer = await runtime.executor.run(plan, body, _open_stream if features.stream else _complete)
+            record.model, record.upstream, record.attempts = answer.target.model, answer.target.upstream, answer.attempts
+            headers = _proxy_headers(request_id, plan, answer.attempts, admission.downgrade)
+            if cache_key is not None:
+                headers["x-proxy-cache"] = "miss"
+            record.route = headers["x-proxy-route"]
+            record.status = 200
+            if features.stream:
+                assembler = StreamAssembler() if cache_key is not None else None
+
+                async def finish() -> None:
+                    record.latency_s = time.monotonic() - started
+                    await self._accountant.settle(record, reservation)
+                    completion = assembler.completion() if assembler is not None else None
+                    if completion is not None and cache is not None and cache_key is not None:
+                        store(cache, cache_key, record, completion, self._accountant.now(), self._background)
+                return await relay(request, answer.result, headers, record, started, finish, assembler)
+            raw, payload = answer.result
+            _fill_from_payload(record, payload)
+            record.latency_s = time.monotonic() - started
+            await self._accountant.settle(record, reservation)
+            if cache_key is not None and cache is not None:
+                store(cache, cache_key, record, payload, self._accountant.now(), self._background)
+            return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
+        except ProxyError as exc:
+            record.status, record.error = exc.status, exc.code
+            exc.request_id = request_id
+            raise
+        finally:
+            if not record.settled:  # failures, refusals and hang-ups are booked too
+                record.latency_s = time.monotonic() - started
+                await self._accountant.settle(record, reservation, wait=False)
+
+    def _blocked(self, runtime: Runtime, now: float) -> BlockView | None:
+        open_breakers = self._breakers.active(now)
+        limited = self._ratelimits.active(now)
+        if runtime.keyless or open_breakers or limited:
+            return BlockView(runtime.keyless, open_breakers, limited)
+        return None
+
+    def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
+        now = self._accountant.now()
+        try:
+            return admit(runtime.config, runtime.router, self._accountant, key, model, features,
+                         self._blocked(runtime, now), now)
+        except UnknownModel as exc:
+            raise _model_not_found(exc, runtime) from None
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
+        runtime = request.app[RUNTIME].current
+        client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
+        body = await _read_body(request)
+        client_key.check_model(body["model"])
+        now = self._accountant.now()
+        try:
+            decision = explain(runtime.config, runtime.router, self._accountant, body, request.headers,
+                               key=client_key.name, blocked=self._blocked(runtime, now), now=now)
+        except UnknownModel as exc:
+            raise _model_not_found(exc, runtime) from None
+        return web.Response(body=orjson.dumps(decision), content_type=JSON)
+
+    def _request_id(self, request: web.Request) -> str:
+        """The client's X-Request-ID when it is sane, else a time-ordered id (48 bits of milliseconds,
+        80 random bits): ordered ids append to the ledger's request-id index instead of touching a
+        random page of it per row, which halves the ledger's write cost."""
+        given = request.headers.get("X-Request-ID")
+        if given and REQUEST_ID.match(given):
+            return given
+        return f"{time.time_ns() // 1_000_000:012x}{self._ids.getrandbits(80):020x}"
+
+
+def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
+    return ModelNotFound(f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
+                         f"models: {', '.join(exc.valid)}"
+                         + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
+                            if runtime.config.allow_direct_models else "."), param="model")
+
+
+async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
+    response = await client.post(payload, stream=False, model=model)
+    return await client.read_json(response)
+
+
+async def _open_stream(client: UpstreamClient, payload: bytes, model: str) -> ClientResponse:
+    return await client.post(payload, stream=True, model=model)
+
+
+def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
+    record.usage = Usage.from_payload(payload.get("usage"))
+    record.note_origin(payload)
+
+
+def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
+    headers = {
+        "x-request-id": request_id,
+        "x-proxy-virtual-model": plan.requested,
+        "x-proxy-attempts": str(len(attempts)),
+        "x-proxy-route": route_header(plan, attempts),
+    }
+    if attempts:
+        headers["x-proxy-model"] = attempts[-1].target.model
+    if downgrade:
+        headers["x-proxy-downgrade"] = downgrade
+    return headers
+
+
+def route_header(plan: Plan, attempts: list[Attempt]) -> str:
+    """e.g. `auto>cheap: mistralai/mistral-7b-instruct=http_503,http_503 meta-llama/llama-3.1-8b-instruct=ok`."""
+    outcomes: dict[str, list[str]] = {}
+    for attempt in attempts:
+        outcomes.setdefault(str(attempt.target), []).append(attempt.outcome)
+    head = plan.head()
+    tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
+    skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
+    return f"{head}: {tried}{skipped}"
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"The request body is larger than this proxy accepts ({exc.text or 'limit'}); "
+                           "raise `max_body_bytes` in the config if this is expected.") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages",
+                             code="missing_required_parameter" if messages is None else "invalid_type")
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+    return body
+
+
+async def list_models(request: web.Request) -> web.Response:
+    runtime: RuntimeRef = request.app[RUNTIME]
+    return web.Response(body=runtime.current.models_body, content_type=JSON)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type=JSON)

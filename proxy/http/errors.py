@@ -1,0 +1,76 @@
+"""Every error leaves in OpenAI's shape (`{"error": {message, type, param, code}}`), so SDKs
+raise the right exception class.
+
+A per-route wrapper rather than an aiohttp middleware: a middleware costs every request a
+few microseconds of chain-building and context switching, and the proxy's budget for its own
+overhead is measured in tens of microseconds. Unknown paths and methods reach a catch-all
+route that answers 404/405 in the same shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.core.errors import ProxyError
+
+log = logging.getLogger("orproxy")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_errors(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return error_response(exc, exc.request_id)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(_from_http(exc, exc.text or exc.reason), None)
+        except Exception:
+            error_id = uuid.uuid4().hex
+            log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path,
+                          error_id)
+            return error_response(ProxyError(f"The proxy hit an internal error (error id {error_id}); it has "
+                                             "been logged.", code="internal_error"), error_id)
+
+    return wrapped
+
+
+async def unknown_route(request: web.Request) -> web.Response:
+    """The catch-all: 405 when the path exists with other methods, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if any(route.handler is unknown_route for route in resource):
+            continue
+        match, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        error = _from_http(web.HTTPMethodNotAllowed(request.method, sorted(allowed)),
+                           f"Method {request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}.")
+        return error_response(error, None, {"Allow": ", ".join(sorted(allowed))})
+    error = _from_http(web.HTTPNotFound(), f"No route {request.method} {request.path}; this proxy serves "
+                                          "POST /v1/chat/completions and GET /v1/models.")
+    return error_response(error, None)
+
+
+def _from_http(exc: web.HTTPException, message: str) -> ProxyError:
+    error = ProxyError(message, code=exc.reason.lower().replace(" ", "_"))
+    error.status, error.type = exc.status, "invalid_request_error" if exc.status < 500 else "server_error"
+    return error
+
+
+def error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None) -> web.Response:
+    headers = exc.headers()
+    headers["Content-Type"] = "application/json"
+    if request_id:
+        headers["x-request-id"] = request_id
+    if extra:
+        headers.update(extra)
+    return web.Response(status=exc.status, body=exc.body(), headers=headers)

@@ -1,0 +1,349 @@
+"""The spend ledger: one SQLite row per client request, durable before the answer.
+
+Durability and speed come from group commit. `record()` only enqueues; a single
+writer task takes everything queued (up to `max_batch`), inserts it in one
+transaction and commits once, then wakes every caller of that batch. A burst of
+N concurrent requests therefore costs one commit, not N, and a caller whose
+`record()` returned knows its row is in the WAL: a SIGKILL afterwards loses
+nothing. (With `synchronous="NORMAL"` an OS crash or power cut may still lose
+the last commits; `"FULL"` fsyncs every commit, which group commit amortises.)
+
+One long-lived connection serves the writer and the queries. An asyncio lock
+keeps queries out of an open write transaction, so a query never sees rows that
+a failing batch is about to roll back.
+
+Money is stored as INTEGER nano-dollars, not REAL dollars: integer sums are
+exact and independent of row order and SQLite version (SQLite before 3.43 sums
+REAL naively), so spend rebuilt at start-up equals the per-key figures to the
+last unit. Micro-dollars would be too coarse: a short request on a cheap model
+costs well under $0.000001. Nano-dollars overflow int64 only past $9e9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+from proxy.money.ledger_rows import (
+    GROUP_COLUMNS,
+    MIGRATIONS,
+    ROWS_PER_STATEMENT,
+    SCHEMA_SQL,
+    SCHEMA_VERSION,
+    SELECT_ROWS,
+    SYNCHRONOUS_MODES,
+    LedgerClosed,
+    LedgerRow,
+    LedgerSchemaError,
+    SummaryRow,
+    check_row,
+    from_nano,
+    from_record,
+    insert_many,
+    summary_row,
+    to_params,
+)
+
+log = logging.getLogger("orproxy.ledger")
+_PRUNE_CHUNK = 10_000   # rows deleted per transaction, so pruning never stalls the writer for long
+
+@dataclass(slots=True)
+class _Pending:
+    row: LedgerRow | None        # None: a flush barrier, resolved with the batch it lands in
+    future: asyncio.Future[None]
+
+
+_STOP = object()
+
+
+class Ledger:
+    """Spend records in one SQLite file; build with `await Ledger.open(path)`, end with `close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, *, retention_days: int,
+                 max_batch: int, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._path = path
+        self._retention_s = retention_days * 86_400.0
+        self._max_batch = max_batch
+        self._clock = clock
+        self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
+        self._lock = asyncio.Lock()     # one transaction or query at a time on the shared connection
+        self._closed = False
+        self._shutdown: asyncio.Task[None] | None = None
+        self.commits = 0                # batches committed; tests and metrics read it
+        self.rows_written = 0
+        self._writer = asyncio.create_task(self._write_forever(), name=f"ledger-writer:{path.name}")
+
+    @classmethod
+    async def open(cls, path: str | Path, *, retention_days: int = 400, synchronous: str = "NORMAL",
+                   max_batch: int = 512, clock: Callable[[], float] = time.time,
+                   busy_timeout_s: float = 5.0, prune: bool = True) -> Ledger:
+        path = Path(path)
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"ledger synchronous={synchronous!r}: use one of {sorted(SYNCHRONOUS_MODES)}")
+        if retention_days < 1 or max_batch < 1:
+            raise ValueError(f"ledger needs retention_days >= 1 and max_batch >= 1 "
+                             f"(got {retention_days}, {max_batch})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the writer issues BEGIN/COMMIT itself instead of
+        # relying on the sqlite3 module's implicit transactions.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await _prepare(db, path, synchronous, busy_timeout_s)
+        except BaseException:
+            await db.close()
+            raise
+        ledger = cls(db, path, retention_days=retention_days, max_batch=max_batch, clock=clock)
+        if prune:  # the proxy prunes; tools that only read (report, explain, simulate) pass prune=False
+            await ledger.prune()
+        return ledger
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # --- writing -------------------------------------------------------------
+
+    async def record(self, row: LedgerRow) -> None:
+        """Return once `row` is committed; raise LedgerClosed after close()."""
+        await self.record_nowait(row)
+
+    def record_nowait(self, row: LedgerRow) -> asyncio.Future[None]:
+        """Queue `row` and return the future its commit resolves. Cancelling that
+        future does not withdraw the row: a client that went away still costs money."""
+        check_row(row)
+        return self._enqueue(row)
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is settled (committed, or failed)."""
+        if self._closed:
+            if self._shutdown is not None:
+                await asyncio.shield(self._shutdown)
+            return
+        await self._enqueue(None)
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and close the connection. Idempotent."""
+        if self._shutdown is None:
+            self._closed = True
+            self._queue.put_nowait(_STOP)
+            self._shutdown = asyncio.create_task(self._finish())
+        await asyncio.shield(self._shutdown)
+
+    def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
+        if self._closed or self._writer.done():
+            raise LedgerClosed(f"ledger {self._path} is closed; request "
+                               f"{row.request_id if row else '(flush)'} was not recorded")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(row, future))
+        return future
+
+    async def _finish(self) -> None:
+        await asyncio.wait([self._writer])   # wait, not await: a cancelled writer must not fail close()
+        await self._db.close()
+
+    async def _write_forever(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            stopping = False
+            while not stopping:
+                batch = [await self._queue.get()]
+                # Linger one turn of the event loop: requests finishing in the same turn join this
+                # batch. A commit costs about as much CPU as a hundred rows, so under load this
+                # multiplies the rows per commit, for the price of one loop iteration of latency.
+                await asyncio.sleep(0)
+                while len(batch) < self._max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                if batch[-1] is _STOP:      # nothing is queued after _STOP, so it is always last
+                    batch.pop()
+                    stopping = True
+                if batch:
+                    await self._write_batch(batch)
+                batch = []
+        except asyncio.CancelledError:
+            # Torn down without close(): callers must not wait forever.
+            self._closed = True
+            error = LedgerClosed(f"ledger {self._path} writer was cancelled")
+            for item in batch + _drain(self._queue):
+                _settle(item.future, error)
+            # aiosqlite's thread is not a daemon: left running, it would keep the
+            # process from exiting after the event loop is gone.
+            stopped = self._db.stop()
+            if stopped is not None:
+                await stopped
+            raise
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        """Commit the batch's rows as ONE multi-row INSERT: in autocommit mode a single statement
+        is its own atomic transaction, so a whole batch costs one trip to aiosqlite's thread
+        (BEGIN + executemany + COMMIT would cost four, and their wake-ups dominate at low load)."""
+        rows = [item.row for item in batch if item.row is not None]
+        error: BaseException | None = None
+        written = 0
+        try:
+            async with self._lock:
+                for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                    chunk = rows[start:start + ROWS_PER_STATEMENT]
+                    params = [value for row in chunk for value in to_params(row)]
+                    await self._db.execute_insert(insert_many(len(chunk)), params)  # one hop, cursor closed
+                    written += len(chunk)
+                    self.commits += 1
+                    self.rows_written += len(chunk)
+        except Exception as exc:   # a bad disk must not kill the writer: fail what is unwritten, keep going
+            log.error("ledger %s: could not record %d request(s): %s", self._path, len(rows) - written, exc)
+            error = exc
+        index = 0
+        for item in batch:
+            if item.row is not None:
+                _settle(item.future, error if index >= written else None)
+                index += 1
+            else:
+                _settle(item.future, None)
+
+    # --- reading -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerClosed(f"ledger {self._path} is closed; open it again to query it")
+
+    async def _fetchall(self, sql: str, params: Sequence = ()) -> list:
+        self._check_open()
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
+
+    async def spend_between(self, start: float, end: float | None = None, *,
+                            key_name: str | None = None) -> float:
+        """Committed cost in [start, end); all keys unless `key_name` is given."""
+        if key_name is None:
+            sql, params = "SELECT sum(cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, _end(end))
+        else:
+            sql = "SELECT sum(cost_nusd) FROM requests WHERE key_name = ? AND ts >= ? AND ts < ?"
+            params = (key_name, start, _end(end))
+        (total,), = await self._fetchall(sql, params)
+        return from_nano(total)
+
+    async def spend_by_key_between(self, start: float, end: float | None = None) -> dict[str, float]:
+        """Cost in [start, end) per key name; requests without a key are under ""."""
+        found = await self._fetchall(
+            "SELECT coalesce(key_name, ''), sum(cost_nusd) FROM requests "
+            "WHERE ts >= ? AND ts < ? GROUP BY 1", (start, _end(end)))
+        return {key: from_nano(total) for key, total in found}
+
+    async def summary(self, start: float, end: float,
+                      by: Literal["model", "virtual", "key"]) -> list[SummaryRow]:
+        """Per-group figures for [start, end), largest cost first; a missing group value is ""."""
+        column = GROUP_COLUMNS.get(by)
+        if column is None:
+            raise ValueError(f"ledger summary by={by!r}: use one of {sorted(GROUP_COLUMNS)}")
+        found = await self._fetchall(
+            f"SELECT coalesce({column}, '') AS grp, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            "sum(cost_nusd), max(cost_nusd), sum(baseline_cost_nusd) FROM requests "
+            "WHERE ts >= ? AND ts < ? GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp", (start, end))
+        return [summary_row(*values) for values in found]
+
+    async def totals(self, start: float, end: float) -> SummaryRow:
+        (values,) = await self._fetchall(
+            "SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd), "
+            "max(cost_nusd), sum(baseline_cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, end))
+        return summary_row("total", *values)
+
+    async def rows(self, start: float | None = None, end: float | None = None) -> list[LedgerRow]:
+        """Committed rows in [start, end), oldest first."""
+        found = await self._fetchall(SELECT_ROWS, (-math.inf if start is None else start, _end(end)))
+        return [from_record(values) for values in found]
+
+    # --- retention -----------------------------------------------------------
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete rows older than retention_days before `now` (default: the clock); return how many."""
+        self._check_open()
+        cutoff = (self._clock() if now is None else now) - self._retention_s
+        deleted = 0
+        while True:
+            # Chunked, releasing the lock between chunks, so a first prune of a
+            # large backlog does not hold up the requests being recorded meanwhile.
+            async with self._lock:
+                await _exec(self._db, "BEGIN IMMEDIATE")
+                try:
+                    async with self._db.execute(
+                            "DELETE FROM requests WHERE id IN "
+                            "(SELECT id FROM requests WHERE ts < ? LIMIT ?)", (cutoff, _PRUNE_CHUNK)) as cursor:
+                        count = cursor.rowcount
+                    await self._db.commit()
+                except BaseException:
+                    await _rollback_quietly(self._db)
+                    raise
+            deleted += count
+            if count < _PRUNE_CHUNK:
+                break
+        if deleted:
+            log.info("ledger %s: pruned %d request(s) older than %.0f days",
+                     self._path, deleted, self._retention_s / 86_400)
+        return deleted
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path, synchronous: str, busy_timeout_s: float) -> None:
+    await _exec(db, f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    (mode,), = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+    if mode.lower() != "wal":
+        log.warning("ledger %s: SQLite refused WAL (journal_mode=%s); commits will be slower", path, mode)
+    await _exec(db, f"PRAGMA synchronous = {synchronous}")
+    (version,), = await db.execute_fetchall("PRAGMA user_version")
+    if version > SCHEMA_VERSION:
+        raise LedgerSchemaError(
+            f"ledger {path} has schema version {version}, but this proxy knows only up to "
+            f"{SCHEMA_VERSION}; run a newer proxy or point ledger.path at another file")
+    if version < SCHEMA_VERSION:
+        # One transaction, so a crash mid-way never leaves tables without their version.
+        steps = SCHEMA_SQL if version == 0 else "\n".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        script = f"BEGIN IMMEDIATE;\n{steps}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        try:
+            async with db.executescript(script):
+                pass
+        except BaseException:
+            await _rollback_quietly(db)
+            raise
+
+
+async def _exec(db: aiosqlite.Connection, sql: str, params: Sequence = ()) -> None:
+    async with db.execute(sql, params):
+        pass
+
+
+async def _rollback_quietly(db: aiosqlite.Connection) -> None:
+    try:
+        if db.in_transaction:
+            await db.rollback()
+    except Exception as exc:   # the original error is the one worth reporting
+        log.warning("ledger rollback failed: %s", exc)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():          # the caller gave up waiting; the row was still handled
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _drain(queue: asyncio.Queue) -> list[_Pending]:
+    items = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is not _STOP:
+            items.append(item)
+    return items
+
+
+def _end(end: float | None) -> float:
+    return math.inf if end is None else end

@@ -1,0 +1,56 @@
+"""`orproxy serve --demo`: the whole path against the built-in OpenRouter emulator.
+
+No key and no network: every upstream in the config is pointed at an emulator
+started in-process, and the first model of `quality` fails with a 503, so the
+first request shows a fallback in its `x-proxy-route` header and in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.emulator import EMULATOR_STATE, Fault, create_emulator_app
+
+log = logging.getLogger("orproxy.demo")
+DEMO_KEY = "demo-key-not-secret"
+
+
+async def start_demo(config: Config) -> tuple[Config, dict[str, str]]:
+    """Start the emulator on a free local port; return the config and env pointed at it."""
+    app = create_emulator_app()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    upstreams = {}
+    env: dict[str, str] = {}
+    for name, upstream in config.upstreams.items():
+        prefix = "/api/v1" if upstream.flavour == "openrouter" else "/v1"
+        upstreams[name] = upstream.model_copy(update={"base_url": f"http://127.0.0.1:{port}{prefix}",
+                                                     "kind": upstream.flavour})
+        env[upstream.api_key_env] = DEMO_KEY
+    failing = _first_model_of(config, "quality")
+    if failing:
+        app[EMULATOR_STATE].faults.set(failing, Fault(status=503, message="demo: provider overloaded"))
+    log.warning("DEMO MODE: upstreams point at the built-in emulator on 127.0.0.1:%d; %s",
+                port, f"'{failing}' always answers 503, so `quality` falls back" if failing else "no fault injected")
+    # Emulated spend must never count against the real budget: the demo keeps its own ledger and cache.
+    ledger = config.ledger.model_copy(update={"path": _beside(config.ledger.path, "demo-")})
+    cache = config.cache.model_copy(update={"path": _beside(config.cache.path, "demo-")})
+    return config.model_copy(update={"upstreams": upstreams, "ledger": ledger, "cache": cache}), env
+
+
+def _beside(path: str, prefix: str) -> str:
+    parent, _, name = path.rpartition("/")
+    return f"{parent}/{prefix}{name}" if parent else f"{prefix}{name}"
+
+
+def _first_model_of(config: Config, name: str) -> str | None:
+    model = config.models.get(name)
+    if model is None or not model.chain:
+        return None
+    return model.chain[0].model

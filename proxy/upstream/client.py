@@ -1,0 +1,184 @@
+"""The OpenAI-compatible client for one upstream: one place where aiohttp's
+exceptions and the upstream's error bodies become `Failure`s, and where the
+SSE byte stream is cut into events without being re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.config import Upstream
+from proxy.core.failures import Failure, classify_status, connection_failure, dropped_failure, timeout_failure
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+UPSTREAM_CONNECTIONS = 1000
+# Fields only OpenRouter understands; an OpenAI-style upstream rejects them with a 400,
+# which would turn a fallback into a client error.
+OPENROUTER_ONLY_FIELDS = ("provider", "transforms", "models", "route", "usage", "plugins")
+
+
+class UpstreamError(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class UpstreamClient:
+    """One upstream, with its own session: default headers and timeout are set once there,
+    so a request merges nothing and builds no timer objects of its own."""
+
+    def __init__(self, name: str, config: Upstream, api_key: str | None,
+                 connector: aiohttp.BaseConnector | None = None) -> None:
+        self.name = name
+        self.kind = config.flavour
+        self.api_key = api_key
+        self.key_env = config.api_key_env
+        self.base_url = config.base_url
+        self.url = f"{config.base_url}/chat/completions"
+        headers = {"Content-Type": "application/json", **config.headers}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._session = aiohttp.ClientSession(
+            connector=connector or aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300,
+                                                        keepalive_timeout=60),
+            # sock_connect, not connect: armed only when a new connection is opened, not per pooled request.
+            headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s))
+        # Told of every response's status and headers (rate-limit tracking); set by the app.
+        self.observe: Callable[[str, str, int, Mapping[str, str]], None] | None = None
+        # A stream may run long; what must not happen is a silence longer than timeout_s.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
+                                                     sock_read=config.timeout_s)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def key_info(self) -> dict[str, Any]:
+        """OpenRouter's GET /key: the key's limit, what is left, and its usage."""
+        async with self._session.get(self.base_url + "/key") as response:
+            if response.status != 200:
+                raise UpstreamError(classify_status(response.status, error_object(await response.read()),
+                                                    response.headers))
+            payload = orjson.loads(await response.read())
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    def prepare_body(self, body: dict[str, Any], model: str) -> bytes:
+        """The request for this upstream: the client's body with only `model` rewritten."""
+        if self.kind == "openrouter":
+            return orjson.dumps({**body, "model": model})
+        out = {k: v for k, v in body.items() if k not in OPENROUTER_ONLY_FIELDS}
+        out["model"] = model
+        if out.get("stream") is True:
+            # Without it an OpenAI-style upstream sends no usage on streams, and the stream would go unbilled.
+            options = out.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return orjson.dumps(out)
+
+    async def post(self, payload: bytes, *, stream: bool, model: str) -> aiohttp.ClientResponse:
+        """Send a chat request; return a 2xx response (the caller closes it) or raise UpstreamError."""
+        try:
+            if stream:
+                response = await self._session.post(self.url, data=payload, timeout=self._stream_timeout)
+            else:
+                response = await self._session.post(self.url, data=payload)
+        except asyncio.TimeoutError:
+            raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(connection_failure(f"{type(exc).__name__}: {exc}")) from None
+        if self.observe is not None:
+            self.observe(self.name, model, response.status, response.headers)
+        if response.status < 300:
+            return response
+        try:
+            raw = await response.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raw = b""
+        finally:
+            response.close()
+        raise UpstreamError(classify_status(response.status, error_object(raw), response.headers))
+
+    async def read_json(self, response: aiohttp.ClientResponse) -> tuple[bytes, dict[str, Any]]:
+        """Read a non-streamed answer; an `error` in a 200 body counts as a failure too."""
+        try:
+            raw = await response.read()
+        except asyncio.TimeoutError:
+            raise UpstreamError(timeout_failure(f"waiting for upstream {self.name}")) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(dropped_failure(f"{type(exc).__name__}: {exc}")) from None
+        finally:
+            response.release()
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(dropped_failure("the upstream answered with invalid JSON")) from None
+        if not isinstance(payload, dict):
+            raise UpstreamError(dropped_failure("the upstream answered with a non-object JSON body"))
+        error = payload.get("error")
+        if error and not payload.get("choices"):
+            status = error.get("code") if isinstance(error, dict) else None
+            raise UpstreamError(classify_status(status if isinstance(status, int) else 502,
+                                                error if isinstance(error, dict) else None, response.headers))
+        return raw, payload
+
+
+def error_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8", "replace").strip()
+        return {"message": text[:300]} if text else None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    return None
+
+
+async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[bytes, list[bytes]]]:
+    """Yield, per network read, the complete SSE events it finished: (their bytes, untouched and
+    ready to forward in one write; the events themselves, without their blank-line terminators).
+
+    Forwarding per read rather than per event keeps one write per packet, not one per token, while
+    every event still leaves as soon as it has arrived whole. Raises UpstreamError when the stream
+    breaks (connection dropped, read timeout, an event over MAX_EVENT_BYTES).
+    """
+    content = response.content
+    carry = b""
+    while True:
+        try:
+            piece = await content.readany()
+        except asyncio.TimeoutError:
+            raise UpstreamError(timeout_failure("waiting for the next stream event")) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None
+        if not piece:
+            if carry.strip():  # EOF in the middle of an event: the connection was cut
+                raise UpstreamError(dropped_failure("the upstream closed the stream mid-event"))
+            return
+        buffer = carry + piece if carry else piece
+        if b"\r" in buffer:  # CRLF framing is legal SSE; normalise it once so one terminator fits all
+            buffer = buffer.replace(b"\r\n", b"\n")
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise UpstreamError(dropped_failure("a stream event exceeded the size limit"))
+            carry = buffer
+            continue
+        end += 2
+        complete, carry = buffer[:end], buffer[end:]
+        yield complete, complete[:-2].split(b"\n\n")
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one event (multi-line data joined by newlines, per the SSE spec)."""
+    if event.startswith(b"data: ") and b"\n" not in event:  # the common single-line case
+        return event[6:]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None

@@ -135,12 +135,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
     """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
-    from proxy.money.accounting import Accountant, recorded_spend
     from proxy.core.budget import SpendBook
     from proxy.core.explain import explain
-    from proxy.money.ledger import Ledger
     from proxy.core.pricing import Catalogue, PriceBook
     from proxy.core.routing import Router, UnknownModel
+    from proxy.money.accounting import Accountant, recorded_spend
+    from proxy.money.ledger import Ledger
     now = time.time()
     book = SpendBook(config.budget, config.keys, now)
     path = Path(args.ledger or config.ledger.path)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.config import Config, ConfigError, load_config
+from proxy.core.pricing import PriceBook
+from proxy.core.routing import Router
 from proxy.money.catalogue import (
     DEFAULT_CACHE,
     CatalogueFetchError,
@@ -23,10 +26,15 @@ from proxy.money.catalogue import (
     render_models,
     write_cache,
 )
-from proxy.config import Config, ConfigError, load_config
-from proxy.core.pricing import PriceBook
-from proxy.core.routing import Router
-from proxy.money.simulate import MixSimulation, Replay, SimulationError, parse_mix, read_ledger, replay_rows, simulate_mix
+from proxy.money.simulate import (
+    MixSimulation,
+    Replay,
+    SimulationError,
+    parse_mix,
+    read_ledger,
+    replay_rows,
+    simulate_mix,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -15,28 +15,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxy.config.schema import (
-    DEFAULT_UPSTREAM,
-    Admin,
-    Budget,
-    Cache,
-    ChainMember,
     Config,
-    Cooldown,
-    DowngradeStep,
-    Ledger,
-    Listen,
-    Logging,
-    PriceOverride,
-    Pricing,
-    ProxyKey,
-    Retry,
     RoutingPart,
-    Rule,
-    Upstream,
-    VirtualModel,
-    When,
 )
-from proxy.config.yamlsrc import Path, SourceIssue, YamlDocument, YamlSyntaxError, format_path, parse_yaml
+from proxy.config.yamlsrc import Path, SourceIssue, YamlDocument, YamlSyntaxError, parse_yaml
 
 MAX_ROUTE_DEPTH = 16
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.money.accounting import Accountant
-from proxy.core.budget import Refusal, Reservation
 from proxy.config import Config, DowngradeStep
+from proxy.core.budget import Refusal, Reservation
 from proxy.core.errors import BudgetExceeded
 from proxy.core.features import RequestFeatures
 from proxy.core.routing import BlockLookup, Plan, Router
+from proxy.money.accounting import Accountant
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.money.accounting import Accountant
-from proxy.core.admission import budgeted_plan
 from proxy.config import Config
+from proxy.core.admission import budgeted_plan
 from proxy.core.features import RequestFeatures, extract_features
 from proxy.core.routing import BlockLookup, Router, UnknownModel
+from proxy.money.accounting import Accountant
 
 
 def explain(config: Config, router: Router, accountant: Accountant, body: Mapping[str, Any],

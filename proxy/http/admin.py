@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.http.appkeys import ACCOUNTANT, RELOADER, RUNTIME
 from proxy.core.errors import InvalidRequest, ProxyError, ServiceUnavailable, Unauthorized
-from proxy.http.errors import openai_errors
 from proxy.core.keys import bearer_matches
+from proxy.http.appkeys import ACCOUNTANT, RELOADER, RUNTIME
+from proxy.http.errors import openai_errors
 from proxy.money.reports import GROUPS, PERIODS, spend_report
 
 JSON = "application/json"

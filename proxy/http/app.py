@@ -15,21 +15,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
-from proxy.http.admin import AdminRoutes
-from proxy.http.appkeys import ACCOUNTANT, BREAKERS, CACHE, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
-from proxy.core.budget import SpendBook
 from proxy.cache.store import CachePolicy, ResponseCache
-from proxy.money.catalogue import load_catalogue_source
 from proxy.config import Config
-from proxy.ops.credits import poll_credits
-from proxy.http.chat import ChatHandler, healthz, list_models
 from proxy.core.breakers import CircuitBreakers
-from proxy.http.errors import openai_errors, unknown_route
-from proxy.money.ledger import Ledger
-from proxy.ops.metrics import Metrics, StateCollector
+from proxy.core.budget import SpendBook
 from proxy.core.pricing import PriceBook
 from proxy.core.ratelimits import RateLimits
+from proxy.http.admin import AdminRoutes
+from proxy.http.appkeys import ACCOUNTANT, BREAKERS, CACHE, CONFIG, METRICS, RATELIMITS, RELOADER, RUNTIME
+from proxy.http.chat import ChatHandler, healthz, list_models
+from proxy.http.errors import openai_errors, unknown_route
+from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
+from proxy.money.catalogue import load_catalogue_source
+from proxy.money.ledger import Ledger
+from proxy.ops.credits import poll_credits
+from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
 from proxy.ops.runtime import RuntimeRef, build_runtime, warn_missing_keys
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.money.accounting import Accountant
 from proxy.cache.store import ResponseCache
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
-from proxy.ops.metrics import Metrics
 from proxy.core.ratelimits import RateLimits
+from proxy.money.accounting import Accountant
+from proxy.ops.metrics import Metrics
 from proxy.ops.reload import Reloader
 from proxy.ops.runtime import RuntimeRef
 

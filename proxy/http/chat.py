@@ -13,22 +13,22 @@ from typing import Any
 import orjson
 from aiohttp import ClientResponse, web
 
-from proxy.money.accounting import Accountant, RequestRecord, Usage
+from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
-from proxy.http.appkeys import CACHE, RUNTIME
-from proxy.http.cached import answer_hit, key_for, store
+from proxy.core.breakers import BlockView, CircuitBreakers
 from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
-from proxy.upstream.executor import Attempt
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
-from proxy.core.breakers import BlockView, CircuitBreakers
-from proxy.ops.metrics import Gauges
 from proxy.core.ratelimits import RateLimits
-from proxy.cache.replay import StreamAssembler
 from proxy.core.routing import Plan, UnknownModel
+from proxy.http.appkeys import CACHE, RUNTIME
+from proxy.http.cached import answer_hit, key_for, store
+from proxy.money.accounting import Accountant, RequestRecord, Usage
+from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, RuntimeRef
-from proxy.upstream.relay import relay
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.executor import Attempt
+from proxy.upstream.relay import relay
 
 log = logging.getLogger("orproxy")
 REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")

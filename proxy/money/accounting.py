@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.core.budget import Refusal, Reservation, SpendBook
-from proxy.upstream.executor import Attempt
 from proxy.core.features import CHARS_PER_TOKEN
-from proxy.money.ledger import Ledger, LedgerRow
 from proxy.core.pricing import Cost, PriceBook
 from proxy.core.routing import Plan
+from proxy.money.ledger import Ledger, LedgerRow
+from proxy.upstream.executor import Attempt
 
 log = logging.getLogger("orproxy")
 access_log = logging.getLogger("orproxy.access")

@@ -23,12 +23,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
-from proxy.money.accounting import Accountant, recorded_spend
-from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
 from proxy.config import Config, ConfigError, load_config
 from proxy.core.breakers import CircuitBreakers
-from proxy.ops.metrics import Metrics
 from proxy.core.pricing import Catalogue, PriceBook
+from proxy.money.accounting import Accountant, recorded_spend
+from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
+from proxy.ops.metrics import Metrics
 from proxy.ops.runtime import RuntimeRef, build_runtime
 
 log = logging.getLogger("orproxy")

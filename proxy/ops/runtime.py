@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.config import Config
-from proxy.upstream.executor import Executor
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.keys import KeyRing
 from proxy.core.routing import Block, Router
 from proxy.upstream.client import UpstreamClient
+from proxy.upstream.executor import Executor
 
 log = logging.getLogger("orproxy")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from proxy.config import Retry
+from proxy.core.breakers import CircuitBreakers
 from proxy.core.errors import (
     ProxyError,
     RateLimited,
@@ -25,7 +26,6 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.failures import Action, Failure
-from proxy.core.breakers import CircuitBreakers
 from proxy.core.routing import Plan, Target
 from proxy.upstream.client import UpstreamClient, UpstreamError
 

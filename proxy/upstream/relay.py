@@ -17,8 +17,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.money.accounting import RequestRecord, Usage
 from proxy.cache.replay import StreamAssembler
+from proxy.money.accounting import RequestRecord, Usage
 from proxy.upstream.client import UpstreamError, event_data, iter_batches
 
 SSE_HEADERS = {

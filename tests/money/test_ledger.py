@@ -1,0 +1,333 @@
+"""The ledger against real SQLite files: durability, group commit, aggregates, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sqlite3
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.money.ledger import SCHEMA_VERSION, Ledger, LedgerClosed, LedgerRow, LedgerSchemaError, SummaryRow
+
+WRITER = Path(__file__).resolve().parent.parent / "support" / "ledger_writer.py"
+DAY = 86_400.0
+T0 = 1_750_000_000.0   # a fixed "now" so periods and retention are deterministic
+
+
+def row(request_id: str, *, ts: float = T0, key: str | None = "alice", model: str | None = "openai/gpt-4o-mini",
+        virtual: str | None = "cheap", cost: float = 0.001, baseline: float = 0.004,
+        prompt: int = 100, completion: int = 50, **overrides) -> LedgerRow:
+    fields = dict(
+        ts=ts, request_id=request_id, key_name=key, requested_model=virtual or model or "?",
+        virtual_model=virtual, model=model, upstream="openrouter", provider="OpenAI",
+        prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost, cost_source="upstream",
+        baseline_cost_usd=baseline, latency_s=0.5, ttft_s=0.1, status=200, attempts=1, streamed=False,
+    )
+    fields.update(overrides)
+    return LedgerRow(**fields)
+
+
+# Hand-computed figures below are for this set (all inside [T0, T0 + DAY)).
+SAMPLE = [
+    row("r1", key="alice", model="m/a", virtual="cheap", cost=0.001, baseline=0.004, prompt=100, completion=10),
+    row("r2", key="alice", model="m/a", virtual="cheap", cost=0.003, baseline=0.004, prompt=200, completion=20),
+    row("r3", key="bob", model="m/b", virtual="smart", cost=0.010, baseline=0.008, prompt=300, completion=30),
+    row("r4", key=None, model="m/b", virtual=None, cost=0.002, baseline=0.0, prompt=400, completion=40,
+        streamed=True, cached=True, cost_source="cached", generation_id="gen-4", ttft_s=None),
+    row("r5", key="bob", model=None, virtual="smart", cost=0.0, baseline=0.0, prompt=0, completion=0,
+        status=502, attempts=3, error="upstream_unavailable"),
+]
+
+
+async def open_at_t0(path: Path, **options) -> Ledger:
+    """Rows here are dated around T0, so the clock must be too, or opening would prune them."""
+    return await Ledger.open(path, clock=lambda: T0, **options)
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path):
+    opened = await open_at_t0(tmp_path / "ledger.db")
+    yield opened
+    await opened.close()
+
+
+async def test_rows_and_aggregates_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "ledger.db"
+    first = await open_at_t0(path)
+    await asyncio.gather(*(first.record(r) for r in SAMPLE))
+    await first.close()
+
+    second = await open_at_t0(path)
+    try:
+        assert await second.rows() == SAMPLE   # every field round-trips, booleans and None included
+        assert await second.spend_between(T0) == pytest.approx(0.016)
+        assert await second.spend_between(T0, T0 + DAY, key_name="alice") == pytest.approx(0.004)
+        assert await second.spend_by_key_between(T0) == pytest.approx({"alice": 0.004, "bob": 0.010, "": 0.002})
+        assert (await second.totals(T0, T0 + DAY)).requests == 5
+    finally:
+        await second.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"requests_ts_key_cost", "requests_key_ts_cost"} <= indexes
+
+
+async def test_spend_respects_half_open_periods_and_keys(ledger: Ledger) -> None:
+    await asyncio.gather(
+        ledger.record(row("yesterday", ts=T0 - 1, cost=0.5)),
+        ledger.record(row("start", ts=T0, cost=0.25)),
+        ledger.record(row("bob", ts=T0 + 10, key="bob", cost=0.125)),
+        ledger.record(row("tomorrow", ts=T0 + DAY, cost=1.0)),
+    )
+    assert await ledger.spend_between(T0, T0 + DAY) == pytest.approx(0.375)
+    assert await ledger.spend_between(T0) == pytest.approx(1.375)            # open-ended
+    assert await ledger.spend_between(T0, T0 + DAY, key_name="alice") == pytest.approx(0.25)
+    assert await ledger.spend_between(T0, key_name="nobody") == 0.0
+    assert await ledger.spend_by_key_between(T0 - DAY, T0) == pytest.approx({"alice": 0.5})
+    assert await ledger.spend_by_key_between(T0 + 2 * DAY) == {}
+
+
+async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
+    # 10,000 requests of $0.0000001: float sums drift, nano-dollar sums do not.
+    await asyncio.gather(*(ledger.record(row(f"t{i}", cost=1e-7)) for i in range(10_000)))
+    assert await ledger.spend_between(T0) == 0.001
+
+
+@pytest.mark.parametrize(("by", "expected"), [
+    ("model", [
+        # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %
+        SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0),
+        SummaryRow("m/a", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+        SummaryRow("", 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
+    ]),
+    ("virtual", [
+        SummaryRow("smart", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
+        SummaryRow("cheap", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+        SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+    ]),
+    ("key", [
+        SummaryRow("bob", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
+        SummaryRow("alice", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+        SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+    ]),
+])
+async def test_summary_groups(ledger: Ledger, by: str, expected: list[SummaryRow]) -> None:
+    await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
+    await ledger.record(row("outside", ts=T0 + DAY, cost=9.0))   # excluded by the period
+    got = await ledger.summary(T0, T0 + DAY, by)
+    assert [r.group for r in got] == [r.group for r in expected]
+    for actual, wanted in zip(got, expected):
+        assert dataclasses.astuple(actual) == pytest.approx(dataclasses.astuple(wanted))
+
+
+async def test_totals(ledger: Ledger) -> None:
+    assert await ledger.totals(T0, T0 + DAY) == SummaryRow("total", 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
+    await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
+    total = await ledger.totals(T0, T0 + DAY)
+    assert dataclasses.astuple(total) == pytest.approx(
+        ("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0))
+    with pytest.raises(ValueError, match="summary by='provider'"):
+        await ledger.summary(T0, T0 + DAY, "provider")  # type: ignore[arg-type]
+
+
+async def test_prune_by_retention_with_injected_clock(tmp_path: Path) -> None:
+    now = [T0]
+    path = tmp_path / "ledger.db"
+    ledger = await Ledger.open(path, retention_days=30, clock=lambda: now[0])
+    await asyncio.gather(
+        ledger.record(row("old", ts=T0 - 31 * DAY)),
+        ledger.record(row("edge", ts=T0 - 30 * DAY)),      # exactly at the cutoff: kept
+        ledger.record(row("new", ts=T0 - DAY)),
+    )
+    assert await ledger.prune() == 1
+    assert [r.request_id for r in await ledger.rows()] == ["edge", "new"]
+    assert await ledger.prune(now=T0 + 0.5 * DAY) == 1
+    assert await ledger.prune() == 0
+    await ledger.close()
+
+    now[0] = T0 + 40 * DAY     # opening prunes once
+    reopened = await Ledger.open(path, retention_days=30, clock=lambda: now[0])
+    assert await reopened.rows() == []
+    await reopened.close()
+
+
+def wal_commit_frames(db_path: Path) -> int:
+    """Commit frames in the live WAL, read from the file itself (not from the ledger).
+
+    A WAL frame header is 24 bytes: page number, database size after commit (non-zero
+    only on a transaction's last frame), then the two salts of the WAL generation.
+    """
+    data = (db_path.parent / (db_path.name + "-wal")).read_bytes()
+    page_size, = struct.unpack(">I", data[8:12])
+    salts = data[16:24]
+    commits, offset = 0, 32
+    while offset + 24 + page_size <= len(data):
+        header = data[offset:offset + 24]
+        if header[8:16] != salts:
+            break
+        commits += struct.unpack(">I", header[4:8])[0] != 0
+        offset += 24 + page_size
+    return commits
+
+
+async def test_burst_is_group_committed(ledger: Ledger) -> None:
+    commits_before, frames_before = ledger.commits, wal_commit_frames(ledger.path)
+    await asyncio.gather(*(ledger.record(row(f"b{i}", cost=0.001)) for i in range(500)))
+    commits = ledger.commits - commits_before
+    assert wal_commit_frames(ledger.path) - frames_before == commits   # the counter tells the truth
+    assert 1 <= commits <= 5, f"{commits} commits for 500 rows"
+    assert len(await ledger.rows()) == 500
+    assert await ledger.spend_between(T0) == pytest.approx(0.5)
+
+
+async def test_max_batch_caps_a_transaction(tmp_path: Path) -> None:
+    ledger = await open_at_t0(tmp_path / "ledger.db", max_batch=100)
+    await asyncio.gather(*(ledger.record(row(f"b{i}")) for i in range(450)))
+    assert ledger.commits == 5
+    await ledger.close()
+
+
+async def test_close_flushes_pending_and_then_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await open_at_t0(path)
+    futures = [ledger.record_nowait(row(f"p{i}")) for i in range(300)]
+    await ledger.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    await ledger.close()   # idempotent
+    with pytest.raises(LedgerClosed, match="late"):
+        await ledger.record(row("late"))
+    with pytest.raises(LedgerClosed):
+        ledger.record_nowait(row("later"))
+    with pytest.raises(LedgerClosed):
+        await ledger.spend_between(T0)
+
+    reopened = await open_at_t0(path)
+    assert len(await reopened.rows()) == 300
+    await reopened.close()
+
+
+async def test_flush_waits_for_queued_rows(ledger: Ledger) -> None:
+    futures = [ledger.record_nowait(row(f"f{i}")) for i in range(50)]
+    await ledger.flush()
+    assert all(f.done() for f in futures)
+    assert len(await ledger.rows()) == 50
+
+
+async def test_cancelled_caller_still_costs(ledger: Ledger) -> None:
+    waiting = asyncio.ensure_future(ledger.record(row("gone")))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await ledger.flush()
+    assert [r.request_id for r in await ledger.rows()] == ["gone"]
+
+
+async def test_bad_rows_are_refused_at_the_caller(ledger: Ledger) -> None:
+    with pytest.raises(ValueError, match="cost_source 'guess'"):
+        await ledger.record(row("bad", cost_source="guess"))
+    with pytest.raises(ValueError, match="cost_usd"):
+        ledger.record_nowait(row("nan", cost=float("nan")))
+    await ledger.record(row("good"))
+    assert [r.request_id for r in await ledger.rows()] == ["good"]
+
+
+async def test_db_error_fails_the_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await open_at_t0(path, busy_timeout_s=0.05)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")   # another process holding the write lock
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await ledger.record(row("blocked"))
+        blocker.execute("ROLLBACK")
+        await ledger.record(row("after"))
+        assert [r.request_id for r in await ledger.rows()] == ["after"]
+    finally:
+        blocker.close()
+        await ledger.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 99")
+    with pytest.raises(LedgerSchemaError, match="schema version 99"):
+        await Ledger.open(path)
+
+
+async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(WRITER), str(path), "16", stdout=asyncio.subprocess.PIPE)
+    acknowledged: list[str] = []
+    try:
+        async with asyncio.timeout(8):
+            while len(acknowledged) < 400:
+                line = await proc.stdout.readline()
+                assert line, "the writer exited before printing enough ids"
+                acknowledged.append(line.decode().strip())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # Lines already in the pipe were printed after record() returned too.
+    tail = await proc.stdout.read()
+    acknowledged += [line for line in tail.decode().split("\n")[:-1] if line]
+
+    ledger = await Ledger.open(path)
+    try:
+        recorded = {r.request_id for r in await ledger.rows()}
+    finally:
+        await ledger.close()
+    missing = [rid for rid in acknowledged if rid not in recorded]
+    assert not missing, f"{len(missing)} acknowledged rows lost, e.g. {missing[:5]}"
+    assert len(recorded) >= len(acknowledged)
+
+
+async def test_a_ledger_never_closed_does_not_hang_the_process(tmp_path: Path) -> None:
+    # aiosqlite's worker thread is not a daemon; the writer must stop it when the loop tears down.
+    script = ("import asyncio, sys\nfrom proxy.money.ledger import Ledger\n"
+              "async def main():\n    await Ledger.open(sys.argv[1])\nasyncio.run(main())\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(tmp_path / "ledger.db"), stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(5):
+            _, stderr = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert not stderr, stderr.decode()
+
+
+async def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
+    """Files written before cache savings were recorded keep their rows and gain the column."""
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript("""
+            CREATE TABLE requests (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
+              key_name TEXT, requested_model TEXT NOT NULL, virtual_model TEXT, model TEXT, upstream TEXT,
+              provider TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+              cost_nusd INTEGER NOT NULL, cost_source TEXT NOT NULL, baseline_cost_nusd INTEGER NOT NULL,
+              latency_s REAL NOT NULL, ttft_s REAL, status INTEGER NOT NULL, attempts INTEGER NOT NULL,
+              streamed INTEGER NOT NULL, generation_id TEXT, cached INTEGER NOT NULL, error TEXT);
+            INSERT INTO requests (ts, request_id, requested_model, prompt_tokens, completion_tokens, cost_nusd,
+              cost_source, baseline_cost_nusd, latency_s, status, attempts, streamed, cached)
+              VALUES (1.0, 'old-1', 'cheap', 10, 20, 1500, 'upstream', 3000, 0.1, 200, 1, 0, 0);
+            PRAGMA user_version = 1;
+        """)
+    ledger = await Ledger.open(path, clock=lambda: 2.0)
+    try:
+        (row,) = await ledger.rows()
+        assert (row.request_id, row.cost_usd, row.saved_usd) == ("old-1", 0.0000015, 0.0)
+    finally:
+        await ledger.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

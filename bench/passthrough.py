@@ -3,6 +3,7 @@
 python bench/passthrough.py --port P --upstream http://127.0.0.1:E/api/v1/chat/completions --api-key K
 Same loop (uvloop), no access log, one process, one shared ClientSession: what the proxy is measured against.
 """
+
 import argparse
 
 import aiohttp

@@ -29,9 +29,17 @@ async def emulator(aiohttp_server) -> Emulator:
 
 @pytest.fixture
 async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
-    async def make(body: str = "", *, retry: str | None = None, env: dict[str, str] | None = None,
-                   config_text: str | None = None, extra: str = "", ledger_path: Path | None = None,
-                   clock: Callable[[], float] | None = None, config_path: Path | None = None) -> Proxy:
+    async def make(
+        body: str = "",
+        *,
+        retry: str | None = None,
+        env: dict[str, str] | None = None,
+        config_text: str | None = None,
+        extra: str = "",
+        ledger_path: Path | None = None,
+        clock: Callable[[], float] | None = None,
+        config_path: Path | None = None,
+    ) -> Proxy:
         """A proxy in front of the emulator; with `config_path`, the text is written there and
         the proxy reloads from it (SIGHUP, POST /admin/reload, file watch)."""
         text = config_text or proxy_config_text(emulator.url, body, retry) + extra
@@ -39,9 +47,14 @@ async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
             config_path.write_text(text)
         config = parse_config(text, "test-config.yaml")
         env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY} if env is None else env
-        app = create_app(config, env=env, ledger_path=ledger_path or tmp_path / "ledger.sqlite3",
-                         cache_path=tmp_path / "cache.sqlite3", config_path=config_path,
-                         **({"clock": clock} if clock else {}))
+        app = create_app(
+            config,
+            env=env,
+            ledger_path=ledger_path or tmp_path / "ledger.sqlite3",
+            cache_path=tmp_path / "cache.sqlite3",
+            config_path=config_path,
+            **({"clock": clock} if clock else {}),
+        )
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect, like `orproxy serve`
         return Proxy(server, app, config)
 

@@ -16,8 +16,8 @@ import orjson
 if TYPE_CHECKING:
     from proxy.cache.store import CachedAnswer
 
-_PIECES = 4                          # a replayed text is split into at most this many chunks ...
-_MIN_PIECE = 16                      # ... of at least this many characters
+_PIECES = 4  # a replayed text is split into at most this many chunks ...
+_MIN_PIECE = 16  # ... of at least this many characters
 
 
 def replay_as_sse(answer: CachedAnswer) -> bytes:
@@ -59,8 +59,11 @@ def replay_as_sse(answer: CachedAnswer) -> bytes:
         events.append(event([finish]))
     usage = completion.get("usage")
     if not isinstance(usage, dict):
-        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+        usage = {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        }
     events.append(event([], usage=usage))
     events.append(b"data: [DONE]\n\n")
     return b"".join(events)
@@ -76,8 +79,7 @@ def _message_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
         # null, not "", when there is no text (a tool call), so the accumulated content is null too
         {"role": message.get("role") or "assistant", "content": "" if isinstance(content, str) else None},
     ]
-    others = {name: value for name, value in message.items()
-              if name not in _STREAMED_PIECEWISE and value is not None}
+    others = {name: value for name, value in message.items() if name not in _STREAMED_PIECEWISE and value is not None}
     if others:
         deltas.append(others)
     for name in ("refusal", "content"):
@@ -86,26 +88,33 @@ def _message_deltas(message: Mapping[str, Any]) -> list[dict[str, Any]]:
             deltas.extend({name: piece} for piece in _pieces(text))
     for position, call in enumerate(message.get("tool_calls") or ()):
         function = call.get("function")
-        if not isinstance(function, dict):     # not a function call: no piecewise form to give it
+        if not isinstance(function, dict):  # not a function call: no piecewise form to give it
             deltas.append({"tool_calls": [{**call, "index": position}]})
             continue
-        opening = {"index": position, "id": call.get("id"), "type": call.get("type", "function"),
-                   "function": {"name": function.get("name"), "arguments": ""}}
+        opening = {
+            "index": position,
+            "id": call.get("id"),
+            "type": call.get("type", "function"),
+            "function": {"name": function.get("name"), "arguments": ""},
+        }
         deltas.append({"tool_calls": [opening]})
-        deltas.extend({"tool_calls": [{"index": position, "function": {"arguments": piece}}]}
-                      for piece in _pieces(function.get("arguments") or ""))
+        deltas.extend(
+            {"tool_calls": [{"index": position, "function": {"arguments": piece}}]}
+            for piece in _pieces(function.get("arguments") or "")
+        )
     function_call = message.get("function_call")
-    if isinstance(function_call, dict):        # the deprecated single-function form
+    if isinstance(function_call, dict):  # the deprecated single-function form
         deltas.append({"function_call": {"name": function_call.get("name"), "arguments": ""}})
-        deltas.extend({"function_call": {"arguments": piece}}
-                      for piece in _pieces(function_call.get("arguments") or ""))
+        deltas.extend(
+            {"function_call": {"arguments": piece}} for piece in _pieces(function_call.get("arguments") or "")
+        )
     return deltas
 
 
 def _pieces(text: str) -> list[str]:
     """At most _PIECES slices of at least _MIN_PIECE characters whose concatenation is `text`."""
     size = max(_MIN_PIECE, -(-len(text) // _PIECES))
-    return [text[start:start + size] for start in range(0, len(text), size)]
+    return [text[start : start + size] for start in range(0, len(text), size)]
 
 
 def _str_or(value: Any, default: str) -> str:
@@ -132,14 +141,16 @@ class StreamAssembler:
             self.failed = True
             return
         if not self._head:
-            self._head = {k: chunk[k] for k in ("id", "created", "model", "provider", "system_fingerprint")
-                          if k in chunk}
+            self._head = {
+                k: chunk[k] for k in ("id", "created", "model", "provider", "system_fingerprint") if k in chunk
+            }
         if chunk.get("usage"):
             self._usage = chunk["usage"]
         for delta_choice in chunk.get("choices") or ():
             index = delta_choice.get("index", 0)
-            choice = self._choices.setdefault(index, {"content": [], "refusal": [], "tool_calls": {},
-                                                      "role": "assistant", "finish_reason": None})
+            choice = self._choices.setdefault(
+                index, {"content": [], "refusal": [], "tool_calls": {}, "role": "assistant", "finish_reason": None}
+            )
             delta = delta_choice.get("delta") or {}
             if delta.get("role"):
                 choice["role"] = delta["role"]
@@ -148,8 +159,9 @@ class StreamAssembler:
             if delta.get("refusal"):
                 choice["refusal"].append(delta["refusal"])
             for call in delta.get("tool_calls") or ():
-                slot = choice["tool_calls"].setdefault(call.get("index", 0), {"id": None, "type": "function",
-                                                                              "name": "", "arguments": []})
+                slot = choice["tool_calls"].setdefault(
+                    call.get("index", 0), {"id": None, "type": "function", "name": "", "arguments": []}
+                )
                 slot["id"] = call.get("id") or slot["id"]
                 function = call.get("function") or {}
                 slot["name"] += function.get("name") or ""
@@ -163,14 +175,23 @@ class StreamAssembler:
             return None
         choices = []
         for index, choice in sorted(self._choices.items()):
-            message: dict[str, Any] = {"role": choice["role"], "content": "".join(choice["content"]) or None,
-                                       "refusal": "".join(choice["refusal"]) or None}
+            message: dict[str, Any] = {
+                "role": choice["role"],
+                "content": "".join(choice["content"]) or None,
+                "refusal": "".join(choice["refusal"]) or None,
+            }
             if choice["tool_calls"]:
-                message["tool_calls"] = [{"id": slot["id"], "type": slot["type"],
-                                          "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])}}
-                                         for _, slot in sorted(choice["tool_calls"].items())]
-            choices.append({"index": index, "message": message, "finish_reason": choice["finish_reason"],
-                            "logprobs": None})
+                message["tool_calls"] = [
+                    {
+                        "id": slot["id"],
+                        "type": slot["type"],
+                        "function": {"name": slot["name"], "arguments": "".join(slot["arguments"])},
+                    }
+                    for _, slot in sorted(choice["tool_calls"].items())
+                ]
+            choices.append(
+                {"index": index, "message": message, "finish_reason": choice["finish_reason"], "logprobs": None}
+            )
         completion = {**self._head, "object": "chat.completion", "choices": choices}
         if self._usage:
             completion["usage"] = self._usage

@@ -59,13 +59,21 @@ log = logging.getLogger("orproxy.cache")
 
 SCHEMA_VERSION = 1
 # Request fields that cannot change the answer. `model` is represented by the chain.
-IGNORED_FIELDS = frozenset({
-    "stream", "stream_options", "user", "metadata", "model",
-    "safety_identifier", "prompt_cache_key", "store",
-})
-_KEY_PREFIX = b"orproxy-cache/1\n"   # bump when the canonical form changes: old entries just stop matching
-_TOUCH_EVERY_S = 60.0                # a hit re-marks its row at most this often
-_TOUCH_BATCH = 256                   # pending marks written together once this many have piled up
+IGNORED_FIELDS = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "user",
+        "metadata",
+        "model",
+        "safety_identifier",
+        "prompt_cache_key",
+        "store",
+    }
+)
+_KEY_PREFIX = b"orproxy-cache/1\n"  # bump when the canonical form changes: old entries just stop matching
+_TOUCH_EVERY_S = 60.0  # a hit re-marks its row at most this often
+_TOUCH_BATCH = 256  # pending marks written together once this many have piled up
 
 # What a failing store raises: SQLite's errors, and aiosqlite's ValueError for a connection
 # closed under a request that was already inside get/put during shutdown.
@@ -106,13 +114,13 @@ class CachePolicy:
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
-    completion: dict          # the non-streamed chat.completion object, as the upstream returned it
-    model: str                # the real model that answered
+    completion: dict  # the non-streamed chat.completion object, as the upstream returned it
+    model: str  # the real model that answered
     upstream: str
-    cost_usd: float           # what the original request cost: what each hit saves
+    cost_usd: float  # what the original request cost: what each hit saves
     prompt_tokens: int
     completion_tokens: int
-    created_at: float         # epoch seconds of the original answer
+    created_at: float  # epoch seconds of the original answer
 
 
 # --- pure -------------------------------------------------------------------
@@ -141,7 +149,7 @@ def cache_key(body: Mapping[str, Any], chain: Sequence[str]) -> str:
 def _canonical_number(value: Any) -> Any:
     # `"temperature": 0.0` and `0` ask the same thing; only top-level parameters are numbers
     # worth normalising, and below 2**53 the integer is exact.
-    if type(value) is float and value.is_integer() and abs(value) < 2 ** 53:
+    if type(value) is float and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
 
@@ -157,32 +165,41 @@ def cacheable(completion: Any) -> bool:
 
 
 def _encode(answer: CachedAnswer) -> bytes:
-    return orjson.dumps({
-        "completion": answer.completion, "model": answer.model, "upstream": answer.upstream,
-        "cost_usd": answer.cost_usd, "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens, "created_at": answer.created_at,
-    })
+    return orjson.dumps(
+        {
+            "completion": answer.completion,
+            "model": answer.model,
+            "upstream": answer.upstream,
+            "cost_usd": answer.cost_usd,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "created_at": answer.created_at,
+        }
+    )
 
 
 def _decode(payload: bytes) -> CachedAnswer:
     stored = orjson.loads(payload)
     return CachedAnswer(
-        completion=stored["completion"], model=stored["model"], upstream=stored["upstream"],
-        cost_usd=float(stored["cost_usd"]), prompt_tokens=int(stored["prompt_tokens"]),
-        completion_tokens=int(stored["completion_tokens"]), created_at=float(stored["created_at"]),
+        completion=stored["completion"],
+        model=stored["model"],
+        upstream=stored["upstream"],
+        cost_usd=float(stored["cost_usd"]),
+        prompt_tokens=int(stored["prompt_tokens"]),
+        completion_tokens=int(stored["completion_tokens"]),
+        created_at=float(stored["created_at"]),
     )
 
 
 # --- storage ----------------------------------------------------------------
 
 
-
-
 class ResponseCache:
     """Answers in one SQLite file; build with `await ResponseCache.open(path, policy)`, end with `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, policy: CachePolicy,
-                 clock: Callable[[], float], entries: int) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, policy: CachePolicy, clock: Callable[[], float], entries: int
+    ) -> None:
         self._db = db
         self._path = path
         self._policy = policy
@@ -191,14 +208,20 @@ class ResponseCache:
         # Writes are serialised so the in-memory entry count and eviction stay exact;
         # reads go straight to the connection (aiosqlite runs one statement at a time anyway).
         self._write_lock = asyncio.Lock()
-        self._touched: dict[str, float] = {}    # key -> time of a hit not yet written to last_used
+        self._touched: dict[str, float] = {}  # key -> time of a hit not yet written to last_used
         self._closed = False
         self.hits = 0
         self.misses = 0
 
     @classmethod
-    async def open(cls, path: str | Path, policy: CachePolicy, *,
-                   clock: Callable[[], float] = time.time, busy_timeout_s: float = 5.0) -> ResponseCache:
+    async def open(
+        cls,
+        path: str | Path,
+        policy: CachePolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+    ) -> ResponseCache:
         in_memory = str(path) == ":memory:"
         path = Path(path)
         if not in_memory:
@@ -206,13 +229,13 @@ class ResponseCache:
         db = await aiosqlite.connect(":memory:" if in_memory else path, isolation_level=None)
         try:
             await _prepare(db, path, in_memory, busy_timeout_s)
-            (entries,), = await db.execute_fetchall("SELECT count(*) FROM responses")
+            ((entries,),) = await db.execute_fetchall("SELECT count(*) FROM responses")
         except BaseException:
             await db.close()
             raise
         cache = cls(db, path, policy, clock, entries)
         await cache.purge_expired()
-        async with cache._write_lock:          # the policy may have shrunk since the file was written
+        async with cache._write_lock:  # the policy may have shrunk since the file was written
             await cache._evict_beyond_limit()
         return cache
 
@@ -257,16 +280,17 @@ class ResponseCache:
                 try:
                     async with self._write_lock:
                         await self._write_touches()
-                except _STORE_ERRORS as exc:   # only LRU precision is lost
+                except _STORE_ERRORS as exc:  # only LRU precision is lost
                     log.warning("cache %s: could not record recent hits: %s", self._path, exc)
         return answer
 
     async def _lookup(self, key: str, now: float) -> tuple[CachedAnswer, float] | None:
         found = await self._db.execute_fetchall(
-            "SELECT created_at, last_used, payload FROM responses WHERE key = ?", (key,))
+            "SELECT created_at, last_used, payload FROM responses WHERE key = ?", (key,)
+        )
         if not found:
             return None
-        (created_at, last_used, payload), = found
+        ((created_at, last_used, payload),) = found
         if created_at + self._policy.ttl_s <= now:
             await self._delete(key, created_at)
             return None
@@ -285,27 +309,41 @@ class ResponseCache:
             log.debug("cache %s: not storing %s: not a successful completion", self._path, key[:12])
             return False
         if not (math.isfinite(answer.cost_usd) and answer.cost_usd >= 0):
-            log.warning("cache %s: not storing %s: cost_usd %r is not a finite number >= 0",
-                        self._path, key[:12], answer.cost_usd)
+            log.warning(
+                "cache %s: not storing %s: cost_usd %r is not a finite number >= 0",
+                self._path,
+                key[:12],
+                answer.cost_usd,
+            )
             return False
         payload = _encode(answer)
         if len(payload) > self._policy.max_entry_bytes:
-            log.debug("cache %s: not storing %s: %d bytes exceed max_entry_bytes %d",
-                      self._path, key[:12], len(payload), self._policy.max_entry_bytes)
+            log.debug(
+                "cache %s: not storing %s: %d bytes exceed max_entry_bytes %d",
+                self._path,
+                key[:12],
+                len(payload),
+                self._policy.max_entry_bytes,
+            )
             return False
         now = self._clock()
         row = (now, now, len(payload), payload, key)
         try:
             async with self._write_lock:
                 async with self._db.execute(
-                        "INSERT OR IGNORE INTO responses (created_at, last_used, size, payload, key) "
-                        "VALUES (?, ?, ?, ?, ?)", row) as cursor:
+                    "INSERT OR IGNORE INTO responses (created_at, last_used, size, payload, key) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    row,
+                ) as cursor:
                     inserted = cursor.rowcount == 1
                 if inserted:
                     self._entries += 1
-                else:   # two misses for the same request raced; the later answer wins
-                    await _exec(self._db, "UPDATE responses SET created_at = ?, last_used = ?, size = ?, "
-                                          "payload = ? WHERE key = ?", row)
+                else:  # two misses for the same request raced; the later answer wins
+                    await _exec(
+                        self._db,
+                        "UPDATE responses SET created_at = ?, last_used = ?, size = ?, payload = ? WHERE key = ?",
+                        row,
+                    )
                 self._touched.pop(key, None)
                 await self._evict_beyond_limit()
         except _STORE_ERRORS as exc:
@@ -345,7 +383,7 @@ class ResponseCache:
         try:
             async with self._write_lock:
                 await self._write_touches()
-        except _STORE_ERRORS as exc:   # only LRU precision is lost
+        except _STORE_ERRORS as exc:  # only LRU precision is lost
             log.warning("cache %s: could not record recent hits on close: %s", self._path, exc)
         finally:
             await self._db.close()
@@ -355,8 +393,9 @@ class ResponseCache:
     async def _delete(self, key: str, created_at: float) -> None:
         async with self._write_lock:
             # created_at too: a fresh answer stored meanwhile under the same key must survive.
-            async with self._db.execute("DELETE FROM responses WHERE key = ? AND created_at = ?",
-                                        (key, created_at)) as cursor:
+            async with self._db.execute(
+                "DELETE FROM responses WHERE key = ? AND created_at = ?", (key, created_at)
+            ) as cursor:
                 self._entries -= max(cursor.rowcount, 0)
             self._touched.pop(key, None)
 
@@ -364,10 +403,11 @@ class ResponseCache:
         excess = self._entries - self._policy.max_entries
         if excess <= 0:
             return
-        await self._write_touches()   # so recent hits count before choosing what to drop
+        await self._write_touches()  # so recent hits count before choosing what to drop
         async with self._db.execute(
-                "DELETE FROM responses WHERE key IN "
-                "(SELECT key FROM responses ORDER BY last_used, created_at LIMIT ?)", (excess,)) as cursor:
+            "DELETE FROM responses WHERE key IN (SELECT key FROM responses ORDER BY last_used, created_at LIMIT ?)",
+            (excess,),
+        ) as cursor:
             self._entries -= max(cursor.rowcount, 0)
 
     async def _write_touches(self) -> None:
@@ -378,8 +418,7 @@ class ResponseCache:
         await _exec(self._db, "BEGIN")
         try:
             # max(): a mark noted before the row was replaced must not age the new row.
-            async with self._db.executemany(
-                    "UPDATE responses SET last_used = max(last_used, ?) WHERE key = ?", marks):
+            async with self._db.executemany("UPDATE responses SET last_used = max(last_used, ?) WHERE key = ?", marks):
                 pass
             await self._db.commit()
         except BaseException:
@@ -388,22 +427,23 @@ class ResponseCache:
             raise
 
     async def _recount(self) -> None:
-        (self._entries,), = await self._db.execute_fetchall("SELECT count(*) FROM responses")
+        ((self._entries,),) = await self._db.execute_fetchall("SELECT count(*) FROM responses")
 
 
 async def _prepare(db: aiosqlite.Connection, path: Path, in_memory: bool, busy_timeout_s: float) -> None:
     await _exec(db, f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    (mode,), = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+    ((mode,),) = await db.execute_fetchall("PRAGMA journal_mode = WAL")
     if mode.lower() != "wal" and not in_memory:
         log.warning("cache %s: SQLite refused WAL (journal_mode=%s); stores will be slower", path, mode)
     # A cache may lose its last stores in a power cut; it must not pay an fsync per store.
     await _exec(db, "PRAGMA synchronous = NORMAL")
-    (version,), = await db.execute_fetchall("PRAGMA user_version")
+    ((version,),) = await db.execute_fetchall("PRAGMA user_version")
     if version > SCHEMA_VERSION:
         raise CacheSchemaError(
             f"response cache {path} has schema version {version}, but this proxy knows only up to "
             f"{SCHEMA_VERSION}; run a newer proxy, or point cache.path at another file (or delete it: "
-            f"it only holds cached answers)")
+            f"it only holds cached answers)"
+        )
     if version < SCHEMA_VERSION:
         script = f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         try:

@@ -31,16 +31,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orproxy", description="A cost-aware OpenAI-compatible gateway for OpenRouter.")
+    parser = argparse.ArgumentParser(
+        prog="orproxy", description="A cost-aware OpenAI-compatible gateway for OpenRouter."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default="config.yaml", help="path to config.yaml (default: %(default)s)")
     serve.add_argument("--host", help="override listen.host")
     serve.add_argument("--port", type=int, help="override listen.port")
-    serve.add_argument("--demo", action="store_true",
-                       help="serve against the built-in OpenRouter emulator (no key, no network), "
-                            "with one failing model so you can watch fallback")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve against the built-in OpenRouter emulator (no key, no network), "
+        "with one failing model so you can watch fallback",
+    )
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check", help="validate a config file without starting anything")
@@ -81,8 +86,10 @@ def _load(path: str) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
-              file=sys.stderr)
+        print(
+            f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
+            file=sys.stderr,
+        )
         for issue in exc.issues:
             print(f"  {issue.render(exc.filename)}", file=sys.stderr)
         return None
@@ -93,17 +100,21 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
+
     source = load_catalogue_source(config)
     warnings = catalogue_warnings(config, source.catalogue)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams"
-          f"{f', {len(warnings)} warnings' if warnings else ''}; prices from {source.describe()})")
+    print(
+        f"{args.config}: OK ({len(config.models)} virtual models, {len(config.upstreams)} upstreams"
+        f"{f', {len(warnings)} warnings' if warnings else ''}; prices from {source.describe()})"
+    )
     return 0
 
 
 def _schema(args: argparse.Namespace) -> int:
     from proxy.config import config_json_schema
+
     sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -141,6 +152,7 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     from proxy.core.routing import Router, UnknownModel
     from proxy.money.accounting import Accountant, recorded_spend
     from proxy.money.ledger import Ledger
+
     now = time.time()
     book = SpendBook(config.budget, config.keys, now)
     path = Path(args.ledger or config.ledger.path)
@@ -152,16 +164,25 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
             await ledger.close()
     prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
     try:
-        return explain(config, Router(config), Accountant(prices, book, None, clock=lambda: now), body, headers,
-                       key=args.key, blocked=None, now=now)
+        return explain(
+            config,
+            Router(config),
+            Accountant(prices, book, None, clock=lambda: now),
+            body,
+            headers,
+            key=args.key,
+            blocked=None,
+            now=now,
+        )
     except UnknownModel as exc:
         print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
         return None
 
 
 def _setup_logging(config: Config) -> None:
-    logging.basicConfig(level=config.logging.level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.logging.level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -177,31 +198,53 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     _setup_logging(config)
-    listen = config.listen.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    listen = config.listen.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
     if not config.keys and args.host is None and not _is_loopback(listen.host):
         # With no client keys anyone who reaches the port spends the upstream credits: stay local
         # unless the operator says otherwise on the command line.
-        log.warning("no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of %s. "
-                    "Add `keys:` to the config, or pass --host %s to expose it anyway.", listen.host, listen.host)
+        log.warning(
+            "no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of %s. "
+            "Add `keys:` to the config, or pass --host %s to expose it anyway.",
+            listen.host,
+            listen.host,
+        )
         listen = listen.model_copy(update={"host": "127.0.0.1"})
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     env = os.environ
     if args.demo:
         from proxy.ops.demo import start_demo
+
         config, env = loop.run_until_complete(start_demo(config))
     from proxy.http.app import StartupError, create_app
+
     app = create_app(config, env=env, config_path=None if args.demo else args.config)
     app.on_startup.append(_freeze_heap)
 
     def announce(_aiohttp_banner: str) -> None:  # called once the socket is bound, not before
-        log.info("orproxy listening on http://%s:%d/v1 (%d virtual models: %s)", listen.host, listen.port,
-                 len(config.models), ", ".join(config.models))
+        log.info(
+            "orproxy listening on http://%s:%d/v1 (%d virtual models: %s)",
+            listen.host,
+            listen.port,
+            len(config.models),
+            ", ".join(config.models),
+        )
+
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
     try:
-        web.run_app(app, host=listen.host, port=listen.port, access_log=None, handler_cancellation=True,
-                    print=announce, loop=loop, shutdown_timeout=config.shutdown_timeout_s)
+        web.run_app(
+            app,
+            host=listen.host,
+            port=listen.port,
+            access_log=None,
+            handler_cancellation=True,
+            print=announce,
+            loop=loop,
+            shutdown_timeout=config.shutdown_timeout_s,
+        )
     except StartupError as exc:
         print(f"orproxy: {exc}", file=sys.stderr)
         return 1
@@ -214,6 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _is_loopback(host: str) -> bool:
     import ipaddress
+
     if host == "localhost":
         return True
     try:
@@ -244,6 +288,7 @@ def _report(args: argparse.Namespace) -> int:
         from rich.console import Console
 
         from proxy.money.reports import render
+
         # Piped output has no terminal width to fit; do not squash the columns into ellipses.
         Console(width=None if sys.stdout.isatty() else 200).print(render(report))
     return 0
@@ -252,6 +297,7 @@ def _report(args: argparse.Namespace) -> int:
 async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
     from proxy.money.ledger import Ledger
     from proxy.money.reports import spend_report
+
     ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
     try:
         return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
@@ -261,4 +307,5 @@ async def _build_report(path: Path, config: Config, period: str, by: str) -> dic
 
 def _emulator(args: argparse.Namespace) -> int:
     from proxy.emulator.__main__ import main as emulator_main
+
     return emulator_main(["--host", args.host, "--port", str(args.port)]) or 0

@@ -46,8 +46,12 @@ EXIT_USAGE = 2
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `models` and `simulate` subcommands to orproxy's parser."""
     models = subparsers.add_parser("models", help="the model catalogue, or `models refresh` to fetch it")
-    models.add_argument("action", nargs="?", choices=("refresh",),
-                        help="refresh: fetch OpenRouter's /models (and its top-weekly order) into the local cache")
+    models.add_argument(
+        "action",
+        nargs="?",
+        choices=("refresh",),
+        help="refresh: fetch OpenRouter's /models (and its top-weekly order) into the local cache",
+    )
     models.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG} when it exists)")
     models.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="catalogue cache file (default: %(default)s)")
     models.add_argument("--top-weekly", action="store_true", help="order by OpenRouter's top-weekly ranking")
@@ -56,19 +60,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(run=run_models)
 
     simulate = subparsers.add_parser(
-        "simulate", help="what a traffic mix, or the ledger's real requests, would cost under a config")
-    simulate.add_argument("--config", default=DEFAULT_CONFIG,
-                          help="the config to price with (with --from-ledger: the OTHER config to compare)")
+        "simulate", help="what a traffic mix, or the ledger's real requests, would cost under a config"
+    )
+    simulate.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="the config to price with (with --from-ledger: the OTHER config to compare)",
+    )
     simulate.add_argument("--requests-per-day", type=float, metavar="N")
     simulate.add_argument("--tokens-per-request", type=float, metavar="T", help="prompt + completion tokens")
     simulate.add_argument("--prompt-share", type=float, default=0.5, help="share of T that is prompt (default: 0.5)")
     simulate.add_argument("--mix", help="virtual model shares of the requests, e.g. cheap=0.6,balanced=0.3,quality=0.1")
     simulate.add_argument("--baseline", help="model to compare with (default: the config's pricing.savings_baseline)")
-    simulate.add_argument("--from-ledger", action="store_true",
-                          help="replay the ledger's requests of the last --days through --config")
+    simulate.add_argument(
+        "--from-ledger", action="store_true", help="replay the ledger's requests of the last --days through --config"
+    )
     simulate.add_argument("--days", type=float, default=30.0, help="with --from-ledger: days to replay (default: 30)")
     simulate.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
-    simulate.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="catalogue cache file (default: %(default)s)")
+    simulate.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="catalogue cache file (default: %(default)s)"
+    )
     simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     simulate.set_defaults(run=run_simulate)
 
@@ -96,6 +107,7 @@ def _print_json(payload: Any) -> None:
 
 def _console() -> Console:
     from rich.console import Console
+
     # Piped output has no terminal width to fit; do not squash the columns into ellipses.
     return Console(width=None if sys.stdout.isatty() else 200)
 
@@ -146,8 +158,10 @@ def _refresh(config: Config | None, cache: Path, timeout_s: float) -> int:
         _error(f"fetched the catalogue but cannot write {cache}: {exc.strerror}; pass --cache with a writable path")
         return 1
     order = "with" if document["top_weekly"] is not None else "without (OpenRouter did not answer it)"
-    print(f"fetched {len(document['data'])} models from {document['source']} into {cache}, "
-          f"{order} the top-weekly order, at {document['fetched_at']}")
+    print(
+        f"fetched {len(document['data'])} models from {document['source']} into {cache}, "
+        f"{order} the top-weekly order, at {document['fetched_at']}"
+    )
     if config is not None and config.pricing.catalogue:
         print(f"note: the config pins pricing.catalogue={config.pricing.catalogue}; it keeps pricing from that file")
     return 0
@@ -172,14 +186,26 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_mix(args: argparse.Namespace, router: Router, book: PriceBook) -> int:
-    missing = [flag for flag, value in (("--requests-per-day", args.requests_per_day),
-                                        ("--tokens-per-request", args.tokens_per_request), ("--mix", args.mix))
-               if value is None]
+    missing = [
+        flag
+        for flag, value in (
+            ("--requests-per-day", args.requests_per_day),
+            ("--tokens-per-request", args.tokens_per_request),
+            ("--mix", args.mix),
+        )
+        if value is None
+    ]
     if missing:
         raise SimulationError(f"simulate needs {', '.join(missing)} (or --from-ledger to replay real requests)")
-    result = simulate_mix(router, book, requests_per_day=args.requests_per_day,
-                          tokens_per_request=args.tokens_per_request, mix=parse_mix(args.mix),
-                          prompt_share=args.prompt_share, baseline=args.baseline)
+    result = simulate_mix(
+        router,
+        book,
+        requests_per_day=args.requests_per_day,
+        tokens_per_request=args.tokens_per_request,
+        mix=parse_mix(args.mix),
+        prompt_share=args.prompt_share,
+        baseline=args.baseline,
+    )
     if args.json:
         _print_json(asdict(result))
     else:
@@ -189,27 +215,67 @@ def _simulate_mix(args: argparse.Namespace, router: Router, book: PriceBook) -> 
 
 def _print_mix(result: MixSimulation) -> None:
     from rich.table import Table
+
     console = _console()
-    table = Table(title=f"{result.requests_per_day:,g} requests/day x {result.tokens_per_request:,g} tokens "
-                        f"({result.prompt_tokens_per_request:,g} prompt + {result.completion_tokens_per_request:,g} "
-                        "completion)", title_justify="left",
-                  caption=f"prices in USD per MILLION tokens; a month is {result.days_per_month} days",
-                  caption_justify="left")
-    for name in ("virtual model", "share", "primary model (chain)", "prompt $/M", "completion $/M", "requests/day",
-                 "$/request", "$/day", f"$/month ({result.days_per_month} d)"):
+    table = Table(
+        title=f"{result.requests_per_day:,g} requests/day x {result.tokens_per_request:,g} tokens "
+        f"({result.prompt_tokens_per_request:,g} prompt + {result.completion_tokens_per_request:,g} "
+        "completion)",
+        title_justify="left",
+        caption=f"prices in USD per MILLION tokens; a month is {result.days_per_month} days",
+        caption_justify="left",
+    )
+    for name in (
+        "virtual model",
+        "share",
+        "primary model (chain)",
+        "prompt $/M",
+        "completion $/M",
+        "requests/day",
+        "$/request",
+        "$/day",
+        f"$/month ({result.days_per_month} d)",
+    ):
         table.add_column(name, justify="left" if name.startswith(("virtual", "primary")) else "right")
     for line in result.lines:
-        chain = line.chain_owner if line.chain_owner == line.virtual_model else f"{line.virtual_model}>{line.chain_owner}"
-        table.add_row(line.virtual_model, f"{line.share:.0%}" if line.share * 100 == round(line.share * 100)
-                      else f"{line.share:.4g}", f"{line.model} ({chain}[0])", f"{line.prompt_usd_per_mtok:g}",
-                      f"{line.completion_usd_per_mtok:g}", f"{line.requests_per_day:,.6g}",
-                      _usd(line.cost_per_request_usd), _usd(line.daily_usd), _usd(line.monthly_usd))
+        chain = (
+            line.chain_owner if line.chain_owner == line.virtual_model else f"{line.virtual_model}>{line.chain_owner}"
+        )
+        table.add_row(
+            line.virtual_model,
+            f"{line.share:.0%}" if line.share * 100 == round(line.share * 100) else f"{line.share:.4g}",
+            f"{line.model} ({chain}[0])",
+            f"{line.prompt_usd_per_mtok:g}",
+            f"{line.completion_usd_per_mtok:g}",
+            f"{line.requests_per_day:,.6g}",
+            _usd(line.cost_per_request_usd),
+            _usd(line.daily_usd),
+            _usd(line.monthly_usd),
+        )
     table.add_section()
-    table.add_row("this config", "100%", "", "", "", f"{result.requests_per_day:,g}", "", _usd(result.daily_usd),
-                  _usd(result.monthly_usd), style="bold")
-    table.add_row("baseline", "100%", result.baseline_model, "", "", f"{result.requests_per_day:,g}",
-                  _usd(result.baseline_cost_per_request_usd), _usd(result.baseline_daily_usd),
-                  _usd(result.baseline_monthly_usd))
+    table.add_row(
+        "this config",
+        "100%",
+        "",
+        "",
+        "",
+        f"{result.requests_per_day:,g}",
+        "",
+        _usd(result.daily_usd),
+        _usd(result.monthly_usd),
+        style="bold",
+    )
+    table.add_row(
+        "baseline",
+        "100%",
+        result.baseline_model,
+        "",
+        "",
+        f"{result.requests_per_day:,g}",
+        _usd(result.baseline_cost_per_request_usd),
+        _usd(result.baseline_daily_usd),
+        _usd(result.baseline_monthly_usd),
+    )
     console.print(table)
     console.print(_savings_sentence(result), markup=False)
     for note in result.notes:
@@ -219,16 +285,22 @@ def _print_mix(result: MixSimulation) -> None:
 def _savings_sentence(result: MixSimulation) -> str:
     pct = "" if result.savings_pct is None else f" ({abs(result.savings_pct):.1f}% of the baseline)"
     if result.savings_daily_usd >= 0:
-        return (f"saves {_usd(result.savings_daily_usd)}/day, {_usd(result.savings_monthly_usd)}/month{pct} "
-                f"against {result.baseline_model} alone")
-    return (f"costs {_usd(-result.savings_daily_usd)}/day, {_usd(-result.savings_monthly_usd)}/month MORE{pct} "
-            f"than {result.baseline_model} alone")
+        return (
+            f"saves {_usd(result.savings_daily_usd)}/day, {_usd(result.savings_monthly_usd)}/month{pct} "
+            f"against {result.baseline_model} alone"
+        )
+    return (
+        f"costs {_usd(-result.savings_daily_usd)}/day, {_usd(-result.savings_monthly_usd)}/month MORE{pct} "
+        f"than {result.baseline_model} alone"
+    )
 
 
 def _simulate_ledger(args: argparse.Namespace, config: Config, router: Router, book: PriceBook) -> int:
     if args.mix or args.requests_per_day is not None or args.tokens_per_request is not None:
-        raise SimulationError("--from-ledger replays real requests: drop --mix, --requests-per-day and "
-                              "--tokens-per-request (or drop --from-ledger to simulate a mix)")
+        raise SimulationError(
+            "--from-ledger replays real requests: drop --mix, --requests-per-day and "
+            "--tokens-per-request (or drop --from-ledger to simulate a mix)"
+        )
     path = args.ledger or config.ledger.path
     if not Path(path).exists():
         _error(f"no ledger at {path}: pass --ledger with the running proxy's ledger file")
@@ -244,8 +316,13 @@ def _simulate_ledger(args: argparse.Namespace, config: Config, router: Router, b
 
 def _replay_json(replay: Replay, config_path: str, ledger_path: str, days: float) -> dict[str, Any]:
     data = asdict(replay)
-    data.update(config=config_path, ledger=ledger_path, days=days, difference_usd=replay.difference_usd,
-                difference_pct=replay.difference_pct)
+    data.update(
+        config=config_path,
+        ledger=ledger_path,
+        days=days,
+        difference_usd=replay.difference_usd,
+        difference_pct=replay.difference_pct,
+    )
     for group, source in zip(data["groups"], replay.groups):
         group["difference_usd"] = source.difference_usd
     return data
@@ -253,25 +330,44 @@ def _replay_json(replay: Replay, config_path: str, ledger_path: str, days: float
 
 def _print_replay(replay: Replay, config_path: str, ledger_path: str, days: float) -> None:
     from rich.table import Table
+
     console = _console()
-    table = Table(title=f"{replay.requests:,} requests of the last {days:g} days from {ledger_path}, "
-                        f"actual vs what-if under {config_path}", title_justify="left")
+    table = Table(
+        title=f"{replay.requests:,} requests of the last {days:g} days from {ledger_path}, "
+        f"actual vs what-if under {config_path}",
+        title_justify="left",
+    )
     table.add_column("requested model")
     for name in ("requests", "prompt tok", "completion tok", "actual $", "what-if $", "difference $", "difference %"):
         table.add_column(name, justify="right")
     table.add_column("what-if route (chain: primary)")
     for g in replay.groups:
         diff = g.difference_usd
-        table.add_row(g.requested_model, f"{g.requests:,}", f"{g.prompt_tokens:,}", f"{g.completion_tokens:,}",
-                      _usd(g.actual_usd), "unroutable" if g.what_if_usd is None else _usd(g.what_if_usd),
-                      "-" if diff is None else _usd(diff),
-                      f"{100 * diff / g.actual_usd:+.1f}" if diff is not None and g.actual_usd else "-",
-                      ", ".join(g.routed_to))
+        table.add_row(
+            g.requested_model,
+            f"{g.requests:,}",
+            f"{g.prompt_tokens:,}",
+            f"{g.completion_tokens:,}",
+            _usd(g.actual_usd),
+            "unroutable" if g.what_if_usd is None else _usd(g.what_if_usd),
+            "-" if diff is None else _usd(diff),
+            f"{100 * diff / g.actual_usd:+.1f}" if diff is not None and g.actual_usd else "-",
+            ", ".join(g.routed_to),
+        )
     table.add_section()
     pct = replay.difference_pct
-    table.add_row("total (routable)", f"{replay.requests - replay.unroutable_requests:,}", "", "",
-                  _usd(replay.actual_usd), _usd(replay.what_if_usd), _usd(replay.difference_usd),
-                  "-" if pct is None else f"{pct:+.1f}", "", style="bold")
+    table.add_row(
+        "total (routable)",
+        f"{replay.requests - replay.unroutable_requests:,}",
+        "",
+        "",
+        _usd(replay.actual_usd),
+        _usd(replay.what_if_usd),
+        _usd(replay.difference_usd),
+        "-" if pct is None else f"{pct:+.1f}",
+        "",
+        style="bold",
+    )
     console.print(table)
     for note in replay.notes:
         console.print(f"note: {note}", markup=False)

@@ -9,6 +9,7 @@ edit in one pass.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -37,28 +38,44 @@ def _check_references(config: Config | RoutingPart) -> list[SourceIssue]:
     issues: list[SourceIssue] = []
     upstreams = set(config.upstreams)
     if config.allow_direct_models and config.direct_upstream not in upstreams:
-        issues.append(SourceIssue(("direct_upstream",),
-                                  f"names upstream '{config.direct_upstream}', which is not under `upstreams` "
-                                  f"(known: {', '.join(sorted(upstreams))})"))
+        issues.append(
+            SourceIssue(
+                ("direct_upstream",),
+                f"names upstream '{config.direct_upstream}', which is not under `upstreams` "
+                f"(known: {', '.join(sorted(upstreams))})",
+            )
+        )
     for name, model in config.models.items():
         for index, member in enumerate(model.chain or ()):
             if member.upstream not in upstreams:
-                issues.append(SourceIssue(("models", name, "chain", index, "upstream"),
-                                          f"unknown upstream '{member.upstream}' "
-                                          f"(known: {', '.join(sorted(upstreams))})"))
+                issues.append(
+                    SourceIssue(
+                        ("models", name, "chain", index, "upstream"),
+                        f"unknown upstream '{member.upstream}' (known: {', '.join(sorted(upstreams))})",
+                    )
+                )
         for index, rule in enumerate(model.route or ()):
             path: Path = ("models", name, "route", index)
             if rule.to not in config.models:
-                issues.append(SourceIssue(path + ("to",),
-                                          f"routes to '{rule.to}', which is not a virtual model "
-                                          f"(known: {', '.join(sorted(config.models))})"))
+                issues.append(
+                    SourceIssue(
+                        (*path, "to"),
+                        f"routes to '{rule.to}', which is not a virtual model "
+                        f"(known: {', '.join(sorted(config.models))})",
+                    )
+                )
             if rule.when.is_catch_all() and index < len(model.route or ()) - 1:
-                issues.append(SourceIssue(path, "matches every request, so the rules after it can never match; "
-                                                "move it last"))
+                issues.append(
+                    SourceIssue(path, "matches every request, so the rules after it can never match; move it last")
+                )
         if model.route and not model.route[-1].when.is_catch_all():
-            issues.append(SourceIssue(("models", name, "route"),
-                                      "has no catch-all rule, so some requests would match nothing; "
-                                      "end it with a rule without `when`, e.g. `- {to: cheap}`"))
+            issues.append(
+                SourceIssue(
+                    ("models", name, "route"),
+                    "has no catch-all rule, so some requests would match nothing; "
+                    "end it with a rule without `when`, e.g. `- {to: cheap}`",
+                )
+            )
     issues.extend(_find_loops(config))
     if isinstance(config, Config):
         issues.extend(_check_money_references(config))
@@ -74,13 +91,22 @@ def _check_money_references(config: Config) -> list[SourceIssue]:
             if source != "*" and source not in config.models:
                 issues.append(SourceIssue(path, f"'{source}' is not a virtual model"))
             if target not in chains:
-                issues.append(SourceIssue(path, f"steps down to '{target}', which is not a virtual model with a "
-                                                f"`chain` (known: {', '.join(sorted(chains))})"))
+                issues.append(
+                    SourceIssue(
+                        path,
+                        f"steps down to '{target}', which is not a virtual model with a "
+                        f"`chain` (known: {', '.join(sorted(chains))})",
+                    )
+                )
     for index, key in enumerate(config.keys):
         for position, name in enumerate(key.models or ()):
             if name not in config.models:
-                issues.append(SourceIssue(("keys", index, "models", position),
-                                          f"'{name}' is not a virtual model (known: {', '.join(sorted(config.models))})"))
+                issues.append(
+                    SourceIssue(
+                        ("keys", index, "models", position),
+                        f"'{name}' is not a virtual model (known: {', '.join(sorted(config.models))})",
+                    )
+                )
     return issues
 
 
@@ -95,14 +121,15 @@ def _find_loops(config: Config | RoutingPart) -> list[SourceIssue]:
         for index, rule in enumerate(model.route):
             if rule.to in trail or rule.to == name:
                 start = trail.index(rule.to) if rule.to in trail else len(trail)
-                cycle = trail[start:] + (name, rule.to)
+                cycle = (*trail[start:], name, rule.to)
                 key = frozenset(cycle)
                 if key not in reported:
                     reported.add(key)
-                    issues.append(SourceIssue(("models", name, "route", index, "to"),
-                                              f"routing loop: {' -> '.join(cycle)}"))
+                    issues.append(
+                        SourceIssue(("models", name, "route", index, "to"), f"routing loop: {' -> '.join(cycle)}")
+                    )
             elif len(trail) < MAX_ROUTE_DEPTH:
-                visit(rule.to, trail + (name,))
+                visit(rule.to, (*trail, name))
 
     for name in config.models:
         visit(name, ())
@@ -113,7 +140,11 @@ def _pydantic_issues(exc: ValidationError) -> list[SourceIssue]:
     issues = []
     for error in exc.errors():
         # Pydantic appends the union branch / validator name to loc; keep the data path only.
-        path = tuple(part for part in error["loc"] if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+        path = tuple(
+            part
+            for part in error["loc"]
+            if not (isinstance(part, str) and ("[" in part or part.startswith("function-")))
+        )
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and indentation)"
@@ -138,10 +169,9 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         issues.extend(_check_references(config))
     except ValidationError as exc:
         issues.extend(_pydantic_issues(exc))
-        try:
+        # When the routing keys themselves are broken, they are already reported above.
+        with contextlib.suppress(ValidationError):
             issues.extend(_check_references(RoutingPart.model_validate(doc.data)))
-        except ValidationError:
-            pass  # the routing keys themselves are broken: already reported above
     if issues:
         located = sorted((_with_line(issue, doc) for issue in issues), key=lambda i: i.line or 0)
         raise ConfigError(filename, located)
@@ -170,6 +200,3 @@ def load_config(path: str | FsPath) -> Config:
     except OSError as exc:
         raise ConfigError(str(fs_path), [SourceIssue((), f"cannot read the config file: {exc.strerror}")]) from None
     return parse_config(text, str(fs_path))
-
-
-

@@ -6,6 +6,7 @@ Cross-references (rule targets, loops, upstream names) are checked in
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -99,8 +100,10 @@ class Rule(_Frozen):
 
 class VirtualModel(_Frozen):
     description: str = ""
-    chain: tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand,
-                                                        json_schema_input_type=str | ChainMember)], ...] | None = None
+    chain: (
+        tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand, json_schema_input_type=str | ChainMember)], ...]
+        | None
+    ) = None
     route: tuple[Rule, ...] | None = None
 
     @model_validator(mode="after")
@@ -152,7 +155,7 @@ class Budget(_Frozen):
     @field_validator("downgrade")
     @classmethod
     def _ascending(cls, steps: tuple[DowngradeStep, ...]) -> tuple[DowngradeStep, ...]:
-        if any(a.at >= b.at for a, b in zip(steps, steps[1:])):
+        if any(a.at >= b.at for a, b in itertools.pairwise(steps)):
             raise ValueError("steps must be listed with strictly increasing `at`")
         return steps
 
@@ -170,8 +173,10 @@ class ProxyKey(_Frozen):
     @model_validator(mode="after")
     def _one_secret(self) -> ProxyKey:
         if (self.key_env is None) == (self.key_sha256 is None):
-            raise ValueError("needs exactly one of `key_env` (an environment variable holding the key) "
-                             "or `key_sha256` (the hex SHA-256 of the key)")
+            raise ValueError(
+                "needs exactly one of `key_env` (an environment variable holding the key) "
+                "or `key_sha256` (the hex SHA-256 of the key)"
+            )
         return self
 
 
@@ -225,7 +230,7 @@ class Config(_Frozen):
     allow_direct_models: bool = True
     direct_upstream: str = DEFAULT_UPSTREAM
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    watch_config: bool = True          # reload when the file changes (SIGHUP and POST /admin/reload always work)
+    watch_config: bool = True  # reload when the file changes (SIGHUP and POST /admin/reload always work)
     shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long requests in flight may take to finish
     logging: Logging = Logging()
     budget: Budget = Budget()

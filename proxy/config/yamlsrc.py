@@ -89,11 +89,10 @@ def _walk(node: yaml.Node, path: Path, doc: YamlDocument) -> None:
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
-                doc.issues.append(SourceIssue(
-                    path + (key,), f"duplicate key (first defined on line {seen[key]})", line))
+                doc.issues.append(SourceIssue((*path, key), f"duplicate key (first defined on line {seen[key]})", line))
             seen[key] = line
-            doc.lines[path + (key,)] = line
-            _walk(value_node, path + (key,), doc)
+            doc.lines[(*path, key)] = line
+            _walk(value_node, (*path, key), doc)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, path + (index,), doc)
+            _walk(item, (*path, index), doc)

@@ -22,12 +22,19 @@ from proxy.money.accounting import Accountant
 class Admission:
     plan: Plan
     reservation: Reservation
-    downgrade: str | None   # for the x-proxy-downgrade header; None when nothing was rewritten
+    downgrade: str | None  # for the x-proxy-downgrade header; None when nothing was rewritten
 
 
-def budgeted_plan(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
-                  features: RequestFeatures, blocked: BlockLookup | None,
-                  now: float) -> tuple[Plan, tuple[int, DowngradeStep] | None, float]:
+def budgeted_plan(
+    config: Config,
+    router: Router,
+    accountant: Accountant,
+    key: str | None,
+    model: str,
+    features: RequestFeatures,
+    blocked: BlockLookup | None,
+    now: float,
+) -> tuple[Plan, tuple[int, DowngradeStep] | None, float]:
     """The plan under today's downgrade step, the step (index, rule) and the plan's worst-case cost.
     Reserves nothing: `admit` and explain both start here."""
     book = accountant.book
@@ -36,8 +43,16 @@ def budgeted_plan(config: Config, router: Router, accountant: Accountant, key: s
     return plan, step, accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
 
 
-def admit(config: Config, router: Router, accountant: Accountant, key: str | None, model: str,
-          features: RequestFeatures, blocked: BlockLookup | None, now: float) -> Admission:
+def admit(
+    config: Config,
+    router: Router,
+    accountant: Accountant,
+    key: str | None,
+    model: str,
+    features: RequestFeatures,
+    blocked: BlockLookup | None,
+    now: float,
+) -> Admission:
     plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
     outcome, needed = accountant.reserve(key, estimate), estimate
     if isinstance(outcome, Reservation):
@@ -49,12 +64,13 @@ def admit(config: Config, router: Router, accountant: Accountant, key: str | Non
             second = accountant.reserve(key, cheap_estimate)
             if isinstance(second, Reservation):
                 return Admission(cheap_plan, second, _describe(cheap_plan, "budget exhausted: cheapest"))
-            outcome, needed = second, cheap_estimate   # quote what was tried last, not the dearer plan
+            outcome, needed = second, cheap_estimate  # quote what was tried last, not the dearer plan
     raise _refusal_error(outcome, needed, now)
 
 
-def _cheapest_plan(router: Router, accountant: Accountant, features: RequestFeatures,
-                   blocked: BlockLookup | None, original: Plan) -> tuple[Plan, float] | None:
+def _cheapest_plan(
+    router: Router, accountant: Accountant, features: RequestFeatures, blocked: BlockLookup | None, original: Plan
+) -> tuple[Plan, float] | None:
     """The chain model whose worst case is lowest for this very request."""
     best: tuple[Plan, float] | None = None
     for name in router.chain_models:
@@ -68,8 +84,9 @@ def _cheapest_plan(router: Router, accountant: Accountant, features: RequestFeat
         return None
     requested = original.requested
     plan = best[0]
-    rewritten = Plan(requested, plan.chain_owner, plan.steps, plan.targets, plan.skipped,
-                     ((requested, plan.chain_owner or ""),))
+    rewritten = Plan(
+        requested, plan.chain_owner, plan.steps, plan.targets, plan.skipped, ((requested, plan.chain_owner or ""),)
+    )
     return rewritten, best[1]
 
 

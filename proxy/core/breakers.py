@@ -32,8 +32,9 @@ class CircuitBreakers:
         if len(window) >= self.policy.failures and self.policy.cooldown_s > 0:
             window.clear()
             until = now + self.policy.cooldown_s
-            self._open[target] = Block("cooldown", until, detail or
-                                       f"{self.policy.failures} failures within {self.policy.window_s:g}s")
+            self._open[target] = Block(
+                "cooldown", until, detail or f"{self.policy.failures} failures within {self.policy.window_s:g}s"
+            )
             return True
         return False
 
@@ -65,7 +66,7 @@ class BlockView:
     """What routing asks per target: is it blocked, and why? Merges the static blocks
     (an upstream without a key) with the live ones (open breakers, exhausted rate limits)."""
 
-    __slots__ = ("_by_upstream", "_by_target")
+    __slots__ = ("_by_target", "_by_upstream")
 
     def __init__(self, by_upstream: dict[str, Block], *by_target: dict[Target, Block]) -> None:
         self._by_upstream = by_upstream

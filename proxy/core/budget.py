@@ -21,8 +21,8 @@ GLOBAL = ""  # the scope name of the proxy-wide budget
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    scope: str        # "" for the proxy-wide budget, else the key's name
-    window: str       # daily | monthly
+    scope: str  # "" for the proxy-wide budget, else the key's name
+    window: str  # daily | monthly
     spent: float
     reserved: float
     limit: float
@@ -31,9 +31,11 @@ class Refusal:
     def message(self, needed: float, now: float) -> str:
         budget = f"the {self.window} budget" + (f" of key '{self.scope}'" if self.scope else "")
         reset = datetime.fromtimestamp(self.resets_at, ZoneInfo("UTC")).strftime("%Y-%m-%d %H:%M UTC")
-        return (f"Request refused: {budget} is exhausted. Spent {_usd(self.spent, 4)} of {_usd(self.limit, 2)}"
-                f" ({_usd(self.reserved, 4)} more reserved by requests in flight); this request may cost up to"
-                f" {_usd(needed, 4)}. The budget resets at {reset} (in {_duration(self.resets_at - now)}).")
+        return (
+            f"Request refused: {budget} is exhausted. Spent {_usd(self.spent, 4)} of {_usd(self.limit, 2)}"
+            f" ({_usd(self.reserved, 4)} more reserved by requests in flight); this request may cost up to"
+            f" {_usd(needed, 4)}. The budget resets at {reset} (in {_duration(self.resets_at - now)})."
+        )
 
 
 @dataclass(slots=True)
@@ -155,9 +157,14 @@ class SpendBook:
                 return refusal
         return None
 
-    def reconfigure(self, budget: Budget, keys: tuple[ProxyKey, ...], now: float,
-                    day_by_key: Mapping[str, float] | None = None,
-                    month_by_key: Mapping[str, float] | None = None) -> None:
+    def reconfigure(
+        self,
+        budget: Budget,
+        keys: tuple[ProxyKey, ...],
+        now: float,
+        day_by_key: Mapping[str, float] | None = None,
+        month_by_key: Mapping[str, float] | None = None,
+    ) -> None:
         """New limits from a reloaded config; spend and reservations carry over. A key new to
         the book starts from what the ledger says it spent (day_by_key / month_by_key)."""
         self._budget = budget
@@ -166,8 +173,9 @@ class SpendBook:
         for key in keys:
             scope = self._scopes.get(key.name)
             if scope is None:
-                scope = _Scope(None, None, (day_by_key or {}).get(key.name, 0.0),
-                               (month_by_key or {}).get(key.name, 0.0))
+                scope = _Scope(
+                    None, None, (day_by_key or {}).get(key.name, 0.0), (month_by_key or {}).get(key.name, 0.0)
+                )
             scope.daily_limit, scope.monthly_limit = key.daily_usd, key.monthly_usd
             scopes[key.name] = scope
         self._scopes = scopes
@@ -180,8 +188,10 @@ class SpendBook:
         if scope is None:
             return None
         calendar = self.calendar
-        for window, spent, limit, resets in (("daily", scope.day, scope.daily_limit, calendar.day_end),
-                                             ("monthly", scope.month, scope.monthly_limit, calendar.month_end)):
+        for window, spent, limit, resets in (
+            ("daily", scope.day, scope.daily_limit, calendar.day_end),
+            ("monthly", scope.month, scope.monthly_limit, calendar.month_end),
+        ):
             if limit is not None and spent + scope.reserved + amount > limit:
                 return Refusal(name, window, spent, scope.reserved, limit, resets)
         return None

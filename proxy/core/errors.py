@@ -32,8 +32,9 @@ class ProxyError(Exception):
     code: str | None = None
     request_id: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

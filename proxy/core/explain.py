@@ -16,8 +16,17 @@ from proxy.core.routing import BlockLookup, Router, UnknownModel
 from proxy.money.accounting import Accountant
 
 
-def explain(config: Config, router: Router, accountant: Accountant, body: Mapping[str, Any],
-            headers: Mapping[str, str], *, key: str | None, blocked: BlockLookup | None, now: float) -> dict[str, Any]:
+def explain(
+    config: Config,
+    router: Router,
+    accountant: Accountant,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    *,
+    key: str | None,
+    blocked: BlockLookup | None,
+    now: float,
+) -> dict[str, Any]:
     """The routing decision for `body`, as plain data: the same `budgeted_plan` that admission uses."""
     features = extract_features(body, headers)
     model = body.get("model")
@@ -25,8 +34,9 @@ def explain(config: Config, router: Router, accountant: Accountant, body: Mappin
         raise UnknownModel(str(model), sorted(config.models))
     plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
     fraction = accountant.book.fraction(key, now)
-    worst = {str(t): accountant.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens)
-             for t in plan.targets}
+    worst = {
+        str(t): accountant.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens) for t in plan.targets
+    }
     refusal = accountant.book.would_refuse(key, estimate, now)
     return {
         "requested_model": model,
@@ -36,21 +46,37 @@ def explain(config: Config, router: Router, accountant: Accountant, body: Mappin
             "spent_fraction": round(fraction, 6),
             "downgrade_step": None if step is None else {"index": step[0], "at": step[1].at, "map": step[1].map},
             "rewrites": [{"from": a, "to": b} for a, b in plan.rewrites],
-            "would_refuse": None if refusal is None else {
-                "budget": refusal.window, "key": refusal.scope or None, "spent_usd": refusal.spent,
-                "reserved_usd": refusal.reserved, "limit_usd": refusal.limit, "resets_at": refusal.resets_at,
-                "on_exhausted": config.budget.on_exhausted},
+            "would_refuse": None
+            if refusal is None
+            else {
+                "budget": refusal.window,
+                "key": refusal.scope or None,
+                "spent_usd": refusal.spent,
+                "reserved_usd": refusal.reserved,
+                "limit_usd": refusal.limit,
+                "resets_at": refusal.resets_at,
+                "on_exhausted": config.budget.on_exhausted,
+            },
         },
         "virtual_model": plan.chain_owner,
         "direct": plan.direct,
         "chain": [{"model": t.model, "upstream": t.upstream, "worst_case_usd": worst[str(t)]} for t in plan.targets],
-        "skipped": [{"model": t.model, "upstream": t.upstream, "reason": b.reason, "until": b.until,
-                     "detail": b.detail} for t, b in plan.skipped],
+        "skipped": [
+            {"model": t.model, "upstream": t.upstream, "reason": b.reason, "until": b.until, "detail": b.detail}
+            for t, b in plan.skipped
+        ],
         "estimated_worst_case_usd": estimate,
         "route": plan.describe(),
     }
 
 
 def _features(f: RequestFeatures) -> dict[str, Any]:
-    return {"task": f.task, "has_tools": f.has_tools, "has_images": f.has_images, "json_mode": f.json_mode,
-            "stream": f.stream, "prompt_tokens_estimate": f.prompt_tokens, "max_tokens": f.max_tokens}
+    return {
+        "task": f.task,
+        "has_tools": f.has_tools,
+        "has_images": f.has_images,
+        "json_mode": f.json_mode,
+        "stream": f.stream,
+        "prompt_tokens_estimate": f.prompt_tokens,
+        "max_tokens": f.max_tokens,
+    }

@@ -18,19 +18,19 @@ from typing import Any
 
 
 class Action(enum.Enum):
-    RETRY = "retry"                  # transient: try the same member again (then the next)
-    NEXT = "next"                    # this member cannot serve the request: go to the next one
+    RETRY = "retry"  # transient: try the same member again (then the next)
+    NEXT = "next"  # this member cannot serve the request: go to the next one
     OTHER_UPSTREAM = "other_upstream"  # this upstream cannot serve anyone (credits): skip its members
-    BAD_KEY = "bad_key"              # the proxy's own upstream key was refused: skip its members
-    CLIENT = "client"                # the request itself is wrong: return it to the client at once
+    BAD_KEY = "bad_key"  # the proxy's own upstream key was refused: skip its members
+    CLIENT = "client"  # the request itself is wrong: return it to the client at once
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
     action: Action
-    reason: str                      # a short, bounded label: http_503, timeout, connect_error, ...
+    reason: str  # a short, bounded label: http_503, timeout, connect_error, ...
     message: str = ""
-    status: int | None = None        # the upstream's HTTP status, None when no response came
+    status: int | None = None  # the upstream's HTTP status, None when no response came
     retry_after: float | None = None  # seconds, from Retry-After or the rate-limit reset
     code: str | None = None
 
@@ -42,12 +42,14 @@ class Failure:
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
 CLIENT_STATUSES = frozenset({400, 413, 422})
-_CONTEXT_LENGTH = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long",
-                             re.IGNORECASE)
+_CONTEXT_LENGTH = re.compile(
+    r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.IGNORECASE
+)
 
 
-def classify_status(status: int, error: Mapping[str, Any] | None, headers: Mapping[str, str],
-                    now: float | None = None) -> Failure:
+def classify_status(
+    status: int, error: Mapping[str, Any] | None, headers: Mapping[str, str], now: float | None = None
+) -> Failure:
     """The verdict for an HTTP error response (error: the body's `error` object, if any)."""
     error = error or {}
     message = str(error.get("message") or f"HTTP {status}")

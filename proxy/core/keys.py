@@ -18,13 +18,15 @@ log = logging.getLogger("orproxy")
 
 @dataclass(frozen=True, slots=True)
 class ClientKey:
-    name: str | None                     # None: the proxy is open (no keys configured)
+    name: str | None  # None: the proxy is open (no keys configured)
     models: frozenset[str] | None = None  # virtual models this key may use; None = all
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
-            raise Forbidden(f"The key '{self.name}' may not use the model '{model}'. Allowed: "
-                            f"{', '.join(sorted(self.models))}.", param="model")
+            raise Forbidden(
+                f"The key '{self.name}' may not use the model '{model}'. Allowed: {', '.join(sorted(self.models))}.",
+                param="model",
+            )
 
 
 OPEN = ClientKey(None)
@@ -40,8 +42,9 @@ class KeyRing:
             else:
                 secret = env.get(key.key_env or "", "")
                 if not secret:
-                    log.warning("key %r: the environment variable %s is not set; that key cannot be used",
-                                key.name, key.key_env)
+                    log.warning(
+                        "key %r: the environment variable %s is not set; that key cannot be used", key.name, key.key_env
+                    )
                     continue
                 digest = hashlib.sha256(secret.encode()).digest()
             self._entries.append((digest, ClientKey(key.name, frozenset(key.models) if key.models else None)))
@@ -51,9 +54,10 @@ class KeyRing:
             return OPEN
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:   # auth schemes are case-insensitive (RFC 7235)
-            raise Unauthorized("Missing API key: send `Authorization: Bearer <your proxy key>`.",
-                               code="missing_api_key")
+        if scheme.lower() != "bearer" or not token:  # auth schemes are case-insensitive (RFC 7235)
+            raise Unauthorized(
+                "Missing API key: send `Authorization: Bearer <your proxy key>`.", code="missing_api_key"
+            )
         presented = hashlib.sha256(token.encode()).digest()
         found = None
         for digest, client in self._entries:

@@ -27,9 +27,9 @@ DEFAULT_MAX_COMPLETION_TOKENS = 4096
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    prompt: float                       # USD per prompt token
-    completion: float                   # USD per completion token
-    request: float = 0.0                # USD per request
+    prompt: float  # USD per prompt token
+    completion: float  # USD per completion token
+    request: float = 0.0  # USD per request
     context_length: int | None = None
     max_completion_tokens: int | None = None
 
@@ -40,7 +40,7 @@ class Price:
 @dataclass(frozen=True, slots=True)
 class Cost:
     usd: float
-    source: str   # upstream | override | catalogue | estimate
+    source: str  # upstream | override | catalogue | estimate
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,13 @@ class Catalogue:
             if prompt < 0 or completion < 0:  # OpenRouter marks variable-price routers with -1
                 continue
             top = entry.get("top_provider") or {}
-            prices[entry["id"]] = Price(prompt, completion, float(pricing.get("request") or 0.0),
-                                        entry.get("context_length") or top.get("context_length"),
-                                        top.get("max_completion_tokens"))
+            prices[entry["id"]] = Price(
+                prompt,
+                completion,
+                float(pricing.get("request") or 0.0),
+                entry.get("context_length") or top.get("context_length"),
+                top.get("max_completion_tokens"),
+            )
         return cls(prices, document.get("snapshot_date"), tuple(document.get("data", ())))
 
     @classmethod
@@ -83,13 +87,18 @@ class PriceBook:
         self._overrides: dict[str, Price] = {}
         for model, o in pricing.overrides.items():
             listed = catalogue.prices.get(model)
-            self._overrides[model] = Price(o.prompt_usd_per_mtok / PER_MILLION, o.completion_usd_per_mtok / PER_MILLION,
-                                           0.0, listed.context_length if listed else None,
-                                           listed.max_completion_tokens if listed else None)
+            self._overrides[model] = Price(
+                o.prompt_usd_per_mtok / PER_MILLION,
+                o.completion_usd_per_mtok / PER_MILLION,
+                0.0,
+                listed.context_length if listed else None,
+                listed.max_completion_tokens if listed else None,
+            )
         self.baseline_model = pricing.savings_baseline
         known = list(catalogue.prices.values()) + list(self._overrides.values())
-        self._dearest = Price(max((p.prompt for p in known), default=0.0),
-                              max((p.completion for p in known), default=0.0))
+        self._dearest = Price(
+            max((p.prompt for p in known), default=0.0), max((p.completion for p in known), default=0.0)
+        )
 
     def lookup(self, model: str) -> tuple[Price, str] | None:
         if model in self._overrides:
@@ -101,8 +110,15 @@ class PriceBook:
         found = self.lookup(model)
         return found[0] if found else self._dearest
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, upstream_cost: float | None,
-             *, estimated: bool = False) -> Cost:
+    def cost(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        upstream_cost: float | None,
+        *,
+        estimated: bool = False,
+    ) -> Cost:
         """The cost of one answer: the upstream's own figure when it gave one, else tokens x price."""
         if upstream_cost is not None and math.isfinite(upstream_cost) and upstream_cost >= 0:
             return Cost(upstream_cost, "upstream")

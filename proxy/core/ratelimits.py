@@ -28,7 +28,7 @@ _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 class Reading:
     limit: float | None
     remaining: float
-    reset_at: float | None   # epoch seconds
+    reset_at: float | None  # epoch seconds
 
 
 _SIGNALS = ("X-RateLimit-Remaining", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
@@ -53,20 +53,33 @@ class RateLimits:
     def observe(self, target: Target, headers: Mapping[str, str], status: int, now: float) -> None:
         """Record what a response's headers say about the limits."""
         if "X-RateLimit-Remaining" in headers:
-            self._record(target, "requests", headers.get("X-RateLimit-Limit"), headers["X-RateLimit-Remaining"],
-                         _epoch(headers.get("X-RateLimit-Reset"), now), now)
+            self._record(
+                target,
+                "requests",
+                headers.get("X-RateLimit-Limit"),
+                headers["X-RateLimit-Remaining"],
+                _epoch(headers.get("X-RateLimit-Reset"), now),
+                now,
+            )
         for scope in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{scope}")
             if remaining is not None and "X-RateLimit-Remaining" not in headers:
-                self._record(target, scope, headers.get(f"x-ratelimit-limit-{scope}"), remaining,
-                             _duration(headers.get(f"x-ratelimit-reset-{scope}"), now), now)
+                self._record(
+                    target,
+                    scope,
+                    headers.get(f"x-ratelimit-limit-{scope}"),
+                    remaining,
+                    _duration(headers.get(f"x-ratelimit-reset-{scope}"), now),
+                    now,
+                )
         if status == 429:
             wait = parse_retry_after(headers, now)
             if wait is not None and wait > 0:
                 self._block(target, now + wait, "429 with Retry-After")
 
-    def _record(self, target: Target, scope: str, limit: str | None, remaining: str, reset_at: float | None,
-                now: float) -> None:
+    def _record(
+        self, target: Target, scope: str, limit: str | None, remaining: str, reset_at: float | None, now: float
+    ) -> None:
         try:
             left = float(remaining)
             cap = float(limit) if limit not in (None, "") else None
@@ -81,8 +94,14 @@ class RateLimits:
             self._block(target, reset_at, f"{scope} remaining 0")
         elif cap and left < cap * self._warn_below and not _low(previous, self._warn_below):
             # Said once when the limit runs low, not on every response while it stays low.
-            log.warning("rate limit of %s on %s is running low: %g of %g %s left", target.model, target.upstream,
-                        left, cap, scope)
+            log.warning(
+                "rate limit of %s on %s is running low: %g of %g %s left",
+                target.model,
+                target.upstream,
+                left,
+                cap,
+                scope,
+            )
 
     def _block(self, target: Target, until: float, detail: str) -> None:
         current = self._blocked.get(target)

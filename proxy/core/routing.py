@@ -60,7 +60,7 @@ class Plan:
     def head(self) -> str:
         """How the requested name became a chain, e.g. `auto>cheap` or `budget[quality->cheap] cheap`."""
         names = [step.virtual_model for step in self.steps]
-        head = ">".join(names + [self.chain_owner]) if self.chain_owner else f"direct:{self.requested}"
+        head = ">".join([*names, self.chain_owner]) if self.chain_owner else f"direct:{self.requested}"
         if self.rewrites:
             head = "budget[" + ",".join(f"{a}->{b}" for a, b in self.rewrites) + "] " + head
         return head
@@ -92,11 +92,13 @@ class Router:
         self._config = config
         self._chains: dict[str, tuple[Target, ...]] = {
             name: tuple(Target(m.model, m.upstream) for m in vm.chain)
-            for name, vm in config.models.items() if vm.chain is not None
+            for name, vm in config.models.items()
+            if vm.chain is not None
         }
         self._routes: dict[str, tuple[tuple[When, str, str], ...]] = {
             name: tuple((rule.when, rule.to, f"models.{name}.route[{i}]") for i, rule in enumerate(vm.route))
-            for name, vm in config.models.items() if vm.route is not None
+            for name, vm in config.models.items()
+            if vm.route is not None
         }
         self.virtual_models: tuple[str, ...] = tuple(config.models)
         self.chain_models: tuple[str, ...] = tuple(self._chains)
@@ -122,8 +124,13 @@ class Router:
                 raise RuntimeError(f"no rule of {name!r} matched; the config check should have refused this")
         return name, tuple(steps)
 
-    def plan(self, requested: str, features: RequestFeatures, blocked: BlockLookup | None = None,
-             rewrite: Mapping[str, str] | None = None) -> Plan:
+    def plan(
+        self,
+        requested: str,
+        features: RequestFeatures,
+        blocked: BlockLookup | None = None,
+        rewrite: Mapping[str, str] | None = None,
+    ) -> Plan:
         """The ordered targets for a request. `rewrite` is a budget step's map (virtual -> cheaper
         virtual, "*" for any): it applies to the requested name and to the model routing lands on."""
         rewrites: tuple[tuple[str, str], ...] = ()
@@ -166,6 +173,5 @@ def rule_matches(when: When, f: RequestFeatures) -> bool:
         return False
     if when.prompt_tokens_under is not None and not f.prompt_tokens < when.prompt_tokens_under:
         return False
-    if when.last_user_message_matches is not None and not when.last_user_message_matches.search(f.last_user_text):
-        return False
-    return True
+    pattern = when.last_user_message_matches
+    return pattern is None or pattern.search(f.last_user_text) is not None

@@ -1,7 +1,7 @@
 """An OpenRouter emulator for tests, demos and benchmarks.
 
-    app = create_emulator_app()
-    app[EMULATOR_STATE].faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))
+app = create_emulator_app()
+app[EMULATOR_STATE].faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))
 """
 
 from .app import EMULATOR_STATE, EmulatorState, RecordedRequest, create_emulator_app, load_default_catalogue

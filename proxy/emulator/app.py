@@ -12,9 +12,10 @@ import asyncio
 import random
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -50,8 +51,14 @@ class RecordedRequest:
 
 def _fresh_stats() -> dict[str, Any]:
     return {
-        "requests": 0, "completions": 0, "errors": 0, "drops": 0,
-        "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "streams_failed": 0,
+        "requests": 0,
+        "completions": 0,
+        "errors": 0,
+        "drops": 0,
+        "streams_started": 0,
+        "streams_completed": 0,
+        "streams_cancelled": 0,
+        "streams_failed": 0,
         "per_model": {},
     }
 
@@ -104,11 +111,16 @@ def create_emulator_app(
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/key", key_info)
-    app.router.add_routes([
-        web.get("/_emulator/faults", get_faults), web.post("/_emulator/faults", post_fault),
-        web.delete("/_emulator/faults", delete_faults), web.get("/_emulator/stats", get_stats),
-        web.get("/_emulator/requests", get_requests), web.delete("/_emulator/requests", delete_requests),
-    ])
+    app.router.add_routes(
+        [
+            web.get("/_emulator/faults", get_faults),
+            web.post("/_emulator/faults", post_fault),
+            web.delete("/_emulator/faults", delete_faults),
+            web.get("/_emulator/stats", get_stats),
+            web.get("/_emulator/requests", get_requests),
+            web.delete("/_emulator/requests", delete_requests),
+        ]
+    )
     return app
 
 
@@ -314,10 +326,10 @@ async def post_fault(request: web.Request) -> web.Response:
         fields = orjson.loads(await request.read())
         model = fields.pop("model")
         if not isinstance(model, str):
-            raise ValueError("`model` must be a string (a model ID or \"*\")")
+            raise ValueError('`model` must be a string (a model ID or "*")')
         fault = Fault.from_mapping(fields)
     except (orjson.JSONDecodeError, AttributeError, KeyError, ValueError) as exc:
-        return _error(400, f"Bad fault: {exc}. Send {{\"model\": ..., <Fault fields>}}")
+        return _error(400, f'Bad fault: {exc}. Send {{"model": ..., <Fault fields>}}')
     state.faults.set(model, fault)
     return _json({"faults": state.faults.snapshot()})
 
@@ -334,9 +346,13 @@ def _redacted(headers: CIMultiDict[str]) -> dict[str, str]:
 
 async def get_requests(request: web.Request) -> web.Response:
     recorded = request.app[EMULATOR_STATE].requests
-    return _json({"data": [
-        {"path": r.path, "model": r.model, "headers": _redacted(r.headers), "body": r.body} for r in recorded
-    ]})
+    return _json(
+        {
+            "data": [
+                {"path": r.path, "model": r.model, "headers": _redacted(r.headers), "body": r.body} for r in recorded
+            ]
+        }
+    )
 
 
 async def delete_requests(request: web.Request) -> web.Response:

@@ -9,8 +9,9 @@ IO, so the emulator's wire format can be tested without a socket.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 
@@ -100,10 +101,7 @@ def plan_reply(body: Mapping[str, Any], model: ModelInfo, call_id: str) -> Reply
     if tool is not None:
         call = ToolCall(call_id, tool.get("name", "tool"), _arguments_for(tool.get("parameters")))
         return Reply("", call, "tool_calls", prompt_tokens, estimate_tokens(len(call.name) + len(call.arguments)))
-    if _wants_json(body):
-        text = orjson.dumps({"model": model.id, "echo": echo}).decode()
-    else:
-        text = f"[{model.id}] {echo}"
+    text = orjson.dumps({"model": model.id, "echo": echo}).decode() if _wants_json(body) else f"[{model.id}] {echo}"
     finish = "stop"
     limit = _max_tokens(body)
     if limit is not None and estimate_tokens(len(text)) > limit:
@@ -138,24 +136,33 @@ def completion_body(reply: Reply, model: ModelInfo, gen_id: str, created: int, u
     if reply.tool_call is not None:
         call = reply.tool_call
         message["tool_calls"] = [
-            {"id": call.id, "type": "function", "index": 0, "function": {"name": call.name, "arguments": call.arguments}}
+            {
+                "id": call.id,
+                "type": "function",
+                "index": 0,
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
         ]
-    return orjson.dumps({
-        "id": gen_id,
-        "provider": model.provider,
-        "model": model.id,
-        "object": "chat.completion",
-        "created": created,
-        "choices": [{
-            "logprobs": None,
-            "finish_reason": reply.finish_reason,
-            "native_finish_reason": model.native_finish(reply.finish_reason),
-            "index": 0,
-            "message": message,
-        }],
-        "system_fingerprint": model.fingerprint,
-        "usage": usage,
-    })
+    return orjson.dumps(
+        {
+            "id": gen_id,
+            "provider": model.provider,
+            "model": model.id,
+            "object": "chat.completion",
+            "created": created,
+            "choices": [
+                {
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                    "native_finish_reason": model.native_finish(reply.finish_reason),
+                    "index": 0,
+                    "message": message,
+                }
+            ],
+            "system_fingerprint": model.fingerprint,
+            "usage": usage,
+        }
+    )
 
 
 def error_body(status: int | str, message: str, metadata: Mapping[str, Any] | None = None) -> bytes:
@@ -174,8 +181,14 @@ def key_data(usage: float, limit: float | None) -> dict[str, Any]:
         "limit_remaining": None if limit is None else max(limit - usage, 0.0),
         "limit_reset": None,
         "include_byok_in_limit": False,
-        "usage": usage, "usage_daily": usage, "usage_weekly": usage, "usage_monthly": usage,
-        "byok_usage": 0.0, "byok_usage_daily": 0.0, "byok_usage_weekly": 0.0, "byok_usage_monthly": 0.0,
+        "usage": usage,
+        "usage_daily": usage,
+        "usage_weekly": usage,
+        "usage_monthly": usage,
+        "byok_usage": 0.0,
+        "byok_usage_daily": 0.0,
+        "byok_usage_weekly": 0.0,
+        "byok_usage_monthly": 0.0,
         "is_free_tier": False,
         "is_provisioning_key": False,
         "rate_limit": {"requests": -1, "interval": "10s"},
@@ -196,14 +209,16 @@ class StreamFrames:
 
     def __init__(self, model: ModelInfo, gen_id: str, created: int) -> None:
         self._model = model
-        head = orjson.dumps({
-            "id": gen_id,
-            "provider": model.provider,
-            "model": model.id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "system_fingerprint": model.fingerprint,
-        })
+        head = orjson.dumps(
+            {
+                "id": gen_id,
+                "provider": model.provider,
+                "model": model.id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "system_fingerprint": model.fingerprint,
+            }
+        )
         self._head = b"data: " + head[:-1] + b',"choices":['
 
     def _choice(self, delta: dict[str, Any], finish: str | None, native: str | None) -> bytes:
@@ -221,7 +236,9 @@ class StreamFrames:
         opening = {"index": 0, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
         frames = [self.delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
         for fragment in split_even(call.arguments, ARGUMENT_FRAGMENTS):
-            frames.append(self.delta({"role": "assistant", "tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}))
+            frames.append(
+                self.delta({"role": "assistant", "tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+            )
         return frames
 
     def script(self, reply: Reply, usage: dict[str, Any], cut: int | None = None) -> list[bytes]:
@@ -252,8 +269,7 @@ def split_words(text: str, per_chunk: int = WORDS_PER_CHUNK) -> list[str]:
     words = text.split(" ")
     last = len(words)
     return [
-        " ".join(words[i : i + per_chunk]) + (" " if i + per_chunk < last else "")
-        for i in range(0, last, per_chunk)
+        " ".join(words[i : i + per_chunk]) + (" " if i + per_chunk < last else "") for i in range(0, last, per_chunk)
     ]
 
 
@@ -294,7 +310,14 @@ def _chosen_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return functions[0] if functions else None
 
 
-_PLACEHOLDERS: dict[str, Any] = {"string": "emulated", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+_PLACEHOLDERS: dict[str, Any] = {
+    "string": "emulated",
+    "integer": 1,
+    "number": 1,
+    "boolean": True,
+    "array": [],
+    "object": {},
+}
 
 
 def _arguments_for(parameters: Any) -> str:

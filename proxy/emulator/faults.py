@@ -9,8 +9,9 @@ shared unchanged by the in-process API and the `/_emulator/faults` endpoint.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .completions import error_body
 
@@ -103,7 +104,11 @@ class Fault:
 
 def rate_limit_headers(limits: tuple[int, int, int]) -> dict[str, str]:
     limit, remaining, reset_ms = limits
-    return {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(remaining), "X-RateLimit-Reset": str(reset_ms)}
+    return {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(reset_ms),
+    }
 
 
 def fault_error(fault: Fault, provider: str, now_ms: int) -> tuple[int, dict[str, str], bytes]:
@@ -167,10 +172,7 @@ class FaultPlan:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Armed faults with their remaining uses, for `GET /_emulator/faults`."""
-        return {
-            model: {**armed.fault.to_json(), "remaining": armed.remaining}
-            for model, armed in self._armed.items()
-        }
+        return {model: {**armed.fault.to_json(), "remaining": armed.remaining} for model, armed in self._armed.items()}
 
     def __len__(self) -> int:
         return len(self._armed)

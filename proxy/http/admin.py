@@ -26,8 +26,7 @@ class AdminRoutes:
 
     def _authorize(self, request: web.Request) -> None:
         if not bearer_matches(request.headers.get("Authorization"), self._admin_key):
-            raise Unauthorized("Admin routes need `Authorization: Bearer <admin key>` (the value of "
-                               f"{self._key_env}).")
+            raise Unauthorized(f"Admin routes need `Authorization: Bearer <admin key>` (the value of {self._key_env}).")
 
     async def spend(self, request: web.Request) -> web.Response:
         self._authorize(request)
@@ -45,9 +44,11 @@ class AdminRoutes:
         config = request.app[RUNTIME].current.config
         report = await spend_report(ledger, period, by, config.budget.timezone, now)
         book = accountant.book
-        book.roll(now)   # after midnight with no request since, the book still holds yesterday's figures
-        report["budget"] = [{"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
-                            for scope, window, spent, limit in book.snapshot()]
+        book.roll(now)  # after midnight with no request since, the book still holds yesterday's figures
+        report["budget"] = [
+            {"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
+            for scope, window, spent, limit in book.snapshot()
+        ]
         return web.Response(body=orjson.dumps(report), content_type=JSON)
 
     async def status(self, request: web.Request) -> web.Response:
@@ -56,8 +57,9 @@ class AdminRoutes:
         reloader = request.app.get(RELOADER)
         body = {
             "virtual_models": list(runtime.config.models),
-            "upstreams": {name: {"kind": client.kind, "has_key": bool(client.api_key)}
-                          for name, client in runtime.clients.items()},
+            "upstreams": {
+                name: {"kind": client.kind, "has_key": bool(client.api_key)} for name, client in runtime.clients.items()
+            },
             "reload": reloader.status.as_dict() if reloader else None,
         }
         return web.Response(body=orjson.dumps(body), content_type=JSON)
@@ -69,8 +71,10 @@ class AdminRoutes:
             raise ServiceUnavailable("This proxy was started without a config file path; nothing to reload.")
         status = await reloader.reload("POST /admin/reload")
         if status.last_result != "success":
-            error = ProxyError("The new config is invalid; the previous one keeps serving: "
-                               + "; ".join(status.last_errors), code="invalid_config")
+            error = ProxyError(
+                "The new config is invalid; the previous one keeps serving: " + "; ".join(status.last_errors),
+                code="invalid_config",
+            )
             error.status, error.type = 422, "invalid_request_error"
             raise error
         return web.Response(body=orjson.dumps(status.as_dict()), content_type=JSON)

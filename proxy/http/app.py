@@ -40,10 +40,17 @@ class StartupError(RuntimeError):
     """A resource the proxy needs could not be opened; the message says which and what to do."""
 
 
-def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: Iterable[Sink] = (),
-               ledger_path: str | Path | None = None, clock: Callable[[], float] = time.time,
-               registry: CollectorRegistry | None = None, config_path: str | Path | None = None,
-               cache_path: str | Path | None = None) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    env: Mapping[str, str] | None = None,
+    sinks: Iterable[Sink] = (),
+    ledger_path: str | Path | None = None,
+    clock: Callable[[], float] = time.time,
+    registry: CollectorRegistry | None = None,
+    config_path: str | Path | None = None,
+    cache_path: str | Path | None = None,
+) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
     (default: a new one, never the process-global registry). With `config_path`, the config is
@@ -54,8 +61,13 @@ def create_app(config: Config, *, env: Mapping[str, str] | None = None, sinks: I
     app[BREAKERS] = CircuitBreakers(config.retry.cooldown)
     # The catalogue pinned by pricing.catalogue, else the one `orproxy models refresh` fetched, else the snapshot.
     prices = PriceBook(load_catalogue_source(config).catalogue, config.pricing)
-    accountant = Accountant(prices, SpendBook(config.budget, config.keys, clock()), None,
-                            [log_access] if config.logging.access_log else [], clock)
+    accountant = Accountant(
+        prices,
+        SpendBook(config.budget, config.keys, clock()),
+        None,
+        [log_access] if config.logging.access_log else [],
+        clock,
+    )
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True), config)
     accountant.add_sink(metrics.observe)
     for sink in sinks:
@@ -94,19 +106,27 @@ def _ledger(path: Path, config: Config, clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         accountant = app[ACCOUNTANT]
         try:
-            ledger = await Ledger.open(path, retention_days=config.ledger.retention_days,
-                                       synchronous=config.ledger.synchronous, clock=clock)
+            ledger = await Ledger.open(
+                path, retention_days=config.ledger.retention_days, synchronous=config.ledger.synchronous, clock=clock
+            )
         except (OSError, sqlite3.Error) as exc:
-            raise StartupError(f"cannot open the ledger at {path} (ledger.path): {exc}; "
-                               "check that its directory exists or can be created, and is writable") from exc
+            raise StartupError(
+                f"cannot open the ledger at {path} (ledger.path): {exc}; "
+                "check that its directory exists or can be created, and is writable"
+            ) from exc
         book = accountant.book
         book.roll(clock())
         book.load(*await recorded_spend(ledger, book))
         accountant.ledger = ledger
         pruner = asyncio.create_task(_prune_daily(ledger))
-        log.info("ledger %s: spend so far today $%.4f, this month $%.4f", path,
-                 *(sum(amount for scope, window, amount, _ in book.snapshot() if scope == "" and window == w)
-                   for w in ("daily", "monthly")))
+        log.info(
+            "ledger %s: spend so far today $%.4f, this month $%.4f",
+            path,
+            *(
+                sum(amount for scope, window, amount, _ in book.snapshot() if scope == "" and window == w)
+                for w in ("daily", "monthly")
+            ),
+        )
         try:
             yield
         finally:
@@ -125,11 +145,14 @@ def _response_cache(path: Path, config: Config, clock: Callable[[], float]):
             return
         cfg = config.cache
         try:
-            cache = await ResponseCache.open(path, CachePolicy(True, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes),
-                                             clock=clock)
+            cache = await ResponseCache.open(
+                path, CachePolicy(True, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes), clock=clock
+            )
         except (OSError, sqlite3.Error) as exc:
-            raise StartupError(f"cannot open the response cache at {path} (cache.path): {exc}; check that its "
-                               "directory is writable, or set `cache: {enabled: false}`") from exc
+            raise StartupError(
+                f"cannot open the response cache at {path} (cache.path): {exc}; check that its "
+                "directory is writable, or set `cache: {enabled: false}`"
+            ) from exc
         app[CACHE] = cache
         app[METRICS].gauges.extra.append(lambda: _cache_counters(cache))
         try:
@@ -151,8 +174,9 @@ def _cache_counters(cache: ResponseCache) -> Iterator[Metric]:
 def _reloader(path: Path, env: Mapping[str, str], clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
-        app[RELOADER] = Reloader(path, app[RUNTIME], app[ACCOUNTANT], metrics, app[BREAKERS], env,
-                                 metrics.registry, clock)
+        app[RELOADER] = Reloader(
+            path, app[RUNTIME], app[ACCOUNTANT], metrics, app[BREAKERS], env, metrics.registry, clock
+        )
         yield
 
     return context
@@ -163,6 +187,7 @@ def _downgrade_step(accountant: Accountant, clock: Callable[[], float]) -> Calla
         book = accountant.book
         step = book.downgrade_step(book.fraction(None, clock()))
         return step[0] if step else -1
+
     return current
 
 
@@ -186,7 +211,7 @@ async def _prune_daily(ledger: Ledger) -> None:
         await asyncio.sleep(6 * 3600)
         try:
             removed = await ledger.prune()
-        except Exception:  # noqa: BLE001 - pruning is housekeeping; the next round tries again
+        except Exception:
             log.exception("ledger pruning failed")
         else:
             if removed:

@@ -19,8 +19,14 @@ from proxy.upstream.relay import SSE_HEADERS
 JSON = "application/json"
 
 
-def key_for(cache: ResponseCache | None, body: Mapping[str, Any], headers: Mapping[str, str], plan: Plan,
-            router: Router, direct_upstream: str) -> str | None:
+def key_for(
+    cache: ResponseCache | None,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    plan: Plan,
+    router: Router,
+    direct_upstream: str,
+) -> str | None:
     """The cache key, or None when this request does not use the cache. The configured chain
     (not the live one, which skips members in cooldown) decides, so a hit does not depend on health."""
     if cache is None or not cache.policy.enabled or not wants_cache(body, headers.get("X-Proxy-Cache")):
@@ -29,8 +35,9 @@ def key_for(cache: ResponseCache | None, body: Mapping[str, Any], headers: Mappi
     return cache_key(body, [str(target) for target in chain])
 
 
-def answer_hit(request: web.Request, hit: CachedAnswer, record: RequestRecord, headers: dict[str, str],
-               stream: bool) -> web.Response:
+def answer_hit(
+    request: web.Request, hit: CachedAnswer, record: RequestRecord, headers: dict[str, str], stream: bool
+) -> web.Response:
     record.model, record.upstream, record.status = hit.model, hit.upstream, 200
     record.cached, record.saved_usd = True, hit.cost_usd
     record.usage = Usage(hit.prompt_tokens, hit.completion_tokens, None)
@@ -41,14 +48,21 @@ def answer_hit(request: web.Request, hit: CachedAnswer, record: RequestRecord, h
     return web.Response(body=orjson.dumps(hit.completion), status=200, content_type=JSON, headers=headers)
 
 
-def store(cache: ResponseCache, key: str, record: RequestRecord, payload: dict[str, Any], now: float,
-          tasks: set[asyncio.Task[Any]]) -> None:
+def store(
+    cache: ResponseCache,
+    key: str,
+    record: RequestRecord,
+    payload: dict[str, Any],
+    now: float,
+    tasks: set[asyncio.Task[Any]],
+) -> None:
     """Keep a fresh answer, after the client has it: the write never delays a response."""
     if record.model is None or record.upstream is None or record.cost is None:
         return
     usage = record.usage or Usage()
-    answer = CachedAnswer(payload, record.model, record.upstream, record.cost.usd, usage.prompt_tokens,
-                          usage.completion_tokens, now)
+    answer = CachedAnswer(
+        payload, record.model, record.upstream, record.cost.usd, usage.prompt_tokens, usage.completion_tokens, now
+    )
     task = asyncio.get_running_loop().create_task(cache.put(key, answer))
     tasks.add(task)
     task.add_done_callback(tasks.discard)

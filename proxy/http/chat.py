@@ -36,8 +36,9 @@ JSON = "application/json"
 
 
 class ChatHandler:
-    def __init__(self, breakers: CircuitBreakers, ratelimits: RateLimits, accountant: Accountant,
-                 gauges: Gauges) -> None:
+    def __init__(
+        self, breakers: CircuitBreakers, ratelimits: RateLimits, accountant: Accountant, gauges: Gauges
+    ) -> None:
         self._breakers = breakers
         self._ratelimits = ratelimits
         self._accountant = accountant
@@ -68,14 +69,29 @@ class ChatHandler:
             body = await _read_body(request)
         except ProxyError as exc:
             exc.request_id = request_id
-            refused = RequestRecord(request_id, self._accountant.now(), "", None, False, status=exc.status,
-                                    error=exc.code, latency_s=time.monotonic() - started)
+            refused = RequestRecord(
+                request_id,
+                self._accountant.now(),
+                "",
+                None,
+                False,
+                status=exc.status,
+                error=exc.code,
+                latency_s=time.monotonic() - started,
+            )
             self._accountant.observe_refusal(refused)
             raise
         model_name = body["model"]
         features = extract_features(body, request.headers)
-        record = RequestRecord(request_id, self._accountant.now(), model_name, None, features.stream,
-                               key_name=client_key.name, prompt_estimate=features.prompt_tokens)
+        record = RequestRecord(
+            request_id,
+            self._accountant.now(),
+            model_name,
+            None,
+            features.stream,
+            key_name=client_key.name,
+            prompt_estimate=features.prompt_tokens,
+        )
         reservation = None
         try:
             client_key.check_model(model_name)
@@ -87,13 +103,18 @@ class ChatHandler:
             if cache_key is not None and cache is not None:
                 hit = await cache.get(cache_key)
                 if hit is not None:
-                    response = answer_hit(request, hit, record, _proxy_headers(request_id, plan, [], admission.downgrade),
-                                          features.stream)
+                    response = answer_hit(
+                        request, hit, record, _proxy_headers(request_id, plan, [], admission.downgrade), features.stream
+                    )
                     record.latency_s = time.monotonic() - started
                     await self._accountant.settle(record, reservation)
                     return response
             answer = await runtime.executor.run(plan, body, _open_stream if features.stream else _complete)
-            record.model, record.upstream, record.attempts = answer.target.model, answer.target.upstream, answer.attempts
+            record.model, record.upstream, record.attempts = (
+                answer.target.model,
+                answer.target.upstream,
+                answer.attempts,
+            )
             headers = _proxy_headers(request_id, plan, answer.attempts, admission.downgrade)
             if cache_key is not None:
                 headers["x-proxy-cache"] = "miss"
@@ -108,6 +129,7 @@ class ChatHandler:
                     completion = assembler.completion() if assembler is not None else None
                     if completion is not None and cache is not None and cache_key is not None:
                         store(cache, cache_key, record, completion, self._accountant.now(), self._background)
+
                 return await relay(request, answer.result, headers, record, started, finish, assembler)
             raw, payload = answer.result
             _fill_from_payload(record, payload)
@@ -135,8 +157,9 @@ class ChatHandler:
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
-            return admit(runtime.config, runtime.router, self._accountant, key, model, features,
-                         self._blocked(runtime, now), now)
+            return admit(
+                runtime.config, runtime.router, self._accountant, key, model, features, self._blocked(runtime, now), now
+            )
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
 
@@ -148,8 +171,16 @@ class ChatHandler:
         client_key.check_model(body["model"])
         now = self._accountant.now()
         try:
-            decision = explain(runtime.config, runtime.router, self._accountant, body, request.headers,
-                               key=client_key.name, blocked=self._blocked(runtime, now), now=now)
+            decision = explain(
+                runtime.config,
+                runtime.router,
+                self._accountant,
+                body,
+                request.headers,
+                key=client_key.name,
+                blocked=self._blocked(runtime, now),
+                now=now,
+            )
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
         return web.Response(body=orjson.dumps(decision), content_type=JSON)
@@ -165,10 +196,12 @@ class ChatHandler:
 
 
 def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
-    return ModelNotFound(f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
-                         f"models: {', '.join(exc.valid)}"
-                         + (", or any OpenRouter slug such as anthropic/claude-3-haiku."
-                            if runtime.config.allow_direct_models else "."), param="model")
+    return ModelNotFound(
+        f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
+        f"models: {', '.join(exc.valid)}"
+        + (", or any OpenRouter slug such as anthropic/claude-3-haiku." if runtime.config.allow_direct_models else "."),
+        param="model",
+    )
 
 
 async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
@@ -214,8 +247,10 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise BodyTooLarge(f"The request body is larger than this proxy accepts ({exc.text or 'limit'}); "
-                           "raise `max_body_bytes` in the config if this is expected.") from None
+        raise BodyTooLarge(
+            f"The request body is larger than this proxy accepts ({exc.text or 'limit'}); "
+            "raise `max_body_bytes` in the config if this is expected."
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -227,8 +262,11 @@ async def _read_body(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array of messages.", param="messages",
-                             code="missing_required_parameter" if messages is None else "invalid_type")
+        raise InvalidRequest(
+            "'messages' must be a non-empty array of messages.",
+            param="messages",
+            code="missing_required_parameter" if messages is None else "invalid_type",
+        )
     if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
         raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
     return body

@@ -35,10 +35,13 @@ def openai_errors(handler: Handler) -> Handler:
             return error_response(_from_http(exc, exc.text or exc.reason), None)
         except Exception:
             error_id = uuid.uuid4().hex
-            log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path,
-                          error_id)
-            return error_response(ProxyError(f"The proxy hit an internal error (error id {error_id}); it has "
-                                             "been logged.", code="internal_error"), error_id)
+            log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path, error_id)
+            return error_response(
+                ProxyError(
+                    f"The proxy hit an internal error (error id {error_id}); it has been logged.", code="internal_error"
+                ),
+                error_id,
+            )
 
     return wrapped
 
@@ -49,14 +52,18 @@ async def unknown_route(request: web.Request) -> web.Response:
     for resource in request.app.router.resources():
         if any(route.handler is unknown_route for route in resource):
             continue
-        match, methods = await resource.resolve(request)
+        _match, methods = await resource.resolve(request)
         allowed |= methods
     if allowed:
-        error = _from_http(web.HTTPMethodNotAllowed(request.method, sorted(allowed)),
-                           f"Method {request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}.")
+        error = _from_http(
+            web.HTTPMethodNotAllowed(request.method, sorted(allowed)),
+            f"Method {request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}.",
+        )
         return error_response(error, None, {"Allow": ", ".join(sorted(allowed))})
-    error = _from_http(web.HTTPNotFound(), f"No route {request.method} {request.path}; this proxy serves "
-                                          "POST /v1/chat/completions and GET /v1/models.")
+    error = _from_http(
+        web.HTTPNotFound(),
+        f"No route {request.method} {request.path}; this proxy serves POST /v1/chat/completions and GET /v1/models.",
+    )
     return error_response(error, None)
 
 

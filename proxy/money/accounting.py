@@ -25,15 +25,18 @@ access_log = logging.getLogger("orproxy.access")
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float | None = None   # the upstream's own figure (OpenRouter's usage.cost), when it gave one
+    cost_usd: float | None = None  # the upstream's own figure (OpenRouter's usage.cost), when it gave one
 
     @classmethod
     def from_payload(cls, usage: Any) -> Usage | None:
         if not isinstance(usage, dict):
             return None
         cost = usage.get("cost")
-        return cls(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
-                   float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None)
+        return cls(
+            _int(usage.get("prompt_tokens")),
+            _int(usage.get("completion_tokens")),
+            float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
+        )
 
 
 def _int(value: Any) -> int:
@@ -43,29 +46,29 @@ def _int(value: Any) -> int:
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str
-    started_at: float                 # epoch seconds
+    started_at: float  # epoch seconds
     requested_model: str
-    virtual_model: str | None         # the virtual model whose chain served it (None: direct slug)
+    virtual_model: str | None  # the virtual model whose chain served it (None: direct slug)
     streamed: bool
     key_name: str | None = None
-    prompt_estimate: int = 0          # prompt tokens estimated from the text, for when no usage comes
+    prompt_estimate: int = 0  # prompt tokens estimated from the text, for when no usage comes
     status: int = 0
-    model: str | None = None          # the real model that answered
+    model: str | None = None  # the real model that answered
     upstream: str | None = None
     provider: str | None = None
     generation_id: str | None = None
     usage: Usage | None = None
-    streamed_text_bytes: int = 0      # a stream without usage: about how much text came
+    streamed_text_bytes: int = 0  # a stream without usage: about how much text came
     attempts: list[Attempt] = field(default_factory=list)
     latency_s: float = 0.0
     ttft_s: float | None = None
-    error: str | None = None          # a short label: the error code, or stream_interrupted / client_disconnected
+    error: str | None = None  # a short label: the error code, or stream_interrupted / client_disconnected
     route: str = ""
     downgrade: str | None = None
     cost: Cost | None = None
     baseline_usd: float = 0.0
-    cached: bool = False              # answered from the response cache
-    saved_usd: float = 0.0            # a cache hit: what the answer cost when it was bought
+    cached: bool = False  # answered from the response cache
+    saved_usd: float = 0.0  # a cache hit: what the answer cost when it was bought
     settled: bool = False
 
     def note_origin(self, answer: dict[str, Any]) -> None:
@@ -75,15 +78,20 @@ class RequestRecord:
         self.provider = provider if isinstance(provider, str) else None
 
 
-
 Sink = Callable[[RequestRecord], None]
 
 
 class Accountant:
     """Reserves before a request goes upstream, and settles after it: price, book, ledger, sinks."""
 
-    def __init__(self, prices: PriceBook, book: SpendBook, ledger: Ledger | None, sinks: Iterable[Sink] = (),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        prices: PriceBook,
+        book: SpendBook,
+        ledger: Ledger | None,
+        sinks: Iterable[Sink] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.prices = prices
         self.book = book
         self.ledger = ledger
@@ -126,7 +134,7 @@ class Accountant:
         for sink in self._sinks:
             try:
                 sink(record)
-            except Exception:  # noqa: BLE001 - accounting must never take a request down
+            except Exception:
                 log.exception("accounting sink %r failed", sink)
 
     async def settle(self, record: RequestRecord, reservation: Reservation | None, *, wait: bool = True) -> None:
@@ -151,16 +159,17 @@ class Accountant:
                 await self.ledger.record(row)
             else:
                 self.ledger.record_nowait(row)
-        except Exception:  # noqa: BLE001 - the answer is already paid for; say so loudly, keep serving
+        except Exception:
             log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
-
 
 
 async def recorded_spend(ledger: Ledger, book: SpendBook) -> tuple[dict[str, float], dict[str, float]]:
     """What the ledger holds per key for the book's current day and month: `book.load` takes it."""
     calendar = book.calendar
-    return (await ledger.spend_by_key_between(calendar.day_start),
-            await ledger.spend_by_key_between(calendar.month_start))
+    return (
+        await ledger.spend_by_key_between(calendar.day_start),
+        await ledger.spend_by_key_between(calendar.month_start),
+    )
 
 
 def billed_tokens(record: RequestRecord) -> tuple[int, int]:
@@ -175,13 +184,29 @@ def billed_tokens(record: RequestRecord) -> tuple[int, int]:
 def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
     cost = record.cost or Cost(0.0, "upstream")
     return LedgerRow(
-        ts=record.started_at, request_id=record.request_id, key_name=record.key_name,
-        requested_model=record.requested_model[:200], virtual_model=record.virtual_model, model=record.model,
-        upstream=record.upstream, provider=record.provider, prompt_tokens=tokens[0], completion_tokens=tokens[1],
-        cost_usd=cost.usd, cost_source=cost.source, baseline_cost_usd=record.baseline_usd,
-        latency_s=record.latency_s, ttft_s=record.ttft_s, status=record.status, attempts=len(record.attempts),
-        streamed=record.streamed, generation_id=record.generation_id, error=record.error, cached=record.cached,
-        saved_usd=record.saved_usd)
+        ts=record.started_at,
+        request_id=record.request_id,
+        key_name=record.key_name,
+        requested_model=record.requested_model[:200],
+        virtual_model=record.virtual_model,
+        model=record.model,
+        upstream=record.upstream,
+        provider=record.provider,
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        cost_usd=cost.usd,
+        cost_source=cost.source,
+        baseline_cost_usd=record.baseline_usd,
+        latency_s=record.latency_s,
+        ttft_s=record.ttft_s,
+        status=record.status,
+        attempts=len(record.attempts),
+        streamed=record.streamed,
+        generation_id=record.generation_id,
+        error=record.error,
+        cached=record.cached,
+        saved_usd=record.saved_usd,
+    )
 
 
 def log_access(record: RequestRecord) -> None:
@@ -189,9 +214,17 @@ def log_access(record: RequestRecord) -> None:
     cost = record.cost
     access_log.info(
         "%s %s%s -> %s status=%s attempts=%d latency_ms=%.1f tokens=%s/%s cost=%s%s%s%s",
-        record.request_id, record.requested_model, f" key={record.key_name}" if record.key_name else "",
-        record.model or "-", record.status, len(record.attempts), record.latency_s * 1000,
-        usage.prompt_tokens if usage else "-", usage.completion_tokens if usage else "-",
+        record.request_id,
+        record.requested_model,
+        f" key={record.key_name}" if record.key_name else "",
+        record.model or "-",
+        record.status,
+        len(record.attempts),
+        record.latency_s * 1000,
+        usage.prompt_tokens if usage else "-",
+        usage.completion_tokens if usage else "-",
         f"{cost.usd:.6f}({cost.source})" if cost else "-",
-        " stream" if record.streamed else "", f" downgrade={record.downgrade!r}" if record.downgrade else "",
-        f" error={record.error}" if record.error else "")
+        " stream" if record.streamed else "",
+        f" downgrade={record.downgrade!r}" if record.downgrade else "",
+        f" error={record.error}" if record.error else "",
+    )

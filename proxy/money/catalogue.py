@@ -14,11 +14,10 @@ Units: the catalogue's prices are USD per TOKEN; this view shows USD per MILLION
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,14 +54,17 @@ class CatalogueSource:
     catalogue: Catalogue
     origin: Origin
     location: str
-    date: str | None                       # snapshot date or fetch time
+    date: str | None  # snapshot date or fetch time
     top_weekly: tuple[str, ...] | None = None
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         when = f" from {self.date}" if self.date else ""
-        kind = {"config": "the catalogue pinned by pricing.catalogue", "cache": "the refreshed cache",
-                "snapshot": "the packaged snapshot"}[self.origin]
+        kind = {
+            "config": "the catalogue pinned by pricing.catalogue",
+            "cache": "the refreshed cache",
+            "snapshot": "the packaged snapshot",
+        }[self.origin]
         return f"{kind} ({self.location}){when}"
 
 
@@ -75,9 +77,14 @@ def packaged_snapshot() -> dict[str, Any]:
 
 def _source(document: Mapping[str, Any], origin: Origin, location: str, notes: tuple[str, ...] = ()) -> CatalogueSource:
     order = document.get("top_weekly")
-    return CatalogueSource(Catalogue.parse(document), origin, location,
-                           document.get("fetched_at") or document.get("snapshot_date"),
-                           tuple(order) if isinstance(order, list) else None, notes)
+    return CatalogueSource(
+        Catalogue.parse(document),
+        origin,
+        location,
+        document.get("fetched_at") or document.get("snapshot_date"),
+        tuple(order) if isinstance(order, list) else None,
+        notes,
+    )
 
 
 def load_catalogue_source(config: Config | None, cache_path: Path = DEFAULT_CACHE) -> CatalogueSource:
@@ -92,8 +99,10 @@ def load_catalogue_source(config: Config | None, cache_path: Path = DEFAULT_CACH
         try:
             return _source(_read_json(cache_path), "cache", str(cache_path))
         except (OSError, ValueError) as exc:
-            notes.append(f"the cache {cache_path} is unreadable ({exc}); run `orproxy models refresh` "
-                         "or delete it. Using the packaged snapshot")
+            notes.append(
+                f"the cache {cache_path} is unreadable ({exc}); run `orproxy models refresh` "
+                "or delete it. Using the packaged snapshot"
+            )
     return _source(packaged_snapshot(), "snapshot", "proxy/data/openrouter-models.json", tuple(notes))
 
 
@@ -128,7 +137,7 @@ async def _get_models(session: aiohttp.ClientSession, url: str, timeout_s: float
             if response.status != 200:
                 raise CatalogueFetchError(url, f"HTTP {response.status}: {(await response.text())[:200]}")
             document = orjson.loads(await response.read())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise CatalogueFetchError(url, f"no answer within {timeout_s:g} s (raise --timeout?)") from None
     except aiohttp.ClientError as exc:
         raise CatalogueFetchError(url, str(exc) or type(exc).__name__) from None
@@ -139,8 +148,9 @@ async def _get_models(session: aiohttp.ClientSession, url: str, timeout_s: float
     return document["data"]
 
 
-async def fetch_catalogue(base_url: str, *, timeout_s: float = 10.0, now: datetime | None = None,
-                          session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
+async def fetch_catalogue(
+    base_url: str, *, timeout_s: float = 10.0, now: datetime | None = None, session: aiohttp.ClientSession | None = None
+) -> dict[str, Any]:
     """Fetch `{base_url}/models` and its top-weekly order into a cache document.
     Raise CatalogueFetchError when the model list cannot be had; a missing top-weekly
     order only leaves `top_weekly` null (the catalogue itself is what matters)."""
@@ -157,9 +167,14 @@ async def fetch_catalogue(base_url: str, *, timeout_s: float = 10.0, now: dateti
     finally:
         if own_session:
             await session.close()
-    fetched = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return {"fetched_at": fetched.isoformat(timespec="seconds"), "snapshot_date": fetched.date().isoformat(),
-            "source": url, "top_weekly": top_weekly, "data": models}
+    fetched = (now or datetime.now(UTC)).astimezone(UTC)
+    return {
+        "fetched_at": fetched.isoformat(timespec="seconds"),
+        "snapshot_date": fetched.date().isoformat(),
+        "source": url,
+        "top_weekly": top_weekly,
+        "data": models,
+    }
 
 
 def write_cache(path: Path, document: Mapping[str, Any]) -> None:
@@ -177,12 +192,12 @@ def write_cache(path: Path, document: Mapping[str, Any]) -> None:
 class ModelRow:
     id: str
     name: str
-    listed: bool                           # False: used by the config, absent from the catalogue
+    listed: bool  # False: used by the config, absent from the catalogue
     prompt_usd_per_mtok: float | None
     completion_usd_per_mtok: float | None
-    price_source: str                      # catalogue | override | unpriced
+    price_source: str  # catalogue | override | unpriced
     context_length: int | None
-    used_by: tuple[str, ...]               # chain positions, e.g. ("cheap[0]", "code[1]")
+    used_by: tuple[str, ...]  # chain positions, e.g. ("cheap[0]", "code[1]")
 
 
 @dataclass(frozen=True)
@@ -196,7 +211,7 @@ class ModelsView:
 def chain_usage(config: Config | None) -> dict[str, list[str]]:
     """model id -> the chain positions using it, e.g. {'x/y': ['cheap[0]', 'balanced[2]']}."""
     usage: dict[str, list[str]] = {}
-    for name, model in (config.models.items() if config else ()):
+    for name, model in config.models.items() if config else ():
         for index, member in enumerate(model.chain or ()):
             usage.setdefault(member.model, []).append(f"{name}[{index}]")
     return usage
@@ -210,9 +225,16 @@ def _row(model_id: str, entry: Mapping[str, Any] | None, book: PriceBook, used_b
         context = entry.get("context_length") or (entry.get("top_provider") or {}).get("context_length")
     elif price is not None:
         context = price.context_length
-    return ModelRow(model_id, str(entry.get("name", "")) if entry else "", entry is not None,
-                    price.prompt * PER_MILLION if price else None, price.completion * PER_MILLION if price else None,
-                    source, context, tuple(used_by))
+    return ModelRow(
+        model_id,
+        str(entry.get("name", "")) if entry else "",
+        entry is not None,
+        price.prompt * PER_MILLION if price else None,
+        price.completion * PER_MILLION if price else None,
+        source,
+        context,
+        tuple(used_by),
+    )
 
 
 def build_models_view(config: Config | None, source: CatalogueSource, *, top_weekly: bool = False) -> ModelsView:
@@ -229,8 +251,10 @@ def build_models_view(config: Config | None, source: CatalogueSource, *, top_wee
         rows.sort(key=lambda r: (not r.listed, rank.get(r.id, len(rank))))  # stable: unranked keep their order
         order = "top-weekly"
     elif top_weekly:
-        notes.append(f"top-weekly ordering is unavailable in {source.describe()}: run `orproxy models refresh` "
-                     "to fetch it; showing catalogue order")
+        notes.append(
+            f"top-weekly ordering is unavailable in {source.describe()}: run `orproxy models refresh` "
+            "to fetch it; showing catalogue order"
+        )
     missing = [r.id for r in rows if not r.listed]
     if missing:
         notes.append(f"used by the config but missing from the catalogue: {', '.join(missing)}")
@@ -244,8 +268,13 @@ def _per_m(value: float | None) -> str:
 def render_models(view: ModelsView) -> Table:
     # rich is imported here, not at the top: it is slow to import and the check path does not need it
     from rich.table import Table
-    table = Table(title=f"Models from {view.source}, {view.order} order", title_justify="left",
-                  caption="prices in USD per MILLION tokens", caption_justify="left")
+
+    table = Table(
+        title=f"Models from {view.source}, {view.order} order",
+        title_justify="left",
+        caption="prices in USD per MILLION tokens",
+        caption_justify="left",
+    )
     table.add_column("model")
     table.add_column("prompt $/M", justify="right")
     table.add_column("completion $/M", justify="right")
@@ -255,17 +284,23 @@ def render_models(view: ModelsView) -> Table:
         model = row.id if row.listed else f"{row.id} [bold red](missing from the catalogue)[/]"
         if row.price_source == "override":
             model += " [dim](override price)[/]"
-        table.add_row(model, _per_m(row.prompt_usd_per_mtok), _per_m(row.completion_usd_per_mtok),
-                      f"{row.context_length:,}" if row.context_length else "-", ", ".join(row.used_by),
-                      style="bold" if row.used_by else None)
+        table.add_row(
+            model,
+            _per_m(row.prompt_usd_per_mtok),
+            _per_m(row.completion_usd_per_mtok),
+            f"{row.context_length:,}" if row.context_length else "-",
+            ", ".join(row.used_by),
+            style="bold" if row.used_by else None,
+        )
     return table
 
 
 # ------------------------------------------------------------------ warnings for `orproxy check`
 
 
-def catalogue_warnings(config: Config, catalogue: Catalogue, *, dearer_factor: float = 3.0,
-                       previous: Catalogue | None = None) -> list[str]:
+def catalogue_warnings(
+    config: Config, catalogue: Catalogue, *, dearer_factor: float = 3.0, previous: Catalogue | None = None
+) -> list[str]:
     """Warnings about the config's chains against `catalogue`.
 
     - a member absent from `catalogue` but listed in `previous` (default: the packaged snapshot) is
@@ -287,15 +322,21 @@ def catalogue_warnings(config: Config, catalogue: Catalogue, *, dearer_factor: f
             where = f"models.{name}.chain[{index}]"
             if member.model in listed:
                 if book.lookup(member.model) is None:
-                    warnings.append(f"{where}: '{member.model}' has no fixed price in the catalogue; "
-                                    "price it under pricing.overrides or it is charged at the dearest price")
+                    warnings.append(
+                        f"{where}: '{member.model}' has no fixed price in the catalogue; "
+                        "price it under pricing.overrides or it is charged at the dearest price"
+                    )
             elif member.model in before:
-                warnings.append(f"{where}: '{member.model}' was delisted: it is no longer in the catalogue; "
-                                "replace it, or requests to it will fail over to the next member")
+                warnings.append(
+                    f"{where}: '{member.model}' was delisted: it is no longer in the catalogue; "
+                    "replace it, or requests to it will fail over to the next member"
+                )
             elif member.model not in overridden:
-                warnings.append(f"{where}: '{member.model}' (upstream {member.upstream}) is not in the catalogue: "
-                                "check the spelling, run `orproxy models refresh`, or price it under "
-                                "pricing.overrides (until then it is charged at the dearest catalogue price)")
+                warnings.append(
+                    f"{where}: '{member.model}' (upstream {member.upstream}) is not in the catalogue: "
+                    "check the spelling, run `orproxy models refresh`, or price it under "
+                    "pricing.overrides (until then it is charged at the dearest catalogue price)"
+                )
         warnings.extend(_dearer_fallbacks(name, chain, book, dearer_factor))
     return warnings
 
@@ -315,8 +356,10 @@ def _dearer_fallbacks(name: str, chain: Sequence[Any], book: PriceBook, factor: 
     for index, member in enumerate(chain[1:], start=1):
         price = blended_per_token(book, member.model)
         if price is not None and price > factor * primary:
-            out.append(f"models.{name}.chain[{index}]: fallback '{member.model}' costs "
-                       f"${price * PER_MILLION:,.4g}/M tokens blended (prompt + completion per million) vs "
-                       f"${primary * PER_MILLION:,.4g}/M for the primary '{chain[0].model}': "
-                       f"{price / primary:.1f}x, more than the {factor:g}x allowed")
+            out.append(
+                f"models.{name}.chain[{index}]: fallback '{member.model}' costs "
+                f"${price * PER_MILLION:,.4g}/M tokens blended (prompt + completion per million) vs "
+                f"${primary * PER_MILLION:,.4g}/M for the primary '{chain[0].model}': "
+                f"{price / primary:.1f}x, more than the {factor:g}x allowed"
+            )
     return out

@@ -53,11 +53,12 @@ from proxy.money.ledger_rows import (
 )
 
 log = logging.getLogger("orproxy.ledger")
-_PRUNE_CHUNK = 10_000   # rows deleted per transaction, so pruning never stalls the writer for long
+_PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
+
 
 @dataclass(slots=True)
 class _Pending:
-    row: LedgerRow | None        # None: a flush barrier, resolved with the batch it lands in
+    row: LedgerRow | None  # None: a flush barrier, resolved with the batch it lands in
     future: asyncio.Future[None]
 
 
@@ -67,32 +68,40 @@ _STOP = object()
 class Ledger:
     """Spend records in one SQLite file; build with `await Ledger.open(path)`, end with `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, *, retention_days: int,
-                 max_batch: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, *, retention_days: int, max_batch: int, clock: Callable[[], float]
+    ) -> None:
         self._db = db
         self._path = path
         self._retention_s = retention_days * 86_400.0
         self._max_batch = max_batch
         self._clock = clock
         self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
-        self._lock = asyncio.Lock()     # one transaction or query at a time on the shared connection
+        self._lock = asyncio.Lock()  # one transaction or query at a time on the shared connection
         self._closed = False
         self._shutdown: asyncio.Task[None] | None = None
-        self.commits = 0                # batches committed; tests and metrics read it
+        self.commits = 0  # batches committed; tests and metrics read it
         self.rows_written = 0
         self._writer = asyncio.create_task(self._write_forever(), name=f"ledger-writer:{path.name}")
 
     @classmethod
-    async def open(cls, path: str | Path, *, retention_days: int = 400, synchronous: str = "NORMAL",
-                   max_batch: int = 512, clock: Callable[[], float] = time.time,
-                   busy_timeout_s: float = 5.0, prune: bool = True) -> Ledger:
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        retention_days: int = 400,
+        synchronous: str = "NORMAL",
+        max_batch: int = 512,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+        prune: bool = True,
+    ) -> Ledger:
         path = Path(path)
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"ledger synchronous={synchronous!r}: use one of {sorted(SYNCHRONOUS_MODES)}")
         if retention_days < 1 or max_batch < 1:
-            raise ValueError(f"ledger needs retention_days >= 1 and max_batch >= 1 "
-                             f"(got {retention_days}, {max_batch})")
+            raise ValueError(f"ledger needs retention_days >= 1 and max_batch >= 1 (got {retention_days}, {max_batch})")
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: the writer issues BEGIN/COMMIT itself instead of
         # relying on the sqlite3 module's implicit transactions.
@@ -141,14 +150,15 @@ class Ledger:
 
     def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
         if self._closed or self._writer.done():
-            raise LedgerClosed(f"ledger {self._path} is closed; request "
-                               f"{row.request_id if row else '(flush)'} was not recorded")
+            raise LedgerClosed(
+                f"ledger {self._path} is closed; request {row.request_id if row else '(flush)'} was not recorded"
+            )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(row, future))
         return future
 
     async def _finish(self) -> None:
-        await asyncio.wait([self._writer])   # wait, not await: a cancelled writer must not fail close()
+        await asyncio.wait([self._writer])  # wait, not await: a cancelled writer must not fail close()
         await self._db.close()
 
     async def _write_forever(self) -> None:
@@ -163,7 +173,7 @@ class Ledger:
                 await asyncio.sleep(0)
                 while len(batch) < self._max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                if batch[-1] is _STOP:      # nothing is queued after _STOP, so it is always last
+                if batch[-1] is _STOP:  # nothing is queued after _STOP, so it is always last
                     batch.pop()
                     stopping = True
                 if batch:
@@ -192,13 +202,13 @@ class Ledger:
         try:
             async with self._lock:
                 for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                    chunk = rows[start:start + ROWS_PER_STATEMENT]
+                    chunk = rows[start : start + ROWS_PER_STATEMENT]
                     params = [value for row in chunk for value in to_params(row)]
                     await self._db.execute_insert(insert_many(len(chunk)), params)  # one hop, cursor closed
                     written += len(chunk)
                     self.commits += 1
                     self.rows_written += len(chunk)
-        except Exception as exc:   # a bad disk must not kill the writer: fail what is unwritten, keep going
+        except Exception as exc:  # a bad disk must not kill the writer: fail what is unwritten, keep going
             log.error("ledger %s: could not record %d request(s): %s", self._path, len(rows) - written, exc)
             error = exc
         index = 0
@@ -220,26 +230,25 @@ class Ledger:
         async with self._lock:
             return list(await self._db.execute_fetchall(sql, params))
 
-    async def spend_between(self, start: float, end: float | None = None, *,
-                            key_name: str | None = None) -> float:
+    async def spend_between(self, start: float, end: float | None = None, *, key_name: str | None = None) -> float:
         """Committed cost in [start, end); all keys unless `key_name` is given."""
         if key_name is None:
             sql, params = "SELECT sum(cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, _end(end))
         else:
             sql = "SELECT sum(cost_nusd) FROM requests WHERE key_name = ? AND ts >= ? AND ts < ?"
             params = (key_name, start, _end(end))
-        (total,), = await self._fetchall(sql, params)
+        ((total,),) = await self._fetchall(sql, params)
         return from_nano(total)
 
     async def spend_by_key_between(self, start: float, end: float | None = None) -> dict[str, float]:
         """Cost in [start, end) per key name; requests without a key are under ""."""
         found = await self._fetchall(
-            "SELECT coalesce(key_name, ''), sum(cost_nusd) FROM requests "
-            "WHERE ts >= ? AND ts < ? GROUP BY 1", (start, _end(end)))
+            "SELECT coalesce(key_name, ''), sum(cost_nusd) FROM requests WHERE ts >= ? AND ts < ? GROUP BY 1",
+            (start, _end(end)),
+        )
         return {key: from_nano(total) for key, total in found}
 
-    async def summary(self, start: float, end: float,
-                      by: Literal["model", "virtual", "key"]) -> list[SummaryRow]:
+    async def summary(self, start: float, end: float, by: Literal["model", "virtual", "key"]) -> list[SummaryRow]:
         """Per-group figures for [start, end), largest cost first; a missing group value is ""."""
         column = GROUP_COLUMNS.get(by)
         if column is None:
@@ -247,13 +256,17 @@ class Ledger:
         found = await self._fetchall(
             f"SELECT coalesce({column}, '') AS grp, count(*), sum(prompt_tokens), sum(completion_tokens), "
             "sum(cost_nusd), max(cost_nusd), sum(baseline_cost_nusd) FROM requests "
-            "WHERE ts >= ? AND ts < ? GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp", (start, end))
+            "WHERE ts >= ? AND ts < ? GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp",
+            (start, end),
+        )
         return [summary_row(*values) for values in found]
 
     async def totals(self, start: float, end: float) -> SummaryRow:
         (values,) = await self._fetchall(
             "SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd), "
-            "max(cost_nusd), sum(baseline_cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, end))
+            "max(cost_nusd), sum(baseline_cost_nusd) FROM requests WHERE ts >= ? AND ts < ?",
+            (start, end),
+        )
         return summary_row("total", *values)
 
     async def rows(self, start: float | None = None, end: float | None = None) -> list[LedgerRow]:
@@ -275,8 +288,9 @@ class Ledger:
                 await _exec(self._db, "BEGIN IMMEDIATE")
                 try:
                     async with self._db.execute(
-                            "DELETE FROM requests WHERE id IN "
-                            "(SELECT id FROM requests WHERE ts < ? LIMIT ?)", (cutoff, _PRUNE_CHUNK)) as cursor:
+                        "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? LIMIT ?)",
+                        (cutoff, _PRUNE_CHUNK),
+                    ) as cursor:
                         count = cursor.rowcount
                     await self._db.commit()
                 except BaseException:
@@ -286,22 +300,24 @@ class Ledger:
             if count < _PRUNE_CHUNK:
                 break
         if deleted:
-            log.info("ledger %s: pruned %d request(s) older than %.0f days",
-                     self._path, deleted, self._retention_s / 86_400)
+            log.info(
+                "ledger %s: pruned %d request(s) older than %.0f days", self._path, deleted, self._retention_s / 86_400
+            )
         return deleted
 
 
 async def _prepare(db: aiosqlite.Connection, path: Path, synchronous: str, busy_timeout_s: float) -> None:
     await _exec(db, f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    (mode,), = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+    ((mode,),) = await db.execute_fetchall("PRAGMA journal_mode = WAL")
     if mode.lower() != "wal":
         log.warning("ledger %s: SQLite refused WAL (journal_mode=%s); commits will be slower", path, mode)
     await _exec(db, f"PRAGMA synchronous = {synchronous}")
-    (version,), = await db.execute_fetchall("PRAGMA user_version")
+    ((version,),) = await db.execute_fetchall("PRAGMA user_version")
     if version > SCHEMA_VERSION:
         raise LedgerSchemaError(
             f"ledger {path} has schema version {version}, but this proxy knows only up to "
-            f"{SCHEMA_VERSION}; run a newer proxy or point ledger.path at another file")
+            f"{SCHEMA_VERSION}; run a newer proxy or point ledger.path at another file"
+        )
     if version < SCHEMA_VERSION:
         # One transaction, so a crash mid-way never leaves tables without their version.
         steps = SCHEMA_SQL if version == 0 else "\n".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
@@ -323,12 +339,12 @@ async def _rollback_quietly(db: aiosqlite.Connection) -> None:
     try:
         if db.in_transaction:
             await db.rollback()
-    except Exception as exc:   # the original error is the one worth reporting
+    except Exception as exc:  # the original error is the one worth reporting
         log.warning("ledger rollback failed: %s", exc)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():          # the caller gave up waiting; the row was still handled
+    if future.done():  # the caller gave up waiting; the row was still handled
         return
     if error is None:
         future.set_result(None)

@@ -52,10 +52,28 @@ CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
 """
 
 COLUMNS = (
-    "ts", "request_id", "key_name", "requested_model", "virtual_model", "model", "upstream",
-    "provider", "prompt_tokens", "completion_tokens", "cost_nusd", "cost_source",
-    "baseline_cost_nusd", "latency_s", "ttft_s", "status", "attempts", "streamed",
-    "generation_id", "cached", "error", "saved_nusd",
+    "ts",
+    "request_id",
+    "key_name",
+    "requested_model",
+    "virtual_model",
+    "model",
+    "upstream",
+    "provider",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nusd",
+    "cost_source",
+    "baseline_cost_nusd",
+    "latency_s",
+    "ttft_s",
+    "status",
+    "attempts",
+    "streamed",
+    "generation_id",
+    "cached",
+    "error",
+    "saved_nusd",
 )
 # Schema migrations: version -> the statements that take a file from it to the next version.
 MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN saved_nusd INTEGER NOT NULL DEFAULT 0;"}
@@ -108,7 +126,7 @@ class LedgerRow:
     generation_id: str | None = None
     cached: bool = False
     error: str | None = None
-    saved_usd: float = 0.0        # a cache hit: what the answer cost when it was first bought
+    saved_usd: float = 0.0  # a cache hit: what the answer cost when it was first bought
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +140,7 @@ class SummaryRow:
     max_cost_usd: float
     baseline_cost_usd: float
     savings_usd: float
-    savings_pct: float | None   # 0-100 of the baseline; None when there is no baseline cost
+    savings_pct: float | None  # 0-100 of the baseline; None when there is no baseline cost
 
 
 def to_nano(usd: float) -> int:
@@ -138,8 +156,9 @@ def check_row(row: LedgerRow) -> None:
     # the whole transaction and every other caller in it (a NaN even becomes NULL
     # in SQLite and trips NOT NULL).
     if row.cost_source not in COST_SOURCES:
-        raise ValueError(f"ledger row {row.request_id}: cost_source {row.cost_source!r} "
-                         f"is not one of {sorted(COST_SOURCES)}")
+        raise ValueError(
+            f"ledger row {row.request_id}: cost_source {row.cost_source!r} is not one of {sorted(COST_SOURCES)}"
+        )
     for name in ("ts", "cost_usd", "baseline_cost_usd", "latency_s"):
         value = getattr(row, name)
         if not math.isfinite(value) or value < 0:
@@ -148,10 +167,28 @@ def check_row(row: LedgerRow) -> None:
 
 def to_params(row: LedgerRow) -> tuple:
     return (
-        row.ts, row.request_id, row.key_name, row.requested_model, row.virtual_model, row.model,
-        row.upstream, row.provider, row.prompt_tokens, row.completion_tokens, to_nano(row.cost_usd),
-        row.cost_source, to_nano(row.baseline_cost_usd), row.latency_s, row.ttft_s, row.status,
-        row.attempts, int(row.streamed), row.generation_id, int(row.cached), row.error, to_nano(row.saved_usd),
+        row.ts,
+        row.request_id,
+        row.key_name,
+        row.requested_model,
+        row.virtual_model,
+        row.model,
+        row.upstream,
+        row.provider,
+        row.prompt_tokens,
+        row.completion_tokens,
+        to_nano(row.cost_usd),
+        row.cost_source,
+        to_nano(row.baseline_cost_usd),
+        row.latency_s,
+        row.ttft_s,
+        row.status,
+        row.attempts,
+        int(row.streamed),
+        row.generation_id,
+        int(row.cached),
+        row.error,
+        to_nano(row.saved_usd),
     )
 
 
@@ -165,14 +202,26 @@ def from_record(values: Sequence) -> LedgerRow:
     return LedgerRow(**{f.name: by_name[f.name] for f in fields(LedgerRow)})
 
 
-def summary_row(group: str, requests: int, prompt: int | None, completion: int | None,
-                 cost: int | None, largest: int | None, baseline: int | None) -> SummaryRow:
+def summary_row(
+    group: str,
+    requests: int,
+    prompt: int | None,
+    completion: int | None,
+    cost: int | None,
+    largest: int | None,
+    baseline: int | None,
+) -> SummaryRow:
     cost_usd, baseline_usd = from_nano(cost), from_nano(baseline)
     savings_nusd = (baseline or 0) - (cost or 0)
     return SummaryRow(
-        group=group, requests=requests, prompt_tokens=prompt or 0, completion_tokens=completion or 0,
-        cost_usd=cost_usd, avg_cost_usd=cost_usd / requests if requests else 0.0,
-        max_cost_usd=from_nano(largest), baseline_cost_usd=baseline_usd,
+        group=group,
+        requests=requests,
+        prompt_tokens=prompt or 0,
+        completion_tokens=completion or 0,
+        cost_usd=cost_usd,
+        avg_cost_usd=cost_usd / requests if requests else 0.0,
+        max_cost_usd=from_nano(largest),
+        baseline_cost_usd=baseline_usd,
         savings_usd=from_nano(savings_nusd),
         savings_pct=100.0 * savings_nusd / baseline if baseline else None,
     )

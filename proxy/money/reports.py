@@ -32,9 +32,13 @@ async def spend_report(ledger: Ledger, period: Period, by: GroupBy, timezone: st
     total = await ledger.totals(start, end)
     tz = ZoneInfo(timezone)
     return {
-        "period": period, "by": by, "timezone": timezone,
-        "start": datetime.fromtimestamp(start, tz).isoformat(), "end": datetime.fromtimestamp(end, tz).isoformat(),
-        "rows": [_row(r) for r in rows], "total": _row(total),
+        "period": period,
+        "by": by,
+        "timezone": timezone,
+        "start": datetime.fromtimestamp(start, tz).isoformat(),
+        "end": datetime.fromtimestamp(end, tz).isoformat(),
+        "rows": [_row(r) for r in rows],
+        "total": _row(total),
     }
 
 
@@ -48,8 +52,17 @@ def render(report: dict[str, Any]) -> Table:
     title = f"Spend by {report['by']}, {report['period']} from {report['start'][:16]} ({report['timezone']})"
     table = Table(title=title, title_justify="left")
     table.add_column(report["by"])
-    for name in ("requests", "prompt tok", "completion tok", "cost $", "avg $", "max $", "baseline $", "saved $",
-                 "saved %"):
+    for name in (
+        "requests",
+        "prompt tok",
+        "completion tok",
+        "cost $",
+        "avg $",
+        "max $",
+        "baseline $",
+        "saved $",
+        "saved %",
+    ):
         table.add_column(name, justify="right")
     for row in report["rows"]:
         table.add_row(*_cells(row))
@@ -60,6 +73,15 @@ def render(report: dict[str, Any]) -> Table:
 
 def _cells(row: dict[str, Any]) -> list[str]:
     pct = row["savings_pct"]
-    return [row["group"], f"{row['requests']:,}", f"{row['prompt_tokens']:,}", f"{row['completion_tokens']:,}",
-            f"{row['cost_usd']:.6f}", f"{row['avg_cost_usd']:.6f}", f"{row['max_cost_usd']:.6f}",
-            f"{row['baseline_cost_usd']:.6f}", f"{row['savings_usd']:.6f}", "-" if pct is None else f"{pct:.1f}"]
+    return [
+        row["group"],
+        f"{row['requests']:,}",
+        f"{row['prompt_tokens']:,}",
+        f"{row['completion_tokens']:,}",
+        f"{row['cost_usd']:.6f}",
+        f"{row['avg_cost_usd']:.6f}",
+        f"{row['max_cost_usd']:.6f}",
+        f"{row['baseline_cost_usd']:.6f}",
+        f"{row['savings_usd']:.6f}",
+        "-" if pct is None else f"{pct:.1f}",
+    ]

@@ -29,9 +29,11 @@ DAYS_PER_MONTH = 30
 SHARE_TOLERANCE = 1e-6
 SECONDS_PER_DAY = 86_400
 
-LEDGER_FEATURES_NOTE = ("routing saw only what the ledger records: the prompt tokens (the upstream's count) and "
-                        "whether the request streamed; task, tools, images, JSON mode and message text are not "
-                        "recorded, so they count as absent")
+LEDGER_FEATURES_NOTE = (
+    "routing saw only what the ledger records: the prompt tokens (the upstream's count) and "
+    "whether the request streamed; task, tools, images, JSON mode and message text are not "
+    "recorded, so they count as absent"
+)
 
 
 class SimulationError(ValueError):
@@ -66,22 +68,27 @@ def parse_mix(text: str) -> dict[str, float]:
 def check_mix(mix: Mapping[str, float], virtual_models: Sequence[str]) -> None:
     unknown = [name for name in mix if name not in virtual_models]
     if unknown:
-        raise SimulationError(f"--mix names {', '.join(repr(n) for n in unknown)}, not virtual model(s) of the "
-                              f"config (known: {', '.join(virtual_models)})")
+        raise SimulationError(
+            f"--mix names {', '.join(repr(n) for n in unknown)}, not virtual model(s) of the "
+            f"config (known: {', '.join(virtual_models)})"
+        )
     total = math.fsum(mix.values())
     if abs(total - 1.0) > SHARE_TOLERANCE:
-        raise SimulationError(f"--mix shares add up to {total:.6g}, not 1: adjust them so they sum to 1 "
-                              f"(e.g. {','.join(f'{n}={v / total:.4g}' for n, v in mix.items())})"
-                              if total > 0 else "--mix shares add up to 0: give at least one positive share")
+        raise SimulationError(
+            f"--mix shares add up to {total:.6g}, not 1: adjust them so they sum to 1 "
+            f"(e.g. {','.join(f'{n}={v / total:.4g}' for n, v in mix.items())})"
+            if total > 0
+            else "--mix shares add up to 0: give at least one positive share"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class MixLine:
     virtual_model: str
     share: float
-    chain_owner: str                      # the virtual model whose chain serves it (itself, unless routed)
-    model: str                            # that chain's primary member
-    price_source: str                     # catalogue | override | dearest (not in the catalogue)
+    chain_owner: str  # the virtual model whose chain serves it (itself, unless routed)
+    model: str  # that chain's primary member
+    price_source: str  # catalogue | override | dearest (not in the catalogue)
     prompt_usd_per_mtok: float
     completion_usd_per_mtok: float
     requests_per_day: float
@@ -105,9 +112,9 @@ class MixSimulation:
     baseline_cost_per_request_usd: float
     baseline_daily_usd: float
     baseline_monthly_usd: float
-    savings_daily_usd: float              # negative: the mix costs more than the baseline
+    savings_daily_usd: float  # negative: the mix costs more than the baseline
     savings_monthly_usd: float
-    savings_pct: float | None             # of the baseline; None when the baseline costs nothing
+    savings_pct: float | None  # of the baseline; None when the baseline costs nothing
     notes: tuple[str, ...] = field(default=())
 
 
@@ -125,9 +132,17 @@ def primary_of(router: Router, name: str, features: RequestFeatures) -> tuple[st
     return owner, router.chain_of(owner)[0].model
 
 
-def simulate_mix(router: Router, book: PriceBook, *, requests_per_day: float, tokens_per_request: float,
-                 mix: Mapping[str, float], prompt_share: float = 0.5, baseline: str | None = None,
-                 days_per_month: int = DAYS_PER_MONTH) -> MixSimulation:
+def simulate_mix(
+    router: Router,
+    book: PriceBook,
+    *,
+    requests_per_day: float,
+    tokens_per_request: float,
+    mix: Mapping[str, float],
+    prompt_share: float = 0.5,
+    baseline: str | None = None,
+    days_per_month: int = DAYS_PER_MONTH,
+) -> MixSimulation:
     """Daily and monthly cost of `mix` (virtual model -> share of requests) against `baseline` alone."""
     if requests_per_day < 0 or tokens_per_request < 0:
         raise SimulationError("--requests-per-day and --tokens-per-request must be >= 0")
@@ -137,8 +152,10 @@ def simulate_mix(router: Router, book: PriceBook, *, requests_per_day: float, to
     baseline = baseline or book.baseline_model
     baseline_found = book.lookup(baseline)
     if baseline_found is None:
-        raise SimulationError(f"baseline model '{baseline}' is not in the catalogue nor pricing.overrides: "
-                              "pass --baseline with a listed model (see `orproxy models`)")
+        raise SimulationError(
+            f"baseline model '{baseline}' is not in the catalogue nor pricing.overrides: "
+            "pass --baseline with a listed model (see `orproxy models`)"
+        )
     prompt_tokens = tokens_per_request * prompt_share
     completion_tokens = tokens_per_request - prompt_tokens
     lines = []
@@ -147,23 +164,54 @@ def simulate_mix(router: Router, book: PriceBook, *, requests_per_day: float, to
         price, source = priced(book, model)
         per_request = price.cost(prompt_tokens, completion_tokens)  # type: ignore[arg-type]  # floats are fine
         requests = requests_per_day * share
-        lines.append(MixLine(name, share, owner or name, model, source, price.prompt * PER_MILLION,
-                             price.completion * PER_MILLION, requests, per_request, requests * per_request,
-                             requests * per_request * days_per_month))
+        lines.append(
+            MixLine(
+                name,
+                share,
+                owner or name,
+                model,
+                source,
+                price.prompt * PER_MILLION,
+                price.completion * PER_MILLION,
+                requests,
+                per_request,
+                requests * per_request,
+                requests * per_request * days_per_month,
+            )
+        )
     daily = math.fsum(line.daily_usd for line in lines)
     baseline_per_request = baseline_found[0].cost(prompt_tokens, completion_tokens)  # type: ignore[arg-type]
     baseline_daily = requests_per_day * baseline_per_request
     notes = [f"each virtual model is priced at its chain's primary member; a month is {days_per_month} days"]
     if any(line.chain_owner != line.virtual_model for line in lines):
-        notes.append("rule-routed models are resolved for a request without features (no task, tools, images, "
-                     "JSON mode; 0 prompt tokens): usually their catch-all rule")
-    notes += [f"'{line.model}' is not in the catalogue: priced at the dearest catalogue price, as the proxy would"
-              for line in lines if line.price_source == "dearest"]
+        notes.append(
+            "rule-routed models are resolved for a request without features (no task, tools, images, "
+            "JSON mode; 0 prompt tokens): usually their catch-all rule"
+        )
+    notes += [
+        f"'{line.model}' is not in the catalogue: priced at the dearest catalogue price, as the proxy would"
+        for line in lines
+        if line.price_source == "dearest"
+    ]
     return MixSimulation(
-        requests_per_day, tokens_per_request, prompt_share, prompt_tokens, completion_tokens, days_per_month,
-        tuple(lines), daily, daily * days_per_month, baseline, baseline_per_request, baseline_daily,
-        baseline_daily * days_per_month, baseline_daily - daily, (baseline_daily - daily) * days_per_month,
-        100.0 * (baseline_daily - daily) / baseline_daily if baseline_daily else None, tuple(notes))
+        requests_per_day,
+        tokens_per_request,
+        prompt_share,
+        prompt_tokens,
+        completion_tokens,
+        days_per_month,
+        tuple(lines),
+        daily,
+        daily * days_per_month,
+        baseline,
+        baseline_per_request,
+        baseline_daily,
+        baseline_daily * days_per_month,
+        baseline_daily - daily,
+        (baseline_daily - daily) * days_per_month,
+        100.0 * (baseline_daily - daily) / baseline_daily if baseline_daily else None,
+        tuple(notes),
+    )
 
 
 # ------------------------------------------------------------------ ledger replay
@@ -176,8 +224,8 @@ class ReplayGroup:
     prompt_tokens: int
     completion_tokens: int
     actual_usd: float
-    what_if_usd: float | None             # None: the other config cannot route this name
-    routed_to: tuple[str, ...]            # 'owner: primary' pairs seen, e.g. ('cheap: mistralai/...',)
+    what_if_usd: float | None  # None: the other config cannot route this name
+    routed_to: tuple[str, ...]  # 'owner: primary' pairs seen, e.g. ('cheap: mistralai/...',)
 
     @property
     def difference_usd(self) -> float | None:
@@ -190,7 +238,7 @@ class Replay:
     end: float
     requests: int
     groups: tuple[ReplayGroup, ...]
-    actual_usd: float                     # rows the other config can route (comparable with what_if_usd)
+    actual_usd: float  # rows the other config can route (comparable with what_if_usd)
     what_if_usd: float
     unroutable_requests: int
     unroutable_actual_usd: float
@@ -227,7 +275,7 @@ class _Tally:
     completion_tokens: int = 0
     actual: list[float] = field(default_factory=list)
     what_if: list[float] = field(default_factory=list)
-    routed_to: dict[str, None] = field(default_factory=dict)   # insertion-ordered set
+    routed_to: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
     unroutable: bool = False
 
     def add(self, row: LedgerRow, result: tuple[float, str] | None) -> None:
@@ -242,8 +290,15 @@ class _Tally:
             self.routed_to[result[1]] = None
 
     def group(self, name: str) -> ReplayGroup:
-        return ReplayGroup(name, self.requests, self.prompt_tokens, self.completion_tokens, math.fsum(self.actual),
-                           None if self.unroutable else math.fsum(self.what_if), tuple(self.routed_to))
+        return ReplayGroup(
+            name,
+            self.requests,
+            self.prompt_tokens,
+            self.completion_tokens,
+            math.fsum(self.actual),
+            None if self.unroutable else math.fsum(self.what_if),
+            tuple(self.routed_to),
+        )
 
 
 def replay_rows(rows: Iterable[LedgerRow], router: Router, book: PriceBook, *, start: float, end: float) -> Replay:
@@ -251,24 +306,39 @@ def replay_rows(rows: Iterable[LedgerRow], router: Router, book: PriceBook, *, s
     tallies: dict[str, _Tally] = {}
     for row in rows:
         tallies.setdefault(row.requested_model, _Tally()).add(row, what_if_cost(row, router, book))
-    groups = sorted((tally.group(name) for name, tally in tallies.items()),
-                    key=lambda g: (-g.actual_usd, g.requested_model))
+    groups = sorted(
+        (tally.group(name) for name, tally in tallies.items()), key=lambda g: (-g.actual_usd, g.requested_model)
+    )
     comparable = [g for g in groups if g.what_if_usd is not None]
     unroutable = [g for g in groups if g.what_if_usd is None]
-    notes = [LEDGER_FEATURES_NOTE, "what-if prices each request at the primary of the chain it routes to, from the "
-             "other config's catalogue and overrides; budget downgrades are not replayed; cache hits stay free"]
+    notes = [
+        LEDGER_FEATURES_NOTE,
+        "what-if prices each request at the primary of the chain it routes to, from the "
+        "other config's catalogue and overrides; budget downgrades are not replayed; cache hits stay free",
+    ]
     if unroutable:
-        notes.append(f"{sum(g.requests for g in unroutable)} request(s) to "
-                     f"{', '.join(g.requested_model for g in unroutable)} cannot be routed by the other config "
-                     "(not a virtual model there, and not an allowed direct model): left out of the totals")
-    return Replay(start, end, sum(g.requests for g in groups), tuple(groups),
-                  math.fsum(g.actual_usd for g in comparable), math.fsum(g.what_if_usd or 0.0 for g in comparable),
-                  sum(g.requests for g in unroutable), math.fsum(g.actual_usd for g in unroutable), tuple(notes))
+        notes.append(
+            f"{sum(g.requests for g in unroutable)} request(s) to "
+            f"{', '.join(g.requested_model for g in unroutable)} cannot be routed by the other config "
+            "(not a virtual model there, and not an allowed direct model): left out of the totals"
+        )
+    return Replay(
+        start,
+        end,
+        sum(g.requests for g in groups),
+        tuple(groups),
+        math.fsum(g.actual_usd for g in comparable),
+        math.fsum(g.what_if_usd or 0.0 for g in comparable),
+        sum(g.requests for g in unroutable),
+        math.fsum(g.actual_usd for g in unroutable),
+        tuple(notes),
+    )
 
 
 async def read_ledger(path: str, *, days: float, now: float) -> tuple[list[LedgerRow], float, float]:
     """The ledger rows of the last `days` days before `now`, with the window's bounds."""
     from proxy.money.ledger import Ledger
+
     if days <= 0:
         raise SimulationError(f"--days must be > 0, got {days:g}")
     start = now - days * SECONDS_PER_DAY

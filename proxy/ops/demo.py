@@ -30,14 +30,18 @@ async def start_demo(config: Config) -> tuple[Config, dict[str, str]]:
     env: dict[str, str] = {}
     for name, upstream in config.upstreams.items():
         prefix = "/api/v1" if upstream.flavour == "openrouter" else "/v1"
-        upstreams[name] = upstream.model_copy(update={"base_url": f"http://127.0.0.1:{port}{prefix}",
-                                                     "kind": upstream.flavour})
+        upstreams[name] = upstream.model_copy(
+            update={"base_url": f"http://127.0.0.1:{port}{prefix}", "kind": upstream.flavour}
+        )
         env[upstream.api_key_env] = DEMO_KEY
     failing = _first_model_of(config, "quality")
     if failing:
         app[EMULATOR_STATE].faults.set(failing, Fault(status=503, message="demo: provider overloaded"))
-    log.warning("DEMO MODE: upstreams point at the built-in emulator on 127.0.0.1:%d; %s",
-                port, f"'{failing}' always answers 503, so `quality` falls back" if failing else "no fault injected")
+    log.warning(
+        "DEMO MODE: upstreams point at the built-in emulator on 127.0.0.1:%d; %s",
+        port,
+        f"'{failing}' always answers 503, so `quality` falls back" if failing else "no fault injected",
+    )
     # Emulated spend must never count against the real budget: the demo keeps its own ledger and cache.
     ledger = config.ledger.model_copy(update={"path": _beside(config.ledger.path, "demo-")})
     cache = config.cache.model_copy(update={"path": _beside(config.cache.path, "demo-")})

@@ -1,8 +1,9 @@
 """The metric set, on an injected registry. Names are a contract with the dashboards.
 
 Per-request numbers are recorded by one accounting sink (`observe`) into
-lock-free tallies (`proxy.tallies`), so a request costs dictionary updates. State-derived gauges (budgets, cooldowns, rate limits, in-flight,
-credits) are read only when Prometheus scrapes, by a collector.
+lock-free tallies (`proxy.ops.tallies`), so a request costs dictionary updates.
+State-derived gauges (budgets, cooldowns, rate limits, in-flight, credits) are
+read only when Prometheus scrapes, by a collector.
 
 Labels stay bounded: a virtual model label is a configured name (else
 `direct` for a real slug, `unknown` for a 404), a model label a configured
@@ -50,20 +51,40 @@ class Metrics:
         self.gauges = Gauges()
         self.requests = Tally("orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status"])
         self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key"])
-        self.baseline = Tally("orproxy_baseline_cost_usd", "What the savings baseline model would have cost, USD",
-                              ["virtual_model", "key"])
+        self.baseline = Tally(
+            "orproxy_baseline_cost_usd",
+            "What the savings baseline model would have cost, USD",
+            ["virtual_model", "key"],
+        )
         self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind"])
-        self.duration = LatencyTally("orproxy_request_duration_seconds", "Whole request as the client saw it",
-                                     ["virtual_model"], LATENCY_BUCKETS)
-        self.upstream_duration = LatencyTally("orproxy_upstream_duration_seconds", "One upstream attempt",
-                                              ["model"], LATENCY_BUCKETS)
-        self.ttft = LatencyTally("orproxy_time_to_first_token_seconds", "Time to the first streamed chunk",
-                                 ["model"], LATENCY_BUCKETS)
+        self.duration = LatencyTally(
+            "orproxy_request_duration_seconds", "Whole request as the client saw it", ["virtual_model"], LATENCY_BUCKETS
+        )
+        self.upstream_duration = LatencyTally(
+            "orproxy_upstream_duration_seconds", "One upstream attempt", ["model"], LATENCY_BUCKETS
+        )
+        self.ttft = LatencyTally(
+            "orproxy_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], LATENCY_BUCKETS
+        )
         self.attempts = Tally("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"])
-        self.fallbacks = Tally("orproxy_fallbacks", "Moves to the next chain member",
-                               ["virtual_model", "from_model", "reason"])
-        registry.register(TallyCollector([self.requests, self.cost, self.baseline, self.tokens, self.duration,
-                                          self.upstream_duration, self.ttft, self.attempts, self.fallbacks]))
+        self.fallbacks = Tally(
+            "orproxy_fallbacks", "Moves to the next chain member", ["virtual_model", "from_model", "reason"]
+        )
+        registry.register(
+            TallyCollector(
+                [
+                    self.requests,
+                    self.cost,
+                    self.baseline,
+                    self.tokens,
+                    self.duration,
+                    self.upstream_duration,
+                    self.ttft,
+                    self.attempts,
+                    self.fallbacks,
+                ]
+            )
+        )
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: its names become the allowed label values (series seen stay)."""
@@ -113,8 +134,14 @@ class Metrics:
 class StateCollector(Collector):
     """Gauges computed from live state when Prometheus scrapes."""
 
-    def __init__(self, metrics: Metrics, book: SpendBook, breakers: CircuitBreakers, ratelimits: RateLimits,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        book: SpendBook,
+        breakers: CircuitBreakers,
+        ratelimits: RateLimits,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._metrics = metrics
         self._book = book
         self._breakers = breakers
@@ -128,20 +155,23 @@ class StateCollector(Collector):
         in_flight.add_metric([], gauges.in_flight)
         yield in_flight
         yield from self._budget(now)
-        cooldown = GaugeMetricFamily("orproxy_model_cooldown", "1 while a model is skipped by its circuit breaker",
-                                     labels=["model"])
+        cooldown = GaugeMetricFamily(
+            "orproxy_model_cooldown", "1 while a model is skipped by its circuit breaker", labels=["model"]
+        )
         open_now = {t.model for t in self._breakers.active(now)}
         for model in sorted(self._metrics.models):
             cooldown.add_metric([model], 1.0 if model in open_now else 0.0)
         yield cooldown
         yield from self._rate_limits(now)
-        credits = GaugeMetricFamily("orproxy_upstream_credits_remaining_usd", "Credits left on the upstream key",
-                                    labels=["upstream"])
+        credits = GaugeMetricFamily(
+            "orproxy_upstream_credits_remaining_usd", "Credits left on the upstream key", labels=["upstream"]
+        )
         for upstream, value in gauges.credits_remaining.items():
             credits.add_metric([upstream], value)
         yield credits
-        used = GaugeMetricFamily("orproxy_upstream_usage_daily_usd", "The upstream key's spend today, as it reports",
-                                 labels=["upstream"])
+        used = GaugeMetricFamily(
+            "orproxy_upstream_usage_daily_usd", "The upstream key's spend today, as it reports", labels=["upstream"]
+        )
         for upstream, value in gauges.credits_used_today.items():
             used.add_metric([upstream], value)
         yield used
@@ -150,10 +180,12 @@ class StateCollector(Collector):
 
     def _budget(self, now: float) -> Iterator[Metric]:
         self._book.roll(now)
-        spent = GaugeMetricFamily("orproxy_budget_spent_usd", "Spend in the current budget window, USD",
-                                  labels=["window", "key"])
-        limit = GaugeMetricFamily("orproxy_budget_limit_usd", "Budget limit of the window, USD",
-                                  labels=["window", "key"])
+        spent = GaugeMetricFamily(
+            "orproxy_budget_spent_usd", "Spend in the current budget window, USD", labels=["window", "key"]
+        )
+        limit = GaugeMetricFamily(
+            "orproxy_budget_limit_usd", "Budget limit of the window, USD", labels=["window", "key"]
+        )
         for scope, window, amount, cap in self._book.snapshot():
             label = scope or "all"
             spent.add_metric([window, label], amount)
@@ -162,13 +194,15 @@ class StateCollector(Collector):
         yield spent
         yield limit
         # Lets a dashboard project spend to the end of the budget's own day, in the budget's time zone.
-        ends = GaugeMetricFamily("orproxy_budget_window_end_timestamp_seconds",
-                                 "When the current budget window ends (epoch seconds)", labels=["window"])
+        ends = GaugeMetricFamily(
+            "orproxy_budget_window_end_timestamp_seconds",
+            "When the current budget window ends (epoch seconds)",
+            labels=["window"],
+        )
         ends.add_metric(["daily"], self._book.calendar.day_end)
         ends.add_metric(["monthly"], self._book.calendar.month_end)
         yield ends
-        step = GaugeMetricFamily("orproxy_budget_downgrade_step",
-                                 "Index of the downgrade step in force (-1: none)")
+        step = GaugeMetricFamily("orproxy_budget_downgrade_step", "Index of the downgrade step in force (-1: none)")
         step.add_metric([], self._metrics.gauges.downgrade_step())
         yield step
 

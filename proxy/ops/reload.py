@@ -40,7 +40,7 @@ class ReloadStatus:
     config_path: str
     loaded_at: float
     last_attempt_at: float | None = None
-    last_result: str | None = None          # success | failure | unchanged
+    last_result: str | None = None  # success | failure | unchanged
     last_trigger: str | None = None
     last_errors: list[str] = field(default_factory=list)
     last_warnings: list[str] = field(default_factory=list)
@@ -52,9 +52,17 @@ class ReloadStatus:
 
 
 class Reloader:
-    def __init__(self, path: Path, runtimes: RuntimeRef, accountant: Accountant, metrics: Metrics,
-                 breakers: CircuitBreakers, env: Mapping[str, str], registry: CollectorRegistry,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        runtimes: RuntimeRef,
+        accountant: Accountant,
+        metrics: Metrics,
+        breakers: CircuitBreakers,
+        env: Mapping[str, str],
+        registry: CollectorRegistry,
+        clock: Callable[[], float],
+    ) -> None:
         self.path = path
         self._runtimes = runtimes
         self._accountant = accountant
@@ -64,10 +72,14 @@ class Reloader:
         self._clock = clock
         self._lock = asyncio.Lock()
         self.status = ReloadStatus(str(path), clock())
-        self._reloads = Counter("orproxy_config_reloads", "Config reload attempts by result", ["result"],
-                                registry=registry)
-        self._last_success = Gauge("orproxy_config_last_success_timestamp_seconds",
-                                   "When a config was last loaded successfully", registry=registry)
+        self._reloads = Counter(
+            "orproxy_config_reloads", "Config reload attempts by result", ["result"], registry=registry
+        )
+        self._last_success = Gauge(
+            "orproxy_config_last_success_timestamp_seconds",
+            "When a config was last loaded successfully",
+            registry=registry,
+        )
         self._last_success.set(self.status.loaded_at)
         for result in ("success", "failure"):
             self._reloads.labels(result)
@@ -91,13 +103,17 @@ class Reloader:
             self._apply(config, catalogue, day, month)
             return self.status
 
-    def _apply(self, config: Config, catalogue: Catalogue, day: Mapping[str, float] | None,
-               month: Mapping[str, float] | None) -> None:
+    def _apply(
+        self, config: Config, catalogue: Catalogue, day: Mapping[str, float] | None, month: Mapping[str, float] | None
+    ) -> None:
         """The swap: synchronous, so a request sees all of the old config or all of the new."""
         now = self._clock()
         current = self._runtimes.current.config
-        warnings = [f"`{name}` changed: it takes effect at the next restart"
-                    for name in RESTART_ONLY if getattr(config, name) != getattr(current, name)]
+        warnings = [
+            f"`{name}` changed: it takes effect at the next restart"
+            for name in RESTART_ONLY
+            if getattr(config, name) != getattr(current, name)
+        ]
         warnings += catalogue_warnings(config, catalogue)
         runtime = build_runtime(config, self._env, self._breakers, previous=self._runtimes.current)
         self._runtimes.swap(runtime)
@@ -113,16 +129,20 @@ class Reloader:
         self._last_success.set(now)
         for warning in warnings:
             log.warning("config reload: %s", warning)
-        log.info("config reloaded from %s (%s): %d virtual models", self.path, self.status.last_trigger,
-                 len(config.models))
+        log.info(
+            "config reloaded from %s (%s): %d virtual models", self.path, self.status.last_trigger, len(config.models)
+        )
 
     def _failed(self, errors: list[str]) -> ReloadStatus:
         self.status.last_result = "failure"
         self.status.last_errors = errors
         self.status.failures += 1
         self._reloads.labels("failure").inc()
-        log.error("config reload (%s) refused; the previous config keeps serving:\n  %s",
-                  self.status.last_trigger, "\n  ".join(errors))
+        log.error(
+            "config reload (%s) refused; the previous config keeps serving:\n  %s",
+            self.status.last_trigger,
+            "\n  ".join(errors),
+        )
         return self.status
 
 
@@ -163,11 +183,15 @@ async def _watch(reloader: Reloader) -> None:
     """Watch the config's directory (editors and Kubernetes replace files by renaming)."""
     target = reloader.path.resolve()
     try:
-        async for changes in awatch(target.parent, debounce=200, recursive=False,
-                                    watch_filter=lambda _change, name: Path(name).resolve() == target):
+        async for changes in awatch(
+            target.parent,
+            debounce=200,
+            recursive=False,
+            watch_filter=lambda _change, name: Path(name).resolve() == target,
+        ):
             if changes:
                 await reloader.reload("file change")
     except asyncio.CancelledError:
         raise
-    except Exception:  # noqa: BLE001 - say so loudly: SIGHUP and POST /admin/reload still work
+    except Exception:
         log.exception("watching %s for changes failed; reload with SIGHUP or POST /admin/reload", target)

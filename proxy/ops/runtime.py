@@ -30,10 +30,10 @@ class Runtime:
     router: Router
     executor: Executor
     clients: Mapping[str, UpstreamClient]
-    keyless: dict[str, Block]          # upstream name -> why it cannot be called (no key)
-    models_body: bytes                 # GET /v1/models, rendered once
+    keyless: dict[str, Block]  # upstream name -> why it cannot be called (no key)
+    models_body: bytes  # GET /v1/models, rendered once
     keys: KeyRing
-    users: int = 0                     # requests in flight on this snapshot
+    users: int = 0  # requests in flight on this snapshot
     retiring: tuple[UpstreamClient, ...] | None = None  # set when swapped out: the clients only it used
 
     async def close(self) -> None:
@@ -87,8 +87,9 @@ async def _close_all(clients: tuple[UpstreamClient, ...]) -> None:
         await client.close()
 
 
-def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreakers,
-                  previous: Runtime | None = None) -> Runtime:
+def build_runtime(
+    config: Config, env: Mapping[str, str], breakers: CircuitBreakers, previous: Runtime | None = None
+) -> Runtime:
     """Must run inside the event loop: each new upstream client opens its connection pool.
     Clients of `previous` whose upstream settings and key are unchanged are reused as they are."""
     clients: dict[str, UpstreamClient] = {}
@@ -96,8 +97,12 @@ def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreak
     for name, upstream in config.upstreams.items():
         key = env.get(upstream.api_key_env, "").strip() or None
         reusable = previous.clients.get(name) if previous else None
-        if reusable is not None and previous and previous.config.upstreams.get(name) == upstream \
-                and reusable.api_key == key:
+        if (
+            reusable is not None
+            and previous
+            and previous.config.upstreams.get(name) == upstream
+            and reusable.api_key == key
+        ):
             clients[name] = reusable
         else:
             clients[name] = UpstreamClient(name, upstream, key)
@@ -105,17 +110,27 @@ def build_runtime(config: Config, env: Mapping[str, str], breakers: CircuitBreak
                 clients[name].observe = reusable.observe
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
-    return Runtime(config, Router(config), Executor(clients, config.retry, breakers), clients, keyless,
-                   render_models(config), KeyRing(config.keys, env))
+    return Runtime(
+        config,
+        Router(config),
+        Executor(clients, config.retry, breakers),
+        clients,
+        keyless,
+        render_models(config),
+        KeyRing(config.keys, env),
+    )
 
 
 def warn_missing_keys(runtime: Runtime) -> None:
     """Said once at start-up: the proxy runs, but these upstreams cannot be called."""
     for name in runtime.keyless:
         env_name = runtime.config.upstreams[name].api_key_env
-        log.warning("upstream %r has no API key: the environment variable %s is not set; "
-                    "requests routed to it will be skipped (or answered 401 when nothing else can serve them)",
-                    name, env_name)
+        log.warning(
+            "upstream %r has no API key: the environment variable %s is not set; "
+            "requests routed to it will be skipped (or answered 401 when nothing else can serve them)",
+            name,
+            env_name,
+        )
 
 
 def render_models(config: Config) -> bytes:
@@ -124,18 +139,33 @@ def render_models(config: Config) -> bytes:
     data: list[dict] = []
     real: dict[str, str] = {}
     for name, model in config.models.items():
-        entry = {"id": name, "object": "model", "created": created, "owned_by": "openrouter-proxy",
-                 "virtual": True, "description": model.description}
+        entry = {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "openrouter-proxy",
+            "virtual": True,
+            "description": model.description,
+        }
         if model.chain is not None:
             entry["chain"] = [m.model if m.upstream == "openrouter" else f"{m.model}@{m.upstream}" for m in model.chain]
             for member in model.chain:
                 real.setdefault(member.model, member.upstream)
         else:
-            entry["route"] = [{"when": rule.when.model_dump(exclude_none=True, mode="json"), "to": rule.to}
-                              for rule in model.route or ()]
+            entry["route"] = [
+                {"when": rule.when.model_dump(exclude_none=True, mode="json"), "to": rule.to}
+                for rule in model.route or ()
+            ]
         data.append(entry)
     for slug, upstream in real.items():
-        data.append({"id": slug, "object": "model", "created": created,
-                     "owned_by": slug.split("/", 1)[0] if "/" in slug else upstream, "virtual": False,
-                     "upstream": upstream})
+        data.append(
+            {
+                "id": slug,
+                "object": "model",
+                "created": created,
+                "owned_by": slug.split("/", 1)[0] if "/" in slug else upstream,
+                "virtual": False,
+                "upstream": upstream,
+            }
+        )
     return orjson.dumps({"object": "list", "data": data})

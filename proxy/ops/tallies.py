@@ -21,7 +21,7 @@ Labels = tuple[str, ...]
 class Tally:
     """A counter family: label values -> total."""
 
-    __slots__ = ("name", "documentation", "labelnames", "values")
+    __slots__ = ("documentation", "labelnames", "name", "values")
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
@@ -43,7 +43,7 @@ class Tally:
 class LatencyTally:
     """A histogram family: label values -> (count per bucket, sum)."""
 
-    __slots__ = ("name", "documentation", "labelnames", "bounds", "values")
+    __slots__ = ("bounds", "documentation", "labelnames", "name", "values")
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], bounds: Sequence[float]) -> None:
         self.name = name

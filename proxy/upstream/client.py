@@ -5,7 +5,6 @@ SSE byte stream is cut into events without being re-encoded.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -33,8 +32,9 @@ class UpstreamClient:
     """One upstream, with its own session: default headers and timeout are set once there,
     so a request merges nothing and builds no timer objects of its own."""
 
-    def __init__(self, name: str, config: Upstream, api_key: str | None,
-                 connector: aiohttp.BaseConnector | None = None) -> None:
+    def __init__(
+        self, name: str, config: Upstream, api_key: str | None, connector: aiohttp.BaseConnector | None = None
+    ) -> None:
         self.name = name
         self.kind = config.flavour
         self.api_key = api_key
@@ -45,15 +45,18 @@ class UpstreamClient:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._session = aiohttp.ClientSession(
-            connector=connector or aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300,
-                                                        keepalive_timeout=60),
+            connector=connector
+            or aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300, keepalive_timeout=60),
             # sock_connect, not connect: armed only when a new connection is opened, not per pooled request.
-            headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s))
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s),
+        )
         # Told of every response's status and headers (rate-limit tracking); set by the app.
         self.observe: Callable[[str, str, int, Mapping[str, str]], None] | None = None
         # A stream may run long; what must not happen is a silence longer than timeout_s.
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
-                                                     sock_read=config.timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
+        )
 
     async def close(self) -> None:
         await self._session.close()
@@ -62,8 +65,9 @@ class UpstreamClient:
         """OpenRouter's GET /key: the key's limit, what is left, and its usage."""
         async with self._session.get(self.base_url + "/key") as response:
             if response.status != 200:
-                raise UpstreamError(classify_status(response.status, error_object(await response.read()),
-                                                    response.headers))
+                raise UpstreamError(
+                    classify_status(response.status, error_object(await response.read()), response.headers)
+                )
             payload = orjson.loads(await response.read())
         data = payload.get("data") if isinstance(payload, dict) else None
         return data if isinstance(data, dict) else {}
@@ -87,7 +91,7 @@ class UpstreamClient:
                 response = await self._session.post(self.url, data=payload, timeout=self._stream_timeout)
             else:
                 response = await self._session.post(self.url, data=payload)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamError(connection_failure(f"{type(exc).__name__}: {exc}")) from None
@@ -97,7 +101,7 @@ class UpstreamClient:
             return response
         try:
             raw = await response.content.read(MAX_ERROR_BODY)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raw = b""
         finally:
             response.close()
@@ -107,7 +111,7 @@ class UpstreamClient:
         """Read a non-streamed answer; an `error` in a 200 body counts as a failure too."""
         try:
             raw = await response.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError(timeout_failure(f"waiting for upstream {self.name}")) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(dropped_failure(f"{type(exc).__name__}: {exc}")) from None
@@ -122,8 +126,13 @@ class UpstreamClient:
         error = payload.get("error")
         if error and not payload.get("choices"):
             status = error.get("code") if isinstance(error, dict) else None
-            raise UpstreamError(classify_status(status if isinstance(status, int) else 502,
-                                                error if isinstance(error, dict) else None, response.headers))
+            raise UpstreamError(
+                classify_status(
+                    status if isinstance(status, int) else 502,
+                    error if isinstance(error, dict) else None,
+                    response.headers,
+                )
+            )
         return raw, payload
 
 
@@ -154,7 +163,7 @@ async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[
     while True:
         try:
             piece = await content.readany()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError(timeout_failure("waiting for the next stream event")) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None

@@ -35,7 +35,7 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class Attempt:
     target: Target
-    outcome: str            # "ok", or the failure's reason (http_503, timeout, ...)
+    outcome: str  # "ok", or the failure's reason (http_503, timeout, ...)
     status: int | None
     message: str = ""
     duration_s: float = 0.0
@@ -47,14 +47,21 @@ class Answer(Generic[T]):
     target: Target
     result: T
     attempts: list[Attempt] = field(default_factory=list)
-    started: float = 0.0    # monotonic time the answering attempt began
+    started: float = 0.0  # monotonic time the answering attempt began
 
 
 class Executor:
-    def __init__(self, clients: Mapping[str, UpstreamClient], retry: Retry, breakers: CircuitBreakers, *,
-                 wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 jitter: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, UpstreamClient],
+        retry: Retry,
+        breakers: CircuitBreakers,
+        *,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
         self._clients = clients
         self._retry = retry
         self._breakers = breakers
@@ -64,8 +71,9 @@ class Executor:
         self._jitter = jitter
         self._secrets = tuple(c.api_key for c in clients.values() if c.api_key)
 
-    async def run(self, plan: Plan, body: dict[str, Any],
-                  attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]]) -> Answer[T]:
+    async def run(
+        self, plan: Plan, body: dict[str, Any], attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]]
+    ) -> Answer[T]:
         """Try the plan's targets in order until `attempt` succeeds for one."""
         attempts: list[Attempt] = []
         dead_upstreams: dict[str, Failure] = {}
@@ -80,13 +88,22 @@ class Executor:
                     result = await attempt(client, payload, target.model)
                 except UpstreamError as exc:
                     failure = exc.failure
-                    attempts.append(Attempt(target, failure.reason, failure.status, self._redact(failure.message),
-                                            self._monotonic() - started, failure.retry_after))
+                    attempts.append(
+                        Attempt(
+                            target,
+                            failure.reason,
+                            failure.status,
+                            self._redact(failure.message),
+                            self._monotonic() - started,
+                            failure.retry_after,
+                        )
+                    )
                     if failure.counts_against_member:
                         self._breakers.record_failure(target, self._wall())
                     if failure.action is Action.CLIENT:
-                        raise UpstreamRejected(failure.status or 400, self._redact(failure.message),
-                                               code=failure.code) from None
+                        raise UpstreamRejected(
+                            failure.status or 400, self._redact(failure.message), code=failure.code
+                        ) from None
                     if failure.action in (Action.BAD_KEY, Action.OTHER_UPSTREAM):
                         dead_upstreams[target.upstream] = failure
                         break
@@ -116,8 +133,13 @@ class Executor:
         return text
 
 
-def exhausted_error(plan: Plan, attempts: list[Attempt], dead_upstreams: Mapping[str, Failure],
-                    clients: Mapping[str, UpstreamClient], now: float) -> ProxyError:
+def exhausted_error(
+    plan: Plan,
+    attempts: list[Attempt],
+    dead_upstreams: Mapping[str, Failure],
+    clients: Mapping[str, UpstreamClient],
+    now: float,
+) -> ProxyError:
     """The single error that best explains why no member answered."""
     who = f"'{plan.chain_owner}'" if plan.chain_owner else f"'{plan.requested}'"
     if not attempts:
@@ -128,12 +150,17 @@ def exhausted_error(plan: Plan, attempts: list[Attempt], dead_upstreams: Mapping
     bad_keys = [name for name, f in dead_upstreams.items() if f.action is Action.BAD_KEY]
     if bad_keys and all(a.outcome == "http_401" for a in failed):
         envs = ", ".join(_key_env(clients, name) for name in bad_keys)
-        return UpstreamFailed(f"The upstream refused the proxy's own API key ({envs}); this is a proxy "
-                              f"configuration problem, not your key. Attempts: {listing}", code="upstream_auth_failed")
+        return UpstreamFailed(
+            f"The upstream refused the proxy's own API key ({envs}); this is a proxy "
+            f"configuration problem, not your key. Attempts: {listing}",
+            code="upstream_auth_failed",
+        )
     if all(a.status == 429 for a in failed):
         waits = [a.retry_after for a in failed if a.retry_after is not None]
-        return RateLimited(f"Every member of {who} is rate-limited upstream. Attempts: {listing}{skipped}",
-                           retry_after=min(waits) if waits else 1.0)
+        return RateLimited(
+            f"Every member of {who} is rate-limited upstream. Attempts: {listing}{skipped}",
+            retry_after=min(waits) if waits else 1.0,
+        )
     if all(a.outcome == "timeout" for a in failed):
         return UpstreamTimeout(f"Every member of {who} timed out. Attempts: {listing}{skipped}")
     return UpstreamFailed(f"Every member of {who} failed ({len(failed)} attempts): {listing}{skipped}")
@@ -144,13 +171,14 @@ def _nothing_tried(plan: Plan, who: str, clients: Mapping[str, UpstreamClient], 
     listing = "; ".join(f"{t}: {b.reason}" + (f" ({b.detail})" if b.detail else "") for t, b in plan.skipped)
     if blocks and all(b.reason == "no_api_key" for b in blocks):
         envs = sorted({_key_env(clients, t.upstream) for t, _ in plan.skipped})
-        return UpstreamKeyMissing(f"The proxy has no upstream API key: set the environment variable "
-                                  f"{' or '.join(envs)} where the proxy runs, then restart it.")
+        return UpstreamKeyMissing(
+            f"The proxy has no upstream API key: set the environment variable "
+            f"{' or '.join(envs)} where the proxy runs, then restart it."
+        )
     waits = [b.until for b in blocks if b.until is not None]
     retry_after = max(0.0, min(waits) - now) if waits else None
     if blocks and all(b.reason == "rate_limited" for b in blocks):
-        return RateLimited(f"Every member of {who} is rate-limited until its reset: {listing}",
-                           retry_after=retry_after)
+        return RateLimited(f"Every member of {who} is rate-limited until its reset: {listing}", retry_after=retry_after)
     return UpstreamUnavailable(f"Every member of {who} is unavailable right now: {listing}", retry_after=retry_after)
 
 

@@ -32,13 +32,22 @@ Finish = Callable[[], Awaitable[None]]
 
 def error_event(message: str, code: str) -> bytes:
     """OpenAI's in-stream error form; the SDKs raise APIError on it."""
-    return b"data: " + orjson.dumps({"error": {"message": message, "type": "upstream_error",
-                                               "param": None, "code": code}}) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}})
+        + b"\n\n"
+    )
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers: Mapping[str, str],
-                record: RequestRecord, started: float, finish: Finish,
-                assembler: StreamAssembler | None = None) -> web.StreamResponse:
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    headers: Mapping[str, str],
+    record: RequestRecord,
+    started: float,
+    finish: Finish,
+    assembler: StreamAssembler | None = None,
+) -> web.StreamResponse:
     """Forward the stream and fill `record` from it (and `assembler`, for the cache). The upstream
     response is always closed."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
@@ -62,8 +71,13 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, headers:
     return response
 
 
-async def _forward(upstream: aiohttp.ClientResponse, response: web.StreamResponse, record: RequestRecord,
-                   started: float, assembler: StreamAssembler | None) -> bytes:
+async def _forward(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    record: RequestRecord,
+    started: float,
+    assembler: StreamAssembler | None,
+) -> bytes:
     """Copy events up to (not including) [DONE]; return an error event to send if the stream broke."""
     tracker = _Tracker(record, started)
     try:
@@ -93,13 +107,13 @@ class _Tracker:
     """What the stream tells accounting: first-token time, ids, usage, and a size estimate of
     the answer for when no usage ever comes (a stream cut short must still be billed)."""
 
-    __slots__ = ("record", "started", "envelope", "extra_bytes")
+    __slots__ = ("envelope", "extra_bytes", "record", "started")
 
     def __init__(self, record: RequestRecord, started: float) -> None:
         self.record = record
         self.started = started
-        self.envelope = 0       # the byte size of an empty chunk: the first (role) chunk
-        self.extra_bytes = 0    # bytes beyond the envelope, summed: roughly the generated text
+        self.envelope = 0  # the byte size of an empty chunk: the first (role) chunk
+        self.extra_bytes = 0  # bytes beyond the envelope, summed: roughly the generated text
 
     def see(self, event: bytes) -> bytes | None:
         """Note what the event says; return its data payload (None for a comment)."""

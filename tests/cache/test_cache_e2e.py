@@ -15,6 +15,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 class Clock:
     def __init__(self) -> None:
         import time
+
         self.now = time.time()
 
     def __call__(self) -> float:
@@ -34,8 +35,7 @@ async def test_temperature_zero_is_cached_and_a_hit_costs_nothing(proxy, emulato
     paid = first.parse()
     await proxy.app[ACCOUNTANT].ledger.flush()
     for _ in range(50):  # the store happens after the answer went out
-        second = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION,
-                                                                        temperature=0)
+        second = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
         if second.headers.get("x-proxy-cache") == "hit":
             break
     assert second.headers["x-proxy-cache"] == "hit"
@@ -60,10 +60,12 @@ async def test_temperature_zero_is_cached_and_a_hit_costs_nothing(proxy, emulato
 async def test_the_header_switches_the_cache_on_and_off(proxy, emulator):
     client = proxy.client()
     off = await client.chat.completions.with_raw_response.create(
-        model="cheap", messages=QUESTION, temperature=0, extra_headers={"X-Proxy-Cache": "off"})
+        model="cheap", messages=QUESTION, temperature=0, extra_headers={"X-Proxy-Cache": "off"}
+    )
     assert "x-proxy-cache" not in off.headers
     on = await client.chat.completions.with_raw_response.create(
-        model="cheap", messages=QUESTION, temperature=0.7, extra_headers={"X-Proxy-Cache": "on"})
+        model="cheap", messages=QUESTION, temperature=0.7, extra_headers={"X-Proxy-Cache": "on"}
+    )
     assert on.headers["x-proxy-cache"] == "miss"
     plain = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION)
     assert "x-proxy-cache" not in plain.headers
@@ -73,8 +75,9 @@ async def test_a_streamed_hit_is_replayed_as_sse(proxy, emulator, schemas):
     client = proxy.client()
     paid = await client.chat.completions.create(model="balanced", messages=QUESTION, temperature=0)
     for _ in range(50):
-        raw = await client.chat.completions.with_raw_response.create(model="balanced", messages=QUESTION,
-                                                                     temperature=0, stream=True)
+        raw = await client.chat.completions.with_raw_response.create(
+            model="balanced", messages=QUESTION, temperature=0, stream=True
+        )
         if raw.headers.get("x-proxy-cache") == "hit":
             break
         async for _chunk in raw.parse():
@@ -124,8 +127,7 @@ async def test_a_streamed_answer_is_cached_too(proxy, emulator, schemas):
         streamed += "".join(choice.delta.content or "" for choice in chunk.choices)
     calls = len(emulator.state.requests)
     for _ in range(50):
-        raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION,
-                                                                     temperature=0)
+        raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION, temperature=0)
         if raw.headers["x-proxy-cache"] == "hit":
             break
     assert raw.headers["x-proxy-cache"] == "hit"

@@ -30,10 +30,15 @@ class Clock:
 def completion(content: str | None = "Hello there, how can I help you today?", **overrides: Any) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "reasoning": None}
     body = {
-        "id": "gen-123", "provider": "Mistral", "model": "mistralai/mistral-7b-instruct",
-        "object": "chat.completion", "created": 1_749_999_000, "system_fingerprint": "fp_1",
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop",
-                     "native_finish_reason": "stop", "logprobs": None}],
+        "id": "gen-123",
+        "provider": "Mistral",
+        "model": "mistralai/mistral-7b-instruct",
+        "object": "chat.completion",
+        "created": 1_749_999_000,
+        "system_fingerprint": "fp_1",
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "stop", "native_finish_reason": "stop", "logprobs": None}
+        ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21, "cost": 0.00042},
     }
     body.update(overrides)
@@ -41,9 +46,15 @@ def completion(content: str | None = "Hello there, how can I help you today?", *
 
 
 def answer(body: dict | None = None, *, cost: float = 0.00042) -> CachedAnswer:
-    return CachedAnswer(completion=completion() if body is None else body, model="mistralai/mistral-7b-instruct",
-                        upstream="openrouter", cost_usd=cost, prompt_tokens=12, completion_tokens=9,
-                        created_at=T0 - 5)
+    return CachedAnswer(
+        completion=completion() if body is None else body,
+        model="mistralai/mistral-7b-instruct",
+        upstream="openrouter",
+        cost_usd=cost,
+        prompt_tokens=12,
+        completion_tokens=9,
+        created_at=T0 - 5,
+    )
 
 
 @pytest.fixture
@@ -61,25 +72,28 @@ async def cache(tmp_path: Path, clock: Clock):
 # --- wants_cache --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "header", "expected"), [
-    ({"temperature": 0}, None, True),
-    ({"temperature": 0.0}, None, True),
-    ({"temperature": -0.0}, None, True),
-    ({"temperature": 0.2}, None, False),
-    ({"temperature": 1}, None, False),
-    ({}, None, False),
-    ({"temperature": None}, None, False),
-    ({"temperature": False}, None, False),      # false is an int in Python, not a temperature
-    ({"temperature": "0"}, None, False),
-    ({}, "on", True),
-    ({}, "ON", True),
-    ({}, " On ", True),
-    ({"temperature": 0.7}, "on", True),         # the header wins over the body ...
-    ({"temperature": 0}, "off", False),
-    ({"temperature": 0}, "OFF", False),
-    ({"temperature": 0}, "maybe", True),        # ... unless it says neither: then the body decides
-    ({"temperature": 0.5}, "", False),
-])
+@pytest.mark.parametrize(
+    ("body", "header", "expected"),
+    [
+        ({"temperature": 0}, None, True),
+        ({"temperature": 0.0}, None, True),
+        ({"temperature": -0.0}, None, True),
+        ({"temperature": 0.2}, None, False),
+        ({"temperature": 1}, None, False),
+        ({}, None, False),
+        ({"temperature": None}, None, False),
+        ({"temperature": False}, None, False),  # false is an int in Python, not a temperature
+        ({"temperature": "0"}, None, False),
+        ({}, "on", True),
+        ({}, "ON", True),
+        ({}, " On ", True),
+        ({"temperature": 0.7}, "on", True),  # the header wins over the body ...
+        ({"temperature": 0}, "off", False),
+        ({"temperature": 0}, "OFF", False),
+        ({"temperature": 0}, "maybe", True),  # ... unless it says neither: then the body decides
+        ({"temperature": 0.5}, "", False),
+    ],
+)
 def test_wants_cache(body: dict, header: str | None, expected: bool) -> None:
     assert wants_cache(body, header) is expected
 
@@ -94,14 +108,17 @@ def test_key_is_sha256_hex_and_ignores_field_order() -> None:
     assert cache_key(reordered, CHAIN) == key
 
 
-@pytest.mark.parametrize("extra", [
-    {"stream": True},
-    {"stream": True, "stream_options": {"include_usage": True}},
-    {"user": "alice"},
-    {"metadata": {"trace": "abc"}},
-    {"model": "auto"},             # the chain stands for the model
-    {"temperature": 0.0},          # 0.0 and 0 ask the same thing
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stream": True},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"user": "alice"},
+        {"metadata": {"trace": "abc"}},
+        {"model": "auto"},  # the chain stands for the model
+        {"temperature": 0.0},  # 0.0 and 0 ask the same thing
+    ],
+)
 def test_key_ignores_fields_that_do_not_change_the_answer(extra: dict) -> None:
     assert cache_key({**BODY, **extra}, CHAIN) == cache_key(BODY, CHAIN)
 
@@ -109,16 +126,19 @@ def test_key_ignores_fields_that_do_not_change_the_answer(extra: dict) -> None:
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
-@pytest.mark.parametrize(("body", "chain"), [
-    ({**BODY, "messages": [{"role": "user", "content": "Say bye"}]}, CHAIN),
-    ({**BODY, "messages": [{"role": "system", "content": "Say hi"}]}, CHAIN),
-    ({**BODY, "temperature": 0.2}, CHAIN),
-    ({**BODY, "max_tokens": 10}, CHAIN),
-    ({**BODY, "tools": [TOOL]}, CHAIN),
-    (BODY, CHAIN[:1]),
-    (BODY, list(reversed(CHAIN))),
-    (BODY, [CHAIN[0], "gpt-4o-mini@openai"]),
-])
+@pytest.mark.parametrize(
+    ("body", "chain"),
+    [
+        ({**BODY, "messages": [{"role": "user", "content": "Say bye"}]}, CHAIN),
+        ({**BODY, "messages": [{"role": "system", "content": "Say hi"}]}, CHAIN),
+        ({**BODY, "temperature": 0.2}, CHAIN),
+        ({**BODY, "max_tokens": 10}, CHAIN),
+        ({**BODY, "tools": [TOOL]}, CHAIN),
+        (BODY, CHAIN[:1]),
+        (BODY, list(reversed(CHAIN))),
+        (BODY, [CHAIN[0], "gpt-4o-mini@openai"]),
+    ],
+)
 def test_key_changes_with_what_changes_the_answer(body: dict, chain: list[str]) -> None:
     assert cache_key(body, chain) != cache_key(BODY, CHAIN)
 
@@ -139,7 +159,7 @@ def parse_sse(raw: bytes) -> list[dict]:
     chunks = []
     for event in events[:-2]:
         assert event.startswith(b"data: ") and b"\n" not in event
-        chunks.append(orjson.loads(event[len(b"data: "):]))
+        chunks.append(orjson.loads(event[len(b"data: ") :]))
     return chunks
 
 
@@ -205,8 +225,11 @@ def test_replay_of_short_and_empty_content(schemas) -> None:
 
 def test_replay_of_tool_calls(schemas) -> None:
     calls = [
-        {"id": "call_1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius", "days": 3}'}},
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius", "days": 3}'},
+        },
         {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}},
     ]
     stored = completion(None)
@@ -221,8 +244,12 @@ def test_replay_of_tool_calls(schemas) -> None:
 
 def test_replay_keeps_choices_apart_and_builds_usage_when_missing(schemas) -> None:
     stored = completion("first answer")
-    second = {**stored["choices"][0], "index": 1,
-              "message": {"role": "assistant", "content": "second answer"}, "finish_reason": "length"}
+    second = {
+        **stored["choices"][0],
+        "index": 1,
+        "message": {"role": "assistant", "content": "second answer"},
+        "finish_reason": "length",
+    }
     stored["choices"].append(second)
     del stored["usage"]
     chunks = parse_sse(replay_as_sse(answer(stored)))
@@ -254,7 +281,7 @@ async def test_ttl_expiry_with_an_injected_clock(tmp_path: Path, clock: Clock) -
         clock.now += 99
         assert await cache.get("a") is not None
         clock.now += 1
-        assert await cache.get("a") is None          # expired: a miss, and the row is gone
+        assert await cache.get("a") is None  # expired: a miss, and the row is gone
         assert (cache.hits, cache.misses, cache.entries) == (1, 1, 0)
         await cache.put("b", answer())
         await cache.put("c", answer())
@@ -275,7 +302,7 @@ async def test_lru_eviction_at_max_entries(tmp_path: Path, clock: Clock) -> None
         for key in "abc":
             await cache.put(key, answer())
             clock.now += 100
-        assert await cache.get("a") is not None      # a is now the most recently used; b the least
+        assert await cache.get("a") is not None  # a is now the most recently used; b the least
         clock.now += 100
         await cache.put("d", answer())
         assert cache.entries == 3
@@ -284,7 +311,7 @@ async def test_lru_eviction_at_max_entries(tmp_path: Path, clock: Clock) -> None
         clock.now += 100
         await cache.get("c")
         clock.now += 100
-        await cache.put("e", answer())                # oldest use now: a and d tie on age; a is older
+        await cache.put("e", answer())  # oldest use now: a and d tie on age; a is older
         assert [key for key in "acde" if await cache.get(key)] == ["c", "d", "e"]
     finally:
         await cache.close()
@@ -311,7 +338,7 @@ async def test_a_reloaded_policy_applies_at_once(cache: ResponseCache, clock: Cl
         clock.now += 10
     await cache.apply_policy(CachePolicy(max_entries=2, ttl_s=15))
     assert cache.entries == 2
-    assert [await cache.get(key) is not None for key in "abc"] == [False, False, True]   # b: past the new TTL
+    assert [await cache.get(key) is not None for key in "abc"] == [False, False, True]  # b: past the new TTL
 
 
 async def test_in_memory_cache_works(clock: Clock) -> None:
@@ -334,13 +361,17 @@ async def test_oversized_entries_are_refused(tmp_path: Path, clock: Clock) -> No
         await cache.close()
 
 
-@pytest.mark.parametrize("body", [
-    {"error": {"code": 429, "message": "Rate limit exceeded"}},
-    {**completion(), "error": {"code": 502, "message": "Provider returned error"}},
-    {key: value for key, value in completion().items() if key != "choices"},
-    completion(choices=[]),
-    completion(choices=[{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "error"}]),
-], ids=["error-only", "error-beside-choices", "no-choices", "empty-choices", "choice-errored"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"code": 429, "message": "Rate limit exceeded"}},
+        {**completion(), "error": {"code": 502, "message": "Provider returned error"}},
+        {key: value for key, value in completion().items() if key != "choices"},
+        completion(choices=[]),
+        completion(choices=[{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "error"}]),
+    ],
+    ids=["error-only", "error-beside-choices", "no-choices", "empty-choices", "choice-errored"],
+)
 async def test_errors_are_never_cached(cache: ResponseCache, body: dict) -> None:
     assert await cache.put("k", answer(body)) is False
     assert await cache.get("k") is None and cache.entries == 0
@@ -361,8 +392,8 @@ async def test_reopen_keeps_entries_and_recent_hits(tmp_path: Path, clock: Clock
     first = await ResponseCache.open(path, CachePolicy(), clock=clock)
     await first.put("k", answer())
     clock.now += 3_600
-    assert await first.get("k") is not None          # the hit is noted in memory ...
-    await first.close()                              # ... and written on close
+    assert await first.get("k") is not None  # the hit is noted in memory ...
+    await first.close()  # ... and written on close
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT last_used FROM responses").fetchone() == (clock.now,)
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -374,9 +405,9 @@ async def test_reopen_keeps_entries_and_recent_hits(tmp_path: Path, clock: Clock
         assert second.entries == 1
         assert await second.get("k") == answer()
         await second.close()
-        assert await second.get("k") is None and await second.put("j", answer()) is False   # closed: inert
+        assert await second.get("k") is None and await second.put("j", answer()) is False  # closed: inert
     finally:
-        await second.close()                         # idempotent
+        await second.close()  # idempotent
 
 
 async def test_clear(cache: ResponseCache) -> None:
@@ -394,7 +425,7 @@ async def test_concurrent_gets_and_puts_are_safe(tmp_path: Path, clock: Clock) -
 
         async def worker(key: str) -> None:
             for _ in range(3):
-                await cache.put(key, stored[key])    # the same key stored repeatedly, concurrently
+                await cache.put(key, stored[key])  # the same key stored repeatedly, concurrently
                 found = await cache.get(key)
                 assert found is None or found == stored[key]
 
@@ -408,7 +439,7 @@ async def test_concurrent_gets_and_puts_are_safe(tmp_path: Path, clock: Clock) -
 
 
 def test_policy_is_validated() -> None:
-    with pytest.raises(ValueError, match="cache.ttl_s"):
+    with pytest.raises(ValueError, match=r"cache\.ttl_s"):
         CachePolicy(ttl_s=0)
-    with pytest.raises(ValueError, match="cache.max_entries"):
+    with pytest.raises(ValueError, match=r"cache\.max_entries"):
         CachePolicy(max_entries=0)

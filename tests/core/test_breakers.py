@@ -35,6 +35,7 @@ def test_success_resets_the_count():
 
 def test_memory_stays_bounded_whatever_targets_fail():
     from proxy.core.breakers import MAX_TRACKED
+
     breakers = CircuitBreakers(Cooldown(failures=3, window_s=60, cooldown_s=30))
     for i in range(MAX_TRACKED * 3):
         breakers.record_failure(Target(f"bogus/model-{i}", "openrouter"), now=float(i) / 1000)

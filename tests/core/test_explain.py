@@ -19,24 +19,43 @@ async def explain_then_send(proxy, http, body: dict, headers: dict | None = None
     response = await http.post("/v1/route/explain", json=body, headers=headers or {})
     assert response.status == 200, await response.text()
     decision = await response.json()
-    raw = await proxy.client().chat.completions.with_raw_response.create(
-        extra_headers=headers or {}, **body)
+    raw = await proxy.client().chat.completions.with_raw_response.create(extra_headers=headers or {}, **body)
     return decision, raw
 
 
-@pytest.mark.parametrize("body, headers, expected_rule, expected_model", [
-    ({"model": "auto", "messages": HELLO}, {"X-Task-Type": "code_generation"}, "models.auto.route[0]",
-     "x-ai/grok-code-fast-1"),
-    ({"model": "auto", "messages": HELLO, "metadata": {"task": "complex_analysis"}}, {}, "models.auto.route[1]",
-     "anthropic/claude-sonnet-4.5"),
-    ({"model": "auto", "messages": [{"role": "user", "content": "word " * 5000}]}, {}, "models.auto.route[2]",
-     "google/gemini-2.5-flash"),
-    ({"model": "auto", "messages": HELLO, "tools": [WEATHER_TOOL]}, {}, "models.auto.route[3]",
-     "mistralai/mistral-7b-instruct"),
-    ({"model": "quality", "messages": HELLO, "max_tokens": 100}, {}, None, "anthropic/claude-sonnet-4.5"),
-])
-async def test_explain_matches_the_real_route(proxy, aiohttp_client, emulator, body, headers, expected_rule,
-                                              expected_model):
+@pytest.mark.parametrize(
+    "body, headers, expected_rule, expected_model",
+    [
+        (
+            {"model": "auto", "messages": HELLO},
+            {"X-Task-Type": "code_generation"},
+            "models.auto.route[0]",
+            "x-ai/grok-code-fast-1",
+        ),
+        (
+            {"model": "auto", "messages": HELLO, "metadata": {"task": "complex_analysis"}},
+            {},
+            "models.auto.route[1]",
+            "anthropic/claude-sonnet-4.5",
+        ),
+        (
+            {"model": "auto", "messages": [{"role": "user", "content": "word " * 5000}]},
+            {},
+            "models.auto.route[2]",
+            "google/gemini-2.5-flash",
+        ),
+        (
+            {"model": "auto", "messages": HELLO, "tools": [WEATHER_TOOL]},
+            {},
+            "models.auto.route[3]",
+            "mistralai/mistral-7b-instruct",
+        ),
+        ({"model": "quality", "messages": HELLO, "max_tokens": 100}, {}, None, "anthropic/claude-sonnet-4.5"),
+    ],
+)
+async def test_explain_matches_the_real_route(
+    proxy, aiohttp_client, emulator, body, headers, expected_rule, expected_model
+):
     http = await aiohttp_client(proxy.server)
     decision, raw = await explain_then_send(proxy, http, body, headers)
     assert [r["rule"] for r in decision["rules"]][:1] == ([expected_rule] if expected_rule else [])
@@ -82,15 +101,36 @@ async def test_explain_errors_are_openai_shaped(proxy, aiohttp_client):
 def test_cli_explain_agrees_with_the_config(tmp_path):
     messages = tmp_path / "messages.json"
     messages.write_text(json.dumps([{"role": "user", "content": "x " * 20000}]))
-    result = subprocess.run([sys.executable, "-m", "proxy", "explain", "--config", str(ROOT / "config.yaml"),
-                             "--model", "auto", "--messages-file", str(messages), "--max-tokens", "100",
-                             "--ledger", str(tmp_path / "none.sqlite3")],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "explain",
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--model",
+            "auto",
+            "--messages-file",
+            str(messages),
+            "--max-tokens",
+            "100",
+            "--ledger",
+            str(tmp_path / "none.sqlite3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)
     assert decision["rules"] == [{"virtual_model": "auto", "rule": "models.auto.route[2]"}]
     assert [m["model"] for m in decision["chain"]] == [
-        "google/gemini-2.5-flash", "deepseek/deepseek-v3.2", "anthropic/claude-3-haiku"]
+        "google/gemini-2.5-flash",
+        "deepseek/deepseek-v3.2",
+        "anthropic/claude-3-haiku",
+    ]
     # Worst case by hand: ~10,000 prompt tokens and 100 completion tokens on the dearest member.
     prompt = decision["features"]["prompt_tokens_estimate"]
     flash = prompt * 0.0000003 + 100 * 0.0000025

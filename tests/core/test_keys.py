@@ -17,9 +17,11 @@ from tests.support.money import CHAIN_MODEL, HELLO, MODELS
 BOT_SECRET = "bot-secret-0123"
 OPS_SECRET = "ops-secret-4567"
 OPS_SHA = hashlib.sha256(OPS_SECRET.encode()).hexdigest()
-KEYS = (ProxyKey(name="bot", key_env="BOT_KEY", daily_usd=0.001, models=("cheap", "balanced")),
-        ProxyKey(name="ops", key_sha256=OPS_SHA.upper()),
-        ProxyKey(name="ghost", key_env="UNSET_KEY"))
+KEYS = (
+    ProxyKey(name="bot", key_env="BOT_KEY", daily_usd=0.001, models=("cheap", "balanced")),
+    ProxyKey(name="ops", key_sha256=OPS_SHA.upper()),
+    ProxyKey(name="ghost", key_env="UNSET_KEY"),
+)
 ENV = {"BOT_KEY": BOT_SECRET, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
 KEYS_YAML = f"""
 keys:
@@ -28,26 +30,32 @@ keys:
 """
 
 
-@pytest.mark.parametrize("authorization, name", [
-    (f"Bearer {BOT_SECRET}", "bot"),
-    (f"Bearer {OPS_SECRET}", "ops"),
-    (f"Bearer  {OPS_SECRET} ", "ops"),
-    (f"bearer {BOT_SECRET}", "bot"),                   # the scheme is case-insensitive (RFC 7235)
-])
+@pytest.mark.parametrize(
+    "authorization, name",
+    [
+        (f"Bearer {BOT_SECRET}", "bot"),
+        (f"Bearer {OPS_SECRET}", "ops"),
+        (f"Bearer  {OPS_SECRET} ", "ops"),
+        (f"bearer {BOT_SECRET}", "bot"),  # the scheme is case-insensitive (RFC 7235)
+    ],
+)
 def test_a_known_key_is_recognised(authorization, name):
     assert KeyRing(KEYS, ENV).authenticate(authorization).name == name
 
 
-@pytest.mark.parametrize("authorization, code", [
-    (None, "missing_api_key"),
-    ("", "missing_api_key"),
-    ("Bearer ", "missing_api_key"),
-    (BOT_SECRET, "missing_api_key"),                   # no Bearer scheme
-    ("Bearer wrong", "invalid_api_key"),
-    (f"Bearer {BOT_SECRET}x", "invalid_api_key"),
-    (f"Bearer {OPS_SHA}", "invalid_api_key"),          # the digest itself is not the key
-    ("Bearer ", "missing_api_key"),
-])
+@pytest.mark.parametrize(
+    "authorization, code",
+    [
+        (None, "missing_api_key"),
+        ("", "missing_api_key"),
+        ("Bearer ", "missing_api_key"),
+        (BOT_SECRET, "missing_api_key"),  # no Bearer scheme
+        ("Bearer wrong", "invalid_api_key"),
+        (f"Bearer {BOT_SECRET}x", "invalid_api_key"),
+        (f"Bearer {OPS_SHA}", "invalid_api_key"),  # the digest itself is not the key
+        ("Bearer ", "missing_api_key"),
+    ],
+)
 def test_a_missing_or_wrong_key_is_refused(authorization, code):
     with pytest.raises(Unauthorized) as refused:
         KeyRing(KEYS, ENV).authenticate(authorization)
@@ -75,7 +83,7 @@ def test_model_lists():
     with pytest.raises(Forbidden) as refused:
         bot.check_model("quality")
     assert "'bot'" in refused.value.message and "cheap" in refused.value.message
-    ring.authenticate(f"Bearer {OPS_SECRET}").check_model("quality")   # no list: every model
+    ring.authenticate(f"Bearer {OPS_SECRET}").check_model("quality")  # no list: every model
 
 
 @pytest.fixture
@@ -99,8 +107,9 @@ async def test_wrong_key_is_401(keyed_proxy):
 
 async def test_keys_from_env_and_from_sha256_both_work(keyed_proxy):
     for secret in (BOT_SECRET, OPS_SECRET):
-        completion = await keyed_proxy.client(api_key=secret).chat.completions.create(model="cheap", messages=HELLO,
-                                                                                      max_tokens=50)
+        completion = await keyed_proxy.client(api_key=secret).chat.completions.create(
+            model="cheap", messages=HELLO, max_tokens=50
+        )
         assert completion.model == CHAIN_MODEL["cheap"]
     rows = await keyed_proxy.app[ACCOUNTANT].ledger.rows()
     assert [r.key_name for r in rows] == ["bot", "ops"]
@@ -112,8 +121,7 @@ async def test_a_model_outside_the_keys_list_is_403(keyed_proxy, emulator):
     assert refused.value.code == "model_not_allowed"
     assert "quality" in refused.value.message
     assert emulator.state.requests == []
-    completion = await keyed_proxy.client(api_key=OPS_SECRET).chat.completions.create(model="quality",
-                                                                                      messages=HELLO)
+    completion = await keyed_proxy.client(api_key=OPS_SECRET).chat.completions.create(model="quality", messages=HELLO)
     assert completion.model == CHAIN_MODEL["quality"]
 
 

@@ -28,32 +28,39 @@ MISTRAL = Target("mistralai/mistral-7b-instruct", "openrouter")
 
 # ------------------------------------------------------------------ pure tables
 
-@pytest.mark.parametrize("value, expected", [
-    ("1700000005000", NOW + 5),        # OpenRouter: epoch milliseconds
-    ("1700000004", NOW + 4),           # epoch seconds
-    ("1700000004.5", NOW + 4.5),
-    ("30", NOW + 30),                  # a small number is a delay in seconds
-    ("0", NOW),
-    ("", None),
-    (None, None),
-    ("soon", None),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1700000005000", NOW + 5),  # OpenRouter: epoch milliseconds
+        ("1700000004", NOW + 4),  # epoch seconds
+        ("1700000004.5", NOW + 4.5),
+        ("30", NOW + 30),  # a small number is a delay in seconds
+        ("0", NOW),
+        ("", None),
+        (None, None),
+        ("soon", None),
+    ],
+)
 def test_epoch_resets(value, expected):
     assert _epoch(value, NOW) == (pytest.approx(expected) if expected is not None else None)
 
 
-@pytest.mark.parametrize("value, seconds", [
-    ("1s", 1.0),
-    ("6m0s", 360.0),                   # OpenAI's usual request-window reset
-    ("20ms", 0.02),
-    ("1h2m3.5s", 3723.5),
-    ("59.9s", 59.9),
-    ("2m", 120.0),
-    ("0.5", 0.5),                      # a bare number means seconds
-    ("", None),
-    (None, None),
-    ("later", None),
-])
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),  # OpenAI's usual request-window reset
+        ("20ms", 0.02),
+        ("1h2m3.5s", 3723.5),
+        ("59.9s", 59.9),
+        ("2m", 120.0),
+        ("0.5", 0.5),  # a bare number means seconds
+        ("", None),
+        (None, None),
+        ("later", None),
+    ],
+)
 def test_openai_duration_resets(value, seconds):
     assert _duration(value, NOW) == (pytest.approx(NOW + seconds) if seconds is not None else None)
 
@@ -63,41 +70,76 @@ def _headers(**pairs: str) -> CIMultiDict[str]:
     return CIMultiDict({name.replace("_", "-"): value for name, value in pairs.items()})
 
 
-@pytest.mark.parametrize("status, headers, readings, blocked_until", [
-    # OpenRouter on a 429: limit, remaining 0, reset in epoch ms -> skipped until the reset
-    (429, _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1700000005000"),
-     {"requests": Reading(20, 0, NOW + 5)}, NOW + 5),
-    # OpenRouter on a success with room left: recorded, not blocked
-    (200, _headers(X_RateLimit_Limit="200", X_RateLimit_Remaining="150", X_RateLimit_Reset="1700000060000"),
-     {"requests": Reading(200, 150, NOW + 60)}, None),
-    # lower-case names (HTTP/2) are the same headers
-    (200, _headers(**{"x_ratelimit_limit": "20", "x_ratelimit_remaining": "0", "x_ratelimit_reset": "1700000002"}),
-     {"requests": Reading(20, 0, NOW + 2)}, NOW + 2),
-    # remaining 0 but the reset already passed: nothing to wait for
-    (200, _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1699999999000"),
-     {"requests": Reading(20, 0, NOW - 1)}, None),
-    # OpenAI style, every response: both scopes, resets as durations
-    (200, _headers(x_ratelimit_limit_requests="500", x_ratelimit_remaining_requests="499",
-                   x_ratelimit_reset_requests="120ms", x_ratelimit_limit_tokens="30000",
-                   x_ratelimit_remaining_tokens="0", x_ratelimit_reset_tokens="6m0s"),
-     {"requests": Reading(500, 499, NOW + 0.12), "tokens": Reading(30000, 0, NOW + 360)}, NOW + 360),
-    # a 429 with only Retry-After: blocked for that long, no reading
-    (429, _headers(Retry_After="7"), {}, NOW + 7),
-    # Retry-After wins over a shorter reset on the same 429
-    (429, _headers(Retry_After="9", X_RateLimit_Limit="20", X_RateLimit_Remaining="0",
-                   X_RateLimit_Reset="1700000003000"), {"requests": Reading(20, 0, NOW + 3)}, NOW + 9),
-    # garbage is ignored, never raised
-    (200, _headers(X_RateLimit_Limit="many", X_RateLimit_Remaining="some"), {}, None),
-    (200, _headers(x_ratelimit_remaining_requests="3"), {"requests": Reading(None, 3, None)}, None),
-    # a plain success says nothing
-    (200, _headers(Content_Type="application/json"), {}, None),
-])
+@pytest.mark.parametrize(
+    "status, headers, readings, blocked_until",
+    [
+        # OpenRouter on a 429: limit, remaining 0, reset in epoch ms -> skipped until the reset
+        (
+            429,
+            _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1700000005000"),
+            {"requests": Reading(20, 0, NOW + 5)},
+            NOW + 5,
+        ),
+        # OpenRouter on a success with room left: recorded, not blocked
+        (
+            200,
+            _headers(X_RateLimit_Limit="200", X_RateLimit_Remaining="150", X_RateLimit_Reset="1700000060000"),
+            {"requests": Reading(200, 150, NOW + 60)},
+            None,
+        ),
+        # lower-case names (HTTP/2) are the same headers
+        (
+            200,
+            _headers(**{"x_ratelimit_limit": "20", "x_ratelimit_remaining": "0", "x_ratelimit_reset": "1700000002"}),
+            {"requests": Reading(20, 0, NOW + 2)},
+            NOW + 2,
+        ),
+        # remaining 0 but the reset already passed: nothing to wait for
+        (
+            200,
+            _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1699999999000"),
+            {"requests": Reading(20, 0, NOW - 1)},
+            None,
+        ),
+        # OpenAI style, every response: both scopes, resets as durations
+        (
+            200,
+            _headers(
+                x_ratelimit_limit_requests="500",
+                x_ratelimit_remaining_requests="499",
+                x_ratelimit_reset_requests="120ms",
+                x_ratelimit_limit_tokens="30000",
+                x_ratelimit_remaining_tokens="0",
+                x_ratelimit_reset_tokens="6m0s",
+            ),
+            {"requests": Reading(500, 499, NOW + 0.12), "tokens": Reading(30000, 0, NOW + 360)},
+            NOW + 360,
+        ),
+        # a 429 with only Retry-After: blocked for that long, no reading
+        (429, _headers(Retry_After="7"), {}, NOW + 7),
+        # Retry-After wins over a shorter reset on the same 429
+        (
+            429,
+            _headers(
+                Retry_After="9", X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1700000003000"
+            ),
+            {"requests": Reading(20, 0, NOW + 3)},
+            NOW + 9,
+        ),
+        # garbage is ignored, never raised
+        (200, _headers(X_RateLimit_Limit="many", X_RateLimit_Remaining="some"), {}, None),
+        (200, _headers(x_ratelimit_remaining_requests="3"), {"requests": Reading(None, 3, None)}, None),
+        # a plain success says nothing
+        (200, _headers(Content_Type="application/json"), {}, None),
+    ],
+)
 def test_headers_to_readings_and_blocks(status, headers, readings, blocked_until):
     limits = RateLimits(clock=lambda: NOW)
     limits.observe_response(MISTRAL.upstream, MISTRAL.model, status, headers)
-    assert {scope: reading for (target, scope), reading in limits.readings().items()} == \
-        {scope: Reading(r.limit, r.remaining, pytest.approx(r.reset_at) if r.reset_at else None)
-         for scope, r in readings.items()}
+    assert {scope: reading for (target, scope), reading in limits.readings().items()} == {
+        scope: Reading(r.limit, r.remaining, pytest.approx(r.reset_at) if r.reset_at else None)
+        for scope, r in readings.items()
+    }
     block = limits.active(NOW).get(MISTRAL)
     if blocked_until is None:
         assert block is None
@@ -108,8 +150,12 @@ def test_headers_to_readings_and_blocks(status, headers, readings, blocked_until
 
 def test_a_block_lifts_at_the_reset():
     limits = RateLimits()
-    limits.observe(MISTRAL, _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0",
-                                     X_RateLimit_Reset="1700000005000"), 200, NOW)
+    limits.observe(
+        MISTRAL,
+        _headers(X_RateLimit_Limit="20", X_RateLimit_Remaining="0", X_RateLimit_Reset="1700000005000"),
+        200,
+        NOW,
+    )
     assert MISTRAL in limits.active(NOW + 4.9)
     assert MISTRAL not in limits.active(NOW + 5)
     assert limits.active(NOW + 5) == {}
@@ -120,8 +166,16 @@ def test_running_low_is_logged_once_per_descent(caplog):
     caplog.set_level(logging.WARNING, logger="orproxy")
 
     def seen(remaining: str) -> None:
-        limits.observe(MISTRAL, _headers(x_ratelimit_limit_requests="100", x_ratelimit_remaining_requests=remaining,
-                                         x_ratelimit_reset_requests="1s"), 200, NOW)
+        limits.observe(
+            MISTRAL,
+            _headers(
+                x_ratelimit_limit_requests="100",
+                x_ratelimit_remaining_requests=remaining,
+                x_ratelimit_reset_requests="1s",
+            ),
+            200,
+            NOW,
+        )
 
     for remaining in ("50", "9", "8", "7", "60", "5"):
         seen(remaining)
@@ -135,14 +189,19 @@ def test_running_low_is_logged_once_per_descent(caplog):
 def test_readings_stay_bounded_when_clients_cycle_through_slugs():
     limits = RateLimits()
     for number in range(MAX_READINGS * 3):
-        limits.observe(Target(f"vendor/model-{number}", "openrouter"),
-                       _headers(X_RateLimit_Limit="10", X_RateLimit_Remaining="5"), 200, NOW)
+        limits.observe(
+            Target(f"vendor/model-{number}", "openrouter"),
+            _headers(X_RateLimit_Limit="10", X_RateLimit_Remaining="5"),
+            200,
+            NOW,
+        )
     readings = limits.readings()
     assert len(readings) == MAX_READINGS
     assert (Target(f"vendor/model-{MAX_READINGS * 3 - 1}", "openrouter"), "requests") in readings  # newest kept
 
 
 # ------------------------------------------------------------------ end to end
+
 
 def _route(response) -> str:
     return response.headers["x-proxy-route"]
@@ -161,14 +220,19 @@ async def test_an_exhausted_member_is_skipped_until_its_reset(make_proxy, emulat
     emulator.state.faults.set(MISTRAL.model, Fault(status=status, rate_limit=(10, 0, int(reset * 1000)), times=1))
 
     first = await client.chat.completions.with_raw_response.create(model="cheap", messages=HELLO)
-    expected = "mistralai/mistral-7b-instruct=ok" if status is None else \
-        "mistralai/mistral-7b-instruct=http_429 meta-llama/llama-3.1-8b-instruct=ok"
+    expected = (
+        "mistralai/mistral-7b-instruct=ok"
+        if status is None
+        else "mistralai/mistral-7b-instruct=http_429 meta-llama/llama-3.1-8b-instruct=ok"
+    )
     assert _route(first) == f"cheap: {expected}"
     assert _calls(emulator, MISTRAL.model) == 1
 
     skipped = await client.chat.completions.with_raw_response.create(model="cheap", messages=HELLO)
-    assert _route(skipped) == \
-        "cheap: meta-llama/llama-3.1-8b-instruct=ok mistralai/mistral-7b-instruct=skipped:rate_limited"
+    assert (
+        _route(skipped)
+        == "cheap: meta-llama/llama-3.1-8b-instruct=ok mistralai/mistral-7b-instruct=skipped:rate_limited"
+    )
     assert skipped.headers["x-proxy-model"] == "meta-llama/llama-3.1-8b-instruct"
     assert _calls(emulator, MISTRAL.model) == 1, "an exhausted member must be skipped without a call"
 
@@ -217,23 +281,44 @@ async def test_openai_style_headers_on_every_response_steer_too(make_proxy, emul
 
     async def completions(request: web.Request) -> web.Response:
         calls.append(await request.json())
-        body = {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()), "model": "gpt-4o-mini",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there, five words."},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}}
-        return web.Response(body=orjson.dumps(body), content_type="application/json", headers={
-            "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "0",
-            "x-ratelimit-reset-requests": f"{int(reset_s * 1000)}ms",
-            "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "29989",
-            "x-ratelimit-reset-tokens": "6m0s"})
+        body = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello there, five words."},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11},
+        }
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={
+                "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": f"{int(reset_s * 1000)}ms",
+                "x-ratelimit-limit-tokens": "30000",
+                "x-ratelimit-remaining-tokens": "29989",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+        )
 
     fake = web.Application()
     fake.router.add_post("/v1/chat/completions", completions)
     openai_like = await aiohttp_server(fake)
-    text = proxy_config_text(emulator.url, """
+    text = proxy_config_text(
+        emulator.url,
+        """
 models:
   solo: {chain: [{model: gpt-4o-mini, upstream: openai}, mistralai/mistral-7b-instruct]}
-""").replace(f"{emulator.url}/v1", f"{str(openai_like.make_url('')).rstrip('/')}/v1")
+""",
+    ).replace(f"{emulator.url}/v1", f"{str(openai_like.make_url('')).rstrip('/')}/v1")
     proxy = await make_proxy(config_text=text)
     client = proxy.client()
 
@@ -247,8 +332,10 @@ models:
     metrics = await _metrics(proxy)
     requests = labels_key({"upstream": "openai", "scope": "requests", "model": "gpt-4o-mini"})
     tokens = labels_key({"upstream": "openai", "scope": "tokens", "model": "gpt-4o-mini"})
+
     def remaining_and_limit(labels):
         return metrics[("orproxy_ratelimit_remaining", labels)], metrics[("orproxy_ratelimit_limit", labels)]
+
     assert remaining_and_limit(requests) == (0, 500)
     assert remaining_and_limit(tokens) == (29989, 30000)
     assert metrics[("orproxy_ratelimit_reset_timestamp_seconds", tokens)] == pytest.approx(started + 360, abs=2)
@@ -261,6 +348,7 @@ models:
 
 # ------------------------------------------------------------------ helpers
 
+
 def labels_key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(labels.items()))
 
@@ -268,6 +356,8 @@ def labels_key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
 async def _metrics(proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as response:
         text = await response.text()
-    return {(sample.name, labels_key(sample.labels)): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
+    return {
+        (sample.name, labels_key(sample.labels)): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

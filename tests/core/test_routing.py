@@ -39,22 +39,25 @@ models:
 ROUTER = Router(CONFIG)
 
 
-@pytest.mark.parametrize("features, owner, rule", [
-    (RequestFeatures(task="code_generation"), "code", "models.auto.route[0]"),
-    (RequestFeatures(task="research"), "quality", "models.auto.route[1]"),
-    (RequestFeatures(task="complex_analysis", has_tools=True), "quality", "models.auto.route[1]"),
-    (RequestFeatures(has_images=True), "vision", "models.auto.route[2]"),
-    (RequestFeatures(json_mode=True), "structured", "models.auto.route[3]"),
-    (RequestFeatures(has_tools=True), "tooling", "models.auto.route[4]"),
-    (RequestFeatures(last_user_text="Please Translate this"), "balanced", "models.auto.route[5]"),
-    (RequestFeatures(last_user_text="translated"), "cheap", "models.auto.route[8]"),
-    (RequestFeatures(prompt_tokens=4001), "balanced", "models.auto.route[6]"),
-    (RequestFeatures(prompt_tokens=4000), "balanced", "models.auto.route[8]"),  # over 1000: tier2's first rule
-    (RequestFeatures(stream=True, prompt_tokens=5), "streamy", "models.auto.route[7]"),
-    (RequestFeatures(stream=True, prompt_tokens=10), "cheap", "models.auto.route[8]"),
-    (RequestFeatures(task="simple_rewrite"), "cheap", "models.auto.route[8]"),
-    (RequestFeatures(), "cheap", "models.auto.route[8]"),
-])
+@pytest.mark.parametrize(
+    "features, owner, rule",
+    [
+        (RequestFeatures(task="code_generation"), "code", "models.auto.route[0]"),
+        (RequestFeatures(task="research"), "quality", "models.auto.route[1]"),
+        (RequestFeatures(task="complex_analysis", has_tools=True), "quality", "models.auto.route[1]"),
+        (RequestFeatures(has_images=True), "vision", "models.auto.route[2]"),
+        (RequestFeatures(json_mode=True), "structured", "models.auto.route[3]"),
+        (RequestFeatures(has_tools=True), "tooling", "models.auto.route[4]"),
+        (RequestFeatures(last_user_text="Please Translate this"), "balanced", "models.auto.route[5]"),
+        (RequestFeatures(last_user_text="translated"), "cheap", "models.auto.route[8]"),
+        (RequestFeatures(prompt_tokens=4001), "balanced", "models.auto.route[6]"),
+        (RequestFeatures(prompt_tokens=4000), "balanced", "models.auto.route[8]"),  # over 1000: tier2's first rule
+        (RequestFeatures(stream=True, prompt_tokens=5), "streamy", "models.auto.route[7]"),
+        (RequestFeatures(stream=True, prompt_tokens=10), "cheap", "models.auto.route[8]"),
+        (RequestFeatures(task="simple_rewrite"), "cheap", "models.auto.route[8]"),
+        (RequestFeatures(), "cheap", "models.auto.route[8]"),
+    ],
+)
 def test_auto_rules(features, owner, rule):
     plan = ROUTER.plan("auto", features)
     assert plan.chain_owner == owner
@@ -99,26 +102,63 @@ def test_blocked_members_are_skipped_with_their_reason():
     plan = ROUTER.plan("cheap", RequestFeatures(), view)
     assert plan.targets == ()
     assert [(str(t), b.reason) for t, b in plan.skipped] == [
-        ("mistralai/mistral-7b-instruct", "cooldown"), ("gpt-4o-mini@openai", "no_api_key")]
+        ("mistralai/mistral-7b-instruct", "cooldown"),
+        ("gpt-4o-mini@openai", "no_api_key"),
+    ]
     assert "skip gpt-4o-mini@openai: no_api_key" in plan.describe()
 
 
-@pytest.mark.parametrize("body, headers, expected", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, {}, RequestFeatures(prompt_tokens=4, last_user_text="hi")),
-    ({"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "Code_Generation"}}, {},
-     RequestFeatures(task="code_generation", prompt_tokens=4, last_user_text="x")),
-    ({"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "a"}}, {"X-Task-Type": "complex_analysis"},
-     RequestFeatures(task="complex_analysis", prompt_tokens=4, last_user_text="x")),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
-                                                {"type": "image_url", "image_url": {"url": "data:x"}}]}],
-      "stream": True, "max_tokens": 50},
-     {}, RequestFeatures(has_images=True, stream=True, prompt_tokens=5, last_user_text="look", max_tokens=50)),
-    ({"messages": [{"role": "user", "content": "a" * 400}, {"role": "assistant", "content": "ok"}],
-      "response_format": {"type": "json_schema", "json_schema": {}}, "tools": [{"type": "function"}]}, {},
-     RequestFeatures(has_tools=True, json_mode=True, prompt_tokens=(400 + 2 + len(str([{"type": "function"}]))) // 4 + 8,
-                     last_user_text="a" * 400)),
-    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99}, {},
-     RequestFeatures(prompt_tokens=4, last_user_text="x", max_tokens=7)),
-])
+@pytest.mark.parametrize(
+    "body, headers, expected",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, {}, RequestFeatures(prompt_tokens=4, last_user_text="hi")),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "Code_Generation"}},
+            {},
+            RequestFeatures(task="code_generation", prompt_tokens=4, last_user_text="x"),
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "a"}},
+            {"X-Task-Type": "complex_analysis"},
+            RequestFeatures(task="complex_analysis", prompt_tokens=4, last_user_text="x"),
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "look"},
+                            {"type": "image_url", "image_url": {"url": "data:x"}},
+                        ],
+                    }
+                ],
+                "stream": True,
+                "max_tokens": 50,
+            },
+            {},
+            RequestFeatures(has_images=True, stream=True, prompt_tokens=5, last_user_text="look", max_tokens=50),
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "a" * 400}, {"role": "assistant", "content": "ok"}],
+                "response_format": {"type": "json_schema", "json_schema": {}},
+                "tools": [{"type": "function"}],
+            },
+            {},
+            RequestFeatures(
+                has_tools=True,
+                json_mode=True,
+                prompt_tokens=(400 + 2 + len(str([{"type": "function"}]))) // 4 + 8,
+                last_user_text="a" * 400,
+            ),
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99},
+            {},
+            RequestFeatures(prompt_tokens=4, last_user_text="x", max_tokens=7),
+        ),
+    ],
+)
 def test_feature_extraction(body, headers, expected):
     assert extract_features(body, headers) == expected

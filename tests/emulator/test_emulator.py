@@ -19,10 +19,17 @@ from proxy.emulator.completions import split_words
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "openai-chat-schemas.json"
 AUTH = {"Authorization": "Bearer sk-or-v1-test"}
 HELLO = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and a cat"}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-        "required": ["city", "days"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        },
+    },
+}
 NOW = 1_790_000_000.0
 
 
@@ -31,8 +38,10 @@ def validators() -> dict[str, jsonschema.Draft202012Validator]:
     if not SPEC.exists():
         pytest.fail(f"OpenAI schemas not found at {SPEC}")
     defs = json.loads(SPEC.read_text())["$defs"]
-    return {name: jsonschema.Draft202012Validator({"$defs": defs, "$ref": f"#/$defs/{name}"})
-            for name in ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse")}
+    return {
+        name: jsonschema.Draft202012Validator({"$defs": defs, "$ref": f"#/$defs/{name}"})
+        for name in ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse")
+    }
 
 
 @pytest.fixture
@@ -56,8 +65,9 @@ def prices(model: str) -> tuple[float, float]:
 
 
 async def chat(client, model: str = "openai/gpt-4o-mini", prefix: str = "/api/v1", headers=AUTH, **fields: Any):
-    return await client.post(f"{prefix}/chat/completions", json={"model": model, "messages": HELLO, **fields},
-                             headers=headers)
+    return await client.post(
+        f"{prefix}/chat/completions", json={"model": model, "messages": HELLO, **fields}, headers=headers
+    )
 
 
 def parse_sse(raw: bytes) -> tuple[list[str], list[Any]]:
@@ -85,7 +95,11 @@ async def test_completion_matches_openai_schema_and_openrouter_fields(client, va
     validators["CreateChatCompletionResponse"].validate(body)
     assert body["id"].startswith(f"gen-{int(NOW)}-") and response.headers["X-Generation-Id"] == body["id"]
     assert (body["object"], body["created"], body["model"], body["provider"]) == (
-        "chat.completion", int(NOW), "anthropic/claude-sonnet-4.5", "Anthropic")
+        "chat.completion",
+        int(NOW),
+        "anthropic/claude-sonnet-4.5",
+        "Anthropic",
+    )
     choice = body["choices"][0]
     assert choice["message"]["content"].startswith("[anthropic/claude-sonnet-4.5] ")
     assert "lighthouse keeper" in choice["message"]["content"]
@@ -104,7 +118,9 @@ async def test_reply_is_deterministic(client):
     assert first["id"] != second["id"]
 
 
-@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4.5", "mistralai/mistral-7b-instruct"])
+@pytest.mark.parametrize(
+    "model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4.5", "mistralai/mistral-7b-instruct"]
+)
 async def test_cost_is_tokens_times_catalogue_price(client, state, model):
     usage = (await (await chat(client, model)).json())["usage"]
     prompt_price, completion_price = prices(model)
@@ -174,8 +190,11 @@ async def test_streamed_tool_call_deltas(client, validators):
     chunks = data[:-1]
     for chunk in chunks:
         validators["CreateChatCompletionStreamResponse"].validate(chunk)
-    deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"]
-              and "tool_calls" in c["choices"][0]["delta"]]
+    deltas = [
+        c["choices"][0]["delta"]["tool_calls"][0]
+        for c in chunks
+        if c["choices"] and "tool_calls" in c["choices"][0]["delta"]
+    ]
     assert deltas[0]["index"] == 0 and deltas[0]["id"].startswith("call_") and deltas[0]["type"] == "function"
     assert deltas[0]["function"]["name"] == "get_weather"
     assert len(deltas) >= 3
@@ -233,8 +252,10 @@ async def test_unknown_model_is_400_like_openrouter(client):
     assert await response.json() == {"error": {"code": 400, "message": "acme/nonexistent-1 is not a valid model ID"}}
 
 
-@pytest.mark.parametrize("payload", [b"{not json", b"[]", b'{"model": "openai/gpt-4o-mini"}',
-                                     b'{"model": "openai/gpt-4o-mini", "messages": []}'])
+@pytest.mark.parametrize(
+    "payload",
+    [b"{not json", b"[]", b'{"model": "openai/gpt-4o-mini"}', b'{"model": "openai/gpt-4o-mini", "messages": []}'],
+)
 async def test_malformed_requests_are_400(client, payload):
     response = await client.post("/api/v1/chat/completions", data=payload, headers=AUTH)
     assert response.status == 400
@@ -341,8 +362,15 @@ async def test_midstream_error_chunk_ends_the_stream(client, state):
     assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert first["choices"][0]["delta"]["content"] and second["choices"][0]["delta"]["content"]
     assert error["error"] == {"code": "server_error", "message": "Provider disconnected unexpectedly"}
-    assert error["choices"] == [{"index": 0, "delta": {"content": ""}, "finish_reason": "error",
-                                 "native_finish_reason": "error", "logprobs": None}]
+    assert error["choices"] == [
+        {
+            "index": 0,
+            "delta": {"content": ""},
+            "finish_reason": "error",
+            "native_finish_reason": "error",
+            "logprobs": None,
+        }
+    ]
     assert (error["id"], error["model"], error["provider"]) == (role["id"], "openai/gpt-4o-mini", "OpenAI")
     assert state.stats["streams_failed"] == 1 and state.key_usage == 0
 
@@ -363,8 +391,11 @@ async def test_client_hanging_up_mid_stream_is_counted(state, aiohttp_server, ap
     server = await aiohttp_server(app)
     state.faults.set("openai/gpt-4o-mini", Fault(chunk_delay_s=0.05))
     async with aiohttp.ClientSession() as session:
-        response = await session.post(server.make_url("/api/v1/chat/completions"), headers=AUTH,
-                                      json={"model": "openai/gpt-4o-mini", "messages": HELLO, "stream": True})
+        response = await session.post(
+            server.make_url("/api/v1/chat/completions"),
+            headers=AUTH,
+            json={"model": "openai/gpt-4o-mini", "messages": HELLO, "stream": True},
+        )
         await response.content.readuntil(b"data: {")
         response.close()
     for _ in range(40):
@@ -408,14 +439,19 @@ async def test_stats_count_requests_streams_and_models(client, state):
 
 
 async def test_faults_can_be_set_and_cleared_over_http(client, state):
-    response = await client.post("/_emulator/faults", json={
-        "model": "openai/gpt-4o-mini", "status": 429, "retry_after": 1.5, "rate_limit": [10, 0, 123], "times": 1})
+    response = await client.post(
+        "/_emulator/faults",
+        json={"model": "openai/gpt-4o-mini", "status": 429, "retry_after": 1.5, "rate_limit": [10, 0, 123], "times": 1},
+    )
     assert response.status == 200
     armed = (await (await client.get("/_emulator/faults")).json())["faults"]["openai/gpt-4o-mini"]
     assert armed["status"] == 429 and armed["remaining"] == 1
     response = await chat(client)
     assert (response.status, response.headers["Retry-After"], response.headers["X-RateLimit-Reset"]) == (
-        429, "1.5", "123")
+        429,
+        "1.5",
+        "123",
+    )
     await client.post("/_emulator/faults", json={"model": "openai/gpt-4o", "status": 500})
     await client.post("/_emulator/faults", json={"model": "openai/gpt-4o-mini", "status": 500})
     await client.delete("/_emulator/faults", params={"model": "openai/gpt-4o"})
@@ -424,8 +460,10 @@ async def test_faults_can_be_set_and_cleared_over_http(client, state):
     assert len(state.faults) == 0 and (await chat(client)).status == 200
 
 
-@pytest.mark.parametrize("payload", [{"status": 500}, {"model": "m", "explode": True}, {"model": "m", "status": 200},
-                                     {"model": "m", "times": 0}])
+@pytest.mark.parametrize(
+    "payload",
+    [{"status": 500}, {"model": "m", "explode": True}, {"model": "m", "status": 200}, {"model": "m", "times": 0}],
+)
 async def test_bad_fault_requests_are_400(client, payload):
     response = await client.post("/_emulator/faults", json=payload)
     assert response.status == 400
@@ -454,15 +492,36 @@ def test_catalogue_snapshot_has_required_models_and_metadata():
     catalogue = load_default_catalogue()
     assert catalogue["snapshot_date"] == "2026-11-20"
     assert catalogue["source"] == "https://openrouter.ai/api/v1/models"
-    required = {"mistralai/mistral-7b-instruct", "meta-llama/llama-3.1-8b-instruct", "google/gemini-2.5-flash",
-                "deepseek/deepseek-v3.2", "anthropic/claude-3-haiku", "anthropic/claude-sonnet-4.5",
-                "openai/gpt-4o-mini", "x-ai/grok-code-fast-1", "openai/gpt-4o", "anthropic/claude-3.5-haiku",
-                "google/gemini-2.5-pro", "meta-llama/llama-3.3-70b-instruct", "qwen/qwen-2.5-coder-32b-instruct",
-                "gpt-4o-mini"}
+    required = {
+        "mistralai/mistral-7b-instruct",
+        "meta-llama/llama-3.1-8b-instruct",
+        "google/gemini-2.5-flash",
+        "deepseek/deepseek-v3.2",
+        "anthropic/claude-3-haiku",
+        "anthropic/claude-sonnet-4.5",
+        "openai/gpt-4o-mini",
+        "x-ai/grok-code-fast-1",
+        "openai/gpt-4o",
+        "anthropic/claude-3.5-haiku",
+        "google/gemini-2.5-pro",
+        "meta-llama/llama-3.3-70b-instruct",
+        "qwen/qwen-2.5-coder-32b-instruct",
+        "gpt-4o-mini",
+    }
     entries = {m["id"]: m for m in catalogue["data"]}
     assert required <= set(entries)
     for entry in entries.values():
-        assert {"id", "canonical_slug", "name", "created", "description", "context_length", "architecture",
-                "pricing", "top_provider", "supported_parameters"} <= set(entry)
+        assert {
+            "id",
+            "canonical_slug",
+            "name",
+            "created",
+            "description",
+            "context_length",
+            "architecture",
+            "pricing",
+            "top_provider",
+            "supported_parameters",
+        } <= set(entry)
         assert float(entry["pricing"]["prompt"]) < 0.0001  # per token, not per million
     assert prices("anthropic/claude-sonnet-4.5") == (3e-06, 1.5e-05)

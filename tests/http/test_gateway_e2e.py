@@ -11,9 +11,14 @@ from proxy.emulator import Fault
 from tests.support.gateway import UPSTREAM_KEY
 
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 async def test_cheap_is_answered_by_its_primary(proxy, emulator, schemas):
@@ -33,8 +38,9 @@ async def test_cheap_is_answered_by_its_primary(proxy, emulator, schemas):
 
 async def test_raw_response_is_openai_shaped(proxy, schemas, aiohttp_client):
     http = await aiohttp_client(proxy.server)
-    response = await http.post("/v1/chat/completions", json={"model": "quality", "messages": HELLO},
-                               headers={"X-Request-ID": "trace-123"})
+    response = await http.post(
+        "/v1/chat/completions", json={"model": "quality", "messages": HELLO}, headers={"X-Request-ID": "trace-123"}
+    )
     assert response.status == 200
     assert response.headers["x-request-id"] == "trace-123"
     body = await response.json()
@@ -43,12 +49,21 @@ async def test_raw_response_is_openai_shaped(proxy, schemas, aiohttp_client):
 
 
 async def test_every_client_field_passes_through_and_only_model_is_rewritten(proxy, emulator):
-    fields = dict(temperature=0.3, n=1, stop=["\n\n"], seed=7, logprobs=False, user="u-42", top_p=0.9,
-                  tools=[WEATHER_TOOL], tool_choice="auto", response_format={"type": "text"},
-                  max_tokens=64)
+    fields = dict(
+        temperature=0.3,
+        n=1,
+        stop=["\n\n"],
+        seed=7,
+        logprobs=False,
+        user="u-42",
+        top_p=0.9,
+        tools=[WEATHER_TOOL],
+        tool_choice="auto",
+        response_format={"type": "text"},
+        max_tokens=64,
+    )
     openrouter_fields = {"provider": {"order": ["Mistral"], "allow_fallbacks": False}, "transforms": ["middle-out"]}
-    await proxy.client().chat.completions.create(model="cheap", messages=HELLO, extra_body=openrouter_fields,
-                                                 **fields)
+    await proxy.client().chat.completions.create(model="cheap", messages=HELLO, extra_body=openrouter_fields, **fields)
     seen = emulator.state.requests[-1]
     expected = {**fields, **openrouter_fields, "messages": HELLO, "model": "mistralai/mistral-7b-instruct"}
     assert seen.body == expected
@@ -58,8 +73,9 @@ async def test_every_client_field_passes_through_and_only_model_is_rewritten(pro
 
 async def test_openrouter_only_fields_are_dropped_for_an_openai_upstream(make_proxy, emulator):
     proxy = await make_proxy("models: {oa: {chain: [{model: gpt-4o-mini, upstream: openai}]}}")
-    await proxy.client().chat.completions.create(model="oa", messages=HELLO, temperature=0.1,
-                                                 extra_body={"provider": {"order": ["x"]}})
+    await proxy.client().chat.completions.create(
+        model="oa", messages=HELLO, temperature=0.1, extra_body={"provider": {"order": ["x"]}}
+    )
     seen = emulator.state.requests[-1]
     assert seen.path.startswith("/v1/")
     assert seen.body == {"model": "gpt-4o-mini", "messages": HELLO, "temperature": 0.1}
@@ -67,7 +83,8 @@ async def test_openrouter_only_fields_are_dropped_for_an_openai_upstream(make_pr
 
 async def test_tool_calls_pass_through(proxy, schemas):
     completion = await proxy.client().chat.completions.create(
-        model="quality", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL])
+        model="quality", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+    )
     schemas.validate("CreateChatCompletionResponse", completion.model_dump(exclude_unset=True))
     call = completion.choices[0].message.tool_calls[0]
     assert completion.choices[0].finish_reason == "tool_calls"
@@ -75,8 +92,7 @@ async def test_tool_calls_pass_through(proxy, schemas):
 
 
 async def test_streamed_answer_chunks_match_the_schema(proxy, schemas):
-    raw = await proxy.client().chat.completions.with_raw_response.create(model="balanced", messages=HELLO,
-                                                                         stream=True)
+    raw = await proxy.client().chat.completions.with_raw_response.create(model="balanced", messages=HELLO, stream=True)
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["x-proxy-model"] == "google/gemini-2.5-flash"
     stream = raw.parse()
@@ -94,8 +110,8 @@ async def test_streamed_answer_chunks_match_the_schema(proxy, schemas):
 
 async def test_streamed_tool_call(proxy, schemas):
     stream = await proxy.client().chat.completions.create(
-        model="quality", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER_TOOL],
-        stream=True)
+        model="quality", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER_TOOL], stream=True
+    )
     names, finish = [], None
     async for chunk in stream:
         schemas.validate("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
@@ -110,14 +126,17 @@ async def test_streamed_tool_call(proxy, schemas):
 async def test_auto_routes_by_task_header_and_metadata(proxy):
     client = proxy.client()
     raw = await client.chat.completions.with_raw_response.create(
-        model="auto", messages=HELLO, extra_headers={"X-Task-Type": "code_generation"})
+        model="auto", messages=HELLO, extra_headers={"X-Task-Type": "code_generation"}
+    )
     assert raw.headers["x-proxy-model"] == "x-ai/grok-code-fast-1"
     assert raw.headers["x-proxy-route"].startswith("auto>code: ")
     raw = await client.chat.completions.with_raw_response.create(
-        model="auto", messages=HELLO, extra_body={"metadata": {"task": "complex_analysis"}})
+        model="auto", messages=HELLO, extra_body={"metadata": {"task": "complex_analysis"}}
+    )
     assert raw.headers["x-proxy-model"] == "anthropic/claude-sonnet-4.5"
     raw = await client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "word " * 4000}])
+        model="auto", messages=[{"role": "user", "content": "word " * 4000}]
+    )
     assert raw.headers["x-proxy-model"] == "google/gemini-2.5-flash"
     raw = await client.chat.completions.with_raw_response.create(model="auto", messages=HELLO)
     assert raw.headers["x-proxy-model"] == "mistralai/mistral-7b-instruct"
@@ -128,12 +147,16 @@ async def test_direct_slug_passes_straight_through(proxy):
     assert completion.model == "anthropic/claude-3-haiku"
 
 
-@pytest.mark.parametrize("fault", [
-    Fault(status=429, retry_after=0.05),
-    Fault(status=502),
-    Fault(drop=True),
-    Fault(status=404, message="No endpoints found for mistralai/mistral-7b-instruct."),
-], ids=["429", "502", "dropped-connection", "no-endpoints"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=429, retry_after=0.05),
+        Fault(status=502),
+        Fault(drop=True),
+        Fault(status=404, message="No endpoints found for mistralai/mistral-7b-instruct."),
+    ],
+    ids=["429", "502", "dropped-connection", "no-endpoints"],
+)
 async def test_falls_back_to_the_next_member(proxy, emulator, fault):
     emulator.state.faults.set("mistralai/mistral-7b-instruct", fault)
     raw = await proxy.client().chat.completions.with_raw_response.create(model="cheap", messages=HELLO)

@@ -17,14 +17,17 @@ async def test_unknown_model_is_404_with_the_valid_names(proxy):
         assert name in body["message"]
 
 
-@pytest.mark.parametrize("payload, param", [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (b'{"model": "cheap"}', "messages"),
-    (b'{"model": "cheap", "messages": []}', "messages"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
-    (b'{"model": "cheap", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
-])
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"model": "cheap"}', "messages"),
+        (b'{"model": "cheap", "messages": []}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "cheap", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    ],
+)
 async def test_bad_requests_are_400_in_openai_shape(proxy, aiohttp_client, schemas, payload, param):
     http = await aiohttp_client(proxy.server)
     response = await http.post("/v1/chat/completions", data=payload, headers={"Content-Type": "application/json"})
@@ -49,6 +52,7 @@ async def test_body_over_the_limit_is_413(make_proxy, emulator, aiohttp_client):
 
 async def test_sdk_raises_the_right_class_for_413(make_proxy, emulator):
     from tests.support.gateway import proxy_config_text
+
     proxy = await make_proxy(config_text=proxy_config_text(emulator.url) + "max_body_bytes: 2048\n")
     with pytest.raises(openai.APIStatusError) as caught:
         await proxy.client().chat.completions.create(model="cheap", messages=[{"role": "user", "content": "x" * 4096}])

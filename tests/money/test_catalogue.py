@@ -75,8 +75,10 @@ async def test_refresh_fetches_the_emulators_catalogue_into_the_cache(aiohttp_se
     base = str(server.make_url("/api/v1"))
     cache = tmp_path / "cache" / "models.json"
 
-    code = await asyncio.to_thread(run_cli, ["models", "refresh", "--config", write_config(tmp_path, base),
-                                             "--cache", str(cache), "--timeout", "5"])
+    code = await asyncio.to_thread(
+        run_cli,
+        ["models", "refresh", "--config", write_config(tmp_path, base), "--cache", str(cache), "--timeout", "5"],
+    )
 
     assert code == 0
     assert f"fetched 5 models from {base}/models into {cache}" in capsys.readouterr().out
@@ -97,8 +99,18 @@ async def test_fetch_reports_a_non_json_or_failing_upstream(aiohttp_server):
 def test_refresh_offline_says_so_and_keeps_the_snapshot(tmp_path, capsys):
     port = unused_port()
     cache = tmp_path / "models.json"
-    code = run_cli(["models", "refresh", "--config", write_config(tmp_path, f"http://127.0.0.1:{port}/api/v1"),
-                    "--cache", str(cache), "--timeout", "2"])
+    code = run_cli(
+        [
+            "models",
+            "refresh",
+            "--config",
+            write_config(tmp_path, f"http://127.0.0.1:{port}/api/v1"),
+            "--cache",
+            str(cache),
+            "--timeout",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert f"could not reach http://127.0.0.1:{port}/api/v1/models: " in err
@@ -107,7 +119,7 @@ def test_refresh_offline_says_so_and_keeps_the_snapshot(tmp_path, capsys):
 
 
 async def test_fetch_gives_up_after_the_timeout():
-    with socket.socket() as silent:        # accepts connections (kernel backlog) but never answers
+    with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/api/v1"
@@ -118,8 +130,18 @@ async def test_fetch_gives_up_after_the_timeout():
 def test_a_failed_refresh_keeps_the_previous_cache(tmp_path, capsys):
     cache = tmp_path / "models.json"
     write_cache(cache, {"fetched_at": "2026-11-21T08:00:00+00:00", "top_weekly": None, "data": []})
-    code = run_cli(["models", "refresh", "--config", write_config(tmp_path, f"http://127.0.0.1:{unused_port()}"),
-                    "--cache", str(cache), "--timeout", "2"])
+    code = run_cli(
+        [
+            "models",
+            "refresh",
+            "--config",
+            write_config(tmp_path, f"http://127.0.0.1:{unused_port()}"),
+            "--cache",
+            str(cache),
+            "--timeout",
+            "2",
+        ]
+    )
     assert code == 1
     assert f"the refreshed cache ({cache}) from 2026-11-21T08:00:00+00:00 stays in use" in capsys.readouterr().err
     assert json.loads(cache.read_text())["fetched_at"] == "2026-11-21T08:00:00+00:00"
@@ -173,8 +195,10 @@ def test_view_prices_per_million_usage_and_missing_models():
 
 
 def test_view_shows_override_prices():
-    config = config_for(extra="pricing:\n  overrides:\n    mistralai/mistral-7b-instruct: "
-                              "{prompt_usd_per_mtok: 1.5, completion_usd_per_mtok: 2}\n")
+    config = config_for(
+        extra="pricing:\n  overrides:\n    mistralai/mistral-7b-instruct: "
+        "{prompt_usd_per_mtok: 1.5, completion_usd_per_mtok: 2}\n"
+    )
     row = next(r for r in build_models_view(config, snapshot_source()).rows if r.id == "mistralai/mistral-7b-instruct")
     assert (row.prompt_usd_per_mtok, row.completion_usd_per_mtok, row.price_source) == (1.5, 2.0, "override")
 
@@ -184,8 +208,8 @@ def test_top_weekly_order_when_known_else_a_note_and_catalogue_order():
     view = build_models_view(config_for(), snapshot_source(ranked), top_weekly=True)
     assert view.order == "top-weekly"
     assert tuple(row.id for row in view.rows[:3]) == ranked
-    assert view.rows[3].id == "mistralai/mistral-7b-instruct"       # unranked: catalogue order after the ranked
-    assert view.rows[-1].id == "typo/not-a-model"                    # unlisted: last
+    assert view.rows[3].id == "mistralai/mistral-7b-instruct"  # unranked: catalogue order after the ranked
+    assert view.rows[-1].id == "typo/not-a-model"  # unlisted: last
 
     plain = build_models_view(config_for(), snapshot_source(), top_weekly=True)
     assert plain.order == "catalogue"
@@ -194,19 +218,40 @@ def test_top_weekly_order_when_known_else_a_note_and_catalogue_order():
 
 
 def test_models_command_json(tmp_path, capsys):
-    code = run_cli(["models", "--json", "--config", write_config(tmp_path, "https://openrouter.ai/api/v1"),
-                    "--cache", str(tmp_path / "absent.json")])
+    code = run_cli(
+        [
+            "models",
+            "--json",
+            "--config",
+            write_config(tmp_path, "https://openrouter.ai/api/v1"),
+            "--cache",
+            str(tmp_path / "absent.json"),
+        ]
+    )
     payload = json.loads(capsys.readouterr().out)
     assert code == 0
     assert payload["source"].startswith("the packaged snapshot") and "2026-11-20" in payload["source"]
     sonnet = next(r for r in payload["rows"] if r["id"] == "anthropic/claude-sonnet-4.5")
-    assert (sonnet["prompt_usd_per_mtok"], sonnet["completion_usd_per_mtok"], sonnet["used_by"]) == \
-        (pytest.approx(3.0), pytest.approx(15.0), ["quality[0]"])
+    assert (sonnet["prompt_usd_per_mtok"], sonnet["completion_usd_per_mtok"], sonnet["used_by"]) == (
+        pytest.approx(3.0),
+        pytest.approx(15.0),
+        ["quality[0]"],
+    )
 
 
 def test_models_command_table_is_wide_when_piped(tmp_path, capsys):
-    assert run_cli(["models", "--config", write_config(tmp_path, "https://openrouter.ai/api/v1"),
-                    "--cache", str(tmp_path / "absent.json")]) == 0
+    assert (
+        run_cli(
+            [
+                "models",
+                "--config",
+                write_config(tmp_path, "https://openrouter.ai/api/v1"),
+                "--cache",
+                str(tmp_path / "absent.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "anthropic/claude-sonnet-4.5" in out and "quality[0]" in out and "per MILLION tokens" in out
     assert "typo/not-a-model (missing from the catalogue)" in out
@@ -240,28 +285,38 @@ def refreshed_catalogue() -> Catalogue:
 def test_catalogue_warnings_name_the_chain_position():
     warnings = catalogue_warnings(parse_config(WARN_CONFIG), refreshed_catalogue())
     by_place = {w.split(":", 1)[0]: w for w in warnings}
-    assert set(by_place) == {"models.cheap.chain[2]", "models.gone.chain[0]", "models.typo.chain[0]",
-                             "models.variable.chain[0]"}
+    assert set(by_place) == {
+        "models.cheap.chain[2]",
+        "models.gone.chain[0]",
+        "models.typo.chain[0]",
+        "models.variable.chain[0]",
+    }
     # gpt-4o blended: 2.5 + 10 = 12.5 $/M; mistral: 0.028 + 0.054 = 0.082 $/M; 12.5 / 0.082 = 152.4x
-    assert "fallback 'openai/gpt-4o' costs $12.5/M tokens blended (prompt + completion per million) " \
-           "vs $0.082/M for the primary 'mistralai/mistral-7b-instruct': 152.4x, more than the 3x allowed" \
-           in by_place["models.cheap.chain[2]"]
+    assert (
+        "fallback 'openai/gpt-4o' costs $12.5/M tokens blended (prompt + completion per million) "
+        "vs $0.082/M for the primary 'mistralai/mistral-7b-instruct': 152.4x, more than the 3x allowed"
+        in by_place["models.cheap.chain[2]"]
+    )
     assert "'anthropic/claude-3.5-haiku' was delisted" in by_place["models.gone.chain[0]"]
-    assert "'openai/gpt-4o-mimi' (upstream openrouter) is not in the catalogue: check the spelling" \
+    assert (
+        "'openai/gpt-4o-mimi' (upstream openrouter) is not in the catalogue: check the spelling"
         in by_place["models.typo.chain[0]"]
+    )
     assert "no fixed price" in by_place["models.variable.chain[0]"]
 
 
-@pytest.mark.parametrize(("factor", "flagged"), [
-    # balanced: gemini-2.5-flash 0.3 + 2.5 = 2.8 $/M; claude-3-haiku 0.25 + 1.25 = 1.5; deepseek 0.67: none dearer
-    (3.0, {"models.cheap.chain[2]"}),
-    # cheap: llama-3.1-8b 0.02 + 0.03 = 0.05 $/M is cheaper than the primary's 0.082
-    (0.5, {"models.cheap.chain[2]", "models.balanced.chain[2]", "models.cheap.chain[1]"}),
-    (200.0, set()),
-])
+@pytest.mark.parametrize(
+    ("factor", "flagged"),
+    [
+        # balanced: gemini-2.5-flash 0.3 + 2.5 = 2.8 $/M; claude-3-haiku 0.25 + 1.25 = 1.5; deepseek 0.67: none dearer
+        (3.0, {"models.cheap.chain[2]"}),
+        # cheap: llama-3.1-8b 0.02 + 0.03 = 0.05 $/M is cheaper than the primary's 0.082
+        (0.5, {"models.cheap.chain[2]", "models.balanced.chain[2]", "models.cheap.chain[1]"}),
+        (200.0, set()),
+    ],
+)
 def test_dearer_factor(factor, flagged):
-    warnings = catalogue_warnings(parse_config(WARN_CONFIG), Catalogue.parse(packaged_snapshot()),
-                                  dearer_factor=factor)
+    warnings = catalogue_warnings(parse_config(WARN_CONFIG), Catalogue.parse(packaged_snapshot()), dearer_factor=factor)
     dearer = {w.split(":", 1)[0] for w in warnings if "blended" in w}
     assert dearer == flagged
 

@@ -17,17 +17,41 @@ from proxy.money.ledger import SCHEMA_VERSION, Ledger, LedgerClosed, LedgerRow, 
 
 WRITER = Path(__file__).resolve().parent.parent / "support" / "ledger_writer.py"
 DAY = 86_400.0
-T0 = 1_750_000_000.0   # a fixed "now" so periods and retention are deterministic
+T0 = 1_750_000_000.0  # a fixed "now" so periods and retention are deterministic
 
 
-def row(request_id: str, *, ts: float = T0, key: str | None = "alice", model: str | None = "openai/gpt-4o-mini",
-        virtual: str | None = "cheap", cost: float = 0.001, baseline: float = 0.004,
-        prompt: int = 100, completion: int = 50, **overrides) -> LedgerRow:
+def row(
+    request_id: str,
+    *,
+    ts: float = T0,
+    key: str | None = "alice",
+    model: str | None = "openai/gpt-4o-mini",
+    virtual: str | None = "cheap",
+    cost: float = 0.001,
+    baseline: float = 0.004,
+    prompt: int = 100,
+    completion: int = 50,
+    **overrides,
+) -> LedgerRow:
     fields = dict(
-        ts=ts, request_id=request_id, key_name=key, requested_model=virtual or model or "?",
-        virtual_model=virtual, model=model, upstream="openrouter", provider="OpenAI",
-        prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost, cost_source="upstream",
-        baseline_cost_usd=baseline, latency_s=0.5, ttft_s=0.1, status=200, attempts=1, streamed=False,
+        ts=ts,
+        request_id=request_id,
+        key_name=key,
+        requested_model=virtual or model or "?",
+        virtual_model=virtual,
+        model=model,
+        upstream="openrouter",
+        provider="OpenAI",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_usd=cost,
+        cost_source="upstream",
+        baseline_cost_usd=baseline,
+        latency_s=0.5,
+        ttft_s=0.1,
+        status=200,
+        attempts=1,
+        streamed=False,
     )
     fields.update(overrides)
     return LedgerRow(**fields)
@@ -38,10 +62,34 @@ SAMPLE = [
     row("r1", key="alice", model="m/a", virtual="cheap", cost=0.001, baseline=0.004, prompt=100, completion=10),
     row("r2", key="alice", model="m/a", virtual="cheap", cost=0.003, baseline=0.004, prompt=200, completion=20),
     row("r3", key="bob", model="m/b", virtual="smart", cost=0.010, baseline=0.008, prompt=300, completion=30),
-    row("r4", key=None, model="m/b", virtual=None, cost=0.002, baseline=0.0, prompt=400, completion=40,
-        streamed=True, cached=True, cost_source="cached", generation_id="gen-4", ttft_s=None),
-    row("r5", key="bob", model=None, virtual="smart", cost=0.0, baseline=0.0, prompt=0, completion=0,
-        status=502, attempts=3, error="upstream_unavailable"),
+    row(
+        "r4",
+        key=None,
+        model="m/b",
+        virtual=None,
+        cost=0.002,
+        baseline=0.0,
+        prompt=400,
+        completion=40,
+        streamed=True,
+        cached=True,
+        cost_source="cached",
+        generation_id="gen-4",
+        ttft_s=None,
+    ),
+    row(
+        "r5",
+        key="bob",
+        model=None,
+        virtual="smart",
+        cost=0.0,
+        baseline=0.0,
+        prompt=0,
+        completion=0,
+        status=502,
+        attempts=3,
+        error="upstream_unavailable",
+    ),
 ]
 
 
@@ -65,7 +113,7 @@ async def test_rows_and_aggregates_survive_reopen(tmp_path: Path) -> None:
 
     second = await open_at_t0(path)
     try:
-        assert await second.rows() == SAMPLE   # every field round-trips, booleans and None included
+        assert await second.rows() == SAMPLE  # every field round-trips, booleans and None included
         assert await second.spend_between(T0) == pytest.approx(0.016)
         assert await second.spend_between(T0, T0 + DAY, key_name="alice") == pytest.approx(0.004)
         assert await second.spend_by_key_between(T0) == pytest.approx({"alice": 0.004, "bob": 0.010, "": 0.002})
@@ -87,7 +135,7 @@ async def test_spend_respects_half_open_periods_and_keys(ledger: Ledger) -> None
         ledger.record(row("tomorrow", ts=T0 + DAY, cost=1.0)),
     )
     assert await ledger.spend_between(T0, T0 + DAY) == pytest.approx(0.375)
-    assert await ledger.spend_between(T0) == pytest.approx(1.375)            # open-ended
+    assert await ledger.spend_between(T0) == pytest.approx(1.375)  # open-ended
     assert await ledger.spend_between(T0, T0 + DAY, key_name="alice") == pytest.approx(0.25)
     assert await ledger.spend_between(T0, key_name="nobody") == 0.0
     assert await ledger.spend_by_key_between(T0 - DAY, T0) == pytest.approx({"alice": 0.5})
@@ -100,27 +148,39 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
     assert await ledger.spend_between(T0) == 0.001
 
 
-@pytest.mark.parametrize(("by", "expected"), [
-    ("model", [
-        # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %
-        SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0),
-        SummaryRow("m/a", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-        SummaryRow("", 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
-    ]),
-    ("virtual", [
-        SummaryRow("smart", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
-        SummaryRow("cheap", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-        SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
-    ]),
-    ("key", [
-        SummaryRow("bob", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
-        SummaryRow("alice", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-        SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
-    ]),
-])
+@pytest.mark.parametrize(
+    ("by", "expected"),
+    [
+        (
+            "model",
+            [
+                # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %
+                SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0),
+                SummaryRow("m/a", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+                SummaryRow("", 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
+            ],
+        ),
+        (
+            "virtual",
+            [
+                SummaryRow("smart", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
+                SummaryRow("cheap", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+            ],
+        ),
+        (
+            "key",
+            [
+                SummaryRow("bob", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
+                SummaryRow("alice", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+            ],
+        ),
+    ],
+)
 async def test_summary_groups(ledger: Ledger, by: str, expected: list[SummaryRow]) -> None:
     await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
-    await ledger.record(row("outside", ts=T0 + DAY, cost=9.0))   # excluded by the period
+    await ledger.record(row("outside", ts=T0 + DAY, cost=9.0))  # excluded by the period
     got = await ledger.summary(T0, T0 + DAY, by)
     assert [r.group for r in got] == [r.group for r in expected]
     for actual, wanted in zip(got, expected):
@@ -131,8 +191,7 @@ async def test_totals(ledger: Ledger) -> None:
     assert await ledger.totals(T0, T0 + DAY) == SummaryRow("total", 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
     await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
     total = await ledger.totals(T0, T0 + DAY)
-    assert dataclasses.astuple(total) == pytest.approx(
-        ("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0))
+    assert dataclasses.astuple(total) == pytest.approx(("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0))
     with pytest.raises(ValueError, match="summary by='provider'"):
         await ledger.summary(T0, T0 + DAY, "provider")  # type: ignore[arg-type]
 
@@ -143,7 +202,7 @@ async def test_prune_by_retention_with_injected_clock(tmp_path: Path) -> None:
     ledger = await Ledger.open(path, retention_days=30, clock=lambda: now[0])
     await asyncio.gather(
         ledger.record(row("old", ts=T0 - 31 * DAY)),
-        ledger.record(row("edge", ts=T0 - 30 * DAY)),      # exactly at the cutoff: kept
+        ledger.record(row("edge", ts=T0 - 30 * DAY)),  # exactly at the cutoff: kept
         ledger.record(row("new", ts=T0 - DAY)),
     )
     assert await ledger.prune() == 1
@@ -152,7 +211,7 @@ async def test_prune_by_retention_with_injected_clock(tmp_path: Path) -> None:
     assert await ledger.prune() == 0
     await ledger.close()
 
-    now[0] = T0 + 40 * DAY     # opening prunes once
+    now[0] = T0 + 40 * DAY  # opening prunes once
     reopened = await Ledger.open(path, retention_days=30, clock=lambda: now[0])
     assert await reopened.rows() == []
     await reopened.close()
@@ -165,11 +224,11 @@ def wal_commit_frames(db_path: Path) -> int:
     only on a transaction's last frame), then the two salts of the WAL generation.
     """
     data = (db_path.parent / (db_path.name + "-wal")).read_bytes()
-    page_size, = struct.unpack(">I", data[8:12])
+    (page_size,) = struct.unpack(">I", data[8:12])
     salts = data[16:24]
     commits, offset = 0, 32
     while offset + 24 + page_size <= len(data):
-        header = data[offset:offset + 24]
+        header = data[offset : offset + 24]
         if header[8:16] != salts:
             break
         commits += struct.unpack(">I", header[4:8])[0] != 0
@@ -181,7 +240,7 @@ async def test_burst_is_group_committed(ledger: Ledger) -> None:
     commits_before, frames_before = ledger.commits, wal_commit_frames(ledger.path)
     await asyncio.gather(*(ledger.record(row(f"b{i}", cost=0.001)) for i in range(500)))
     commits = ledger.commits - commits_before
-    assert wal_commit_frames(ledger.path) - frames_before == commits   # the counter tells the truth
+    assert wal_commit_frames(ledger.path) - frames_before == commits  # the counter tells the truth
     assert 1 <= commits <= 5, f"{commits} commits for 500 rows"
     assert len(await ledger.rows()) == 500
     assert await ledger.spend_between(T0) == pytest.approx(0.5)
@@ -200,7 +259,7 @@ async def test_close_flushes_pending_and_then_refuses(tmp_path: Path) -> None:
     futures = [ledger.record_nowait(row(f"p{i}")) for i in range(300)]
     await ledger.close()
     assert all(f.done() and f.exception() is None for f in futures)
-    await ledger.close()   # idempotent
+    await ledger.close()  # idempotent
     with pytest.raises(LedgerClosed, match="late"):
         await ledger.record(row("late"))
     with pytest.raises(LedgerClosed):
@@ -242,7 +301,7 @@ async def test_db_error_fails_the_batch_and_the_writer_carries_on(tmp_path: Path
     ledger = await open_at_t0(path, busy_timeout_s=0.05)
     blocker = sqlite3.connect(path, isolation_level=None)
     try:
-        blocker.execute("BEGIN IMMEDIATE")   # another process holding the write lock
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             await ledger.record(row("blocked"))
         blocker.execute("ROLLBACK")
@@ -264,7 +323,8 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(WRITER), str(path), "16", stdout=asyncio.subprocess.PIPE)
+        sys.executable, str(WRITER), str(path), "16", stdout=asyncio.subprocess.PIPE
+    )
     acknowledged: list[str] = []
     try:
         async with asyncio.timeout(8):
@@ -292,10 +352,13 @@ async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> N
 
 async def test_a_ledger_never_closed_does_not_hang_the_process(tmp_path: Path) -> None:
     # aiosqlite's worker thread is not a daemon; the writer must stop it when the loop tears down.
-    script = ("import asyncio, sys\nfrom proxy.money.ledger import Ledger\n"
-              "async def main():\n    await Ledger.open(sys.argv[1])\nasyncio.run(main())\n")
+    script = (
+        "import asyncio, sys\nfrom proxy.money.ledger import Ledger\n"
+        "async def main():\n    await Ledger.open(sys.argv[1])\nasyncio.run(main())\n"
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, str(tmp_path / "ledger.db"), stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-c", script, str(tmp_path / "ledger.db"), stderr=asyncio.subprocess.PIPE
+    )
     try:
         async with asyncio.timeout(5):
             _, stderr = await proc.communicate()

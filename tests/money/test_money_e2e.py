@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import openai
@@ -41,7 +41,7 @@ async def ask(client: openai.AsyncOpenAI, model: str, messages=HELLO, **kwargs):
 
 
 def seconds_to_utc_midnight() -> float:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() + 86_400
     return midnight - now.timestamp()
 
@@ -77,7 +77,7 @@ class Spend:
         for _ in range(40):
             if self.fraction >= target:
                 return
-            headers, completion = await ask(client, "anthropic/claude-sonnet-4.5", FILLER, max_tokens=1)
+            _headers, completion = await ask(client, "anthropic/claude-sonnet-4.5", FILLER, max_tokens=1)
             assert completion.model == "anthropic/claude-sonnet-4.5"
             self.add(completion)
         raise AssertionError(f"spend did not reach {target:.0%}")
@@ -115,8 +115,9 @@ async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_prox
     spend.add(completion)
     assert completion.model == CHAIN_MODEL["cheap"]
     assert headers["x-proxy-downgrade"] == "quality->cheap (step 1 at 60%)"
-    raw = await client.chat.completions.with_raw_response.create(model="balanced", messages=HELLO, max_tokens=5,
-                                                                 stream=True)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="balanced", messages=HELLO, max_tokens=5, stream=True
+    )
     assert raw.headers["x-proxy-downgrade"] == "balanced->cheap (step 1 at 60%)"
     chunks = [chunk async for chunk in raw.parse()]
     assert {c.model for c in chunks} == {CHAIN_MODEL["cheap"]}
@@ -136,7 +137,7 @@ async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_prox
 
     # Exhausted for this request: its worst case on cheap (2000 tokens of gpt-4o-mini) no longer fits.
     remaining = DAILY - spend.total
-    assert 2000 * 6e-7 > remaining
+    assert remaining < 2000 * 6e-7
     if on_exhausted == "cheapest":
         # ...but it does on the cheapest chain.
         headers, completion = await ask(client, "quality", max_tokens=2000)
@@ -177,8 +178,9 @@ SEEDED = [
 
 
 @pytest.mark.parametrize("on_exhausted, fraction, requested, max_tokens, answered_by, downgrade", SEEDED)
-async def test_spend_already_in_the_ledger_decides_the_step(make_proxy, tmp_path, on_exhausted, fraction,
-                                                            requested, max_tokens, answered_by, downgrade):
+async def test_spend_already_in_the_ledger_decides_the_step(
+    make_proxy, tmp_path, on_exhausted, fraction, requested, max_tokens, answered_by, downgrade
+):
     path = tmp_path / "seeded.sqlite3"
     await seed_ledger(path, *([seed_row("earlier", DAILY * fraction)] if fraction else []))
     proxy = await make_proxy(MODELS, extra=budget_block(DAILY, on_exhausted), ledger_path=path)
@@ -195,13 +197,13 @@ async def test_spend_already_in_the_ledger_decides_the_step(make_proxy, tmp_path
 
 async def test_monthly_budget_is_enforced_too(make_proxy, tmp_path):
     path = tmp_path / "seeded.sqlite3"
-    month_start = datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    month_start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
     await seed_ledger(path, seed_row("earlier-this-month", 0.0099, ts=month_start + 1))
     proxy = await make_proxy(MODELS, extra=budget_block(1.0, monthly=0.01), ledger_path=path)
     if time.time() - month_start < 86_400:
         pytest.skip("on the 1st of the month the seeded row is also today's")
     with pytest.raises(openai.RateLimitError) as refused:
-        await ask(proxy.client(), "quality", max_tokens=2000)   # 99% spent: on cheap, up to $0.0012
+        await ask(proxy.client(), "quality", max_tokens=2000)  # 99% spent: on cheap, up to $0.0012
     assert "the monthly budget" in refused.value.message
     assert "of $0.01" in refused.value.message
 
@@ -217,10 +219,10 @@ async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, em
     features = extract_features({"model": "quality", "messages": messages, "max_tokens": max_tokens}, {})
     plan = Router(probe.config).plan("quality", features)
     worst = probe.app[ACCOUNTANT].worst_case(plan, features.prompt_tokens, features.max_tokens)
-    limit = round(worst * 10.5, 9)   # room for 10 reservations at a time, not 11
+    limit = round(worst * 10.5, 9)  # room for 10 reservations at a time, not 11
 
     proxy = await make_proxy(MODELS, extra=f"budget: {{daily_usd: {limit}, on_exhausted: reject}}\n")
-    emulator.state.faults.set("*", Fault(latency_s=0.3))   # everyone in flight together
+    emulator.state.faults.set("*", Fault(latency_s=0.3))  # everyone in flight together
     book = proxy.app[ACCOUNTANT].book
     client = proxy.client(timeout=10)
     violations: list[str] = []
@@ -267,8 +269,12 @@ async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, em
 async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
     path = tmp_path / "restart.sqlite3"
     keys = "keys:\n  - {name: bot, key_env: BOT_KEY, daily_usd: 0.001}\n  - {name: ops, key_env: OPS_KEY}\n"
-    env = {"TEST_OPENROUTER_KEY": "sk-or-test-upstream-secret-0123456789",
-           "TEST_OPENAI_KEY": "sk-or-test-upstream-secret-0123456789", "BOT_KEY": "bot-secret", "OPS_KEY": "ops-secret"}
+    env = {
+        "TEST_OPENROUTER_KEY": "sk-or-test-upstream-secret-0123456789",
+        "TEST_OPENAI_KEY": "sk-or-test-upstream-secret-0123456789",
+        "BOT_KEY": "bot-secret",
+        "OPS_KEY": "ops-secret",
+    }
     extra = budget_block(DAILY) + keys
     first = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env)
     bot, ops = first.client(api_key="bot-secret"), first.client(api_key="ops-secret")
@@ -284,7 +290,7 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
     before = {(scope, window): spent for scope, window, spent, _ in book.snapshot()}
     fractions = {key: book.fraction(key, time.time()) for key in (None, "bot", "ops")}
     assert fractions["bot"] >= 0.8 > fractions[None] >= 0.4
-    await first.server.close()   # runs the app's cleanup: the ledger is closed
+    await first.server.close()  # runs the app's cleanup: the ledger is closed
 
     second = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env)
     book = second.app[ACCOUNTANT].book
@@ -312,14 +318,16 @@ async def test_a_stream_cut_midway_is_still_billed(make_proxy, emulator):
     proxy = await make_proxy(MODELS)
     emulator.state.faults.set(CHAIN_MODEL["balanced"], Fault(drop_midstream=True, after_chunks=3))
     stream = await proxy.client().chat.completions.create(
-        model="balanced", stream=True,
-        messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}])
+        model="balanced",
+        stream=True,
+        messages=[{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}],
+    )
     received = []
     with pytest.raises(openai.APIError):
         async for chunk in stream:
             received.append(chunk)
     assert len(received) >= 3 and all(c.usage is None for c in received)
-    rows = await proxy.app[ACCOUNTANT].ledger.rows()   # committed before the stream's end was sent
+    rows = await proxy.app[ACCOUNTANT].ledger.rows()  # committed before the stream's end was sent
     assert len(rows) == 1
     row = rows[0]
     assert row.cost_usd > 0 and row.cost_source == "estimate"
@@ -331,10 +339,17 @@ async def test_a_stream_cut_midway_is_still_billed(make_proxy, emulator):
 async def _disconnect_midstream(proxy, emulator) -> None:
     emulator.state.faults.set(CHAIN_MODEL["balanced"], Fault(chunk_delay_s=0.2))
     async with aiohttp.ClientSession() as session:
-        response = await session.post(f"{proxy.url}/v1/chat/completions", json={
-            "model": "balanced", "stream": True,
-            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}]})
-        for _ in range(3):   # the role chunk and two content chunks
+        response = await session.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={
+                "model": "balanced",
+                "stream": True,
+                "messages": [
+                    {"role": "user", "content": "Tell me a long story about a lighthouse keeper and a storm."}
+                ],
+            },
+        )
+        for _ in range(3):  # the role chunk and two content chunks
             await response.content.readuntil(b"\n\n")
         response.close()
     ledger = proxy.app[ACCOUNTANT].ledger
@@ -369,7 +384,7 @@ async def test_a_client_that_hangs_up_midstream_pays_for_the_text_it_was_sent(ma
 
 async def test_a_restart_keeps_the_spend_under_an_injected_clock(make_proxy, tmp_path):
     path = tmp_path / "clock.sqlite3"
-    later = time.time() + 2 * 86_400   # e.g. a test pinning "the day after tomorrow"
+    later = time.time() + 2 * 86_400  # e.g. a test pinning "the day after tomorrow"
     first = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
     _, completion = await ask(first.client(), "quality", max_tokens=5)
     spent = usage_cost(completion.usage)

@@ -31,8 +31,11 @@ async def client(url: str, worker: int, completed: list[str], stop: asyncio.Even
         while not stop.is_set():
             n += 1
             streamed = (worker + n) % 2 == 0
-            body = {"model": ("cheap", "balanced", "quality")[n % 3], "stream": streamed,
-                    "messages": [{"role": "user", "content": f"worker {worker} request {n}: say something"}]}
+            body = {
+                "model": ("cheap", "balanced", "quality")[n % 3],
+                "stream": streamed,
+                "messages": [{"role": "user", "content": f"worker {worker} request {n}: say something"}],
+            }
             in_flight.count += 1
             try:
                 async with session.post(f"{url}/v1/chat/completions", json=body) as response:
@@ -47,7 +50,7 @@ async def client(url: str, worker: int, completed: list[str], stop: asyncio.Even
                         payload = await response.json()
                         assert payload["choices"]
                     completed.append(request_id)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 if stop.is_set():
                     return
                 await asyncio.sleep(0.01)
@@ -61,8 +64,10 @@ async def test_sigkill_under_load_loses_no_completed_row(emulator, tmp_path):
     url = f"http://127.0.0.1:{port}"
     ledger_path = tmp_path / "ledger.sqlite3"
     config = tmp_path / "config.yaml"
-    config.write_text(proxy_config_text(emulator.url).replace("access_log: true", "access_log: false")
-                      + f"ledger: {{path: '{ledger_path}'}}\n")
+    config.write_text(
+        proxy_config_text(emulator.url).replace("access_log: true", "access_log: false")
+        + f"ledger: {{path: '{ledger_path}'}}\n"
+    )
     log = tmp_path / "proxy.log"
     proc = await start_proxy(config, log, port)
     completed: list[str] = []
@@ -79,7 +84,7 @@ async def test_sigkill_under_load_loses_no_completed_row(emulator, tmp_path):
                 await asyncio.sleep(0.02)
             assert completed, f"no request completed:\n{log.read_text()[-2000:]}"
             in_flight_at_kill = in_flight.count
-            os.kill(proc.pid, signal.SIGKILL)   # mid-load: requests are in flight right now
+            os.kill(proc.pid, signal.SIGKILL)  # mid-load: requests are in flight right now
             await proc.wait()
             stop.set()
             await asyncio.gather(*workers)

@@ -19,13 +19,24 @@ ADMIN_KEY = "admin-secret-890"
 ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "TEST_ADMIN_KEY": ADMIN_KEY}
 EXTRA = "admin: {key_env: TEST_ADMIN_KEY}\npricing: {savings_baseline: openai/gpt-4o-mini}\n"
 NANO = 1e-9
-BASELINE_PRICES = (0.00000015, 0.0000006)   # openai/gpt-4o-mini, per token
+BASELINE_PRICES = (0.00000015, 0.0000006)  # openai/gpt-4o-mini, per token
 
 
 async def run_report(config: Path, ledger: Path, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "report", "--config", str(config), "--ledger", str(ledger), *args,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "proxy",
+        "report",
+        "--config",
+        str(config),
+        "--ledger",
+        str(ledger),
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         async with asyncio.timeout(15):
             out, err = await proc.communicate()
@@ -63,9 +74,12 @@ class Billed:
 async def send_mix(client) -> Billed:
     billed = Billed()
     cases = [  # (model, streamed, extra headers, the virtual model the ledger should name)
-        ("cheap", False, None, "cheap"), ("cheap", True, None, "cheap"),
-        ("balanced", True, None, "balanced"), ("balanced", False, None, "balanced"),
-        ("quality", False, None, "quality"), ("quality", True, None, "quality"),
+        ("cheap", False, None, "cheap"),
+        ("cheap", True, None, "cheap"),
+        ("balanced", True, None, "balanced"),
+        ("balanced", False, None, "balanced"),
+        ("quality", False, None, "quality"),
+        ("quality", True, None, "quality"),
         ("auto", True, {"X-Task-Type": "code_generation"}, "code"),
         ("auto", False, None, "cheap"),
         ("anthropic/claude-3-haiku", False, None, "(none)"),
@@ -73,8 +87,9 @@ async def send_mix(client) -> Billed:
     for i, (model, streamed, headers, virtual) in enumerate(cases):
         messages = [{"role": "user", "content": f"Request {i}: explain item {i} of the list in a sentence or two."}]
         if streamed:
-            stream = await client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                          extra_headers=headers)
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, stream=True, extra_headers=headers
+            )
             chunks = [chunk async for chunk in stream]
             final = [c for c in chunks if c.usage is not None]
             assert len(final) == 1
@@ -87,7 +102,7 @@ async def send_mix(client) -> Billed:
 
 def assert_report_matches(report: dict, billed: Billed, by: str) -> None:
     total = report["total"]
-    tolerance = billed.requests * NANO / 2 + 1e-15   # each row is rounded to whole nano-dollars
+    tolerance = billed.requests * NANO / 2 + 1e-15  # each row is rounded to whole nano-dollars
     assert total["requests"] == billed.requests
     assert total["cost_usd"] == pytest.approx(billed.total, abs=tolerance)
     assert total["prompt_tokens"] == billed.prompt and total["completion_tokens"] == billed.completion
@@ -156,12 +171,15 @@ async def test_admin_spend_equals_what_the_upstream_billed(served, aiohttp_clien
     assert report["total"]["cost_usd"] == pytest.approx(billed.total, abs=billed.requests * NANO)
 
 
-@pytest.mark.parametrize("headers, query, status", [
-    ({}, "period=day", 401),
-    ({"Authorization": "Bearer wrong"}, "period=day", 401),
-    ({"Authorization": f"Bearer {ADMIN_KEY}"}, "period=year", 400),
-    ({"Authorization": f"Bearer {ADMIN_KEY}"}, "by=colour", 400),
-])
+@pytest.mark.parametrize(
+    "headers, query, status",
+    [
+        ({}, "period=day", 401),
+        ({"Authorization": "Bearer wrong"}, "period=day", 401),
+        ({"Authorization": f"Bearer {ADMIN_KEY}"}, "period=year", 400),
+        ({"Authorization": f"Bearer {ADMIN_KEY}"}, "by=colour", 400),
+    ],
+)
 async def test_admin_refuses_bad_keys_and_parameters(make_proxy, aiohttp_client, headers, query, status):
     proxy = await make_proxy(extra=EXTRA, env=ENV)
     http = await aiohttp_client(proxy.server)
@@ -190,5 +208,5 @@ async def test_admin_budget_figures_roll_over_at_midnight_without_traffic(make_p
         return next(b["spent_usd"] for b in report["budget"] if (b["scope"], b["window"]) == ("global", "daily"))
 
     assert await daily_spent() > 0
-    now[0] = proxy.app[ACCOUNTANT].book.calendar.day_end + 1   # the next day, no request since
+    now[0] = proxy.app[ACCOUNTANT].book.calendar.day_end + 1  # the next day, no request since
     assert await daily_spent() == 0.0

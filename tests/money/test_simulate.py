@@ -74,8 +74,14 @@ def run_cli(argv: list[str]) -> int:
 
 def test_mix_figures_by_hand():
     router, book = setup(CURRENT)
-    result = simulate_mix(router, book, requests_per_day=1000, tokens_per_request=1000, prompt_share=0.5,
-                          mix={"cheap": 0.6, "balanced": 0.3, "quality": 0.1})
+    result = simulate_mix(
+        router,
+        book,
+        requests_per_day=1000,
+        tokens_per_request=1000,
+        prompt_share=0.5,
+        mix={"cheap": 0.6, "balanced": 0.3, "quality": 0.1},
+    )
     # Each request: 1000 tokens x 0.5 prompt share = 500 prompt + 500 completion tokens.
     assert (result.prompt_tokens_per_request, result.completion_tokens_per_request) == (500, 500)
     cheap, balanced, quality = result.lines
@@ -105,11 +111,20 @@ def test_mix_figures_by_hand():
 
 
 def test_mix_with_override_prices_per_million_and_a_prompt_share():
-    text = CURRENT + "pricing:\n  overrides:\n    mistralai/mistral-7b-instruct: " \
-                     "{prompt_usd_per_mtok: 2.0, completion_usd_per_mtok: 8.0}\n"
+    text = (
+        CURRENT + "pricing:\n  overrides:\n    mistralai/mistral-7b-instruct: "
+        "{prompt_usd_per_mtok: 2.0, completion_usd_per_mtok: 8.0}\n"
+    )
     router, book = setup(text)
-    result = simulate_mix(router, book, requests_per_day=2000, tokens_per_request=4000, prompt_share=0.75,
-                          mix={"cheap": 1.0}, baseline="openai/gpt-4o")
+    result = simulate_mix(
+        router,
+        book,
+        requests_per_day=2000,
+        tokens_per_request=4000,
+        prompt_share=0.75,
+        mix={"cheap": 1.0},
+        baseline="openai/gpt-4o",
+    )
     # 4000 tokens x 0.75 = 3000 prompt + 1000 completion.
     # cheap (override): 3000 x $2/M + 1000 x $8/M = $0.006 + $0.008 = $0.014 a request; x 2000 = $28 a day.
     assert result.lines[0].price_source == "override"
@@ -124,20 +139,23 @@ def test_mix_with_override_prices_per_million_and_a_prompt_share():
 
 def test_auto_is_priced_at_the_catch_all_for_a_request_without_features():
     router, book = setup(CURRENT)
-    line, = simulate_mix(router, book, requests_per_day=10, tokens_per_request=100, mix={"auto": 1.0}).lines
+    (line,) = simulate_mix(router, book, requests_per_day=10, tokens_per_request=100, mix={"auto": 1.0}).lines
     assert (line.virtual_model, line.chain_owner, line.model) == ("auto", "cheap", "mistralai/mistral-7b-instruct")
 
 
-@pytest.mark.parametrize(("mix", "message"), [
-    ("cheap=0.6,balanced=0.3", "add up to 0.9, not 1"),
-    ("cheap=0.6,balanced=0.3,quality=0.2", "add up to 1.1, not 1"),
-    ("cheap=0.6,premium=0.4", "'premium', not virtual model(s) of the config (known: cheap, balanced"),
-    ("cheap=0.6,balanced", "'balanced' is not NAME=SHARE"),
-    ("cheap=lots", "the share of 'cheap' is 'lots', not a number"),
-    ("cheap=1.5,balanced=-0.5", "must be a number >= 0"),
-    ("cheap=0.5,cheap=0.5", "listed twice"),
-    ("", "--mix is empty"),
-])
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ("cheap=0.6,balanced=0.3", "add up to 0.9, not 1"),
+        ("cheap=0.6,balanced=0.3,quality=0.2", "add up to 1.1, not 1"),
+        ("cheap=0.6,premium=0.4", "'premium', not virtual model(s) of the config (known: cheap, balanced"),
+        ("cheap=0.6,balanced", "'balanced' is not NAME=SHARE"),
+        ("cheap=lots", "the share of 'cheap' is 'lots', not a number"),
+        ("cheap=1.5,balanced=-0.5", "must be a number >= 0"),
+        ("cheap=0.5,cheap=0.5", "listed twice"),
+        ("", "--mix is empty"),
+    ],
+)
 def test_bad_mixes_are_refused(mix, message):
     router, book = setup(CURRENT)
     with pytest.raises(SimulationError) as caught:
@@ -147,8 +165,13 @@ def test_bad_mixes_are_refused(mix, message):
 
 def test_shares_within_a_millionth_of_one_are_accepted():
     router, book = setup(CURRENT)
-    simulate_mix(router, book, requests_per_day=1, tokens_per_request=1,
-                 mix=parse_mix("cheap=0.3333333,balanced=0.3333333,quality=0.3333333"))
+    simulate_mix(
+        router,
+        book,
+        requests_per_day=1,
+        tokens_per_request=1,
+        mix=parse_mix("cheap=0.3333333,balanced=0.3333333,quality=0.3333333"),
+    )
 
 
 def test_unknown_baseline_is_refused():
@@ -160,16 +183,25 @@ def test_unknown_baseline_is_refused():
 def test_cli_mix_json_and_exit_2_on_a_bad_mix(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(CURRENT % {"ledger": tmp_path / "ledger.sqlite3"})
-    base = ["simulate", "--config", str(config), "--cache", str(tmp_path / "absent.json"),
-            "--requests-per-day", "1000", "--tokens-per-request", "1000"]
-    assert run_cli(base + ["--mix", "cheap=0.6,balanced=0.3,quality=0.1", "--json"]) == 0
+    base = [
+        "simulate",
+        "--config",
+        str(config),
+        "--cache",
+        str(tmp_path / "absent.json"),
+        "--requests-per-day",
+        "1000",
+        "--tokens-per-request",
+        "1000",
+    ]
+    assert run_cli([*base, "--mix", "cheap=0.6,balanced=0.3,quality=0.1", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["daily_usd"] == pytest.approx(1.3446) and payload["monthly_usd"] == pytest.approx(40.338)
 
-    assert run_cli(base + ["--mix", "cheap=0.6,balanced=0.3"]) == 2
+    assert run_cli([*base, "--mix", "cheap=0.6,balanced=0.3"]) == 2
     assert "--mix shares add up to 0.9, not 1" in capsys.readouterr().err
 
-    assert run_cli(base + ["--mix", "cheap=1"]) == 0
+    assert run_cli([*base, "--mix", "cheap=1"]) == 0
     out = capsys.readouterr().out
     # cheap alone: 1000 x $0.000041 = $0.041 a day vs $0.375: saves $0.334 a day, 89.1 %.
     assert "saves $0.3340/day, $10.02/month (89.1% of the baseline) against openai/gpt-4o-mini alone" in out
@@ -182,22 +214,46 @@ NOW = time.time()
 DAY = 86_400.0
 
 
-def row(request_id: str, requested: str, prompt: int, completion: int, cost: float, *,
-        age_days: float = 1.0, cached: bool = False) -> LedgerRow:
-    return LedgerRow(ts=NOW - age_days * DAY, request_id=request_id, key_name=None, requested_model=requested,
-                     virtual_model=requested, model="x/y", upstream="openrouter", provider=None,
-                     prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
-                     cost_source="cached" if cached else "upstream", baseline_cost_usd=0.0, latency_s=0.1,
-                     ttft_s=None, status=200, attempts=1, streamed=False, cached=cached)
+def row(
+    request_id: str,
+    requested: str,
+    prompt: int,
+    completion: int,
+    cost: float,
+    *,
+    age_days: float = 1.0,
+    cached: bool = False,
+) -> LedgerRow:
+    return LedgerRow(
+        ts=NOW - age_days * DAY,
+        request_id=request_id,
+        key_name=None,
+        requested_model=requested,
+        virtual_model=requested,
+        model="x/y",
+        upstream="openrouter",
+        provider=None,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_usd=cost,
+        cost_source="cached" if cached else "upstream",
+        baseline_cost_usd=0.0,
+        latency_s=0.1,
+        ttft_s=None,
+        status=200,
+        attempts=1,
+        streamed=False,
+        cached=cached,
+    )
 
 
 ROWS = [
     row("r1", "cheap", 1000, 500, 0.0001),
-    row("r2", "auto", 5000, 1000, 0.002),       # over 4000 prompt tokens: the other config sends it to balanced
+    row("r2", "auto", 5000, 1000, 0.002),  # over 4000 prompt tokens: the other config sends it to balanced
     row("r3", "auto", 100, 100, 0.00001),
     row("r4", "quality", 2000, 1000, 0.021),
-    row("r5", "legacy", 10, 10, 0.5),            # no such virtual model in the other config
-    row("r6", "cheap", 1000, 1000, 0.0002, cached=False, age_days=40),   # outside a 30-day window
+    row("r5", "legacy", 10, 10, 0.5),  # no such virtual model in the other config
+    row("r6", "cheap", 1000, 1000, 0.0002, cached=False, age_days=40),  # outside a 30-day window
     row("r7", "cheap", 1000, 500, 0.0, cached=True),
 ]
 
@@ -212,8 +268,10 @@ def check_replay_figures(groups: dict, totals: dict) -> None:
     #       r3 -> cheap (llama): 100 x $0.02/M + 100 x $0.03/M = $0.000002 + $0.000003 = $0.000005.
     assert groups["auto"]["actual_usd"] == pytest.approx(0.00201, abs=1e-12)
     assert groups["auto"]["what_if_usd"] == pytest.approx(0.001755, abs=1e-12)
-    assert set(groups["auto"]["routed_to"]) == {"balanced: deepseek/deepseek-v3.2",
-                                                "cheap: meta-llama/llama-3.1-8b-instruct"}
+    assert set(groups["auto"]["routed_to"]) == {
+        "balanced: deepseek/deepseek-v3.2",
+        "cheap: meta-llama/llama-3.1-8b-instruct",
+    }
     # quality, r4 -> gpt-4o-mini at the override: 2000 x $1/M + 1000 x $2/M = $0.002 + $0.002 = $0.004.
     assert groups["quality"]["what_if_usd"] == pytest.approx(0.004, abs=1e-12)
     assert groups["legacy"]["what_if_usd"] is None
@@ -228,11 +286,24 @@ def test_replay_rows_by_hand():
     router, book = setup(OTHER)
     rows = [r for r in ROWS if r.request_id != "r6"]
     replay = replay_rows(rows, router, book, start=NOW - 30 * DAY, end=NOW)
-    groups = {g.requested_model: {"requests": g.requests, "actual_usd": g.actual_usd, "what_if_usd": g.what_if_usd,
-                                  "routed_to": g.routed_to} for g in replay.groups}
-    check_replay_figures(groups, {"actual_usd": replay.actual_usd, "what_if_usd": replay.what_if_usd,
-                                  "unroutable_requests": replay.unroutable_requests,
-                                  "unroutable_actual_usd": replay.unroutable_actual_usd})
+    groups = {
+        g.requested_model: {
+            "requests": g.requests,
+            "actual_usd": g.actual_usd,
+            "what_if_usd": g.what_if_usd,
+            "routed_to": g.routed_to,
+        }
+        for g in replay.groups
+    }
+    check_replay_figures(
+        groups,
+        {
+            "actual_usd": replay.actual_usd,
+            "what_if_usd": replay.what_if_usd,
+            "unroutable_requests": replay.unroutable_requests,
+            "unroutable_actual_usd": replay.unroutable_actual_usd,
+        },
+    )
     assert replay.difference_usd == pytest.approx(0.00579 - 0.02311)
     assert any("only what the ledger records" in note for note in replay.notes)
 
@@ -246,15 +317,38 @@ async def test_cli_replays_a_real_ledger_through_another_config(tmp_path, capsys
     other = tmp_path / "other.yaml"
     other.write_text(OTHER % {"ledger": ledger_path})
 
-    code = await asyncio.to_thread(run_cli, ["simulate", "--from-ledger", "--days", "30", "--config", str(other),
-                                             "--cache", str(tmp_path / "absent.json"), "--json"])
+    code = await asyncio.to_thread(
+        run_cli,
+        [
+            "simulate",
+            "--from-ledger",
+            "--days",
+            "30",
+            "--config",
+            str(other),
+            "--cache",
+            str(tmp_path / "absent.json"),
+            "--json",
+        ],
+    )
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["requests"] == 6                          # r6 is 40 days old
+    assert payload["requests"] == 6  # r6 is 40 days old
     check_replay_figures({g["requested_model"]: g for g in payload["groups"]}, payload)
 
-    code = await asyncio.to_thread(run_cli, ["simulate", "--from-ledger", "--config", str(other),
-                                             "--ledger", str(ledger_path), "--cache", str(tmp_path / "absent.json")])
+    code = await asyncio.to_thread(
+        run_cli,
+        [
+            "simulate",
+            "--from-ledger",
+            "--config",
+            str(other),
+            "--ledger",
+            str(ledger_path),
+            "--cache",
+            str(tmp_path / "absent.json"),
+        ],
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "actual vs what-if" in out and "balanced: deepseek/deepseek-v3.2" in out and "unroutable" in out

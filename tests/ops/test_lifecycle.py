@@ -21,8 +21,11 @@ HELLO = [{"role": "user", "content": "hi"}]
 
 def config_text(emulator_url: str, primary: str, ledger_path) -> str:
     models = f"models:\n  cheap: {{chain: [{primary}]}}\n"
-    return (proxy_config_text(emulator_url, models) + f"ledger: {{path: '{ledger_path}'}}\n"
-            + "watch_config: false\nshutdown_timeout_s: 10\n")
+    return (
+        proxy_config_text(emulator_url, models)
+        + f"ledger: {{path: '{ledger_path}'}}\n"
+        + "watch_config: false\nshutdown_timeout_s: 10\n"
+    )
 
 
 async def ask(session: aiohttp.ClientSession, url: str) -> tuple[int, dict, str]:
@@ -89,8 +92,10 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
 async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, tmp_path):
     port = free_port()
     config = tmp_path / "open.yaml"
-    config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", tmp_path / "l.sqlite3")
-                      + f"listen: {{host: 0.0.0.0, port: {port}}}\n")
+    config.write_text(
+        config_text(emulator.url, "mistralai/mistral-7b-instruct", tmp_path / "l.sqlite3")
+        + f"listen: {{host: 0.0.0.0, port: {port}}}\n"
+    )
     log = tmp_path / "proxy.log"
     proc = await start_proxy(config, log)
     try:
@@ -99,14 +104,17 @@ async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, 
     finally:
         proc.terminate()
         await proc.wait()
-    assert "no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of 0.0.0.0" \
+    assert (
+        "no client keys are configured, so the proxy is open: binding to 127.0.0.1 instead of 0.0.0.0"
         in log.read_text()
+    )
 
 
 @pytest.mark.parametrize("problem", ["port_taken", "ledger_unwritable"])
 def test_start_up_failures_are_one_clear_line(tmp_path, problem):
     import socket
     import subprocess
+
     config = tmp_path / "config.yaml"
     ledger = "/proc/no-such-dir/ledger.sqlite3" if problem == "ledger_unwritable" else str(tmp_path / "l.sqlite3")
     config.write_text(config_text("http://127.0.0.1:9", "mistralai/mistral-7b-instruct", ledger))
@@ -114,11 +122,19 @@ def test_start_up_failures_are_one_clear_line(tmp_path, problem):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1] if problem == "port_taken" else free_port()
-        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
-                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    expected = (f"orproxy: cannot listen on 127.0.0.1:{port}" if problem == "port_taken"
-                else "orproxy: cannot open the ledger at /proc/no-such-dir/ledger.sqlite3 (ledger.path)")
+    expected = (
+        f"orproxy: cannot listen on 127.0.0.1:{port}"
+        if problem == "port_taken"
+        else "orproxy: cannot open the ledger at /proc/no-such-dir/ledger.sqlite3 (ledger.path)"
+    )
     assert last.startswith(expected), result.stderr
     assert "Traceback" not in result.stderr

@@ -29,8 +29,10 @@ def promtool() -> str:
     if path:
         return path
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail("promtool is not installed, and CI must run this test: .ci/run installs Debian's "
-                    "`prometheus` package when it is missing; check that step")
+        pytest.fail(
+            "promtool is not installed, and CI must run this test: .ci/run installs Debian's "
+            "`prometheus` package when it is missing; check that step"
+        )
     pytest.skip("promtool is not installed (apt-get install prometheus); CI runs this test")
 
 
@@ -59,14 +61,20 @@ def series_count(text: str) -> int:
 
 def duplicates(text: str) -> list[str]:
     """Samples sharing a name and label set: Prometheus would drop all but one."""
-    seen = Counter((s.name, tuple(sorted(s.labels.items())))
-                   for family in text_string_to_metric_families(text) for s in family.samples)
+    seen = Counter(
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    )
     return [f"{name}{dict(labels)}" for (name, labels), count in seen.items() if count > 1]
 
 
 def total(found: Samples, name: str, **where: str) -> float:
-    return sum(value for (sample, labels), value in found.items()
-               if sample == name and all(dict(labels).get(k) == v for k, v in where.items()))
+    return sum(
+        value
+        for (sample, labels), value in found.items()
+        if sample == name and all(dict(labels).get(k) == v for k, v in where.items())
+    )
 
 
 def with_credit_polling(emulator_url: str, seconds: float, extra: str = "") -> str:
@@ -77,6 +85,7 @@ def with_credit_polling(emulator_url: str, seconds: float, extra: str = "") -> s
 
 
 # ------------------------------------------------------------------ the exposition
+
 
 async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulator):
     tool = promtool()
@@ -93,14 +102,24 @@ async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulat
 
     families = {family.name: family.type for family in text_string_to_metric_families(text)}
     for name, kind in {
-        "orproxy_requests": "counter", "orproxy_cost_usd": "counter", "orproxy_baseline_cost_usd": "counter",
-        "orproxy_tokens": "counter", "orproxy_attempts": "counter", "orproxy_fallbacks": "counter",
-        "orproxy_request_duration_seconds": "histogram", "orproxy_upstream_duration_seconds": "histogram",
-        "orproxy_time_to_first_token_seconds": "histogram", "orproxy_in_flight_requests": "gauge",
-        "orproxy_budget_spent_usd": "gauge", "orproxy_budget_limit_usd": "gauge",
-        "orproxy_budget_downgrade_step": "gauge", "orproxy_model_cooldown": "gauge",
-        "orproxy_ratelimit_remaining": "gauge", "orproxy_ratelimit_limit": "gauge",
-        "orproxy_ratelimit_reset_timestamp_seconds": "gauge", "orproxy_upstream_credits_remaining_usd": "gauge",
+        "orproxy_requests": "counter",
+        "orproxy_cost_usd": "counter",
+        "orproxy_baseline_cost_usd": "counter",
+        "orproxy_tokens": "counter",
+        "orproxy_attempts": "counter",
+        "orproxy_fallbacks": "counter",
+        "orproxy_request_duration_seconds": "histogram",
+        "orproxy_upstream_duration_seconds": "histogram",
+        "orproxy_time_to_first_token_seconds": "histogram",
+        "orproxy_in_flight_requests": "gauge",
+        "orproxy_budget_spent_usd": "gauge",
+        "orproxy_budget_limit_usd": "gauge",
+        "orproxy_budget_downgrade_step": "gauge",
+        "orproxy_model_cooldown": "gauge",
+        "orproxy_ratelimit_remaining": "gauge",
+        "orproxy_ratelimit_limit": "gauge",
+        "orproxy_ratelimit_reset_timestamp_seconds": "gauge",
+        "orproxy_upstream_credits_remaining_usd": "gauge",
     }.items():
         assert families.get(name) == kind, f"{name} should be a {kind}, the exposition has {families.get(name)}"
     for counter in ("orproxy_requests_total", "orproxy_cost_usd_total", "orproxy_tokens_total"):
@@ -108,11 +127,13 @@ async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulat
     assert duplicates(text) == []
 
     checked = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
-    assert (checked.returncode, checked.stdout + checked.stderr) == (0, ""), \
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, ""), (
         f"promtool check metrics complained:\n{checked.stdout}{checked.stderr}"
+    )
 
 
 # ------------------------------------------------------------------ values after known traffic
+
 
 async def test_values_match_the_traffic(make_proxy, emulator):
     proxy = await make_proxy(config_text=with_credit_polling(emulator.url, 0.05, "budget: {daily_usd: 5}\n"))
@@ -173,10 +194,12 @@ async def test_values_match_the_traffic(make_proxy, emulator):
     day_end = found[key("orproxy_budget_window_end_timestamp_seconds", window="daily")]
     assert 0 < day_end - time.time() <= 25 * 3600  # the budget's midnight (a DST day has 25 hours)
     assert found[key("orproxy_budget_window_end_timestamp_seconds", window="monthly")] >= day_end
-    assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == \
-        pytest.approx(100.0 - emulator.state.key_usage, rel=1e-9)
-    assert found[key("orproxy_upstream_usage_daily_usd", upstream="openrouter")] == \
-        pytest.approx(emulator.state.key_usage, rel=1e-9)
+    assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == pytest.approx(
+        100.0 - emulator.state.key_usage, rel=1e-9
+    )
+    assert found[key("orproxy_upstream_usage_daily_usd", upstream="openrouter")] == pytest.approx(
+        emulator.state.key_usage, rel=1e-9
+    )
     assert found[key("orproxy_in_flight_requests")] == 0
 
 
@@ -202,8 +225,13 @@ CARDINALITY_KEYS = """
 keys:
   - {name: app, key_env: APP_KEY}
 """
-DIRECT_SLUGS = ("meta-llama/llama-3.3-70b-instruct", "qwen/qwen-2.5-coder-32b-instruct", "google/gemini-2.5-pro",
-                "anthropic/claude-3.5-haiku", "openai/gpt-4o")
+DIRECT_SLUGS = (
+    "meta-llama/llama-3.3-70b-instruct",
+    "qwen/qwen-2.5-coder-32b-instruct",
+    "google/gemini-2.5-pro",
+    "anthropic/claude-3.5-haiku",
+    "openai/gpt-4o",
+)
 
 
 async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator):
@@ -218,8 +246,12 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
         semaphore = asyncio.Semaphore(64)
 
         async def ask(model: str, token: str = "app-secret") -> int:
-            async with semaphore, session.post(url, json={"model": model, "messages": HELLO},
-                                               headers={"Authorization": f"Bearer {token}"}) as response:
+            async with (
+                semaphore,
+                session.post(
+                    url, json={"model": model, "messages": HELLO}, headers={"Authorization": f"Bearer {token}"}
+                ) as response,
+            ):
                 await response.read()
                 return response.status
 
@@ -227,15 +259,21 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
             return Counter(await asyncio.gather(*(ask(model, token) for model, token in requests)))
 
         # Warm-up: one of each kind creates the bounded series they map to.
-        warm = await ask_all([("cheap", "app-secret"), ("no-such-model", "app-secret"),
-                              ("vendor/no-such-model", "app-secret"), (DIRECT_SLUGS[0], "app-secret"),
-                              ("cheap", "wrong-key")])
+        warm = await ask_all(
+            [
+                ("cheap", "app-secret"),
+                ("no-such-model", "app-secret"),
+                ("vendor/no-such-model", "app-secret"),
+                (DIRECT_SLUGS[0], "app-secret"),
+                ("cheap", "wrong-key"),
+            ]
+        )
         assert warm == Counter({200: 2, 404: 1, 400: 1, 401: 1})
         before = await scrape(proxy.url)
 
         bogus = [(f"made-up-model-{n}", "app-secret") for n in range(400)]
-        bogus += [(f"vendor{n}/made-up-{n}", "app-secret") for n in range(400)]       # passed upstream, refused
-        bogus += [(f"cheap-{n}", f"sk-unknown-{n}") for n in range(100)]               # unknown keys
+        bogus += [(f"vendor{n}/made-up-{n}", "app-secret") for n in range(400)]  # passed upstream, refused
+        bogus += [(f"cheap-{n}", f"sk-unknown-{n}") for n in range(100)]  # unknown keys
         bogus += [(DIRECT_SLUGS[n % len(DIRECT_SLUGS)], "app-secret") for n in range(100)]
         outcomes = await ask_all(bogus)
         assert outcomes == Counter({404: 400, 400: 400, 401: 100, 200: 100})
@@ -256,11 +294,15 @@ async def test_refused_requests_are_counted_too(make_proxy, emulator):
     env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
     proxy = await make_proxy(env=env, config_text=proxy_config_text(emulator.url) + CARDINALITY_KEYS)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{proxy.url}/v1/chat/completions", json={"model": "cheap", "messages": HELLO},
-                                headers={"Authorization": "Bearer wrong-key"}) as response:
+        async with session.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"model": "cheap", "messages": HELLO},
+            headers={"Authorization": "Bearer wrong-key"},
+        ) as response:
             assert response.status == 401
-        async with session.post(f"{proxy.url}/v1/chat/completions", data=b"{not json",
-                                headers={"Authorization": "Bearer app-secret"}) as response:
+        async with session.post(
+            f"{proxy.url}/v1/chat/completions", data=b"{not json", headers={"Authorization": "Bearer app-secret"}
+        ) as response:
             assert response.status == 400
     found = samples(await scrape(proxy.url))
     # A flood of bad keys or broken clients must show on "Requests by status".
@@ -281,5 +323,6 @@ async def test_credits_keep_updating_after_a_reload_replaces_the_upstream_client
     await client.chat.completions.create(model="cheap", messages=HELLO)
     await asyncio.sleep(0.3)
     found = samples(await scrape(proxy.url))
-    assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == \
-        pytest.approx(100.0 - emulator.state.key_usage, rel=1e-9)
+    assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == pytest.approx(
+        100.0 - emulator.state.key_usage, rel=1e-9
+    )

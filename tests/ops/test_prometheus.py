@@ -6,6 +6,7 @@ dashboard panel (a panel that would show nothing fails)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -28,8 +29,10 @@ from tests.support.gateway import proxy_config_text
 from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-DASHBOARDS = {"orproxy-cost": ROOT / "grafana" / "dashboards" / "cost.json",
-              "orproxy-reliability": ROOT / "grafana" / "dashboards" / "reliability.json"}
+DASHBOARDS = {
+    "orproxy-cost": ROOT / "grafana" / "dashboards" / "cost.json",
+    "orproxy-reliability": ROOT / "grafana" / "dashboards" / "reliability.json",
+}
 DATASOURCE = {"type": "prometheus", "uid": "orproxy-prometheus"}
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
 SCRAPE_S = 1
@@ -44,8 +47,10 @@ def tool(name: str) -> str:
     if path:
         return path
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"{name} is not installed, and CI must run this test: .ci/run installs Debian's "
-                    "`prometheus` package when it is missing; check that step")
+        pytest.fail(
+            f"{name} is not installed, and CI must run this test: .ci/run installs Debian's "
+            "`prometheus` package when it is missing; check that step"
+        )
     pytest.skip(f"{name} is not installed (apt-get install prometheus); CI runs this test")
 
 
@@ -67,9 +72,11 @@ def panels(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ static checks
 
+
 def test_prometheus_yml_passes_promtool_check_config():
-    checked = subprocess.run([tool("promtool"), "check", "config", str(ROOT / "prometheus.yml")],
-                             capture_output=True, text=True, timeout=30)
+    checked = subprocess.run(
+        [tool("promtool"), "check", "config", str(ROOT / "prometheus.yml")], capture_output=True, text=True, timeout=30
+    )
     assert checked.returncode == 0, f"promtool check config failed:\n{checked.stdout}{checked.stderr}"
     assert "SUCCESS" in checked.stdout + checked.stderr
     jobs = {job["job_name"]: job for job in load_yaml("prometheus.yml")["scrape_configs"]}
@@ -109,12 +116,22 @@ def test_grafana_provisioning_works_as_is():
             grid = panel["gridPos"]
             assert grid["x"] + grid["w"] <= 24, f"{where} is wider than the dashboard"
     titles = {p["title"] for uid in DASHBOARDS for p in panels(dashboard(uid))}
-    for wanted in ("Spend today against the daily budget", "Burn rate (USD/hour)", "Projected spend at end of day",
-                   "Cost by model (USD/hour)", "Cost by virtual model (USD/hour)",
-                   "Savings against the baseline (USD/hour)",
-                   "Credits left", "Requests by status", "Fallbacks by reason", "Failed attempts (retries) by reason",
-                   "Cooldowns", "Rate limit remaining", "Request latency p50 / p95 / p99",
-                   "Time to first token p50 / p95 / p99"):
+    for wanted in (
+        "Spend today against the daily budget",
+        "Burn rate (USD/hour)",
+        "Projected spend at end of day",
+        "Cost by model (USD/hour)",
+        "Cost by virtual model (USD/hour)",
+        "Savings against the baseline (USD/hour)",
+        "Credits left",
+        "Requests by status",
+        "Fallbacks by reason",
+        "Failed attempts (retries) by reason",
+        "Cooldowns",
+        "Rate limit remaining",
+        "Request latency p50 / p95 / p99",
+        "Time to first token p50 / p95 / p99",
+    ):
         assert wanted in titles
 
 
@@ -153,8 +170,11 @@ def test_compose_and_dockerfile_fit_together():
 
 
 def healthcheck() -> list[str]:
-    line = next(line for line in re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text()).splitlines()
-                if line.startswith("HEALTHCHECK"))
+    line = next(
+        line
+        for line in re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text()).splitlines()
+        if line.startswith("HEALTHCHECK")
+    )
     command = json.loads(line.split(" CMD ", 1)[1])
     assert command[:2] == ["python", "-c"] and "/healthz" in command[2] and "urllib" in command[2]
     return command
@@ -162,11 +182,13 @@ def healthcheck() -> list[str]:
 
 # ------------------------------------------------------------------ a real Prometheus
 
+
 def scrape_config_for(target: str, path: Path) -> Path:
     """The shipped prometheus.yml, pointed at the test's proxy and scraping every second."""
     config = load_yaml("prometheus.yml")
-    config["global"].update(scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s",
-                            scrape_timeout=f"{SCRAPE_S}s")
+    config["global"].update(
+        scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s", scrape_timeout=f"{SCRAPE_S}s"
+    )
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "orproxy"]
     job["static_configs"] = [{"targets": [target]}]
     path.write_text(yaml.safe_dump(config))
@@ -175,19 +197,27 @@ def scrape_config_for(target: str, path: Path) -> Path:
 
 def substitute(expr: str, doc: dict[str, Any], range_s: int) -> str:
     """Grafana's variables as Grafana would fill them for this test's time range."""
-    values = {"__rate_interval": RATE_INTERVAL, "__interval": f"{SCRAPE_S}s", "__range": f"{range_s}s",
-              "__range_s": str(range_s)}
+    values = {
+        "__rate_interval": RATE_INTERVAL,
+        "__interval": f"{SCRAPE_S}s",
+        "__range": f"{range_s}s",
+        "__range_s": str(range_s),
+    }
     for variable in doc.get("templating", {}).get("list", ()):
         current = variable.get("current", {}).get("value")
         everything = current in ("$__all", ["$__all"]) or current == [] or current is None
-        values[variable["name"]] = variable.get("allValue") or ".*" if everything else \
-            (current if isinstance(current, str) else "|".join(current))
+        values[variable["name"]] = (
+            variable.get("allValue") or ".*"
+            if everything
+            else (current if isinstance(current, str) else "|".join(current))
+        )
 
     def fill(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
         if name not in values:
             raise AssertionError(f"unknown Grafana variable ${name} in {expr}")
         return values[name]
+
     return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", fill, expr)
 
 
@@ -195,8 +225,13 @@ class PrometheusServer:
     def __init__(self, config: Path, data: Path, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._args = [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={data}",
-                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        self._args = [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
         self._log_path = log
         self.process: asyncio.subprocess.Process | None = None
 
@@ -214,8 +249,7 @@ class PrometheusServer:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.1)
-        pytest.fail(f"Prometheus did not become ready within {within_s:g}s ({shlex.join(self._args)}):\n"
-                    f"{self.log()}")
+        pytest.fail(f"Prometheus did not become ready within {within_s:g}s ({shlex.join(self._args)}):\n{self.log()}")
 
     def log(self) -> str:
         return self._log_path.read_text(errors="replace")[-4000:] if self._log_path.exists() else ""
@@ -234,7 +268,7 @@ class PrometheusServer:
         self.process.terminate()
         try:
             await asyncio.wait_for(self.process.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.process.kill()
             await self.process.wait()
 
@@ -251,7 +285,7 @@ def shows_something(result: list[dict[str, Any]]) -> bool:
 async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], within_s: float) -> int:
     """Each dashboard needs its kind of traffic: costs, a failing primary (fallbacks, retries, a
     cooldown), a rate-limit reading, streams (time to first token), and some client errors."""
-    emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))                 # quality's primary
+    emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))  # quality's primary
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(rate_limit=(100, 5, 4_000_000_000_000)))
     client = proxy.client()
     sent = 0
@@ -261,17 +295,19 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
             pass
 
     async def bogus() -> None:
-        try:
+        with contextlib.suppress(Exception):
             await client.chat.completions.create(model="no-such-model", messages=HELLO)
-        except Exception:  # noqa: BLE001 - a 404 is the point
-            pass
 
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        await asyncio.gather(client.chat.completions.create(model="cheap", messages=HELLO),
-                             client.chat.completions.create(model="quality", messages=HELLO),
-                             client.chat.completions.create(model="code", messages=HELLO),
-                             stream("cheap"), stream("balanced"), bogus())
+        await asyncio.gather(
+            client.chat.completions.create(model="cheap", messages=HELLO),
+            client.chat.completions.create(model="quality", messages=HELLO),
+            client.chat.completions.create(model="code", messages=HELLO),
+            stream("cheap"),
+            stream("balanced"),
+            bogus(),
+        )
         sent += 6
         if await until():
             return sent
@@ -281,15 +317,19 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
 
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(make_proxy, emulator, tmp_path):
     # A short cooldown: the failing primary keeps cycling through fallbacks, cooldown and retry.
-    retry = "retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 2, " \
-            "cooldown: {failures: 3, window_s: 60, cooldown_s: 2}}"
+    retry = (
+        "retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 2, "
+        "cooldown: {failures: 3, window_s: 60, cooldown_s: 2}}"
+    )
     text = proxy_config_text(emulator.url, retry=retry).replace(
-        "    api_key_env: TEST_OPENROUTER_KEY\n", "    api_key_env: TEST_OPENROUTER_KEY\n    credits_poll_s: 1\n", 1)
+        "    api_key_env: TEST_OPENROUTER_KEY\n", "    api_key_env: TEST_OPENROUTER_KEY\n    credits_poll_s: 1\n", 1
+    )
     budget = "budget: {daily_usd: 5, downgrade: [{at: 0.9, map: {quality: cheap}}]}\n"
     proxy = await make_proxy(config_text=text + budget)
     target = proxy.url.removeprefix("http://")
-    server = PrometheusServer(scrape_config_for(target, tmp_path / "prometheus.yml"), tmp_path / "tsdb",
-                              tmp_path / "prometheus.log")
+    server = PrometheusServer(
+        scrape_config_for(target, tmp_path / "prometheus.yml"), tmp_path / "tsdb", tmp_path / "prometheus.log"
+    )
     failures: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         try:
@@ -301,6 +341,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(make_pr
                 # scrapes with traffic in between.
                 result = await server.query(session, 'count_over_time(up{job="orproxy"}[1m])')
                 return bool(result) and float(result[0]["value"][1]) >= SCRAPES_WITH_TRAFFIC
+
             sent = await drive_traffic(proxy, emulator, scraped_enough, within_s=30)
 
             # Wait (bounded) until Prometheus has scraped everything that was sent.

@@ -19,8 +19,11 @@ ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "TE
 
 def config_with_cheap(emulator_url: str, chain: str, watch: bool = False) -> str:
     models = f"models:\n  cheap: {{chain: [{chain}]}}\n  auto: {{route: [{{to: cheap}}]}}\n"
-    return (proxy_config_text(emulator_url, models) + "admin: {key_env: TEST_ADMIN_KEY}\n"
-            + f"watch_config: {'true' if watch else 'false'}\n")
+    return (
+        proxy_config_text(emulator_url, models)
+        + "admin: {key_env: TEST_ADMIN_KEY}\n"
+        + f"watch_config: {'true' if watch else 'false'}\n"
+    )
 
 
 class Load:
@@ -38,7 +41,7 @@ class Load:
             try:
                 reply = await self.client.chat.completions.create(model="auto", messages=HELLO)
                 self.models.append(reply.model)
-            except Exception as exc:  # noqa: BLE001 - every failure is a test failure, collected
+            except Exception as exc:
                 self.failures.append(exc)
             await asyncio.sleep(0)
 
@@ -52,17 +55,21 @@ async def served_by(proxy) -> str:
     return reply.model
 
 
-async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(make_proxy, emulator, tmp_path,
-                                                                         aiohttp_client, caplog):
+async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(
+    make_proxy, emulator, tmp_path, aiohttp_client, caplog
+):
     path = tmp_path / "config.yaml"
-    proxy = await make_proxy(config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"),
-                             env=ENV, config_path=path)
+    proxy = await make_proxy(
+        config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"), env=ENV, config_path=path
+    )
     http = await aiohttp_client(proxy.server)
     load = Load(proxy.client())
     await asyncio.sleep(0.2)
-    for broken in ("models: [unclosed\n",
-                   config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct").replace("to: cheap", "to: chep"),
-                   config_with_cheap(emulator.url, "{model: x/y, upstream: nowhere}")):
+    for broken in (
+        "models: [unclosed\n",
+        config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct").replace("to: cheap", "to: chep"),
+        config_with_cheap(emulator.url, "{model: x/y, upstream: nowhere}"),
+    ):
         path.write_text(broken)
         response = await http.post("/admin/reload", headers=ADMIN)
         assert response.status == 422
@@ -95,8 +102,11 @@ async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(make_p
 
 async def test_a_file_edit_is_picked_up_by_the_watcher(make_proxy, emulator, tmp_path):
     path = tmp_path / "config.yaml"
-    proxy = await make_proxy(config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct", watch=True),
-                             env=ENV, config_path=path)
+    proxy = await make_proxy(
+        config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct", watch=True),
+        env=ENV,
+        config_path=path,
+    )
     await asyncio.sleep(0.3)  # let the watcher start
     path.write_text(config_with_cheap(emulator.url, "google/gemini-2.5-flash", watch=True))
     for _ in range(50):
@@ -109,15 +119,18 @@ async def test_a_file_edit_is_picked_up_by_the_watcher(make_proxy, emulator, tmp
 
 async def test_a_stream_in_flight_finishes_on_the_config_it_started_with(make_proxy, emulator, tmp_path):
     from proxy.emulator import Fault
+
     path = tmp_path / "config.yaml"
-    proxy = await make_proxy(config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"),
-                             env=ENV, config_path=path)
+    proxy = await make_proxy(
+        config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"), env=ENV, config_path=path
+    )
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(chunk_delay_s=0.1))
     stream = await proxy.client().chat.completions.create(model="cheap", messages=HELLO, stream=True)
     chunks = [await stream.__anext__()]
     # A valid edit that also changes the upstream's settings: the old client must stay open for this stream.
-    path.write_text(config_with_cheap(emulator.url, "meta-llama/llama-3.1-8b-instruct")
-                    .replace("timeout_s: 2", "timeout_s: 3"))
+    path.write_text(
+        config_with_cheap(emulator.url, "meta-llama/llama-3.1-8b-instruct").replace("timeout_s: 2", "timeout_s: 3")
+    )
     status = await proxy.app[RELOADER].reload("test")
     assert status.last_result == "success"
     async for chunk in stream:
@@ -128,8 +141,11 @@ async def test_a_stream_in_flight_finishes_on_the_config_it_started_with(make_pr
 
 
 async def test_admin_routes_need_the_admin_key(make_proxy, emulator, tmp_path, aiohttp_client):
-    proxy = await make_proxy(config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"),
-                             env=ENV, config_path=tmp_path / "c.yaml")
+    proxy = await make_proxy(
+        config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"),
+        env=ENV,
+        config_path=tmp_path / "c.yaml",
+    )
     http = await aiohttp_client(proxy.server)
     for route in ("/admin/status", "/admin/spend"):
         response = await http.get(route, headers={"Authorization": "Bearer wrong"})
@@ -142,6 +158,7 @@ def test_published_schema_matches_the_config_model_and_accepts_the_example():
 
     from proxy.config import config_json_schema
     from tests.support.gateway import ROOT
+
     published = json.loads((ROOT / "config.schema.json").read_text())
     assert published == json.loads(json.dumps(config_json_schema())), "run: orproxy schema > config.schema.json"
     validator = jsonschema.Draft202012Validator(published)
@@ -154,19 +171,29 @@ def test_published_schema_matches_the_config_model_and_accepts_the_example():
     assert any("chian" in m for m in messages)
 
 
-@pytest.mark.parametrize("edit, expected", [
-    ("models:\n  cheap: {chain: [a/b]}\n  auto: {route: [{to: cheep}]}\n",
-     "models.auto.route[0].to: routes to 'cheep'"),
-    ("models:\n  cheap: {chain: [a/b]}\n  auto: {route: [{to: auto}]}\n", "routing loop: auto -> auto"),
-    ("models: {cheap: {chain: [a/b]}}\nbudget: {downgrade: [{at: 0.8, map: {quality: cheap}}, {at: 0.4, map: {x: y}}]}\n",
-     "budget.downgrade: steps must be listed with strictly increasing `at`"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            "models:\n  cheap: {chain: [a/b]}\n  auto: {route: [{to: cheep}]}\n",
+            "models.auto.route[0].to: routes to 'cheep'",
+        ),
+        ("models:\n  cheap: {chain: [a/b]}\n  auto: {route: [{to: auto}]}\n", "routing loop: auto -> auto"),
+        (
+            "models: {cheap: {chain: [a/b]}}\n"
+            "budget: {downgrade: [{at: 0.8, map: {quality: cheap}}, {at: 0.4, map: {x: y}}]}\n",
+            "budget.downgrade: steps must be listed with strictly increasing `at`",
+        ),
+    ],
+)
 def test_check_command_reports_broken_configs(tmp_path, edit, expected):
     import subprocess
     import sys
+
     path = tmp_path / "broken.yaml"
     path.write_text("upstreams: {openrouter: {base_url: https://openrouter.ai/api/v1}}\n" + edit)
-    result = subprocess.run([sys.executable, "-m", "proxy", "check", str(path)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert expected in result.stderr, result.stderr

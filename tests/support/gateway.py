@@ -53,9 +53,14 @@ class Emulator:
 
 def proxy_config_text(emulator_url: str, body: str = "", retry: str | None = None) -> str:
     """A config whose upstreams are the emulator: OpenRouter's paths and an OpenAI-style second upstream."""
-    retry = retry or "retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 2, " \
-                     "cooldown: {failures: 3, window_s: 60, cooldown_s: 30}}"
-    models = body or """
+    retry = (
+        retry
+        or "retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 2, "
+        "cooldown: {failures: 3, window_s: 60, cooldown_s: 30}}"
+    )
+    models = (
+        body
+        or """
 models:
   cheap:
     chain:
@@ -72,6 +77,7 @@ models:
       - {when: {prompt_tokens_over: 4000}, to: balanced}
       - {to: cheap}
 """
+    )
     return f"""
 upstreams:
   openrouter:
@@ -107,5 +113,3 @@ class Proxy:
 
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
-
-

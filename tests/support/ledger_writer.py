@@ -15,10 +15,24 @@ from proxy.money.ledger import Ledger, LedgerRow
 
 def make_row(request_id: str) -> LedgerRow:
     return LedgerRow(
-        ts=time.time(), request_id=request_id, key_name="load", requested_model="auto",
-        virtual_model="auto", model="openai/gpt-4o-mini", upstream="openrouter", provider="OpenAI",
-        prompt_tokens=120, completion_tokens=40, cost_usd=0.000042, cost_source="upstream",
-        baseline_cost_usd=0.0012, latency_s=0.2, ttft_s=None, status=200, attempts=1, streamed=False,
+        ts=time.time(),
+        request_id=request_id,
+        key_name="load",
+        requested_model="auto",
+        virtual_model="auto",
+        model="openai/gpt-4o-mini",
+        upstream="openrouter",
+        provider="OpenAI",
+        prompt_tokens=120,
+        completion_tokens=40,
+        cost_usd=0.000042,
+        cost_source="upstream",
+        baseline_cost_usd=0.0012,
+        latency_s=0.2,
+        ttft_s=None,
+        status=200,
+        attempts=1,
+        streamed=False,
     )
 
 

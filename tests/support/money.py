@@ -17,13 +17,18 @@ models:
   balanced: {chain: [google/gemini-2.5-flash]}
   quality:  {chain: [anthropic/claude-sonnet-4.5]}
 """
-CHAIN_MODEL = {"tiny": "meta-llama/llama-3.1-8b-instruct", "cheap": "openai/gpt-4o-mini",
-               "balanced": "google/gemini-2.5-flash", "quality": "anthropic/claude-sonnet-4.5"}
+CHAIN_MODEL = {
+    "tiny": "meta-llama/llama-3.1-8b-instruct",
+    "cheap": "openai/gpt-4o-mini",
+    "balanced": "google/gemini-2.5-flash",
+    "quality": "anthropic/claude-sonnet-4.5",
+}
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
 
 
-def budget_block(daily: float, on_exhausted: str = "reject", *, monthly: float | None = None,
-                 timezone: str = "UTC") -> str:
+def budget_block(
+    daily: float, on_exhausted: str = "reject", *, monthly: float | None = None, timezone: str = "UTC"
+) -> str:
     """The issue's example steps, scaled to a small daily budget."""
     return f"""
 budget:
@@ -38,13 +43,35 @@ budget:
 """
 
 
-def seed_row(request_id: str, cost: float, *, key: str | None = None, ts: float | None = None,
-             model: str = "anthropic/claude-sonnet-4.5", virtual: str | None = "quality") -> LedgerRow:
+def seed_row(
+    request_id: str,
+    cost: float,
+    *,
+    key: str | None = None,
+    ts: float | None = None,
+    model: str = "anthropic/claude-sonnet-4.5",
+    virtual: str | None = "quality",
+) -> LedgerRow:
     return LedgerRow(
-        ts=time.time() if ts is None else ts, request_id=request_id, key_name=key,
-        requested_model=virtual or model, virtual_model=virtual, model=model, upstream="openrouter",
-        provider="Anthropic", prompt_tokens=100, completion_tokens=10, cost_usd=cost, cost_source="upstream",
-        baseline_cost_usd=0.0, latency_s=0.1, ttft_s=None, status=200, attempts=1, streamed=False)
+        ts=time.time() if ts is None else ts,
+        request_id=request_id,
+        key_name=key,
+        requested_model=virtual or model,
+        virtual_model=virtual,
+        model=model,
+        upstream="openrouter",
+        provider="Anthropic",
+        prompt_tokens=100,
+        completion_tokens=10,
+        cost_usd=cost,
+        cost_source="upstream",
+        baseline_cost_usd=0.0,
+        latency_s=0.1,
+        ttft_s=None,
+        status=200,
+        attempts=1,
+        streamed=False,
+    )
 
 
 async def seed_ledger(path: Path, *rows: LedgerRow) -> None:

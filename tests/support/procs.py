@@ -29,8 +29,9 @@ async def start_proxy(config: Path, log: Path, port: int | None = None) -> async
         return await asyncio.create_subprocess_exec(*args, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
-async def wait_until_up(url: str, proc: asyncio.subprocess.Process, log: Path, path: str = "/healthz",
-                        attempts: int = 200) -> None:
+async def wait_until_up(
+    url: str, proc: asyncio.subprocess.Process, log: Path, path: str = "/healthz", attempts: int = 200
+) -> None:
     """Poll `url + path` until it answers 200; fail with the process's log if it exits or never does."""
     async with aiohttp.ClientSession() as session:
         for _ in range(attempts):

@@ -16,32 +16,35 @@ MAX_TRACKED = 4096  # targets with a failure window at once
 
 
 class CircuitBreakers:
-    def __init__(self, policy: Cooldown) -> None:
-        self.policy = policy  # replaced on config reload; the counts carry over
+    """State only: failure windows and open breakers. The policy (`retry.cooldown`) comes with
+    each call from the config snapshot the request runs on, so a reload changes it for the
+    next failure while the counts carry over."""
+
+    def __init__(self) -> None:
         self._failures: dict[Target, deque[float]] = {}
         self._open: dict[Target, Block] = {}
 
-    def record_failure(self, target: Target, now: float, detail: str = "") -> bool:
+    def record_failure(self, policy: Cooldown, target: Target, now: float, detail: str = "") -> bool:
         """Count a failure; return True when it opens the breaker."""
         if target not in self._failures and len(self._failures) >= MAX_TRACKED:
-            self._forget_stale(now)
+            self._forget_stale(policy, now)
         window = self._failures.setdefault(target, deque())
         window.append(now)
-        while window and window[0] <= now - self.policy.window_s:
+        while window and window[0] <= now - policy.window_s:
             window.popleft()
-        if len(window) >= self.policy.failures and self.policy.cooldown_s > 0:
+        if len(window) >= policy.failures and policy.cooldown_s > 0:
             window.clear()
-            until = now + self.policy.cooldown_s
+            until = now + policy.cooldown_s
             self._open[target] = Block(
-                "cooldown", until, detail or f"{self.policy.failures} failures within {self.policy.window_s:g}s"
+                "cooldown", until, detail or f"{policy.failures} failures within {policy.window_s:g}s"
             )
             return True
         return False
 
-    def _forget_stale(self, now: float) -> None:
+    def _forget_stale(self, policy: Cooldown, now: float) -> None:
         """Direct slugs are chosen by clients: drop windows with no failure left in them, and if
         every one is still live, the oldest, so memory stays bounded whatever clients send."""
-        horizon = now - self.policy.window_s
+        horizon = now - policy.window_s
         for target in [t for t, w in self._failures.items() if not w or w[-1] <= horizon]:
             del self._failures[target]
         while len(self._failures) >= MAX_TRACKED:

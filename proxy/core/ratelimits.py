@@ -38,22 +38,29 @@ MAX_READINGS = 1024
 
 
 class RateLimits:
-    def __init__(self, warn_below: float = 0.1, clock: Callable[[], float] = time.time) -> None:
+    """State only: the latest readings and the blocks they imply. `warn_below` (the config's
+    `rate_limits.warn_below`) comes with each call from the snapshot the request runs on."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._readings: dict[tuple[Target, str], Reading] = {}
         self._blocked: dict[Target, Block] = {}
-        self._warn_below = warn_below
         self._clock = clock
 
-    def observe_response(self, upstream: str, model: str, status: int, headers: Mapping[str, str]) -> None:
+    def observe_response(
+        self, upstream: str, model: str, status: int, headers: Mapping[str, str], *, warn_below: float = 0.1
+    ) -> None:
         """The upstream clients' hook: a few header lookups when the response says nothing of limits."""
         if status != 429 and not any(name in headers for name in _SIGNALS):
             return
-        self.observe(Target(model, upstream), headers, status, self._clock())
+        self.observe(Target(model, upstream), headers, status, self._clock(), warn_below=warn_below)
 
-    def observe(self, target: Target, headers: Mapping[str, str], status: int, now: float) -> None:
+    def observe(
+        self, target: Target, headers: Mapping[str, str], status: int, now: float, *, warn_below: float = 0.1
+    ) -> None:
         """Record what a response's headers say about the limits."""
         if "X-RateLimit-Remaining" in headers:
             self._record(
+                warn_below,
                 target,
                 "requests",
                 headers.get("X-RateLimit-Limit"),
@@ -65,6 +72,7 @@ class RateLimits:
             remaining = headers.get(f"x-ratelimit-remaining-{scope}")
             if remaining is not None and "X-RateLimit-Remaining" not in headers:
                 self._record(
+                    warn_below,
                     target,
                     scope,
                     headers.get(f"x-ratelimit-limit-{scope}"),
@@ -78,7 +86,14 @@ class RateLimits:
                 self._block(target, now + wait, "429 with Retry-After")
 
     def _record(
-        self, target: Target, scope: str, limit: str | None, remaining: str, reset_at: float | None, now: float
+        self,
+        warn_below: float,
+        target: Target,
+        scope: str,
+        limit: str | None,
+        remaining: str,
+        reset_at: float | None,
+        now: float,
     ) -> None:
         try:
             left = float(remaining)
@@ -92,7 +107,7 @@ class RateLimits:
             del self._readings[next(iter(self._readings))]
         if left <= 0 and reset_at is not None and reset_at > now:
             self._block(target, reset_at, f"{scope} remaining 0")
-        elif cap and left < cap * self._warn_below and not _low(previous, self._warn_below):
+        elif cap and left < cap * warn_below and not _low(previous, warn_below):
             # Said once when the limit runs low, not on every response while it stays low.
             log.warning(
                 "rate limit of %s on %s is running low: %g of %g %s left",

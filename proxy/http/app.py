@@ -58,7 +58,7 @@ def create_app(
     env = os.environ if env is None else env
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    app[BREAKERS] = CircuitBreakers(config.retry.cooldown)
+    app[BREAKERS] = CircuitBreakers()
     # The catalogue pinned by pricing.catalogue, else the one `orproxy models refresh` fetched, else the snapshot.
     prices = PriceBook(load_catalogue_source(config).catalogue, config.pricing)
     accountant = Accountant(
@@ -74,7 +74,7 @@ def create_app(
         accountant.add_sink(sink)
     app[ACCOUNTANT] = accountant
     app[METRICS] = metrics
-    app[RATELIMITS] = RateLimits(warn_below=config.rate_limits.warn_below, clock=clock)
+    app[RATELIMITS] = RateLimits(clock=clock)
     metrics.registry.register(StateCollector(metrics, accountant.book, app[BREAKERS], app[RATELIMITS], clock))
     metrics.gauges.downgrade_step = _downgrade_step(accountant, clock)
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
@@ -175,7 +175,7 @@ def _reloader(path: Path, env: Mapping[str, str], clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         metrics = app[METRICS]
         app[RELOADER] = Reloader(
-            path, app[RUNTIME], app[ACCOUNTANT], metrics, app[BREAKERS], env, metrics.registry, clock
+            path, app[RUNTIME], app[ACCOUNTANT], metrics, app[BREAKERS], app[RATELIMITS], env, metrics.registry, clock
         )
         yield
 
@@ -220,9 +220,7 @@ async def _prune_daily(ledger: Ledger) -> None:
 
 def _upstreams(env: Mapping[str, str]):
     async def context(app: web.Application) -> AsyncIterator[None]:
-        runtime = build_runtime(app[CONFIG], env, app[BREAKERS])
-        for client in runtime.clients.values():
-            client.observe = app[RATELIMITS].observe_response
+        runtime = build_runtime(app[CONFIG], env, app[BREAKERS], app[RATELIMITS])
         warn_missing_keys(runtime)
         app[RUNTIME] = RuntimeRef(runtime)
         try:

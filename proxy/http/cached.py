@@ -12,8 +12,8 @@ from aiohttp import web
 
 from proxy.cache.replay import replay_as_sse
 from proxy.cache.store import CachedAnswer, ResponseCache, cache_key, wants_cache
+from proxy.core.record import RequestRecord, Usage
 from proxy.core.routing import Plan, Router, Target
-from proxy.money.accounting import RequestRecord, Usage
 from proxy.upstream.relay import SSE_HEADERS
 
 JSON = "application/json"

@@ -20,14 +20,14 @@ from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, Proxy
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
 from proxy.core.ratelimits import RateLimits
+from proxy.core.record import Attempt, RequestRecord, Usage
 from proxy.core.routing import Plan, UnknownModel
 from proxy.http.appkeys import CACHE, RUNTIME
 from proxy.http.cached import answer_hit, key_for, store
-from proxy.money.accounting import Accountant, RequestRecord, Usage
+from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, RuntimeRef
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.executor import Attempt
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("orproxy")

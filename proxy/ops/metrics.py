@@ -24,7 +24,7 @@ from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendBook
 from proxy.core.ratelimits import RateLimits, Reading
-from proxy.money.accounting import RequestRecord
+from proxy.core.record import RequestRecord
 from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

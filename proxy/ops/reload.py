@@ -26,6 +26,7 @@ from watchfiles import awatch
 from proxy.config import Config, ConfigError, load_config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.pricing import Catalogue, PriceBook
+from proxy.core.ratelimits import RateLimits
 from proxy.money.accounting import Accountant, recorded_spend
 from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
 from proxy.ops.metrics import Metrics
@@ -59,6 +60,7 @@ class Reloader:
         accountant: Accountant,
         metrics: Metrics,
         breakers: CircuitBreakers,
+        ratelimits: RateLimits,
         env: Mapping[str, str],
         registry: CollectorRegistry,
         clock: Callable[[], float],
@@ -68,6 +70,7 @@ class Reloader:
         self._accountant = accountant
         self._metrics = metrics
         self._breakers = breakers
+        self._ratelimits = ratelimits
         self._env = env
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -115,12 +118,11 @@ class Reloader:
             if getattr(config, name) != getattr(current, name)
         ]
         warnings += catalogue_warnings(config, catalogue)
-        runtime = build_runtime(config, self._env, self._breakers, previous=self._runtimes.current)
+        runtime = build_runtime(config, self._env, self._breakers, self._ratelimits, previous=self._runtimes.current)
         self._runtimes.swap(runtime)
         self._accountant.prices = PriceBook(catalogue, config.pricing)
         self._accountant.book.reconfigure(config.budget, config.keys, now, day, month)
         self._metrics.reconfigure(config)
-        self._breakers.policy = config.retry.cooldown
         self.status.loaded_at = now
         self.status.last_result = "success"
         self.status.last_errors, self.status.last_warnings = [], warnings

@@ -7,6 +7,7 @@ end, so a config swap never changes a request halfway through.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import orjson
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.keys import KeyRing
+from proxy.core.ratelimits import RateLimits
 from proxy.core.routing import Block, Router
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.executor import Executor
@@ -88,7 +90,11 @@ async def _close_all(clients: tuple[UpstreamClient, ...]) -> None:
 
 
 def build_runtime(
-    config: Config, env: Mapping[str, str], breakers: CircuitBreakers, previous: Runtime | None = None
+    config: Config,
+    env: Mapping[str, str],
+    breakers: CircuitBreakers,
+    ratelimits: RateLimits,
+    previous: Runtime | None = None,
 ) -> Runtime:
     """Must run inside the event loop: each new upstream client opens its connection pool.
     Clients of `previous` whose upstream settings and key are unchanged are reused as they are."""
@@ -102,12 +108,12 @@ def build_runtime(
             and previous
             and previous.config.upstreams.get(name) == upstream
             and reusable.api_key == key
+            and previous.config.rate_limits == config.rate_limits
         ):
             clients[name] = reusable
         else:
-            clients[name] = UpstreamClient(name, upstream, key)
-            if reusable is not None:
-                clients[name].observe = reusable.observe
+            observe = functools.partial(ratelimits.observe_response, warn_below=config.rate_limits.warn_below)
+            clients[name] = UpstreamClient(name, upstream, key, observe=observe)
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
     return Runtime(

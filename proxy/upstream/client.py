@@ -22,6 +22,10 @@ UPSTREAM_CONNECTIONS = 1000
 OPENROUTER_ONLY_FIELDS = ("provider", "transforms", "models", "route", "usage", "plugins")
 
 
+# (upstream name, model, HTTP status, response headers): told of every upstream response.
+Observer = Callable[[str, str, int, Mapping[str, str]], None]
+
+
 class UpstreamError(Exception):
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
@@ -33,7 +37,13 @@ class UpstreamClient:
     so a request merges nothing and builds no timer objects of its own."""
 
     def __init__(
-        self, name: str, config: Upstream, api_key: str | None, connector: aiohttp.BaseConnector | None = None
+        self,
+        name: str,
+        config: Upstream,
+        api_key: str | None,
+        *,
+        observe: Observer | None = None,
+        connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self.name = name
         self.kind = config.flavour
@@ -51,8 +61,8 @@ class UpstreamClient:
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s),
         )
-        # Told of every response's status and headers (rate-limit tracking); set by the app.
-        self.observe: Callable[[str, str, int, Mapping[str, str]], None] | None = None
+        # Told of every response's status and headers (rate-limit tracking).
+        self.observe = observe
         # A stream may run long; what must not happen is a silence longer than timeout_s.
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s

@@ -26,20 +26,11 @@ from proxy.core.errors import (
     UpstreamUnavailable,
 )
 from proxy.core.failures import Action, Failure
+from proxy.core.record import Attempt
 from proxy.core.routing import Plan, Target
 from proxy.upstream.client import UpstreamClient, UpstreamError
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    target: Target
-    outcome: str  # "ok", or the failure's reason (http_503, timeout, ...)
-    status: int | None
-    message: str = ""
-    duration_s: float = 0.0
-    retry_after: float | None = None
 
 
 @dataclass(slots=True)
@@ -99,7 +90,7 @@ class Executor:
                         )
                     )
                     if failure.counts_against_member:
-                        self._breakers.record_failure(target, self._wall())
+                        self._breakers.record_failure(self._retry.cooldown, target, self._wall())
                     if failure.action is Action.CLIENT:
                         raise UpstreamRejected(
                             failure.status or 400, self._redact(failure.message), code=failure.code

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from proxy.cache.replay import StreamAssembler
-from proxy.money.accounting import RequestRecord, Usage
+from proxy.core.record import RequestRecord, Usage
 from proxy.upstream.client import UpstreamError, event_data, iter_batches
 
 SSE_HEADERS = {

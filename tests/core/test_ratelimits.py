@@ -162,7 +162,7 @@ def test_a_block_lifts_at_the_reset():
 
 
 def test_running_low_is_logged_once_per_descent(caplog):
-    limits = RateLimits(warn_below=0.1)
+    limits = RateLimits()
     caplog.set_level(logging.WARNING, logger="orproxy")
 
     def seen(remaining: str) -> None:
@@ -175,6 +175,7 @@ def test_running_low_is_logged_once_per_descent(caplog):
             ),
             200,
             NOW,
+            warn_below=0.1,
         )
 
     for remaining in ("50", "9", "8", "7", "60", "5"):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from proxy.cache.store import CachedAnswer
+    from proxy.cache.policy import CachedAnswer
 
 _PIECES = 4  # a replayed text is split into at most this many chunks ...
 _MIN_PIECE = 16  # ... of at least this many characters

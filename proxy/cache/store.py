@@ -11,14 +11,14 @@ How the request path uses it (the caller owns every decision about HTTP):
         ... call upstream; on HTTP 200 with `choices`:
         await cache.put(key, CachedAnswer(completion, model, upstream, cost, prompt, completion, now))
 
-- `wants_cache` and `cache_key` are pure. The header wins (`X-Proxy-Cache: on|off`, any
+- `wants_cache` and `cache_key` are pure (`proxy.cache.policy`). The header wins (`X-Proxy-Cache: on|off`, any
   case); without it, `temperature: 0` (0 or 0.0, never `false`) turns the cache on.
 - The key is the sha256 of the request minus the fields that cannot change the answer
   (`stream`, `stream_options`, `user`, `metadata`, `model`, ...), keys sorted at every
   depth, plus the resolved chain. `model` is left out because the chain stands for it: two
   virtual names resolving to the same chain share entries, and a config edit that changes
   the chain changes the key. A streamed and a non-streamed request share one entry; a
-  streamed hit is replayed as SSE by `proxy.replay.replay_as_sse`.
+  streamed hit is replayed as SSE by `proxy.cache.replay.replay_as_sse`.
 - Only answers are cached, never errors: `put` refuses anything without `choices`, with an
   `error` key or a choice that finished with "error", as well as anything over
   `max_entry_bytes`. It returns whether it stored the entry.
@@ -33,8 +33,11 @@ How the request path uses it (the caller owns every decision about HTTP):
   is logged and becomes a miss / a skipped store, and after `close()` `get` misses and
   `put` does nothing (requests finishing during shutdown are unaffected). The entry count
   is kept in memory, so one process should own the file.
-- On a config reload, `await cache.apply_policy(new_policy)`: no reopen needed. A path of
-  ":memory:" gives a process-local cache (tests, or a deployment without a disk).
+- The file (`CacheFile`) is state; the policy comes from the config snapshot. A
+  `ResponseCache` is the file seen through one snapshot's `CachePolicy`; on a reload,
+  `await cache.with_policy(new_policy)` gives the next snapshot its view (a smaller
+  `max_entries` evicts at once), without reopening. A path of ":memory:" gives a
+  process-local cache (tests, or a deployment without a disk).
 - `hits`/`misses` count `get` results (for `orproxy_cache_hits_total` /
   `orproxy_cache_misses_total`); `entries` is the current number of entries.
 """
@@ -42,36 +45,21 @@ How the request path uses it (the caller owns every decision about HTTP):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 import orjson
 
+from proxy.cache.policy import CachedAnswer, CachePolicy, cacheable, decode_answer, encode_answer
+
 log = logging.getLogger("orproxy.cache")
 
 SCHEMA_VERSION = 1
-# Request fields that cannot change the answer. `model` is represented by the chain.
-IGNORED_FIELDS = frozenset(
-    {
-        "stream",
-        "stream_options",
-        "user",
-        "metadata",
-        "model",
-        "safety_identifier",
-        "prompt_cache_key",
-        "store",
-    }
-)
-_KEY_PREFIX = b"orproxy-cache/1\n"  # bump when the canonical form changes: old entries just stop matching
 _TOUCH_EVERY_S = 60.0  # a hit re-marks its row at most this often
 _TOUCH_BATCH = 256  # pending marks written together once this many have piled up
 
@@ -96,113 +84,16 @@ class CacheSchemaError(RuntimeError):
     """The file was written by a newer proxy whose cache schema this one does not know."""
 
 
-@dataclass(frozen=True, slots=True)
-class CachePolicy:
-    enabled: bool = True
-    ttl_s: float = 86_400.0
-    max_entries: int = 10_000
-    max_entry_bytes: int = 1_048_576
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.ttl_s) and self.ttl_s > 0):
-            raise ValueError(f"cache.ttl_s must be a number of seconds > 0, got {self.ttl_s!r}")
-        for name in ("max_entries", "max_entry_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"cache.{name} must be a whole number >= 1, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    completion: dict  # the non-streamed chat.completion object, as the upstream returned it
-    model: str  # the real model that answered
-    upstream: str
-    cost_usd: float  # what the original request cost: what each hit saves
-    prompt_tokens: int
-    completion_tokens: int
-    created_at: float  # epoch seconds of the original answer
-
-
-# --- pure -------------------------------------------------------------------
-
-
-def wants_cache(body: Mapping[str, Any], header: str | None) -> bool:
-    """Whether this request may be answered from (and stored in) the cache."""
-    if header is not None:
-        switch = header.strip().lower()
-        if switch == "off":
-            return False
-        if switch == "on":
-            return True
-    temperature = body.get("temperature")
-    # type(), not isinstance(): `false` is an int in Python but not a temperature.
-    return type(temperature) in (int, float) and temperature == 0
-
-
-def cache_key(body: Mapping[str, Any], chain: Sequence[str]) -> str:
-    """sha256 hex of the request's canonical form and the ordered chain of real models."""
-    request = {name: _canonical_number(value) for name, value in body.items() if name not in IGNORED_FIELDS}
-    canonical = orjson.dumps({"chain": list(chain), "request": request}, option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(_KEY_PREFIX + canonical).hexdigest()
-
-
-def _canonical_number(value: Any) -> Any:
-    # `"temperature": 0.0` and `0` ask the same thing; only top-level parameters are numbers
-    # worth normalising, and below 2**53 the integer is exact.
-    if type(value) is float and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
-
-
-def cacheable(completion: Any) -> bool:
-    """An answer, not an error: `choices` present and non-empty, no `error`, no choice that errored."""
-    if not isinstance(completion, dict) or "error" in completion:
-        return False
-    choices = completion.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return False
-    return all(isinstance(choice, dict) and choice.get("finish_reason") != "error" for choice in choices)
-
-
-def _encode(answer: CachedAnswer) -> bytes:
-    return orjson.dumps(
-        {
-            "completion": answer.completion,
-            "model": answer.model,
-            "upstream": answer.upstream,
-            "cost_usd": answer.cost_usd,
-            "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens,
-            "created_at": answer.created_at,
-        }
-    )
-
-
-def _decode(payload: bytes) -> CachedAnswer:
-    stored = orjson.loads(payload)
-    return CachedAnswer(
-        completion=stored["completion"],
-        model=stored["model"],
-        upstream=stored["upstream"],
-        cost_usd=float(stored["cost_usd"]),
-        prompt_tokens=int(stored["prompt_tokens"]),
-        completion_tokens=int(stored["completion_tokens"]),
-        created_at=float(stored["created_at"]),
-    )
-
-
 # --- storage ----------------------------------------------------------------
 
 
-class ResponseCache:
-    """Answers in one SQLite file; build with `await ResponseCache.open(path, policy)`, end with `close()`."""
+class CacheFile:
+    """Answers in one SQLite file: the state. Every call that depends on the config takes the
+    policy of the caller's snapshot. Build with `await CacheFile.open(path)`, end with `close()`."""
 
-    def __init__(
-        self, db: aiosqlite.Connection, path: Path, policy: CachePolicy, clock: Callable[[], float], entries: int
-    ) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, clock: Callable[[], float], entries: int) -> None:
         self._db = db
         self._path = path
-        self._policy = policy
         self._clock = clock
         self._entries = entries
         # Writes are serialised so the in-memory entry count and eviction stay exact;
@@ -215,13 +106,8 @@ class ResponseCache:
 
     @classmethod
     async def open(
-        cls,
-        path: str | Path,
-        policy: CachePolicy,
-        *,
-        clock: Callable[[], float] = time.time,
-        busy_timeout_s: float = 5.0,
-    ) -> ResponseCache:
+        cls, path: str | Path, *, clock: Callable[[], float] = time.time, busy_timeout_s: float = 5.0
+    ) -> CacheFile:
         in_memory = str(path) == ":memory:"
         path = Path(path)
         if not in_memory:
@@ -233,39 +119,29 @@ class ResponseCache:
         except BaseException:
             await db.close()
             raise
-        cache = cls(db, path, policy, clock, entries)
-        await cache.purge_expired()
-        async with cache._write_lock:  # the policy may have shrunk since the file was written
-            await cache._evict_beyond_limit()
-        return cache
+        return cls(db, path, clock, entries)
 
     @property
     def path(self) -> Path:
         return self._path
 
     @property
-    def policy(self) -> CachePolicy:
-        return self._policy
-
-    @property
     def entries(self) -> int:
         return self._entries
 
-    async def apply_policy(self, policy: CachePolicy) -> None:
-        """Adopt a reloaded config's policy: a new TTL applies to stored entries at once, a smaller
-        `max_entries` evicts now, `enabled=False` makes get/put inert (entries are kept)."""
+    async def evict(self, policy: CachePolicy) -> None:
+        """Drop the least recently used entries beyond `policy.max_entries`."""
         async with self._write_lock:
-            self._policy = policy
             if not self._closed:
-                await self._evict_beyond_limit()
+                await self._evict_beyond_limit(policy)
 
-    async def get(self, key: str) -> CachedAnswer | None:
+    async def get(self, key: str, policy: CachePolicy) -> CachedAnswer | None:
         """The stored answer, or None when absent or expired (an expired row is deleted)."""
-        if self._closed or not self._policy.enabled:
+        if self._closed or not policy.enabled:
             return None
         now = self._clock()
         try:
-            found = await self._lookup(key, now)
+            found = await self._lookup(key, now, policy.ttl_s)
         except _STORE_ERRORS as exc:
             log.warning("cache %s: read failed, treating %s as a miss: %s", self._path, key[:12], exc)
             found = None
@@ -284,26 +160,26 @@ class ResponseCache:
                     log.warning("cache %s: could not record recent hits: %s", self._path, exc)
         return answer
 
-    async def _lookup(self, key: str, now: float) -> tuple[CachedAnswer, float] | None:
+    async def _lookup(self, key: str, now: float, ttl_s: float) -> tuple[CachedAnswer, float] | None:
         found = await self._db.execute_fetchall(
             "SELECT created_at, last_used, payload FROM responses WHERE key = ?", (key,)
         )
         if not found:
             return None
         ((created_at, last_used, payload),) = found
-        if created_at + self._policy.ttl_s <= now:
+        if created_at + ttl_s <= now:
             await self._delete(key, created_at)
             return None
         try:
-            return _decode(payload), last_used
+            return decode_answer(payload), last_used
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             log.warning("cache %s: dropping unreadable entry %s: %s", self._path, key[:12], exc)
             await self._delete(key, created_at)
             return None
 
-    async def put(self, key: str, answer: CachedAnswer) -> bool:
+    async def put(self, key: str, answer: CachedAnswer, policy: CachePolicy) -> bool:
         """Store a successful answer under `key`; return False when it was refused or not stored."""
-        if self._closed or not self._policy.enabled:
+        if self._closed or not policy.enabled:
             return False
         if not cacheable(answer.completion):
             log.debug("cache %s: not storing %s: not a successful completion", self._path, key[:12])
@@ -316,14 +192,14 @@ class ResponseCache:
                 answer.cost_usd,
             )
             return False
-        payload = _encode(answer)
-        if len(payload) > self._policy.max_entry_bytes:
+        payload = encode_answer(answer)
+        if len(payload) > policy.max_entry_bytes:
             log.debug(
                 "cache %s: not storing %s: %d bytes exceed max_entry_bytes %d",
                 self._path,
                 key[:12],
                 len(payload),
-                self._policy.max_entry_bytes,
+                policy.max_entry_bytes,
             )
             return False
         now = self._clock()
@@ -345,17 +221,17 @@ class ResponseCache:
                         row,
                     )
                 self._touched.pop(key, None)
-                await self._evict_beyond_limit()
+                await self._evict_beyond_limit(policy)
         except _STORE_ERRORS as exc:
             log.warning("cache %s: could not store %s: %s", self._path, key[:12], exc)
             return False
         return True
 
-    async def purge_expired(self) -> int:
+    async def purge_expired(self, policy: CachePolicy) -> int:
         """Delete every expired entry; return how many."""
         if self._closed:
             return 0
-        cutoff = self._clock() - self._policy.ttl_s
+        cutoff = self._clock() - policy.ttl_s
         async with self._write_lock:
             async with self._db.execute("DELETE FROM responses WHERE created_at <= ?", (cutoff,)) as cursor:
                 deleted = max(cursor.rowcount, 0)
@@ -399,8 +275,8 @@ class ResponseCache:
                 self._entries -= max(cursor.rowcount, 0)
             self._touched.pop(key, None)
 
-    async def _evict_beyond_limit(self) -> None:
-        excess = self._entries - self._policy.max_entries
+    async def _evict_beyond_limit(self, policy: CachePolicy) -> None:
+        excess = self._entries - policy.max_entries
         if excess <= 0:
             return
         await self._write_touches()  # so recent hits count before choosing what to drop
@@ -428,6 +304,95 @@ class ResponseCache:
 
     async def _recount(self) -> None:
         ((self._entries,),) = await self._db.execute_fetchall("SELECT count(*) FROM responses")
+
+
+class ResponseCache:
+    """A `CacheFile` seen through one config snapshot's `CachePolicy`: what the request path uses.
+    Build with `await ResponseCache.open(path, policy)`; a reload derives the next snapshot's view
+    with `await cache.with_policy(new)`. `close()` closes the file under every view."""
+
+    __slots__ = ("file", "policy")
+
+    def __init__(self, file: CacheFile, policy: CachePolicy) -> None:
+        self.file = file
+        self.policy = policy
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        policy: CachePolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+    ) -> ResponseCache:
+        file = await CacheFile.open(path, clock=clock, busy_timeout_s=busy_timeout_s)
+        cache = cls(file, policy)
+        await file.purge_expired(policy)
+        await file.evict(policy)  # the policy may have shrunk since the file was written
+        return cache
+
+    async def with_policy(self, policy: CachePolicy) -> ResponseCache:
+        """The same file under a reloaded config's policy: a new TTL applies to stored entries at
+        once, a smaller `max_entries` evicts now, `enabled=False` makes get/put inert (entries stay)."""
+        await self.file.evict(policy)
+        return ResponseCache(self.file, policy)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def entries(self) -> int:
+        return self.file.entries
+
+    @property
+    def hits(self) -> int:
+        return self.file.hits
+
+    @property
+    def misses(self) -> int:
+        return self.file.misses
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        return await self.file.get(key, self.policy)
+
+    async def put(self, key: str, answer: CachedAnswer) -> bool:
+        return await self.file.put(key, answer, self.policy)
+
+    async def purge_expired(self) -> int:
+        return await self.file.purge_expired(self.policy)
+
+    async def clear(self) -> int:
+        return await self.file.clear()
+
+    async def close(self) -> None:
+        await self.file.close()
+
+
+class CacheSlot:
+    """The process's cache file, opened when a config first enables the cache (at start-up or
+    by a reload) and closed at shutdown. `cache.path` is read when it opens; a later change of
+    the path needs a restart (the reload says so)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.file: CacheFile | None = None
+        self._clock = clock
+
+    async def open(self, path: str | Path, policy: CachePolicy) -> None:
+        """Open the file at `path` unless one is open already."""
+        if self.file is None:
+            self.file = (await ResponseCache.open(path, policy, clock=self._clock)).file
+
+    async def view(self, policy: CachePolicy) -> ResponseCache | None:
+        """The open file under `policy` (None when no file is open or the policy turns the cache off)."""
+        if self.file is None or not policy.enabled:
+            return None
+        return await ResponseCache(self.file, policy).with_policy(policy)
+
+    async def close(self) -> None:
+        if self.file is not None:
+            await self.file.close()
 
 
 async def _prepare(db: aiosqlite.Connection, path: Path, in_memory: bool, busy_timeout_s: float) -> None:

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import orjson
@@ -145,35 +145,28 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 async def _offline_explain(config: Config, body: dict, headers: dict, args: argparse.Namespace) -> dict | None:
-    """As the proxy would decide now, minus live state (cooldowns, rate limits) it alone knows."""
-    from proxy.core.budget import SpendBook
+    """As the proxy would decide now, with the same catalogue and the same policy it builds, minus
+    the live state (cooldowns, rate limits) only the running proxy knows."""
+    from proxy.core.budget import SpendCounters
     from proxy.core.explain import explain
-    from proxy.core.pricing import Catalogue, PriceBook
-    from proxy.core.routing import Router, UnknownModel
-    from proxy.money.accounting import Accountant, recorded_spend
+    from proxy.core.policy import Policy
+    from proxy.core.routing import UnknownModel
+    from proxy.money.accounting import recorded_spend
+    from proxy.money.catalogue import load_catalogue_source
     from proxy.money.ledger import Ledger
 
     now = time.time()
-    book = SpendBook(config.budget, config.keys, now)
+    counters = SpendCounters(config.budget.timezone, now)
     path = Path(args.ledger or config.ledger.path)
     if path.exists():
         ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
         try:
-            book.load(*await recorded_spend(ledger, book))
+            counters.load(*await recorded_spend(ledger, counters.calendar))
         finally:
             await ledger.close()
-    prices = PriceBook(Catalogue.load(config.pricing.catalogue), config.pricing)
+    policy = Policy.build(config, load_catalogue_source(config).catalogue, os.environ, counters)
     try:
-        return explain(
-            config,
-            Router(config),
-            Accountant(prices, book, None, clock=lambda: now),
-            body,
-            headers,
-            key=args.key,
-            blocked=None,
-            now=now,
-        )
+        return explain(policy, body, headers, key=args.key, blocked=None, now=now)
     except UnknownModel as exc:
         print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
         return None
@@ -183,6 +176,7 @@ def _setup_logging(config: Config) -> None:
     logging.basicConfig(
         level=config.logging.level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("orproxy").setLevel(config.logging.level)  # what a reload changes
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -213,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
         listen = listen.model_copy(update={"host": "127.0.0.1"})
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    env = os.environ
+    env: Mapping[str, str] = os.environ
     if args.demo:
         from proxy.ops.demo import start_demo
 

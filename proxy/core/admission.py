@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.config import Config, DowngradeStep
+from proxy.config import DowngradeStep
 from proxy.core.budget import Refusal, Reservation
 from proxy.core.errors import BudgetExceeded
 from proxy.core.features import RequestFeatures
+from proxy.core.policy import Policy
+from proxy.core.pricing import PriceBook
 from proxy.core.routing import BlockLookup, Plan, Router
-from proxy.money.accounting import Accountant
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +26,13 @@ class Admission:
     downgrade: str | None  # for the x-proxy-downgrade header; None when nothing was rewritten
 
 
+def worst_case(prices: PriceBook, plan: Plan, prompt_tokens: int, max_tokens: int | None) -> float:
+    """The most a plan can cost: the dearest member decides, since a fallback may land on it."""
+    return max((prices.worst_case(t.model, prompt_tokens, max_tokens) for t in plan.targets), default=0.0)
+
+
 def budgeted_plan(
-    config: Config,
-    router: Router,
-    accountant: Accountant,
+    policy: Policy,
     key: str | None,
     model: str,
     features: RequestFeatures,
@@ -37,31 +41,30 @@ def budgeted_plan(
 ) -> tuple[Plan, tuple[int, DowngradeStep] | None, float]:
     """The plan under today's downgrade step, the step (index, rule) and the plan's worst-case cost.
     Reserves nothing: `admit` and explain both start here."""
-    book = accountant.book
-    step = book.downgrade_step(book.fraction(key, now)) if config.budget.downgrade else None
-    plan = router.plan(model, features, blocked, step[1].map if step else None)
-    return plan, step, accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+    book = policy.book
+    step = book.downgrade_step(book.fraction(key, now)) if policy.config.budget.downgrade else None
+    plan = policy.router.plan(model, features, blocked, step[1].map if step else None)
+    return plan, step, worst_case(policy.prices, plan, features.prompt_tokens, features.max_tokens)
 
 
 def admit(
-    config: Config,
-    router: Router,
-    accountant: Accountant,
+    policy: Policy,
     key: str | None,
     model: str,
     features: RequestFeatures,
     blocked: BlockLookup | None,
     now: float,
 ) -> Admission:
-    plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
-    outcome, needed = accountant.reserve(key, estimate), estimate
+    plan, step, estimate = budgeted_plan(policy, key, model, features, blocked, now)
+    book = policy.book
+    outcome, needed = book.try_reserve(key, estimate, now), estimate
     if isinstance(outcome, Reservation):
         return Admission(plan, outcome, _describe(plan, f"step {step[0]} at {step[1].at:.0%}" if step else ""))
-    if config.budget.on_exhausted == "cheapest":
-        cheaper = _cheapest_plan(router, accountant, features, blocked, plan)
+    if policy.config.budget.on_exhausted == "cheapest":
+        cheaper = _cheapest_plan(policy.router, policy.prices, features, blocked, plan)
         if cheaper is not None:
             cheap_plan, cheap_estimate = cheaper
-            second = accountant.reserve(key, cheap_estimate)
+            second = book.try_reserve(key, cheap_estimate, now)
             if isinstance(second, Reservation):
                 return Admission(cheap_plan, second, _describe(cheap_plan, "budget exhausted: cheapest"))
             outcome, needed = second, cheap_estimate  # quote what was tried last, not the dearer plan
@@ -69,7 +72,7 @@ def admit(
 
 
 def _cheapest_plan(
-    router: Router, accountant: Accountant, features: RequestFeatures, blocked: BlockLookup | None, original: Plan
+    router: Router, prices: PriceBook, features: RequestFeatures, blocked: BlockLookup | None, original: Plan
 ) -> tuple[Plan, float] | None:
     """The chain model whose worst case is lowest for this very request."""
     best: tuple[Plan, float] | None = None
@@ -77,7 +80,7 @@ def _cheapest_plan(
         plan = router.plan(name, features, blocked)
         if not plan.targets:
             continue
-        cost = accountant.worst_case(plan, features.prompt_tokens, features.max_tokens)
+        cost = worst_case(prices, plan, features.prompt_tokens, features.max_tokens)
         if best is None or cost < best[1]:
             best = (plan, cost)
     if best is None or best[0].chain_owner == original.chain_owner:

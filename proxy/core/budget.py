@@ -1,9 +1,9 @@
 """Pure budget logic: spend so far, money reserved by requests in flight, downgrade steps.
 
-No IO: the ledger feeds `SpendBook.load` at start-up, the handler asks
-`try_reserve` before going upstream and `settle` afterwards. Checking and
-reserving happen in one synchronous call, so on one event loop concurrent
-requests cannot all squeeze through the same remaining dollars.
+No IO: the ledger feeds `SpendCounters.load` at start-up, the handler asks
+`SpendBook.try_reserve` before going upstream and `settle` afterwards. The
+counters are long-lived state; a `SpendBook` is built per config snapshot and
+brings that config's limits and steps to them.
 """
 
 from __future__ import annotations
@@ -46,21 +46,27 @@ class Reservation:
 
 
 @dataclass(slots=True)
-class _Scope:
-    daily_limit: float | None
-    monthly_limit: float | None
+class _Counters:
     day: float = 0.0
     month: float = 0.0
     reserved: float = 0.0
 
 
 @dataclass(slots=True)
-class _Calendar:
+class BudgetCalendar:
+    """The current day and month of the budget's time zone, as epoch seconds."""
+
     tz: ZoneInfo
     day_start: float = 0.0
     day_end: float = 0.0
     month_start: float = 0.0
     month_end: float = 0.0
+
+    @classmethod
+    def at(cls, tz: ZoneInfo, now: float) -> BudgetCalendar:
+        calendar = cls(tz)
+        calendar.place(now)
+        return calendar
 
     def place(self, now: float) -> None:
         local = datetime.fromtimestamp(now, self.tz)
@@ -76,32 +82,45 @@ def _next_midnight(day: datetime) -> datetime:
     return datetime.combine(day.date() + timedelta(days=1), day.time(), day.tzinfo)
 
 
-class SpendBook:
-    def __init__(self, budget: Budget, keys: tuple[ProxyKey, ...] = (), now: float = 0.0) -> None:
-        self._budget = budget
-        self._scopes: dict[str, _Scope] = {GLOBAL: _Scope(budget.daily_usd, budget.monthly_usd)}
-        for key in keys:
-            self._scopes[key.name] = _Scope(key.daily_usd, key.monthly_usd)
-        self.calendar = _Calendar(ZoneInfo(budget.timezone))
-        self.calendar.place(now)
+class SpendCounters:
+    """The long-lived state: spend this day and month and money reserved, per scope, in the
+    budget's calendar. Holds no limits: those come from the config snapshot (`SpendBook`), so a
+    reload changes limits without touching what has been spent. Every key's spend is counted,
+    configured or not, so a key added by a reload starts from what it already spent today."""
 
-    # -- start-up ---------------------------------------------------------------------------
+    def __init__(self, tz: ZoneInfo | str = "UTC", now: float = 0.0) -> None:
+        self.calendar = BudgetCalendar.at(ZoneInfo(tz) if isinstance(tz, str) else tz, now)
+        self._scopes: dict[str, _Counters] = {GLOBAL: _Counters()}
+
+    def scope(self, name: str) -> _Counters:
+        found = self._scopes.get(name)
+        if found is None:
+            found = self._scopes[name] = _Counters()
+        return found
+
+    def peek(self, name: str) -> _Counters | None:
+        return self._scopes.get(name)
+
     def load(self, day: Mapping[str, float], month: Mapping[str, float]) -> None:
-        """Spend already recorded this day / month, per key name ("" = no key); the global total is their sum."""
-        for scope in self._scopes.values():
-            scope.day = scope.month = 0.0
+        """Spend already recorded this day / month, per key name ("" = no key); the global total is
+        their sum. Replaces what was counted (the ledger is the truth); reservations stay."""
+        for counters in self._scopes.values():
+            counters.day = counters.month = 0.0
+        total = self._scopes[GLOBAL]
         for name, amount in day.items():
-            self._scope_for(name).day += amount
-            self._scopes[GLOBAL].day += amount if name != GLOBAL else 0.0
+            if name != GLOBAL:
+                self.scope(name).day += amount
+            total.day += amount
         for name, amount in month.items():
-            self._scope_for(name).month += amount
-            self._scopes[GLOBAL].month += amount if name != GLOBAL else 0.0
+            if name != GLOBAL:
+                self.scope(name).month += amount
+            total.month += amount
 
-    def _scope_for(self, name: str) -> _Scope:
-        scope = self._scopes.get(name)
-        return scope if scope is not None else _Scope(None, None)  # keys since removed: global only
+    def rebase(self, calendar: BudgetCalendar, day: Mapping[str, float], month: Mapping[str, float]) -> None:
+        """A new time zone: its day and month, with what the ledger holds for them."""
+        self.calendar = calendar
+        self.load(day, month)
 
-    # -- per request ------------------------------------------------------------------------
     def roll(self, now: float) -> None:
         """Start a new day or month when one has begun."""
         calendar = self.calendar
@@ -109,23 +128,62 @@ class SpendBook:
             return
         new_month = now >= calendar.month_end
         calendar.place(now)
-        for scope in self._scopes.values():
-            scope.day = 0.0
+        for counters in self._scopes.values():
+            counters.day = 0.0
             if new_month:
-                scope.month = 0.0
+                counters.month = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    daily: float | None
+    monthly: float | None
+
+
+class SpendBook:
+    """The budget of one config snapshot: its limits and downgrade steps, over the shared
+    `SpendCounters`. Checking and reserving happen in one synchronous call, so on one event loop
+    concurrent requests cannot all squeeze through the same remaining dollars."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        keys: tuple[ProxyKey, ...] = (),
+        now: float = 0.0,
+        counters: SpendCounters | None = None,
+    ) -> None:
+        self._budget = budget
+        self._limits: dict[str, _Limits] = {GLOBAL: _Limits(budget.daily_usd, budget.monthly_usd)}
+        for key in keys:
+            self._limits[key.name] = _Limits(key.daily_usd, key.monthly_usd)
+        self.counters = counters if counters is not None else SpendCounters(budget.timezone, now)
+
+    @property
+    def calendar(self) -> BudgetCalendar:
+        return self.counters.calendar
+
+    # -- start-up ---------------------------------------------------------------------------
+    def load(self, day: Mapping[str, float], month: Mapping[str, float]) -> None:
+        """Spend already recorded this day / month, per key name ("" = no key); the global total is their sum."""
+        self.counters.load(day, month)
+
+    # -- per request ------------------------------------------------------------------------
+    def roll(self, now: float) -> None:
+        self.counters.roll(now)
 
     def fraction(self, key: str | None, now: float) -> float:
         """The highest share of any budget that applies to this key, spent so far."""
-        self.roll(now)
+        self.counters.roll(now)
         fractions = [0.0]
         for name in (GLOBAL, key) if key else (GLOBAL,):
-            scope = self._scopes.get(name)
-            if scope is None:
+            limits = self._limits.get(name)
+            counters = self.counters.peek(name)
+            if limits is None or counters is None:
                 continue
-            if scope.daily_limit:
-                fractions.append(scope.day / scope.daily_limit)
-            if scope.monthly_limit:
-                fractions.append(scope.month / scope.monthly_limit)
+            if limits.daily:
+                fractions.append(counters.day / limits.daily)
+            if limits.monthly:
+                fractions.append(counters.month / limits.monthly)
         return max(fractions)
 
     def downgrade_step(self, fraction: float) -> tuple[int, DowngradeStep] | None:
@@ -137,63 +195,34 @@ class SpendBook:
         return found
 
     def try_reserve(self, key: str | None, amount: float, now: float) -> Reservation | Refusal:
-        self.roll(now)
-        names = (GLOBAL, key) if key else (GLOBAL,)
-        for name in names:
-            refusal = self._would_exceed(name, amount)
-            if refusal is not None:
-                return refusal
-        for name in names:
-            if name in self._scopes:
-                self._scopes[name].reserved += amount
+        refusal = self.would_refuse(key, amount, now)
+        if refusal is not None:
+            return refusal
+        for name in (GLOBAL, key) if key else (GLOBAL,):
+            self.counters.scope(name).reserved += amount
         return Reservation(key or GLOBAL, amount)
 
     def would_refuse(self, key: str | None, amount: float, now: float) -> Refusal | None:
         """What try_reserve would say, without reserving anything (for explain)."""
-        self.roll(now)
+        self.counters.roll(now)
         for name in (GLOBAL, key) if key else (GLOBAL,):
             refusal = self._would_exceed(name, amount)
             if refusal is not None:
                 return refusal
         return None
 
-    def reconfigure(
-        self,
-        budget: Budget,
-        keys: tuple[ProxyKey, ...],
-        now: float,
-        day_by_key: Mapping[str, float] | None = None,
-        month_by_key: Mapping[str, float] | None = None,
-    ) -> None:
-        """New limits from a reloaded config; spend and reservations carry over. A key new to
-        the book starts from what the ledger says it spent (day_by_key / month_by_key)."""
-        self._budget = budget
-        scopes = {GLOBAL: self._scopes[GLOBAL]}
-        scopes[GLOBAL].daily_limit, scopes[GLOBAL].monthly_limit = budget.daily_usd, budget.monthly_usd
-        for key in keys:
-            scope = self._scopes.get(key.name)
-            if scope is None:
-                scope = _Scope(
-                    None, None, (day_by_key or {}).get(key.name, 0.0), (month_by_key or {}).get(key.name, 0.0)
-                )
-            scope.daily_limit, scope.monthly_limit = key.daily_usd, key.monthly_usd
-            scopes[key.name] = scope
-        self._scopes = scopes
-        if ZoneInfo(budget.timezone) != self.calendar.tz:
-            self.calendar = _Calendar(ZoneInfo(budget.timezone))
-            self.calendar.place(now)
-
     def _would_exceed(self, name: str, amount: float) -> Refusal | None:
-        scope = self._scopes.get(name)
-        if scope is None:
+        limits = self._limits.get(name)
+        if limits is None:
             return None
-        calendar = self.calendar
+        counters = self.counters.scope(name)
+        calendar = self.counters.calendar
         for window, spent, limit, resets in (
-            ("daily", scope.day, scope.daily_limit, calendar.day_end),
-            ("monthly", scope.month, scope.monthly_limit, calendar.month_end),
+            ("daily", counters.day, limits.daily, calendar.day_end),
+            ("monthly", counters.month, limits.monthly, calendar.month_end),
         ):
-            if limit is not None and spent + scope.reserved + amount > limit:
-                return Refusal(name, window, spent, scope.reserved, limit, resets)
+            if limit is not None and spent + counters.reserved + amount > limit:
+                return Refusal(name, window, spent, counters.reserved, limit, resets)
         return None
 
     def settle(self, reservation: Reservation, cost: float, now: float) -> None:
@@ -201,15 +230,12 @@ class SpendBook:
         if reservation.settled:
             return
         reservation.settled = True
-        self.roll(now)
-        names = {GLOBAL, reservation.scope}
-        for name in names:
-            scope = self._scopes.get(name)
-            if scope is None:
-                continue
-            scope.reserved = max(0.0, scope.reserved - reservation.amount)
-            scope.day += cost
-            scope.month += cost
+        self.counters.roll(now)
+        for name in {GLOBAL, reservation.scope}:
+            counters = self.counters.scope(name)
+            counters.reserved = max(0.0, counters.reserved - reservation.amount)
+            counters.day += cost
+            counters.month += cost
 
     def add_spend(self, key: str | None, cost: float, now: float) -> None:
         """Book a cost that had no reservation (a stream billed after the fact)."""
@@ -217,16 +243,17 @@ class SpendBook:
 
     # -- reporting --------------------------------------------------------------------------
     def snapshot(self) -> list[tuple[str, str, float, float | None]]:
-        """(scope, window, spent, limit) for every scope: what the metrics and /admin show."""
+        """(scope, window, spent, limit) for every configured scope: what the metrics and /admin show."""
         rows = []
-        for name, scope in self._scopes.items():
-            rows.append((name, "daily", scope.day, scope.daily_limit))
-            rows.append((name, "monthly", scope.month, scope.monthly_limit))
+        for name, limits in self._limits.items():
+            counters = self.counters.peek(name) or _Counters()
+            rows.append((name, "daily", counters.day, limits.daily))
+            rows.append((name, "monthly", counters.month, limits.monthly))
         return rows
 
     def reserved(self, key: str | None = None) -> float:
-        scope = self._scopes.get(key or GLOBAL)
-        return scope.reserved if scope else 0.0
+        counters = self.counters.peek(key or GLOBAL)
+        return counters.reserved if counters else 0.0
 
 
 def _usd(value: float, places: int) -> str:

@@ -9,17 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.config import Config
 from proxy.core.admission import budgeted_plan
 from proxy.core.features import RequestFeatures, extract_features
-from proxy.core.routing import BlockLookup, Router, UnknownModel
-from proxy.money.accounting import Accountant
+from proxy.core.policy import Policy
+from proxy.core.routing import BlockLookup, UnknownModel
 
 
 def explain(
-    config: Config,
-    router: Router,
-    accountant: Accountant,
+    policy: Policy,
     body: Mapping[str, Any],
     headers: Mapping[str, str],
     *,
@@ -31,13 +28,13 @@ def explain(
     features = extract_features(body, headers)
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise UnknownModel(str(model), sorted(config.models))
-    plan, step, estimate = budgeted_plan(config, router, accountant, key, model, features, blocked, now)
-    fraction = accountant.book.fraction(key, now)
+        raise UnknownModel(str(model), sorted(policy.config.models))
+    plan, step, estimate = budgeted_plan(policy, key, model, features, blocked, now)
+    fraction = policy.book.fraction(key, now)
     worst = {
-        str(t): accountant.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens) for t in plan.targets
+        str(t): policy.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens) for t in plan.targets
     }
-    refusal = accountant.book.would_refuse(key, estimate, now)
+    refusal = policy.book.would_refuse(key, estimate, now)
     return {
         "requested_model": model,
         "features": _features(features),
@@ -55,7 +52,7 @@ def explain(
                 "reserved_usd": refusal.reserved,
                 "limit_usd": refusal.limit,
                 "resets_at": refusal.resets_at,
-                "on_exhausted": config.budget.on_exhausted,
+                "on_exhausted": policy.config.budget.on_exhausted,
             },
         },
         "virtual_model": plan.chain_owner,

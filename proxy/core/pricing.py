@@ -1,4 +1,4 @@
-"""Prices and costs. Pure, apart from reading the catalogue file once at start-up.
+"""Prices and costs. Pure: the catalogue document comes in parsed (see `proxy.money.catalogue`).
 
 Units: the catalogue (OpenRouter's /api/v1/models format) gives USD per TOKEN as
 strings; config overrides give USD per MILLION tokens. Everything here is
@@ -11,11 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from proxy.config import Pricing
 
@@ -69,14 +65,6 @@ class Catalogue:
                 top.get("max_completion_tokens"),
             )
         return cls(prices, document.get("snapshot_date"), tuple(document.get("data", ())))
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> Catalogue:
-        if path is None:
-            data = resources.files("proxy").joinpath("data/openrouter-models.json").read_bytes()
-        else:
-            data = Path(path).read_bytes()
-        return cls.parse(orjson.loads(data))
 
 
 class PriceBook:

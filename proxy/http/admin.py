@@ -1,6 +1,9 @@
-"""Admin routes: on only when the admin key's env variable is set; compared in constant time."""
+"""Admin routes: on only while the config snapshot has an admin key (`admin.key_env` names a set
+variable), compared in constant time. Off, they answer 404 like any unknown path."""
 
 from __future__ import annotations
+
+from typing import cast
 
 import orjson
 from aiohttp import web
@@ -8,28 +11,31 @@ from aiohttp import web
 from proxy.core.errors import InvalidRequest, ProxyError, ServiceUnavailable, Unauthorized
 from proxy.core.keys import bearer_matches
 from proxy.http.appkeys import ACCOUNTANT, RELOADER, RUNTIME
-from proxy.http.errors import openai_errors
-from proxy.money.reports import GROUPS, PERIODS, spend_report
+from proxy.http.errors import not_found, openai_errors
+from proxy.money.reports import GROUPS, PERIODS, GroupBy, Period, spend_report
+from proxy.ops.runtime import Runtime
 
 JSON = "application/json"
 
 
 class AdminRoutes:
-    def __init__(self, admin_key: str, key_env: str) -> None:
-        self._admin_key = admin_key
-        self._key_env = key_env
-
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/admin/spend", openai_errors(self.spend))
         router.add_get("/admin/status", openai_errors(self.status))
         router.add_post("/admin/reload", openai_errors(self.reload))
 
-    def _authorize(self, request: web.Request) -> None:
-        if not bearer_matches(request.headers.get("Authorization"), self._admin_key):
-            raise Unauthorized(f"Admin routes need `Authorization: Bearer <admin key>` (the value of {self._key_env}).")
+    def _authorize(self, request: web.Request) -> Runtime:
+        runtime = request.app[RUNTIME].current
+        if runtime.admin_key is None:
+            raise not_found(request)
+        if not bearer_matches(request.headers.get("Authorization"), runtime.admin_key):
+            raise Unauthorized(
+                f"Admin routes need `Authorization: Bearer <admin key>` (the value of {runtime.config.admin.key_env})."
+            )
+        return runtime
 
     async def spend(self, request: web.Request) -> web.Response:
-        self._authorize(request)
+        runtime = self._authorize(request)
         period = request.query.get("period", "day")
         by = request.query.get("by", "model")
         if period not in PERIODS:
@@ -41,9 +47,10 @@ class AdminRoutes:
         if ledger is None:
             raise ServiceUnavailable("The ledger is not open yet.")
         now = accountant.now()
-        config = request.app[RUNTIME].current.config
-        report = await spend_report(ledger, period, by, config.budget.timezone, now)
-        book = accountant.book
+        report = await spend_report(
+            ledger, cast(Period, period), cast(GroupBy, by), runtime.config.budget.timezone, now
+        )
+        book = runtime.policy.book
         book.roll(now)  # after midnight with no request since, the book still holds yesterday's figures
         report["budget"] = [
             {"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
@@ -52,8 +59,7 @@ class AdminRoutes:
         return web.Response(body=orjson.dumps(report), content_type=JSON)
 
     async def status(self, request: web.Request) -> web.Response:
-        self._authorize(request)
-        runtime = request.app[RUNTIME].current
+        runtime = self._authorize(request)
         reloader = request.app.get(RELOADER)
         body = {
             "virtual_models": list(runtime.config.models),

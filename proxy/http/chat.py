@@ -1,5 +1,5 @@
 """Thin HTTP handlers: parse once, route, run, answer. Domain errors become
-OpenAI's error JSON in `proxy.http_errors`, in one place."""
+OpenAI's error JSON in `proxy.http.errors`, in one place."""
 
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ from aiohttp import ClientResponse, web
 
 from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
-from proxy.core.breakers import BlockView, CircuitBreakers
+from proxy.core.breakers import BlockView
 from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
-from proxy.core.ratelimits import RateLimits
 from proxy.core.record import Attempt, RequestRecord, Usage
-from proxy.core.routing import Plan, UnknownModel
-from proxy.http.appkeys import CACHE, RUNTIME
+from proxy.core.routing import Plan, Target, UnknownModel
+from proxy.http.appkeys import RUNTIME
 from proxy.http.cached import answer_hit, key_for, store
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
-from proxy.ops.runtime import Runtime, RuntimeRef
+from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.relay import relay
 
@@ -36,11 +35,12 @@ JSON = "application/json"
 
 
 class ChatHandler:
-    def __init__(
-        self, breakers: CircuitBreakers, ratelimits: RateLimits, accountant: Accountant, gauges: Gauges
-    ) -> None:
-        self._breakers = breakers
-        self._ratelimits = ratelimits
+    """POST /v1/chat/completions. Everything the config decides comes from the snapshot the
+    request acquired; this object holds only the long-lived state it was built with."""
+
+    def __init__(self, state: SharedState, accountant: Accountant, gauges: Gauges) -> None:
+        self._breakers = state.breakers
+        self._ratelimits = state.ratelimits
         self._accountant = accountant
         self._gauges = gauges
         self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
@@ -62,11 +62,12 @@ class ChatHandler:
             runtimes.release(runtime)
 
     async def _serve(self, request: web.Request, runtime: Runtime) -> web.StreamResponse:
+        policy = runtime.policy
         started = time.monotonic()
         request_id = self._request_id(request)
         try:
-            client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
-            body = await _read_body(request)
+            client_key = policy.keys.authenticate(request.headers.get("Authorization"))
+            body = await read_body(request, runtime.config.max_body_bytes)
         except ProxyError as exc:
             exc.request_id = request_id
             refused = RequestRecord(
@@ -79,7 +80,7 @@ class ChatHandler:
                 error=exc.code,
                 latency_s=time.monotonic() - started,
             )
-            self._accountant.observe_refusal(refused)
+            self._accountant.observe_refusal(refused, policy)
             raise
         model_name = body["model"]
         features = extract_features(body, request.headers)
@@ -98,43 +99,39 @@ class ChatHandler:
             admission = self._admit(runtime, client_key.name, model_name, features)
             plan, reservation = admission.plan, admission.reservation
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
-            cache = request.app.get(CACHE)
-            cache_key = key_for(cache, body, request.headers, plan, runtime.router, runtime.config.direct_upstream)
+            cache = runtime.cache
+            cache_key = key_for(cache, body, request.headers, plan, policy.router, runtime.config.direct_upstream)
             if cache_key is not None and cache is not None:
                 hit = await cache.get(cache_key)
                 if hit is not None:
-                    response = answer_hit(
-                        request, hit, record, _proxy_headers(request_id, plan, [], admission.downgrade), features.stream
-                    )
+                    headers = _proxy_headers(request_id, plan, [], admission.downgrade)
+                    response = answer_hit(request, hit, record, headers, features.stream)
                     record.latency_s = time.monotonic() - started
-                    await self._accountant.settle(record, reservation)
+                    await self._accountant.settle(record, reservation, policy)
                     return response
-            answer = await runtime.executor.run(plan, body, _open_stream if features.stream else _complete)
-            record.model, record.upstream, record.attempts = (
-                answer.target.model,
-                answer.target.upstream,
-                answer.attempts,
-            )
-            headers = _proxy_headers(request_id, plan, answer.attempts, admission.downgrade)
-            if cache_key is not None:
-                headers["x-proxy-cache"] = "miss"
-            record.route = headers["x-proxy-route"]
-            record.status = 200
             if features.stream:
+                streamed = await runtime.executor.run(plan, body, _open_stream)
+                headers = self._answered(record, request_id, plan, streamed.target, streamed.attempts, admission)
+                if cache_key is not None:
+                    headers["x-proxy-cache"] = "miss"
                 assembler = StreamAssembler() if cache_key is not None else None
 
                 async def finish() -> None:
                     record.latency_s = time.monotonic() - started
-                    await self._accountant.settle(record, reservation)
+                    await self._accountant.settle(record, reservation, policy)
                     completion = assembler.completion() if assembler is not None else None
                     if completion is not None and cache is not None and cache_key is not None:
                         store(cache, cache_key, record, completion, self._accountant.now(), self._background)
 
-                return await relay(request, answer.result, headers, record, started, finish, assembler)
+                return await relay(request, streamed.result, headers, record, started, finish, assembler)
+            answer = await runtime.executor.run(plan, body, _complete)
+            headers = self._answered(record, request_id, plan, answer.target, answer.attempts, admission)
+            if cache_key is not None:
+                headers["x-proxy-cache"] = "miss"
             raw, payload = answer.result
             _fill_from_payload(record, payload)
             record.latency_s = time.monotonic() - started
-            await self._accountant.settle(record, reservation)
+            await self._accountant.settle(record, reservation, policy)
             if cache_key is not None and cache is not None:
                 store(cache, cache_key, record, payload, self._accountant.now(), self._background)
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
@@ -145,7 +142,23 @@ class ChatHandler:
         finally:
             if not record.settled:  # failures, refusals and hang-ups are booked too
                 record.latency_s = time.monotonic() - started
-                await self._accountant.settle(record, reservation, wait=False)
+                await self._accountant.settle(record, reservation, policy, wait=False)
+
+    @staticmethod
+    def _answered(
+        record: RequestRecord,
+        request_id: str,
+        plan: Plan,
+        target: Target,
+        attempts: list[Attempt],
+        admission: Admission,
+    ) -> dict[str, str]:
+        """Note who answered on the record; the proxy headers of the answer."""
+        record.model, record.upstream, record.attempts = target.model, target.upstream, attempts
+        headers = _proxy_headers(request_id, plan, attempts, admission.downgrade)
+        record.route = headers["x-proxy-route"]
+        record.status = 200
+        return headers
 
     def _blocked(self, runtime: Runtime, now: float) -> BlockView | None:
         open_breakers = self._breakers.active(now)
@@ -157,24 +170,20 @@ class ChatHandler:
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
-            return admit(
-                runtime.config, runtime.router, self._accountant, key, model, features, self._blocked(runtime, now), now
-            )
+            return admit(runtime.policy, key, model, features, self._blocked(runtime, now), now)
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
 
     async def explain(self, request: web.Request) -> web.Response:
         """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
         runtime = request.app[RUNTIME].current
-        client_key = runtime.keys.authenticate(request.headers.get("Authorization"))
-        body = await _read_body(request)
+        client_key = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
+        body = await read_body(request, runtime.config.max_body_bytes)
         client_key.check_model(body["model"])
         now = self._accountant.now()
         try:
             decision = explain(
-                runtime.config,
-                runtime.router,
-                self._accountant,
+                runtime.policy,
                 body,
                 request.headers,
                 key=client_key.name,
@@ -243,14 +252,19 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     return f"{head}: {tried}{skipped}"
 
 
-async def _read_body(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise BodyTooLarge(
-            f"The request body is larger than this proxy accepts ({exc.text or 'limit'}); "
-            "raise `max_body_bytes` in the config if this is expected."
-        ) from None
+async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
+    """The JSON body, read with the snapshot's `max_body_bytes` (so a reload can change it)."""
+    too_large = BodyTooLarge(
+        f"The request body is larger than this proxy accepts ({limit} bytes); "
+        "raise `max_body_bytes` in the config if this is expected."
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    raw = bytearray()
+    while chunk := await request.content.readany():
+        raw += chunk
+        if len(raw) > limit:
+            raise too_large
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -60,11 +60,14 @@ async def unknown_route(request: web.Request) -> web.Response:
             f"Method {request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}.",
         )
         return error_response(error, None, {"Allow": ", ".join(sorted(allowed))})
-    error = _from_http(
+    return error_response(not_found(request), None)
+
+
+def not_found(request: web.Request) -> ProxyError:
+    return _from_http(
         web.HTTPNotFound(),
         f"No route {request.method} {request.path}; this proxy serves POST /v1/chat/completions and GET /v1/models.",
     )
-    return error_response(error, None)
 
 
 def _from_http(exc: web.HTTPException, message: str) -> ProxyError:

@@ -8,89 +8,63 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from proxy.core.budget import Refusal, Reservation, SpendBook
+from proxy.core.budget import BudgetCalendar, Reservation
+from proxy.core.policy import Policy
 from proxy.core.pricing import Cost, PriceBook
 from proxy.core.record import RequestRecord, billed_tokens
-from proxy.core.routing import Plan
 from proxy.money.ledger import Ledger, LedgerRow
 
 log = logging.getLogger("orproxy")
 access_log = logging.getLogger("orproxy.access")
 
 
-Sink = Callable[[RequestRecord], None]
+# Told of every settled request, with the policy (config snapshot) it ran on.
+Sink = Callable[[RequestRecord, Policy], None]
 
 
 class Accountant:
-    """Reserves before a request goes upstream, and settles after it: price, book, ledger, sinks."""
+    """Settles a request once: prices it with its snapshot's prices, books it against its
+    snapshot's budget, writes the ledger row and tells the sinks. Holds no config: the policy
+    comes with each call. The ledger is a resource opened at start-up and closed at shutdown."""
 
-    def __init__(
-        self,
-        prices: PriceBook,
-        book: SpendBook,
-        ledger: Ledger | None,
-        sinks: Iterable[Sink] = (),
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.prices = prices
-        self.book = book
-        self.ledger = ledger
-        self._sinks = list(sinks)
+    def __init__(self, sinks: Iterable[Sink] = (), clock: Callable[[], float] = time.time) -> None:
+        self.ledger: Ledger | None = None
+        self._sinks = tuple(sinks)
         self._clock = clock
 
     def now(self) -> float:
         """The clock the spend book runs on (injected in tests)."""
         return self._clock()
 
-    def add_sink(self, sink: Sink) -> None:
-        self._sinks.append(sink)
-
-    def worst_case(self, plan: Plan, prompt_tokens: int, max_tokens: int | None) -> float:
-        """The dearest member decides: a fallback may land on it."""
-        return max((self.prices.worst_case(t.model, prompt_tokens, max_tokens) for t in plan.targets), default=0.0)
-
-    def reserve(self, key: str | None, amount: float) -> Reservation | Refusal:
-        return self.book.try_reserve(key, amount, self._clock())
-
-    def price(self, record: RequestRecord, tokens: tuple[int, int]) -> Cost:
-        """`tokens` as `billed_tokens` gives them."""
-        if record.cached:
-            return Cost(0.0, "cached")
-        if record.model is None:
-            return Cost(0.0, "upstream")  # nothing answered: nothing to pay
-        usage = record.usage
-        if usage is not None:
-            return self.prices.cost(record.model, *tokens, usage.cost_usd)
-        # A stream cut before its usage chunk: bill what was seen, estimated from the text.
-        return self.prices.cost(record.model, *tokens, None, estimated=True)
-
-    def observe_refusal(self, record: RequestRecord) -> None:
+    def observe_refusal(self, record: RequestRecord, policy: Policy) -> None:
         """A request refused before it had a model (bad key, bad body): seen by the log and the
         metrics, but not the ledger (a flood of bad keys must not fill the disk) nor the budget."""
         record.settled = True
-        self._notify(record)
+        self._notify(record, policy)
 
-    def _notify(self, record: RequestRecord) -> None:
+    def _notify(self, record: RequestRecord, policy: Policy) -> None:
         for sink in self._sinks:
             try:
-                sink(record)
+                sink(record, policy)
             except Exception:
                 log.exception("accounting sink %r failed", sink)
 
-    async def settle(self, record: RequestRecord, reservation: Reservation | None, *, wait: bool = True) -> None:
+    async def settle(
+        self, record: RequestRecord, reservation: Reservation | None, policy: Policy, *, wait: bool = True
+    ) -> None:
         """Book the request once: idempotent, and never raises into the request."""
         if record.settled:
             return
         record.settled = True
         now = self._clock()
         tokens = billed_tokens(record)
-        record.cost = cost = self.price(record, tokens)
-        record.baseline_usd = self.prices.baseline(*tokens) if record.model else 0.0
+        record.cost = cost = price(policy.prices, record, tokens)
+        record.baseline_usd = policy.prices.baseline(*tokens) if record.model else 0.0
         if reservation is not None:
-            self.book.settle(reservation, cost.usd, now)
+            policy.book.settle(reservation, cost.usd, now)
         elif cost.usd:
-            self.book.add_spend(record.key_name, cost.usd, now)
-        self._notify(record)
+            policy.book.add_spend(record.key_name, cost.usd, now)
+        self._notify(record, policy)
         if self.ledger is None:
             return
         try:
@@ -103,9 +77,21 @@ class Accountant:
             log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
 
 
-async def recorded_spend(ledger: Ledger, book: SpendBook) -> tuple[dict[str, float], dict[str, float]]:
-    """What the ledger holds per key for the book's current day and month: `book.load` takes it."""
-    calendar = book.calendar
+def price(prices: PriceBook, record: RequestRecord, tokens: tuple[int, int]) -> Cost:
+    """What a request cost; `tokens` as `billed_tokens` gives them."""
+    if record.cached:
+        return Cost(0.0, "cached")
+    if record.model is None:
+        return Cost(0.0, "upstream")  # nothing answered: nothing to pay
+    usage = record.usage
+    if usage is not None:
+        return prices.cost(record.model, *tokens, usage.cost_usd)
+    # A stream cut before its usage chunk: bill what was seen, estimated from the text.
+    return prices.cost(record.model, *tokens, None, estimated=True)
+
+
+async def recorded_spend(ledger: Ledger, calendar: BudgetCalendar) -> tuple[dict[str, float], dict[str, float]]:
+    """What the ledger holds per key for the calendar's current day and month: `SpendCounters.load` takes it."""
     return (
         await ledger.spend_by_key_between(calendar.day_start),
         await ledger.spend_by_key_between(calendar.month_start),
@@ -140,7 +126,10 @@ def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
     )
 
 
-def log_access(record: RequestRecord) -> None:
+def log_access(record: RequestRecord, policy: Policy) -> None:
+    """The access log, a sink like the others; `logging.access_log` of the request's snapshot decides."""
+    if not policy.config.logging.access_log:
+        return
     usage = record.usage
     cost = record.cost
     access_log.info(

@@ -276,10 +276,12 @@ class Ledger:
 
     # --- retention -----------------------------------------------------------
 
-    async def prune(self, now: float | None = None) -> int:
-        """Delete rows older than retention_days before `now` (default: the clock); return how many."""
+    async def prune(self, now: float | None = None, *, retention_days: int | None = None) -> int:
+        """Delete rows older than retention_days (default: the one the ledger was opened with) before
+        `now` (default: the clock); return how many."""
         self._check_open()
-        cutoff = (self._clock() if now is None else now) - self._retention_s
+        retention_s = self._retention_s if retention_days is None else retention_days * 86_400.0
+        cutoff = (self._clock() if now is None else now) - retention_s
         deleted = 0
         while True:
             # Chunked, releasing the lock between chunks, so a first prune of a
@@ -300,9 +302,7 @@ class Ledger:
             if count < _PRUNE_CHUNK:
                 break
         if deleted:
-            log.info(
-                "ledger %s: pruned %d request(s) older than %.0f days", self._path, deleted, self._retention_s / 86_400
-            )
+            log.info("ledger %s: pruned %d request(s) older than %.0f days", self._path, deleted, retention_s / 86_400)
         return deleted
 
 

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 from rich.table import Table
 
-from proxy.core.budget import _Calendar
+from proxy.core.budget import BudgetCalendar
 from proxy.money.ledger import Ledger, SummaryRow
 
 Period = Literal["day", "month"]
@@ -19,8 +19,7 @@ GROUPS = ("model", "virtual", "key")
 
 
 def period_bounds(period: Period, timezone: str, now: float) -> tuple[float, float]:
-    calendar = _Calendar(ZoneInfo(timezone))
-    calendar.place(now)
+    calendar = BudgetCalendar.at(ZoneInfo(timezone), now)
     if period == "day":
         return calendar.day_start, calendar.day_end
     return calendar.month_start, calendar.month_end

@@ -5,9 +5,10 @@ lock-free tallies (`proxy.ops.tallies`), so a request costs dictionary updates.
 State-derived gauges (budgets, cooldowns, rate limits, in-flight, credits) are
 read only when Prometheus scrapes, by a collector.
 
-Labels stay bounded: a virtual model label is a configured name (else
-`direct` for a real slug, `unknown` for a 404), a model label a configured
-chain member (else `other`), a key label a configured key name (else `none`).
+Labels stay bounded (`proxy.core.policy.Labels`): a virtual model label is a
+configured name (else `direct` for a real slug, `unknown` for a 404), a model
+label a configured chain member (else `other`), a key label a configured key
+name (else `none`).
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.config import Config
+from proxy.cache.store import CacheSlot
 from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendBook
+from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits, Reading
 from proxy.core.record import RequestRecord
 from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
+if TYPE_CHECKING:
+    from proxy.ops.runtime import Runtime
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-OTHER, DIRECT, UNKNOWN, NO_KEY = "other", "direct", "unknown", "none"
 
 
 @dataclass
@@ -38,16 +42,14 @@ class Gauges:
     in_flight: int = 0
     credits_remaining: dict[str, float] = field(default_factory=dict)
     credits_used_today: dict[str, float] = field(default_factory=dict)
-    downgrade_step: Callable[[], int] = lambda: -1
-    extra: list[Callable[[], Iterator[Metric]]] = field(default_factory=list)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, config: Config) -> None:
+    """The per-request tallies (state only): label values come bounded by the policy of the
+    snapshot each request ran on."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._virtual = frozenset(config.models)
-        self.models = frozenset(m.model for vm in config.models.values() for m in vm.chain or ())
-        self._keys = frozenset(k.name for k in config.keys)
         self.gauges = Gauges()
         self.requests = Tally("orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status"])
         self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key"])
@@ -86,29 +88,12 @@ class Metrics:
             )
         )
 
-    def reconfigure(self, config: Config) -> None:
-        """A reloaded config: its names become the allowed label values (series seen stay)."""
-        self._virtual = frozenset(config.models)
-        self.models = frozenset(m.model for vm in config.models.values() for m in vm.chain or ())
-        self._keys = frozenset(k.name for k in config.keys)
-
-    # -- label hygiene ---------------------------------------------------------------------
-    def virtual_label(self, record: RequestRecord) -> str:
-        if record.requested_model in self._virtual:
-            return record.requested_model
-        return DIRECT if record.model else UNKNOWN
-
-    def model_label(self, model: str | None) -> str:
-        return model if model in self.models else (OTHER if model else "none")
-
-    def key_label(self, key: str | None) -> str:
-        return key if key in self._keys else NO_KEY
-
     # -- the accounting sink -------------------------------------------------------------
-    def observe(self, record: RequestRecord) -> None:
-        virtual = self.virtual_label(record)
-        model = self.model_label(record.model)
-        key = self.key_label(record.key_name)
+    def observe(self, record: RequestRecord, policy: Policy) -> None:
+        labels = policy.labels
+        virtual = labels.virtual(record.requested_model, record.model is not None)
+        model = labels.model(record.model)
+        key = labels.key(record.key_name)
         self.requests.add((virtual, model, str(record.status)))
         self.duration.observe((virtual,), record.latency_s)
         if record.cost is not None and record.cost.usd:
@@ -123,11 +108,11 @@ class Metrics:
             self.ttft.observe((model,), record.ttft_s)
         previous = None
         for attempt in record.attempts:
-            attempt_model = self.model_label(attempt.target.model)
+            attempt_model = labels.model(attempt.target.model)
             self.attempts.add((attempt_model, attempt.outcome))
             self.upstream_duration.observe((attempt_model,), attempt.duration_s)
             if previous is not None and previous.target != attempt.target:
-                self.fallbacks.add((virtual, self.model_label(previous.target.model), previous.outcome))
+                self.fallbacks.add((virtual, labels.model(previous.target.model), previous.outcome))
             previous = attempt
 
 
@@ -137,32 +122,38 @@ class StateCollector(Collector):
     def __init__(
         self,
         metrics: Metrics,
-        book: SpendBook,
+        current: Callable[[], Runtime | None],
         breakers: CircuitBreakers,
         ratelimits: RateLimits,
+        cache: CacheSlot,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._metrics = metrics
-        self._book = book
+        self._current = current
+        self._cache = cache
         self._breakers = breakers
         self._ratelimits = ratelimits
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
+        runtime = self._current()
+        if runtime is None:
+            return
         gauges = self._metrics.gauges
         now = self._clock()
+        policy = runtime.policy
         in_flight = GaugeMetricFamily("orproxy_in_flight_requests", "Client requests being served")
         in_flight.add_metric([], gauges.in_flight)
         yield in_flight
-        yield from self._budget(now)
+        yield from self._budget(policy, now)
         cooldown = GaugeMetricFamily(
             "orproxy_model_cooldown", "1 while a model is skipped by its circuit breaker", labels=["model"]
         )
         open_now = {t.model for t in self._breakers.active(now)}
-        for model in sorted(self._metrics.models):
+        for model in sorted(policy.labels.models):
             cooldown.add_metric([model], 1.0 if model in open_now else 0.0)
         yield cooldown
-        yield from self._rate_limits(now)
+        yield from self._rate_limits(policy, now)
         credits = GaugeMetricFamily(
             "orproxy_upstream_credits_remaining_usd", "Credits left on the upstream key", labels=["upstream"]
         )
@@ -175,18 +166,18 @@ class StateCollector(Collector):
         for upstream, value in gauges.credits_used_today.items():
             used.add_metric([upstream], value)
         yield used
-        for extra in gauges.extra:
-            yield from extra()
+        yield from self._cache_counters()
 
-    def _budget(self, now: float) -> Iterator[Metric]:
-        self._book.roll(now)
+    def _budget(self, policy: Policy, now: float) -> Iterator[Metric]:
+        book = policy.book
+        book.roll(now)
         spent = GaugeMetricFamily(
             "orproxy_budget_spent_usd", "Spend in the current budget window, USD", labels=["window", "key"]
         )
         limit = GaugeMetricFamily(
             "orproxy_budget_limit_usd", "Budget limit of the window, USD", labels=["window", "key"]
         )
-        for scope, window, amount, cap in self._book.snapshot():
+        for scope, window, amount, cap in book.snapshot():
             label = scope or "all"
             spent.add_metric([window, label], amount)
             if cap is not None:
@@ -199,18 +190,30 @@ class StateCollector(Collector):
             "When the current budget window ends (epoch seconds)",
             labels=["window"],
         )
-        ends.add_metric(["daily"], self._book.calendar.day_end)
-        ends.add_metric(["monthly"], self._book.calendar.month_end)
+        ends.add_metric(["daily"], book.calendar.day_end)
+        ends.add_metric(["monthly"], book.calendar.month_end)
         yield ends
         step = GaugeMetricFamily("orproxy_budget_downgrade_step", "Index of the downgrade step in force (-1: none)")
-        step.add_metric([], self._metrics.gauges.downgrade_step())
+        found = book.downgrade_step(book.fraction(None, now))
+        step.add_metric([], found[0] if found else -1)
         yield step
 
-    def _rate_limits(self, now: float) -> Iterator[Metric]:
+    def _cache_counters(self) -> Iterator[Metric]:
+        file = self._cache.file
+        if file is None:
+            return
+        hits = CounterMetricFamily("orproxy_cache_hits", "Requests answered from the response cache")
+        hits.add_metric([], file.hits)
+        yield hits
+        misses = CounterMetricFamily("orproxy_cache_misses", "Cacheable requests that had to go upstream")
+        misses.add_metric([], file.misses)
+        yield misses
+
+    def _rate_limits(self, policy: Policy, now: float) -> Iterator[Metric]:
         names = ("orproxy_ratelimit_remaining", "orproxy_ratelimit_limit", "orproxy_ratelimit_reset_timestamp_seconds")
         helps = ("Upstream rate limit left", "Upstream rate limit size", "When the upstream rate limit resets")
         families = [GaugeMetricFamily(n, h, labels=["upstream", "scope", "model"]) for n, h in zip(names, helps)]
-        for labels, reading in self._rate_limit_series(now).items():
+        for labels, reading in self._rate_limit_series(policy, now).items():
             families[0].add_metric(list(labels), reading.remaining)
             if reading.limit is not None:
                 families[1].add_metric(list(labels), reading.limit)
@@ -218,7 +221,7 @@ class StateCollector(Collector):
                 families[2].add_metric(list(labels), reading.reset_at)
         yield from families
 
-    def _rate_limit_series(self, now: float) -> dict[tuple[str, str, str], Reading]:
+    def _rate_limit_series(self, policy: Policy, now: float) -> dict[tuple[str, str, str], Reading]:
         """One reading per label set. Direct slugs all share the model label `other`, so several
         readings can land on one series: the most constrained one is shown (a duplicate series
         would make Prometheus drop samples). A reading whose reset has passed says the window is
@@ -229,7 +232,7 @@ class StateCollector(Collector):
                 if reading.limit is None:
                     continue
                 reading = Reading(reading.limit, reading.limit, reading.reset_at)
-            labels = (target.upstream, scope, self._metrics.model_label(target.model))
+            labels = (target.upstream, scope, policy.labels.model(target.model))
             shown = series.get(labels)
             if shown is None or reading.remaining < shown.remaining:
                 series[labels] = reading

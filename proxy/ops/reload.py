@@ -14,26 +14,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
+from proxy.cache.store import CacheSlot, ResponseCache
 from proxy.config import Config, ConfigError, load_config
-from proxy.core.breakers import CircuitBreakers
-from proxy.core.pricing import Catalogue, PriceBook
-from proxy.core.ratelimits import RateLimits
+from proxy.core.budget import BudgetCalendar
 from proxy.money.accounting import Accountant, recorded_spend
-from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
-from proxy.ops.metrics import Metrics
-from proxy.ops.runtime import RuntimeRef, build_runtime
+from proxy.money.catalogue import CatalogueSource, catalogue_warnings, load_catalogue_source
+from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
 
 log = logging.getLogger("orproxy")
-RESTART_ONLY = ("listen", "ledger")  # read once at start: a change is reported, not applied
+# Read once at start: a change to one of these (or anything under it) is reported, not applied.
+RESTART_ONLY = ("listen", "ledger.path", "ledger.synchronous", "shutdown_timeout_s", "watch_config")
+RESULTS = ("success", "restart_required", "failure")
 
 
 @dataclass
@@ -41,10 +43,13 @@ class ReloadStatus:
     config_path: str
     loaded_at: float
     last_attempt_at: float | None = None
-    last_result: str | None = None  # success | failure | unchanged
+    last_result: str | None = None  # success | restart_required | failure
     last_trigger: str | None = None
     last_errors: list[str] = field(default_factory=list)
     last_warnings: list[str] = field(default_factory=list)
+    last_applied: list[str] = field(default_factory=list)  # config keys the last reload changed live
+    restart_required: list[str] = field(default_factory=list)  # changed keys waiting for a restart
+    catalogue: str = ""  # where prices come from
     successes: int = 0
     failures: int = 0
 
@@ -52,26 +57,50 @@ class ReloadStatus:
         return dict(self.__dict__)
 
 
+def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """The dotted key paths whose values differ; a list that changed is reported as a whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                changed.append(where)
+            else:
+                changed.extend(config_changes(old[key], new[key], where))
+        return changed
+    return [] if old == new else [path or "<root>"]
+
+
+def needs_restart(key: str) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in RESTART_ONLY)
+
+
 class Reloader:
+    """Builds the next snapshot from the file and swaps it in; long-lived state is never patched."""
+
     def __init__(
         self,
         path: Path,
-        runtimes: RuntimeRef,
-        accountant: Accountant,
-        metrics: Metrics,
-        breakers: CircuitBreakers,
-        ratelimits: RateLimits,
+        config: Config,
         env: Mapping[str, str],
+        runtimes: RuntimeRef,
+        state: SharedState,
+        accountant: Accountant,
+        cache: CacheSlot,
         registry: CollectorRegistry,
         clock: Callable[[], float],
+        *,
+        cache_path: Path | None = None,
     ) -> None:
         self.path = path
-        self._runtimes = runtimes
-        self._accountant = accountant
-        self._metrics = metrics
-        self._breakers = breakers
-        self._ratelimits = ratelimits
+        self._booted = config  # what the restart-only keys still are
+        self._cache_path_in_use = config.cache.path if config.cache.enabled else None
         self._env = env
+        self._runtimes = runtimes
+        self._state = state
+        self._accountant = accountant
+        self._cache = cache
+        self._cache_path = cache_path
         self._clock = clock
         self._lock = asyncio.Lock()
         self.status = ReloadStatus(str(path), clock())
@@ -84,7 +113,7 @@ class Reloader:
             registry=registry,
         )
         self._last_success.set(self.status.loaded_at)
-        for result in ("success", "failure"):
+        for result in RESULTS:
             self._reloads.labels(result)
 
     async def reload(self, trigger: str) -> ReloadStatus:
@@ -94,45 +123,78 @@ class Reloader:
             try:
                 config = await asyncio.to_thread(load_config, self.path)
                 source = await asyncio.to_thread(load_catalogue_source, config)
-                catalogue = source.catalogue
-                ledger = self._accountant.ledger
-                day = month = None
-                if ledger is not None:
-                    day, month = await recorded_spend(ledger, self._accountant.book)
+                prepared = await self._prepare(config, now)
             except ConfigError as exc:
                 return self._failed([issue.render(exc.filename) for issue in exc.issues])
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, sqlite3.Error) as exc:
                 return self._failed([f"{self.path}: {exc}"])
-            self._apply(config, catalogue, day, month)
+            self._apply(config, source, prepared)
             return self.status
 
-    def _apply(
-        self, config: Config, catalogue: Catalogue, day: Mapping[str, float] | None, month: Mapping[str, float] | None
-    ) -> None:
+    async def _prepare(self, config: Config, now: float) -> _Prepared:
+        """What needs IO, done before the swap: the cache view, and a new time zone's spend."""
+        current = self._runtimes.current.config
+        policy = cache_policy(config)
+        if config.cache.enabled and self._cache.file is None:
+            await self._cache.open(self._cache_path or Path(config.cache.path), policy)
+            self._cache_path_in_use = config.cache.path
+        cache = await self._cache.view(policy)
+        rebase = None
+        ledger = self._accountant.ledger
+        if config.budget.timezone != current.budget.timezone and ledger is not None:
+            calendar = BudgetCalendar.at(ZoneInfo(config.budget.timezone), now)
+            await ledger.flush()  # rows settled a moment ago count too
+            rebase = (calendar, *await recorded_spend(ledger, calendar))
+        dumped = config.model_dump(mode="json")
+        applied = [
+            key
+            for key in config_changes(current.model_dump(mode="json"), dumped)
+            if not needs_restart(key) and key != "cache.path"
+        ]
+        restart = [key for key in config_changes(self._booted.model_dump(mode="json"), dumped) if needs_restart(key)]
+        if self._cache_path_in_use is not None and config.cache.path != self._cache_path_in_use:
+            restart.append("cache.path")  # the file stays open where it is
+        elif config.cache.path != current.cache.path:
+            applied.append("cache.path")
+        return _Prepared(cache, rebase, applied, restart)
+
+    def _apply(self, config: Config, source: CatalogueSource, prepared: _Prepared) -> None:
         """The swap: synchronous, so a request sees all of the old config or all of the new."""
         now = self._clock()
-        current = self._runtimes.current.config
-        warnings = [
-            f"`{name}` changed: it takes effect at the next restart"
-            for name in RESTART_ONLY
-            if getattr(config, name) != getattr(current, name)
-        ]
-        warnings += catalogue_warnings(config, catalogue)
-        runtime = build_runtime(config, self._env, self._breakers, self._ratelimits, previous=self._runtimes.current)
+        previous = self._runtimes.current
+        runtime = build_runtime(
+            config,
+            self._env,
+            source.catalogue,
+            self._state,
+            cache=prepared.cache,
+            catalogue_source=source.describe(),
+            previous=previous,
+        )
         self._runtimes.swap(runtime)
-        self._accountant.prices = PriceBook(catalogue, config.pricing)
-        self._accountant.book.reconfigure(config.budget, config.keys, now, day, month)
-        self._metrics.reconfigure(config)
-        self.status.loaded_at = now
-        self.status.last_result = "success"
-        self.status.last_errors, self.status.last_warnings = [], warnings
-        self.status.successes += 1
-        self._reloads.labels("success").inc()
+        if prepared.rebase is not None:
+            self._state.counters.rebase(*prepared.rebase)
+        if config.logging.level != previous.config.logging.level:
+            logging.getLogger("orproxy").setLevel(config.logging.level)
+        result = "restart_required" if prepared.restart_required else "success"
+        warnings = [f"`{key}` changed: it takes effect at the next restart" for key in prepared.restart_required]
+        warnings += snapshot_warnings(runtime) + catalogue_warnings(config, source.catalogue)
+        status = self.status
+        status.loaded_at, status.last_result, status.last_errors = now, result, []
+        status.last_warnings, status.last_applied = warnings, prepared.applied
+        status.restart_required = prepared.restart_required
+        status.catalogue = source.describe()
+        status.successes += 1
+        self._reloads.labels(result).inc()
         self._last_success.set(now)
         for warning in warnings:
             log.warning("config reload: %s", warning)
         log.info(
-            "config reloaded from %s (%s): %d virtual models", self.path, self.status.last_trigger, len(config.models)
+            "config reloaded from %s (%s): %d virtual models; applied: %s",
+            self.path,
+            status.last_trigger,
+            len(config.models),
+            ", ".join(prepared.applied) or "nothing changed",
         )
 
     def _failed(self, errors: list[str]) -> ReloadStatus:
@@ -146,6 +208,14 @@ class Reloader:
             "\n  ".join(errors),
         )
         return self.status
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    cache: ResponseCache | None
+    rebase: tuple[BudgetCalendar, dict[str, float], dict[str, float]] | None
+    applied: list[str]
+    restart_required: list[str]
 
 
 def reload_context(reloader_key: web.AppKey[Reloader], watch: bool):

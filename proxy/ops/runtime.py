@@ -1,7 +1,10 @@
-"""Everything derived from one config, built once and swapped as a whole.
+"""One config snapshot: everything derived from a config, built in one place and swapped whole.
 
 A request acquires `RuntimeRef.current` once and keeps that snapshot to its
-end, so a config swap never changes a request halfway through.
+end, so a config swap never changes a request halfway through. The snapshot
+holds the pure `Policy` (router, prices, budget, keys, labels) and the IO built
+for that config (upstream clients, the executor, the cache view); the
+long-lived state it reads (`SharedState`) is passed in, never copied or patched.
 """
 
 from __future__ import annotations
@@ -15,28 +18,46 @@ from dataclasses import dataclass
 
 import orjson
 
+from proxy.cache.policy import CachePolicy
+from proxy.cache.store import ResponseCache
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
-from proxy.core.keys import KeyRing
+from proxy.core.budget import SpendCounters
+from proxy.core.policy import Policy
+from proxy.core.pricing import Catalogue
 from proxy.core.ratelimits import RateLimits
-from proxy.core.routing import Block, Router
+from proxy.core.routing import Block
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.executor import Executor
 
 log = logging.getLogger("orproxy")
 
 
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """The long-lived state every snapshot reads: spend, breakers, rate-limit readings."""
+
+    counters: SpendCounters
+    breakers: CircuitBreakers
+    ratelimits: RateLimits
+
+
 @dataclass(slots=True, eq=False)
 class Runtime:
-    config: Config
-    router: Router
+    policy: Policy
     executor: Executor
     clients: Mapping[str, UpstreamClient]
     keyless: dict[str, Block]  # upstream name -> why it cannot be called (no key)
     models_body: bytes  # GET /v1/models, rendered once
-    keys: KeyRing
+    admin_key: str | None  # the value of admin.key_env; None: admin routes are off
+    cache: ResponseCache | None  # None: the cache is off in this config
+    catalogue_source: str  # where prices come from, for status and logs
     users: int = 0  # requests in flight on this snapshot
     retiring: tuple[UpstreamClient, ...] | None = None  # set when swapped out: the clients only it used
+
+    @property
+    def config(self) -> Config:
+        return self.policy.config
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -48,9 +69,23 @@ class RuntimeRef:
     (acquire/release); a swapped-out runtime closes the clients no newer one reuses once its last
     request is done, so a reload never cuts a stream off."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.current = runtime
+    def __init__(self) -> None:
+        self._current: Runtime | None = None
         self._closing: set[asyncio.Task[None]] = set()
+
+    def start(self, runtime: Runtime) -> None:
+        """The first snapshot, built once the event loop runs (upstream clients need it)."""
+        self._current = runtime
+
+    def peek(self) -> Runtime | None:
+        """The current snapshot, or None before start-up (a Prometheus registry asks early)."""
+        return self._current
+
+    @property
+    def current(self) -> Runtime:
+        if self._current is None:
+            raise RuntimeError("the proxy has not started: no config snapshot yet")
+        return self._current
 
     def acquire(self) -> Runtime:
         runtime = self.current
@@ -66,7 +101,7 @@ class RuntimeRef:
         old = self.current
         kept = {id(client) for client in new.clients.values()}
         old.retiring = tuple(c for c in old.clients.values() if id(c) not in kept)
-        self.current = new
+        self._current = new
         if old.users == 0:
             self._close(old)
         return old
@@ -81,7 +116,8 @@ class RuntimeRef:
     async def close(self) -> None:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        await self.current.close()
+        if self._current is not None:
+            await self._current.close()
 
 
 async def _close_all(clients: tuple[UpstreamClient, ...]) -> None:
@@ -89,15 +125,24 @@ async def _close_all(clients: tuple[UpstreamClient, ...]) -> None:
         await client.close()
 
 
+def cache_policy(config: Config) -> CachePolicy:
+    cfg = config.cache
+    return CachePolicy(cfg.enabled, cfg.ttl_s, cfg.max_entries, cfg.max_entry_bytes)
+
+
 def build_runtime(
     config: Config,
     env: Mapping[str, str],
-    breakers: CircuitBreakers,
-    ratelimits: RateLimits,
+    catalogue: Catalogue,
+    state: SharedState,
+    *,
+    cache: ResponseCache | None = None,
+    catalogue_source: str = "",
     previous: Runtime | None = None,
 ) -> Runtime:
     """Must run inside the event loop: each new upstream client opens its connection pool.
-    Clients of `previous` whose upstream settings and key are unchanged are reused as they are."""
+    Clients of `previous` whose upstream settings, key and observer settings are unchanged are
+    reused as they are. `cache` is the cache view for this config (None when it is off)."""
     clients: dict[str, UpstreamClient] = {}
     keyless: dict[str, Block] = {}
     for name, upstream in config.upstreams.items():
@@ -105,43 +150,47 @@ def build_runtime(
         reusable = previous.clients.get(name) if previous else None
         if (
             reusable is not None
-            and previous
+            and previous is not None
             and previous.config.upstreams.get(name) == upstream
             and reusable.api_key == key
             and previous.config.rate_limits == config.rate_limits
         ):
             clients[name] = reusable
         else:
-            observe = functools.partial(ratelimits.observe_response, warn_below=config.rate_limits.warn_below)
+            observe = functools.partial(state.ratelimits.observe_response, warn_below=config.rate_limits.warn_below)
             clients[name] = UpstreamClient(name, upstream, key, observe=observe)
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
+    admin_env = config.admin.key_env
+    admin_key = (env.get(admin_env, "").strip() or None) if admin_env else None
     return Runtime(
-        config,
-        Router(config),
-        Executor(clients, config.retry, breakers),
-        clients,
-        keyless,
-        render_models(config),
-        KeyRing(config.keys, env),
+        policy=Policy.build(config, catalogue, env, state.counters),
+        executor=Executor(clients, config.retry, state.breakers),
+        clients=clients,
+        keyless=keyless,
+        models_body=render_models(config, int(time.time())),
+        admin_key=admin_key,
+        cache=cache if config.cache.enabled else None,
+        catalogue_source=catalogue_source,
     )
 
 
-def warn_missing_keys(runtime: Runtime) -> None:
-    """Said once at start-up: the proxy runs, but these upstreams cannot be called."""
-    for name in runtime.keyless:
-        env_name = runtime.config.upstreams[name].api_key_env
-        log.warning(
-            "upstream %r has no API key: the environment variable %s is not set; "
-            "requests routed to it will be skipped (or answered 401 when nothing else can serve them)",
-            name,
-            env_name,
-        )
+def snapshot_warnings(runtime: Runtime) -> list[str]:
+    """What the operator should know about a snapshot that works: missing upstream or admin keys.
+    Logged at start-up, and reported by every reload."""
+    config = runtime.config
+    warnings = [
+        f"upstream {name!r} has no API key: the environment variable {config.upstreams[name].api_key_env} is not "
+        "set; requests routed to it will be skipped (or answered 401 when nothing else can serve them)"
+        for name in runtime.keyless
+    ]
+    if config.admin.key_env and runtime.admin_key is None:
+        warnings.append(f"admin routes are off: the environment variable {config.admin.key_env} is not set")
+    return warnings
 
 
-def render_models(config: Config) -> bytes:
+def render_models(config: Config, created: int) -> bytes:
     """OpenAI's list format: the virtual models first, then the real models their chains use."""
-    created = int(time.time())
     data: list[dict] = []
     real: dict[str, str] = {}
     for name, model in config.models.items():

@@ -7,7 +7,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
-from proxy.http.appkeys import ACCOUNTANT
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -23,7 +22,7 @@ class Clock:
 
 
 async def rows(proxy):
-    ledger = proxy.app[ACCOUNTANT].ledger
+    ledger = proxy.ledger
     await ledger.flush()
     return await ledger.rows()
 
@@ -33,7 +32,7 @@ async def test_temperature_zero_is_cached_and_a_hit_costs_nothing(proxy, emulato
     first = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
     assert first.headers["x-proxy-cache"] == "miss"
     paid = first.parse()
-    await proxy.app[ACCOUNTANT].ledger.flush()
+    await proxy.ledger.flush()
     for _ in range(50):  # the store happens after the answer went out
         second = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
         if second.headers.get("x-proxy-cache") == "hit":

@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.cache.policy import CachedAnswer, CachePolicy, cache_key, wants_cache
 from proxy.cache.replay import replay_as_sse
-from proxy.cache.store import CachedAnswer, CachePolicy, ResponseCache, cache_key, wants_cache
+from proxy.cache.store import ResponseCache
 
 T0 = 1_750_000_000.0
 CHAIN = ["mistralai/mistral-7b-instruct@openrouter", "meta-llama/llama-3.1-8b-instruct@openrouter"]
@@ -336,7 +337,7 @@ async def test_a_reloaded_policy_applies_at_once(cache: ResponseCache, clock: Cl
     for key in "abc":
         await cache.put(key, answer())
         clock.now += 10
-    await cache.apply_policy(CachePolicy(max_entries=2, ttl_s=15))
+    cache = await cache.with_policy(CachePolicy(max_entries=2, ttl_s=15))
     assert cache.entries == 2
     assert [await cache.get(key) is not None for key in "abc"] == [False, False, True]  # b: past the new TTL
 

@@ -236,23 +236,23 @@ def test_refusal_message_names_the_budget_its_spend_its_limit_and_the_reset(refu
 # --- admission: the pure decision on real config, router, prices and book (no IO) ---------------
 
 from proxy.config import parse_config  # noqa: E402
-from proxy.core.admission import admit  # noqa: E402
+from proxy.core.admission import admit, worst_case  # noqa: E402
+from proxy.core.budget import SpendCounters  # noqa: E402
 from proxy.core.errors import BudgetExceeded  # noqa: E402
 from proxy.core.features import RequestFeatures  # noqa: E402
-from proxy.core.pricing import Catalogue, PriceBook  # noqa: E402
-from proxy.core.routing import Router  # noqa: E402
-from proxy.money.accounting import Accountant  # noqa: E402
+from proxy.core.policy import Policy  # noqa: E402
+from proxy.core.pricing import Catalogue  # noqa: E402
+from proxy.money.catalogue import packaged_snapshot  # noqa: E402
 from tests.support.money import MODELS, budget_block  # noqa: E402
 
 CONFIG_HEAD = "upstreams: {openrouter: {base_url: 'http://127.0.0.1:1/api/v1'}}\n"
 
 
-def admission_setup(on_exhausted: str, spent: float, daily: float = 0.005):
+def admission_setup(on_exhausted: str, spent: float, daily: float = 0.005) -> Policy:
     config = parse_config(CONFIG_HEAD + MODELS + budget_block(daily, on_exhausted))
-    book = SpendBook(config.budget, config.keys, NOW)
-    book.load({"": spent}, {"": spent})
-    accountant = Accountant(PriceBook(Catalogue.load(), config.pricing), book, None, clock=lambda: NOW)
-    return config, Router(config), accountant
+    counters = SpendCounters(config.budget.timezone, NOW)
+    counters.load({"": spent}, {"": spent})
+    return Policy.build(config, Catalogue.parse(packaged_snapshot()), {}, counters)
 
 
 @pytest.mark.parametrize(
@@ -266,25 +266,25 @@ def admission_setup(on_exhausted: str, spent: float, daily: float = 0.005):
     ],
 )
 def test_admit_plans_what_the_budget_affords(on_exhausted, spent, max_tokens, chain, downgrade):
-    config, router, accountant = admission_setup(on_exhausted, spent)
+    policy = admission_setup(on_exhausted, spent)
     features = RequestFeatures(prompt_tokens=20, max_tokens=max_tokens)
-    admission = admit(config, router, accountant, None, "quality", features, None, NOW)
+    admission = admit(policy, None, "quality", features, None, NOW)
     assert admission.plan.chain_owner == chain
     assert admission.downgrade == downgrade
-    assert admission.reservation.amount == pytest.approx(accountant.worst_case(admission.plan, 20, max_tokens))
-    assert accountant.book.reserved() == admission.reservation.amount
+    assert admission.reservation.amount == pytest.approx(worst_case(policy.prices, admission.plan, 20, max_tokens))
+    assert policy.book.reserved() == admission.reservation.amount
 
 
 @pytest.mark.parametrize("on_exhausted", ["reject", "cheapest"])
 def test_admit_refuses_with_the_amount_it_last_tried(on_exhausted):
-    config, router, accountant = admission_setup(on_exhausted, 0.0049)
+    policy = admission_setup(on_exhausted, 0.0049)
     features = RequestFeatures(prompt_tokens=20, max_tokens=200_000)
     with pytest.raises(BudgetExceeded) as refused:
-        admit(config, router, accountant, None, "quality", features, None, NOW)
-    tiny = accountant.prices.worst_case("meta-llama/llama-3.1-8b-instruct", 20, 200_000)
-    cheap = accountant.prices.worst_case("openai/gpt-4o-mini", 20, 200_000)
+        admit(policy, None, "quality", features, None, NOW)
+    tiny = policy.prices.worst_case("meta-llama/llama-3.1-8b-instruct", 20, 200_000)
+    cheap = policy.prices.worst_case("openai/gpt-4o-mini", 20, 200_000)
     needed = tiny if on_exhausted == "cheapest" else cheap
     assert f"may cost up to ${needed:.4f}" in refused.value.message
     utc_midnight = datetime(2025, 3, 16, tzinfo=ZoneInfo("UTC")).timestamp()  # the budget's zone is UTC
     assert refused.value.retry_after == pytest.approx(utc_midnight - NOW)
-    assert accountant.book.reserved() == 0.0
+    assert policy.book.reserved() == 0.0

@@ -10,7 +10,6 @@ import pytest
 from proxy.config import ProxyKey
 from proxy.core.errors import Forbidden, Unauthorized
 from proxy.core.keys import OPEN, KeyRing
-from proxy.http.appkeys import ACCOUNTANT
 from tests.support.gateway import UPSTREAM_KEY
 from tests.support.money import CHAIN_MODEL, HELLO, MODELS
 
@@ -111,7 +110,7 @@ async def test_keys_from_env_and_from_sha256_both_work(keyed_proxy):
             model="cheap", messages=HELLO, max_tokens=50
         )
         assert completion.model == CHAIN_MODEL["cheap"]
-    rows = await keyed_proxy.app[ACCOUNTANT].ledger.rows()
+    rows = await keyed_proxy.ledger.rows()
     assert [r.key_name for r in rows] == ["bot", "ops"]
 
 
@@ -145,7 +144,7 @@ async def test_a_key_over_its_own_budget_is_refused_while_another_goes_on(keyed_
     for model in ("balanced", "quality"):
         completion = await ops.chat.completions.create(model=model, messages=long_prompt, max_tokens=100)
         assert completion.model == CHAIN_MODEL[model]
-    book = keyed_proxy.app[ACCOUNTANT].book
+    book = keyed_proxy.book
     spent = {(scope, window): (amount, limit) for scope, window, amount, limit in book.snapshot()}
     assert spent[("bot", "daily")][0] <= 0.001 and spent[("bot", "daily")][1] == 0.001
     assert spent[("ops", "daily")][0] > 0

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.config import PriceOverride, Pricing, load_config
 from proxy.core.pricing import DEFAULT_MAX_COMPLETION_TOKENS, Catalogue, Cost, PriceBook
+from proxy.money.catalogue import packaged_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -53,7 +54,7 @@ def test_catalogue_parses_per_token_prices_and_skips_unpriceable_entries():
 
 
 def test_packaged_catalogue_is_dated_and_prices_every_model_of_the_example_config():
-    catalogue = Catalogue.load()
+    catalogue = Catalogue.parse(packaged_snapshot())
     assert catalogue.snapshot_date
     config = load_config(ROOT / "config.yaml")
     chain_models = {m.model for vm in config.models.values() for m in vm.chain or ()}

@@ -14,10 +14,11 @@ import aiohttp
 import openai
 import pytest
 
+from proxy.core.admission import worst_case
 from proxy.core.features import extract_features
 from proxy.core.routing import Router
 from proxy.emulator import Fault
-from proxy.http.appkeys import ACCOUNTANT
+from proxy.http.appkeys import RUNTIME
 from tests.support.money import (
     CHAIN_MODEL,
     HELLO,
@@ -69,7 +70,7 @@ class Spend:
 
     @property
     def fraction(self) -> float:
-        book_fraction = self.proxy.app[ACCOUNTANT].book.fraction(None, time.time())
+        book_fraction = self.proxy.book.fraction(None, time.time())
         assert book_fraction == pytest.approx(self.total / self.daily, rel=1e-9)
         return book_fraction
 
@@ -218,12 +219,12 @@ async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, em
     probe = await make_proxy(MODELS)
     features = extract_features({"model": "quality", "messages": messages, "max_tokens": max_tokens}, {})
     plan = Router(probe.config).plan("quality", features)
-    worst = probe.app[ACCOUNTANT].worst_case(plan, features.prompt_tokens, features.max_tokens)
+    worst = worst_case(probe.app[RUNTIME].current.policy.prices, plan, features.prompt_tokens, features.max_tokens)
     limit = round(worst * 10.5, 9)  # room for 10 reservations at a time, not 11
 
     proxy = await make_proxy(MODELS, extra=f"budget: {{daily_usd: {limit}, on_exhausted: reject}}\n")
     emulator.state.faults.set("*", Fault(latency_s=0.3))  # everyone in flight together
-    book = proxy.app[ACCOUNTANT].book
+    book = proxy.book
     client = proxy.client(timeout=10)
     violations: list[str] = []
 
@@ -259,8 +260,8 @@ async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, em
     assert book.snapshot()[0][2] == pytest.approx(spent, rel=1e-9)
     assert book.reserved() == 0.0
     assert not violations, violations[:3]
-    await proxy.app[ACCOUNTANT].ledger.flush()
-    rows = await proxy.app[ACCOUNTANT].ledger.rows()
+    await proxy.ledger.flush()
+    rows = await proxy.ledger.rows()
     assert sum(r.status == 200 for r in rows) == len(answered)
     assert sum(r.status == 429 for r in rows) == len(refused)
     assert sum(r.cost_usd for r in rows) == pytest.approx(spent, abs=1e-9 * len(rows))
@@ -286,14 +287,14 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
     headers, completion = await ask(ops, "quality", max_tokens=5)
     spent += usage_cost(completion.usage)
     assert headers["x-proxy-downgrade"] == "quality->balanced (step 0 at 40%)"
-    book = first.app[ACCOUNTANT].book
+    book = first.book
     before = {(scope, window): spent for scope, window, spent, _ in book.snapshot()}
     fractions = {key: book.fraction(key, time.time()) for key in (None, "bot", "ops")}
     assert fractions["bot"] >= 0.8 > fractions[None] >= 0.4
     await first.server.close()  # runs the app's cleanup: the ledger is closed
 
     second = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env)
-    book = second.app[ACCOUNTANT].book
+    book = second.book
     after = {(scope, window): spent for scope, window, spent, _ in book.snapshot()}
     assert after.keys() == before.keys()
     for scope_window, amount in before.items():
@@ -327,13 +328,13 @@ async def test_a_stream_cut_midway_is_still_billed(make_proxy, emulator):
         async for chunk in stream:
             received.append(chunk)
     assert len(received) >= 3 and all(c.usage is None for c in received)
-    rows = await proxy.app[ACCOUNTANT].ledger.rows()  # committed before the stream's end was sent
+    rows = await proxy.ledger.rows()  # committed before the stream's end was sent
     assert len(rows) == 1
     row = rows[0]
     assert row.cost_usd > 0 and row.cost_source == "estimate"
     assert row.completion_tokens > 0 and row.prompt_tokens > 0
     assert row.model == CHAIN_MODEL["balanced"] and row.streamed and row.error == "stream_interrupted"
-    assert proxy.app[ACCOUNTANT].book.snapshot()[0][2] == pytest.approx(row.cost_usd, abs=1e-9)
+    assert proxy.book.snapshot()[0][2] == pytest.approx(row.cost_usd, abs=1e-9)
 
 
 async def _disconnect_midstream(proxy, emulator) -> None:
@@ -352,7 +353,7 @@ async def _disconnect_midstream(proxy, emulator) -> None:
         for _ in range(3):  # the role chunk and two content chunks
             await response.content.readuntil(b"\n\n")
         response.close()
-    ledger = proxy.app[ACCOUNTANT].ledger
+    ledger = proxy.ledger
     rows: list = []
 
     async def poll() -> bool:
@@ -373,7 +374,7 @@ async def test_a_client_that_hangs_up_midstream_is_billed(make_proxy, emulator):
     row = await _disconnect_midstream(proxy, emulator)
     assert row.cost_usd > 0 and row.cost_source == "estimate"
     assert row.status == 499 and row.error == "client_disconnected" and row.streamed
-    await wait_for(lambda: proxy.app[ACCOUNTANT].book.snapshot()[0][2] > 0)
+    await wait_for(lambda: proxy.book.snapshot()[0][2] > 0)
 
 
 async def test_a_client_that_hangs_up_midstream_pays_for_the_text_it_was_sent(make_proxy, emulator):
@@ -388,7 +389,7 @@ async def test_a_restart_keeps_the_spend_under_an_injected_clock(make_proxy, tmp
     first = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
     _, completion = await ask(first.client(), "quality", max_tokens=5)
     spent = usage_cost(completion.usage)
-    assert first.app[ACCOUNTANT].book.snapshot()[0][2] == pytest.approx(spent)
+    assert first.book.snapshot()[0][2] == pytest.approx(spent)
     await first.server.close()
     second = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
-    assert second.app[ACCOUNTANT].book.snapshot()[0][2] == pytest.approx(spent, abs=1e-9)
+    assert second.book.snapshot()[0][2] == pytest.approx(spent, abs=1e-9)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from proxy.http.appkeys import ACCOUNTANT
 from tests.support.gateway import ROOT, UPSTREAM_KEY, proxy_config_text
 from tests.support.money import usage_cost
 
@@ -208,5 +207,5 @@ async def test_admin_budget_figures_roll_over_at_midnight_without_traffic(make_p
         return next(b["spent_usd"] for b in report["budget"] if (b["scope"], b["window"]) == ("global", "daily"))
 
     assert await daily_spent() > 0
-    now[0] = proxy.app[ACCOUNTANT].book.calendar.day_end + 1  # the next day, no request since
+    now[0] = proxy.book.calendar.day_end + 1  # the next day, no request since
     assert await daily_spent() == 0.0

@@ -15,7 +15,10 @@ from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI
 
 from proxy.config import Config
+from proxy.core.budget import SpendBook
 from proxy.emulator import EMULATOR_STATE
+from proxy.http.appkeys import ACCOUNTANT, RUNTIME
+from proxy.money.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = ROOT.parent / "shared" / "spec" / "openai-chat-schemas.json"
@@ -105,6 +108,17 @@ class Proxy:
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def book(self) -> SpendBook:
+        """The budget of the config snapshot now serving."""
+        return self.app[RUNTIME].current.policy.book
+
+    @property
+    def ledger(self) -> Ledger:
+        ledger = self.app[ACCOUNTANT].ledger
+        assert ledger is not None, "the ledger is not open"
+        return ledger
 
     def client(self, **kwargs: Any) -> AsyncOpenAI:
         kwargs.setdefault("max_retries", 0)

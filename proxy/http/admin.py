@@ -76,7 +76,7 @@ class AdminRoutes:
         if reloader is None:
             raise ServiceUnavailable("This proxy was started without a config file path; nothing to reload.")
         status = await reloader.reload("POST /admin/reload")
-        if status.last_result != "success":
+        if status.last_result == "failure":
             error = ProxyError(
                 "The new config is invalid; the previous one keeps serving: " + "; ".join(status.last_errors),
                 code="invalid_config",

@@ -68,9 +68,7 @@ def create_app(
     accountant = Accountant((metrics.observe, log_access, *sinks), clock)
     runtimes = RuntimeRef()
     cache = CacheSlot(clock)
-    metrics.registry.register(
-        StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock)
-    )
+    metrics.registry.register(StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock))
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     cache_file = Path(cache_path) if cache_path is not None else None
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
@@ -188,13 +186,19 @@ async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _prune_daily(ledger: Ledger, runtimes: RuntimeRef) -> None:
-    """ledger.retention_days of the current config, enforced while running too, not only at start-up."""
+    """ledger.retention_days, enforced while running too, not only at start-up."""
     while True:
         await asyncio.sleep(6 * 3600)
-        try:
-            removed = await ledger.prune(retention_days=runtimes.current.config.ledger.retention_days)
-        except Exception:
-            log.exception("ledger pruning failed")
-        else:
-            if removed:
-                log.info("ledger: pruned %d rows older than the retention period", removed)
+        await prune_ledger(ledger, runtimes)
+
+
+async def prune_ledger(ledger: Ledger, runtimes: RuntimeRef) -> int:
+    """One round of pruning, with the retention of the config now serving; housekeeping never raises."""
+    try:
+        removed = await ledger.prune(retention_days=runtimes.current.config.ledger.retention_days)
+    except Exception:
+        log.exception("ledger pruning failed")
+        return 0
+    if removed:
+        log.info("ledger: pruned %d rows older than the retention period", removed)
+    return removed

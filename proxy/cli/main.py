@@ -302,4 +302,5 @@ async def _build_report(path: Path, config: Config, period: str, by: str) -> dic
 def _emulator(args: argparse.Namespace) -> int:
     from proxy.emulator.__main__ import main as emulator_main
 
-    return emulator_main(["--host", args.host, "--port", str(args.port)]) or 0
+    emulator_main(["--host", args.host, "--port", str(args.port)])
+    return 0

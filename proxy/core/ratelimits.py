@@ -134,7 +134,7 @@ class RateLimits:
 
 
 def _low(reading: Reading | None, warn_below: float) -> bool:
-    return reading is not None and bool(reading.limit) and reading.remaining < reading.limit * warn_below
+    return reading is not None and bool(reading.limit) and reading.remaining < (reading.limit or 0.0) * warn_below
 
 
 def _epoch(value: str | None, now: float) -> float | None:

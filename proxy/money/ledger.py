@@ -62,7 +62,6 @@ class _Pending:
     future: asyncio.Future[None]
 
 
-_STOP = object()
 
 
 class Ledger:
@@ -76,7 +75,7 @@ class Ledger:
         self._retention_s = retention_days * 86_400.0
         self._max_batch = max_batch
         self._clock = clock
-        self._queue: asyncio.Queue[_Pending | object] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
         self._lock = asyncio.Lock()  # one transaction or query at a time on the shared connection
         self._closed = False
         self._shutdown: asyncio.Task[None] | None = None
@@ -144,7 +143,7 @@ class Ledger:
         """Commit what is queued, stop the writer and close the connection. Idempotent."""
         if self._shutdown is None:
             self._closed = True
-            self._queue.put_nowait(_STOP)
+            self._queue.put_nowait(None)
             self._shutdown = asyncio.create_task(self._finish())
         await asyncio.shield(self._shutdown)
 
@@ -166,16 +165,19 @@ class Ledger:
         try:
             stopping = False
             while not stopping:
-                batch = [await self._queue.get()]
+                first = await self._queue.get()
+                stopping = first is None  # the stop marker: nothing is queued after it
+                batch = [] if first is None else [first]
                 # Linger one turn of the event loop: requests finishing in the same turn join this
                 # batch. A commit costs about as much CPU as a hundred rows, so under load this
                 # multiplies the rows per commit, for the price of one loop iteration of latency.
                 await asyncio.sleep(0)
-                while len(batch) < self._max_batch and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                if batch[-1] is _STOP:  # nothing is queued after _STOP, so it is always last
-                    batch.pop()
-                    stopping = True
+                while not stopping and len(batch) < self._max_batch and not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
                 if batch:
                     await self._write_batch(batch)
                 batch = []
@@ -232,6 +234,7 @@ class Ledger:
 
     async def spend_between(self, start: float, end: float | None = None, *, key_name: str | None = None) -> float:
         """Committed cost in [start, end); all keys unless `key_name` is given."""
+        params: tuple[object, ...]
         if key_name is None:
             sql, params = "SELECT sum(cost_nusd) FROM requests WHERE ts >= ? AND ts < ?", (start, _end(end))
         else:
@@ -352,11 +355,11 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _drain(queue: asyncio.Queue) -> list[_Pending]:
+def _drain(queue: asyncio.Queue[_Pending | None]) -> list[_Pending]:
     items = []
     while not queue.empty():
         item = queue.get_nowait()
-        if item is not _STOP:
+        if item is not None:
             items.append(item)
     return items
 

@@ -23,7 +23,7 @@ from proxy.core.record import RequestRecord, Usage
 DONE = b"[DONE]"
 # Delta fields whose strings are generated text: answer, refusal, and reasoning (OpenRouter's
 # `reasoning`, `reasoning_content` of DeepSeek-style upstreams).
-TEXT_FIELDS = ("content", "refusal", "reasoning", "reasoning_content")
+TEXT_FIELDS = frozenset(("content", "refusal", "reasoning", "reasoning_content"))
 
 
 class EventTooLarge(ValueError):
@@ -74,10 +74,14 @@ class SseDecoder:
         if not self._crlf and b"\r" in piece:
             self._crlf, self._resume = True, 0  # lines of the carry were not tracked: scan it again
         events: list[bytes] = []
-        start, search = 0, self._resume
+        start, search, crlf = 0, self._resume, self._crlf
         while True:
-            body_end, end = _event_end(buffer, search, self._crlf)
-            if end < 0:
+            if crlf:
+                body_end, end = _crlf_event_end(buffer, search)
+            else:  # the hot path: a plain search, no call
+                body_end = buffer.find(b"\n\n", search)
+                end = body_end + 2
+            if body_end < 0:
                 break
             if end - start > self._limit:
                 raise EventTooLarge(end - start, self._limit)
@@ -102,12 +106,9 @@ class SseDecoder:
             self._resume = max(0, len(carry) - 1)
 
 
-def _event_end(buffer: bytes, at: int, crlf: bool) -> tuple[int, int]:
+def _crlf_event_end(buffer: bytes, at: int) -> tuple[int, int]:
     """(end of the event's own lines, end of its closing blank line) of the first event that ends
-    at or after `at`, or (-1, -1). Without CR the blank line is a plain `\\n\\n` search."""
-    if not crlf:
-        found = buffer.find(b"\n\n", at)
-        return (found, found + 2) if found >= 0 else (-1, -1)
+    at or after `at` (a line start), or (-1, -1), for lines ending in LF or CRLF."""
     line = at
     while (newline := buffer.find(b"\n", line)) >= 0:
         if newline == line or (newline == line + 1 and buffer[line] == 0x0D):  # a blank line
@@ -182,22 +183,24 @@ def text_bytes(choices: Any) -> int:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
             continue
-        for name in TEXT_FIELDS:
-            total += _utf8_len(delta.get(name))
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                total += _arguments_len(call.get("function") if isinstance(call, dict) else None)
-        total += _arguments_len(delta.get("function_call"))  # the deprecated single-function form
+        # A delta has one to three keys: walking them is cheaper than looking up every text field.
+        for name, value in delta.items():
+            if isinstance(value, str):
+                if name in TEXT_FIELDS:
+                    total += _utf8_len(value)
+            elif name == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    total += _arguments_len(call.get("function") if isinstance(call, dict) else None)
+            elif name == "function_call":  # the deprecated single-function form
+                total += _arguments_len(value)
     return total
 
 
 def _arguments_len(function: Any) -> int:
-    return _utf8_len(function.get("arguments")) if isinstance(function, dict) else 0
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return _utf8_len(arguments) if isinstance(arguments, str) else 0
 
 
-def _utf8_len(text: Any) -> int:
-    if not isinstance(text, str):
-        return 0
+def _utf8_len(text: str) -> int:
     # isascii() is O(1) in CPython (the string knows its kind), so ASCII text is never encoded.
     return len(text) if text.isascii() else len(text.encode())

@@ -81,7 +81,7 @@ async def _forward(
 ) -> bytes:
     """Copy events up to (not including) [DONE]; return an error event to send if the stream broke.
     The meter writes into `record` as events pass, so a client hanging up mid-way is billed for
-    the text it was sent."""
+    the text that reached the proxy by then."""
     meter = StreamMeter(record, started)
     try:
         async for batch in iter_batches(upstream):

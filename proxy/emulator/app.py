@@ -1,9 +1,9 @@
 """The OpenRouter emulator as an aiohttp app: wiring, state and handlers.
 
 Speaks OpenRouter's wire format (and, under `/v1`, stands in for a plain
-OpenAI-compatible upstream) with faults injected from a `FaultPlan`.  Reply
-content comes from the pure `completions` module; this module only does the
-HTTP and timing parts.
+OpenAI-compatible upstream: its streams take OpenAI's shape) with faults
+injected from a `FaultPlan`.  Reply content comes from the pure `completions`
+and `frames` modules; this module only does the HTTP and timing parts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from multidict import CIMultiDict
 
 from .completions import (
     ModelInfo,
-    StreamFrames,
     completion_body,
     error_body,
     index_catalogue,
@@ -32,6 +31,7 @@ from .completions import (
     usage_of,
 )
 from .faults import Fault, FaultPlan, fault_error, rate_limit_headers
+from .frames import Frames, OpenAIStreamFrames, StreamFrames
 
 PREFIXES = ("/api/v1", "/v1")
 PROCESSING_INTERVAL_S = 0.1  # how often `: OPENROUTER PROCESSING` is sent while "thinking"
@@ -178,12 +178,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if model_id is not None:
         per_model = stats["per_model"]
         per_model[model_id] = per_model.get(model_id, 0) + 1
-    rejected = _validate(state, body, model_id)
-    if rejected is not None:
+    model = _validate(state, body, model_id)
+    if isinstance(model, web.Response):
         stats["errors"] += 1
-        return rejected
-    model = state.models[model_id]
-    fault = state.faults.take(model_id)
+        return model
+    fault = state.faults.take(model.id)
     if body.get("stream") is True and (fault is None or fault.streams_normally):
         return await _stream(request, state, body, model, fault)
     if fault is not None:
@@ -207,15 +206,17 @@ async def _failure(request: web.Request, state: EmulatorState, fault: Fault, mod
     return web.Response(body=payload, status=status, headers=headers, content_type=_JSON)
 
 
-def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> web.Response | None:
+def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
+    """The model asked for, or OpenRouter's 400."""
     if not model_id:
         return _error(400, "No model specified: set `model` to a model ID from /api/v1/models")
-    if model_id not in state.models:
+    model = state.models.get(model_id)
+    if model is None:
         return _error(400, f"{model_id} is not a valid model ID")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _error(400, "Input required: `messages` must be a non-empty array")
-    return None
+    return model
 
 
 def _complete(state: EmulatorState, body: dict[str, Any], model: ModelInfo, fault: Fault | None) -> web.Response:
@@ -234,13 +235,14 @@ def _complete(state: EmulatorState, body: dict[str, Any], model: ModelInfo, faul
 async def _stream(
     request: web.Request, state: EmulatorState, body: dict[str, Any], model: ModelInfo, fault: Fault | None
 ) -> web.StreamResponse:
-    """Stream the reply as OpenRouter does, honouring latency and mid-stream faults."""
+    """Stream the reply as OpenRouter does (as OpenAI does under `/v1`), honouring latency and
+    mid-stream faults. The key is billed for a stream that ran to its end, usage chunk or not."""
     stats = state.stats
     created = int(state.clock())
     gen_id = state.new_id(created)
     reply = plan_reply(body, model, "call_" + gen_id[-20:])
     usage = usage_of(reply, model)
-    frames = StreamFrames(model, gen_id, created)
+    frames = _frames_for(request, body, model, gen_id, created)
     headers = {**_SSE_HEADERS, "X-Generation-Id": gen_id}
     if fault is not None and fault.rate_limit is not None:
         headers.update(rate_limit_headers(fault.rate_limit))
@@ -251,10 +253,11 @@ async def _stream(
     stats["streams_started"] += 1
     try:
         await response.prepare(request)
-        await response.write(StreamFrames.COMMENT)
+        if frames.comment is not None:
+            await response.write(frames.comment)
         if fault is not None and fault.latency_s:
-            await _keep_alive(response, fault.latency_s)
-        await response.write(frames.role())
+            await _keep_alive(response, fault.latency_s, frames.comment)
+        await response.write(frames.opening(reply))
         for frame in content:
             if delay:  # a slow model: a pause before every chunk after the first
                 await asyncio.sleep(delay)
@@ -274,18 +277,36 @@ async def _stream(
     return response
 
 
-async def _keep_alive(response: web.StreamResponse, latency_s: float) -> None:
-    """Wait `latency_s`, sending a processing comment every PROCESSING_INTERVAL_S."""
+def _frames_for(request: web.Request, body: dict[str, Any], model: ModelInfo, gen_id: str, created: int) -> Frames:
+    """OpenRouter's stream shape under `/api/v1`, OpenAI's under `/v1` (as its `stream_options` ask)."""
+    if not request.path.startswith("/v1/"):
+        return StreamFrames(model, gen_id, created)
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    return OpenAIStreamFrames(
+        model,
+        gen_id,
+        created,
+        include_usage=options.get("include_usage") is True,
+        obfuscate=options.get("include_obfuscation") is not False,
+    )
+
+
+async def _keep_alive(response: web.StreamResponse, latency_s: float, comment: bytes | None) -> None:
+    """Wait `latency_s`, sending `comment` (if any) every PROCESSING_INTERVAL_S."""
+    if comment is None:
+        await asyncio.sleep(latency_s)
+        return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + latency_s
     while (remaining := deadline - loop.time()) > 0:
         await asyncio.sleep(min(PROCESSING_INTERVAL_S, remaining))
         if deadline - loop.time() > 0:
-            await response.write(StreamFrames.COMMENT)
+            await response.write(comment)
 
 
 async def _break_stream(
-    request: web.Request, state: EmulatorState, response: web.StreamResponse, frames: StreamFrames, fault: Fault
+    request: web.Request, state: EmulatorState, response: web.StreamResponse, frames: Frames, fault: Fault
 ) -> web.StreamResponse:
     state.stats["streams_failed"] += 1
     if fault.drop_midstream:
@@ -293,7 +314,7 @@ async def _break_stream(
         return response
     message = fault.message or "Provider disconnected unexpectedly"
     await response.write(frames.error(fault.code if fault.code is not None else "server_error", message))
-    # OpenRouter ends the stream right after the error event: no usage chunk, no [DONE].
+    # Both end the stream right after the error event: no usage chunk, no [DONE].
     await response.write_eof()
     return response
 

@@ -1,6 +1,7 @@
 """Pure construction of OpenRouter chat-completion replies.
 
-Request body + model info in, reply plan, response JSON and SSE frames out.
+Request body + model info in, reply plan and response JSON out (the SSE
+frames of a streamed reply are in `frames`).
 Deterministic: the same request yields the same text and token counts; the
 generation id and timestamp are passed in by the caller.  Nothing here does
 IO, so the emulator's wire format can be tested without a socket.
@@ -193,75 +194,6 @@ def key_data(usage: float, limit: float | None) -> dict[str, Any]:
         "is_provisioning_key": False,
         "rate_limit": {"requests": -1, "interval": "10s"},
     }
-
-
-class StreamFrames:
-    """SSE frames of one streamed reply, sharing a pre-serialised header.
-
-    Every chunk repeats id/object/created/model/provider, so that part is
-    serialised once and each frame only encodes its own `choices` payload.
-    """
-
-    __slots__ = ("_head", "_model")
-
-    COMMENT = b": OPENROUTER PROCESSING\n\n"
-    DONE = b"data: [DONE]\n\n"
-
-    def __init__(self, model: ModelInfo, gen_id: str, created: int) -> None:
-        self._model = model
-        head = orjson.dumps(
-            {
-                "id": gen_id,
-                "provider": model.provider,
-                "model": model.id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "system_fingerprint": model.fingerprint,
-            }
-        )
-        self._head = b"data: " + head[:-1] + b',"choices":['
-
-    def _choice(self, delta: dict[str, Any], finish: str | None, native: str | None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "native_finish_reason": native, "logprobs": None}
-        return self._head + orjson.dumps(choice)
-
-    def delta(self, delta: dict[str, Any]) -> bytes:
-        return self._choice(delta, None, None) + b"]}\n\n"
-
-    def body(self, reply: Reply) -> list[bytes]:
-        """The role chunk is not included: these are the "content chunks"."""
-        if reply.tool_call is None:
-            return [self.delta({"role": "assistant", "content": piece}) for piece in split_words(reply.content)]
-        call = reply.tool_call
-        opening = {"index": 0, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-        frames = [self.delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
-        for fragment in split_even(call.arguments, ARGUMENT_FRAGMENTS):
-            frames.append(
-                self.delta({"role": "assistant", "tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
-            )
-        return frames
-
-    def script(self, reply: Reply, usage: dict[str, Any], cut: int | None = None) -> list[bytes]:
-        """Frames after the role chunk: content, finish, usage, [DONE]; or just `cut` content frames."""
-        content = self.body(reply)
-        if cut is not None:
-            return content[:cut]
-        return [*content, self.finish(reply.finish_reason), self.usage(usage), self.DONE]
-
-    def role(self) -> bytes:
-        return self.delta({"role": "assistant", "content": ""})
-
-    def finish(self, finish_reason: str) -> bytes:
-        native = self._model.native_finish(finish_reason)
-        return self._choice({"role": "assistant", "content": ""}, finish_reason, native) + b"]}\n\n"
-
-    def usage(self, usage: dict[str, Any]) -> bytes:
-        return self._head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
-
-    def error(self, code: int | str, message: str) -> bytes:
-        """OpenRouter's mid-stream error: a chunk with top-level `error` and finish_reason "error"."""
-        choice = self._choice({"content": ""}, "error", "error")
-        return choice + b'],"error":' + orjson.dumps({"code": code, "message": message}) + b"}\n\n"
 
 
 def split_words(text: str, per_chunk: int = WORDS_PER_CHUNK) -> list[str]:

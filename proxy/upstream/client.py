@@ -1,6 +1,6 @@
 """The OpenAI-compatible client for one upstream: one place where aiohttp's
-exceptions and the upstream's error bodies become `Failure`s, and where the
-SSE byte stream is cut into events without being re-encoded.
+exceptions and the upstream's error bodies become `Failure`s, and where a
+stream's network reads are handed to the (pure) SSE decoder.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import orjson
 
 from proxy.config import Upstream
 from proxy.core.failures import Failure, classify_status, connection_failure, dropped_failure, timeout_failure
+from proxy.core.sse import Batch, EventTooLarge, SseDecoder
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
@@ -160,16 +161,17 @@ def error_object(raw: bytes) -> dict[str, Any] | None:
     return None
 
 
-async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[bytes, list[bytes]]]:
-    """Yield, per network read, the complete SSE events it finished: (their bytes, untouched and
-    ready to forward in one write; the events themselves, without their blank-line terminators).
+async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[Batch]:
+    """Yield, per network read that completes any event, what `SseDecoder` makes of it: the whole
+    events' bytes, untouched and ready to forward in one write, and the `data` of each. Stops after
+    `data: [DONE]`.
 
     Forwarding per read rather than per event keeps one write per packet, not one per token, while
     every event still leaves as soon as it has arrived whole. Raises UpstreamError when the stream
     breaks (connection dropped, read timeout, an event over MAX_EVENT_BYTES).
     """
     content = response.content
-    carry = b""
+    decoder = SseDecoder(MAX_EVENT_BYTES)
     while True:
         try:
             piece = await content.readany()
@@ -178,26 +180,14 @@ async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[
         except aiohttp.ClientError as exc:
             raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None
         if not piece:
-            if carry.strip():  # EOF in the middle of an event: the connection was cut
+            if decoder.pending:  # EOF in the middle of an event: the connection was cut
                 raise UpstreamError(dropped_failure("the upstream closed the stream mid-event"))
             return
-        buffer = carry + piece if carry else piece
-        if b"\r" in buffer:  # CRLF framing is legal SSE; normalise it once so one terminator fits all
-            buffer = buffer.replace(b"\r\n", b"\n")
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
-            if len(buffer) > MAX_EVENT_BYTES:
-                raise UpstreamError(dropped_failure("a stream event exceeded the size limit"))
-            carry = buffer
-            continue
-        end += 2
-        complete, carry = buffer[:end], buffer[end:]
-        yield complete, complete[:-2].split(b"\n\n")
-
-
-def event_data(event: bytes) -> bytes | None:
-    """The `data:` payload of one event (multi-line data joined by newlines, per the SSE spec)."""
-    if event.startswith(b"data: ") and b"\n" not in event:  # the common single-line case
-        return event[6:]
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
+        try:
+            batch = decoder.feed(piece)
+        except EventTooLarge as exc:
+            raise UpstreamError(dropped_failure(str(exc))) from None
+        if batch.raw or batch.done:
+            yield batch
+        if batch.done:
+            return

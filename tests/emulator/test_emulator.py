@@ -40,7 +40,7 @@ def validators() -> dict[str, jsonschema.Draft202012Validator]:
     defs = json.loads(SPEC.read_text())["$defs"]
     return {
         name: jsonschema.Draft202012Validator({"$defs": defs, "$ref": f"#/$defs/{name}"})
-        for name in ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse")
+        for name in ("CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "ErrorResponse")
     }
 
 
@@ -410,6 +410,122 @@ async def test_chunk_delay_spaces_the_chunks(client, state):
     started = time.monotonic()
     _, data = parse_sse(await (await chat(client, stream=True)).read())
     assert time.monotonic() - started >= 0.05 * (len(data) - 1)
+
+
+# ---------------------------------------------------------------- OpenAI's stream shape under /v1
+
+
+async def v1_stream(client, validators, **fields: Any) -> list[Any]:
+    """The data of a /v1 stream, each chunk checked against OpenAI's schema and OpenAI's habits."""
+    raw = await (await chat(client, prefix="/v1", stream=True, **fields)).read()
+    comments, data = parse_sse(raw)
+    assert comments == [] and raw.startswith(b"data: {")  # OpenAI sends no processing comments
+    for chunk in data:
+        if chunk == "[DONE]":
+            continue
+        if "error" in chunk:
+            validators["ErrorResponse"].validate(chunk)
+            continue
+        validators["CreateChatCompletionStreamResponse"].validate(chunk)
+        assert "provider" not in chunk and chunk["service_tier"] == "default"
+        assert all("native_finish_reason" not in choice for choice in chunk["choices"])
+    return data
+
+
+async def test_v1_stream_is_openai_shaped_with_usage_when_asked(client, state, validators):
+    whole = await (await chat(client)).json()
+    billed = state.key_usage
+    data = await v1_stream(client, validators, stream_options={"include_usage": True})
+    assert data[-1] == "[DONE]"
+    first, *content, finish, last = data[:-1]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert len(content) >= 3 and all(c["choices"][0]["delta"].keys() == {"content"} for c in content)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in content) == whole["choices"][0]["message"]["content"]
+    assert finish["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in data[:-2])
+    assert last["choices"] == [] and "cost" not in last["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [last["usage"][name] for name in counts] == [whole["usage"][name] for name in counts]
+    assert all(chunk["obfuscation"] for chunk in data[:-1])
+    assert state.key_usage - billed == pytest.approx(whole["usage"]["cost"])  # the key pays as for /api/v1
+    assert state.stats["streams_completed"] == 1
+
+
+@pytest.mark.parametrize("options", [None, {}, {"include_usage": False}])
+async def test_v1_stream_without_include_usage_has_no_usage_at_all(client, state, validators, options):
+    whole = await (await chat(client)).json()
+    billed = state.key_usage
+    data = await v1_stream(client, validators, **({} if options is None else {"stream_options": options}))
+    assert data[-1] == "[DONE]" and all("usage" not in chunk for chunk in data[:-1])
+    assert data[-2]["choices"][0]["finish_reason"] == "stop"
+    assert state.key_usage - billed == pytest.approx(whole["usage"]["cost"])
+
+
+async def test_v1_stream_obfuscation_can_be_turned_off(client, validators):
+    data = await v1_stream(client, validators, stream_options={"include_usage": True, "include_obfuscation": False})
+    assert all("obfuscation" not in chunk for chunk in data[:-1])
+
+
+async def test_v1_streamed_tool_call_opens_with_the_role(client, validators):
+    data = await v1_stream(client, validators, tools=[WEATHER], stream_options={"include_usage": True})
+    first, *arguments, finish, _usage = data[:-1]
+    delta = first["choices"][0]["delta"]
+    assert (delta["role"], delta["content"], delta["refusal"]) == ("assistant", None, None)
+    (opening,) = delta["tool_calls"]
+    assert opening["id"].startswith("call_") and opening["function"] == {"name": "get_weather", "arguments": ""}
+    assert len(arguments) >= 3 and all(c["choices"][0]["delta"].keys() == {"tool_calls"} for c in arguments)
+    text = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in arguments)
+    assert json.loads(text) == {"city": "emulated", "days": 1}
+    assert finish["choices"][0]["finish_reason"] == "tool_calls" and finish["choices"][0]["delta"] == {}
+
+
+async def test_v1_latency_sends_no_comments(client, state, validators):
+    state.faults.set("openai/gpt-4o-mini", Fault(latency_s=0.3))
+    started = time.monotonic()
+    data = await v1_stream(client, validators)
+    assert time.monotonic() - started >= 0.3 and data[-1] == "[DONE]"
+
+
+async def test_v1_midstream_error_is_openais_error_event(client, state, validators):
+    state.faults.set("openai/gpt-4o-mini", Fault(midstream_error=True, after_chunks=2))
+    data = await v1_stream(client, validators, stream_options={"include_usage": True})
+    role, first, second, error = data  # no usage chunk, no [DONE]
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert first["choices"][0]["delta"].keys() == second["choices"][0]["delta"].keys() == {"content"}
+    assert error == {
+        "error": {
+            "message": "Provider disconnected unexpectedly",
+            "type": "server_error",
+            "param": None,
+            "code": "server_error",
+        }
+    }
+    assert state.stats["streams_failed"] == 1 and state.key_usage == 0
+
+
+async def test_v1_drop_midstream_cuts_the_connection_after_n_chunks(client, state):
+    state.faults.set("openai/gpt-4o-mini", Fault(drop_midstream=True, after_chunks=2))
+    response = await chat(client, prefix="/v1", stream=True, stream_options={"include_usage": True})
+    received = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for piece in response.content.iter_any():
+            received += piece
+    assert received.count(b"data: {") == 3 and received.count(b'"usage":null') == 3
+    assert b"OPENROUTER" not in received and b"[DONE]" not in received
+    assert state.stats["streams_failed"] == 1 and state.key_usage == 0
+
+
+async def test_api_v1_streams_keep_openrouters_shape_whatever_the_stream_options(client, validators):
+    response = await chat(client, stream=True, stream_options={"include_usage": True, "include_obfuscation": True})
+    raw = await response.read()
+    assert raw.startswith(b": OPENROUTER PROCESSING\n\ndata: {")
+    _, data = parse_sse(raw)
+    chunks = data[:-1]
+    for chunk in chunks:
+        validators["CreateChatCompletionStreamResponse"].validate(chunk)
+        assert chunk["provider"] == "OpenAI" and "obfuscation" not in chunk
+    assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks[:-1]) and chunks[-1]["usage"]["cost"] > 0
 
 
 # ---------------------------------------------------------------- introspection and control

@@ -1,0 +1,206 @@
+"""A chat-completion stream without IO: network reads in, whole events and the request's bill out.
+
+`SseDecoder` cuts the bytes of each network read into whole server-sent events and says which
+bytes may be forwarded now: the whole events, untouched (CRLF framing and comments included), so
+the relay still makes one write per read. What is left of an unfinished event waits for the next
+read. `data: [DONE]` ends the stream: the decoder stops in front of it, and the relay sends its own
+`[DONE]` once the request has been settled.
+
+`StreamMeter` reads the `data` of each event (one `orjson.loads` each) for accounting: the time to
+the first chunk, the generation id and provider, the usage object when a real one comes (OpenAI
+sends `"usage": null` in every chunk until the last), an upstream error chunk, and the text that
+was generated, as UTF-8 bytes, for when the stream is cut before any usage comes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import orjson
+
+from proxy.core.record import RequestRecord, Usage
+
+DONE = b"[DONE]"
+# Delta fields whose strings are generated text: answer, refusal, and reasoning (OpenRouter's
+# `reasoning`, `reasoning_content` of DeepSeek-style upstreams).
+TEXT_FIELDS = frozenset(("content", "refusal", "reasoning", "reasoning_content"))
+
+
+class EventTooLarge(ValueError):
+    """An event grew past the decoder's limit; holding more of it would let one upstream use
+    unbounded memory, so the stream is given up."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a stream event exceeded the size limit ({size} bytes, the limit is {limit})")
+        self.size = size
+        self.limit = limit
+
+
+class Batch(NamedTuple):
+    """What one network read completed."""
+
+    raw: bytes  # the whole events, byte for byte as they came: forward them in one write
+    events: list[bytes]  # the `data` of each of those events; comments and data-less events have none
+    done: bool  # `data: [DONE]` came: `raw` stops in front of it, and nothing after it is read
+
+
+class SseDecoder:
+    """Incremental SSE framing (the WHATWG event-stream format): lines end in LF or CRLF, a blank
+    line ends an event, `data:` lines are joined with LF, comment and other field lines are kept in
+    `raw` but carry no data. A lone CR as a line end is legal SSE but sent by no LLM API, and is
+    not treated as one."""
+
+    __slots__ = ("_carry", "_crlf", "_done", "_limit", "_resume")
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self._limit = max_event_bytes
+        self._carry = b""  # the start of an event whose end has not come yet
+        self._resume = 0  # where in `_carry` the search for its end goes on (no byte is searched twice)
+        self._crlf = False  # CR seen: from then on, lines are scanned one by one
+        self._done = False
+
+    @property
+    def pending(self) -> bool:
+        """Part of an event is waiting for its end: a stream ending now was cut mid-event."""
+        return bool(self._carry.strip())
+
+    def feed(self, piece: bytes) -> Batch:
+        """The events `piece` completes, with the exact bytes to forward for them. Raises
+        EventTooLarge when an event is, or grows, larger than the limit."""
+        if self._done:
+            return Batch(b"", [], True)
+        carry = self._carry
+        buffer = carry + piece if carry else piece
+        if not self._crlf and b"\r" in piece:
+            self._crlf, self._resume = True, 0  # lines of the carry were not tracked: scan it again
+        events: list[bytes] = []
+        start, search, crlf = 0, self._resume, self._crlf
+        while True:
+            if crlf:
+                body_end, end = _crlf_event_end(buffer, search)
+            else:  # the hot path: a plain search, no call
+                body_end = buffer.find(b"\n\n", search)
+                end = body_end + 2
+            if body_end < 0:
+                break
+            if end - start > self._limit:
+                raise EventTooLarge(end - start, self._limit)
+            data = _event_data(buffer[start:body_end])
+            if data == DONE:
+                self._done, self._carry = True, b""
+                return Batch(buffer[:start], events, True)
+            if data is not None:
+                events.append(data)
+            start = search = end
+        self._keep(buffer, start, search)
+        return Batch(buffer[:start], events, False)
+
+    def _keep(self, buffer: bytes, start: int, search: int) -> None:
+        """Hold the unfinished event back for the next read; it may not outgrow the limit."""
+        self._carry = carry = buffer[start:]
+        if len(carry) > self._limit:
+            raise EventTooLarge(len(carry), self._limit)
+        if self._crlf:
+            self._resume = _last_line_start(buffer, search) - start
+        else:  # a blank line may straddle the two reads: look at the carry's last byte again
+            self._resume = max(0, len(carry) - 1)
+
+
+def _crlf_event_end(buffer: bytes, at: int) -> tuple[int, int]:
+    """(end of the event's own lines, end of its closing blank line) of the first event that ends
+    at or after `at` (a line start), or (-1, -1), for lines ending in LF or CRLF."""
+    line = at
+    while (newline := buffer.find(b"\n", line)) >= 0:
+        if newline == line or (newline == line + 1 and buffer[line] == 0x0D):  # a blank line
+            return line, newline + 1
+        line = newline + 1
+    return -1, -1
+
+
+def _last_line_start(buffer: bytes, at: int) -> int:
+    """Where the line that is still open at the end of `buffer` starts (searching from `at`)."""
+    return buffer.rfind(b"\n", at) + 1 or at
+
+
+def _event_data(body: bytes) -> bytes | None:
+    """The `data` of one event's lines (multi-line data joined by LF, per the SSE spec), or None
+    when it has none (a comment such as `: OPENROUTER PROCESSING`). A body with a CR always has
+    an LF too (the decoder cuts CRLF events with their last line end), so takes the long way."""
+    if body.startswith(b"data: ") and b"\n" not in body:  # the common case: one line, LF framing
+        return body[6:] or None
+    values = []
+    for line in body.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if line.startswith(b"data:"):
+            value = line[5:]
+            values.append(value[1:] if value.startswith(b" ") else value)
+        elif line == b"data":  # a field name alone has an empty value
+            values.append(b"")
+    return b"\n".join(values) or None  # an empty data buffer dispatches nothing
+
+
+class StreamMeter:
+    """Reads each chunk of a chat-completion stream into the request's record, as it passes."""
+
+    __slots__ = ("_record", "_started")
+
+    def __init__(self, record: RequestRecord, started: float) -> None:
+        self._record = record
+        self._started = started  # the monotonic time the request came in: TTFT counts from there
+
+    def see(self, data: bytes, now: float) -> None:
+        """Note what one event's data says; `now` is the monotonic time it arrived."""
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        record = self._record
+        if record.ttft_s is None:
+            record.ttft_s = now - self._started
+            record.note_origin(chunk)
+        usage = chunk.get("usage")
+        if usage is not None:  # OpenAI's `"usage": null` in every chunk is no usage
+            parsed = Usage.from_payload(usage)
+            if parsed is not None:
+                record.usage = parsed
+        if chunk.get("error"):
+            record.error = "upstream_stream_error"
+        choices = chunk.get("choices")
+        if choices:
+            # Counted always, used only when no usage comes: a stream cut short is billed from it.
+            record.streamed_text_bytes += text_bytes(choices)
+
+
+def text_bytes(choices: Any) -> int:
+    """UTF-8 bytes of the text generated in these delta choices: content, refusal, reasoning and
+    tool-call arguments (names and ids are not generated text worth billing by length)."""
+    if not isinstance(choices, list):
+        return 0
+    total = 0
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        # A delta has one to three keys: walking them is cheaper than looking up every text field.
+        for name, value in delta.items():
+            if isinstance(value, str):
+                if name in TEXT_FIELDS:
+                    total += _utf8_len(value)
+            elif name == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    total += _arguments_len(call.get("function") if isinstance(call, dict) else None)
+            elif name == "function_call":  # the deprecated single-function form
+                total += _arguments_len(value)
+    return total
+
+
+def _arguments_len(function: Any) -> int:
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return _utf8_len(arguments) if isinstance(arguments, str) else 0
+
+
+def _utf8_len(text: str) -> int:
+    # isascii() is O(1) in CPython (the string knows its kind), so ASCII text is never encoded.
+    return len(text) if text.isascii() else len(text.encode())

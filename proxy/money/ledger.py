@@ -62,8 +62,6 @@ class _Pending:
     future: asyncio.Future[None]
 
 
-
-
 class Ledger:
     """Spend records in one SQLite file; build with `await Ledger.open(path)`, end with `close()`."""
 

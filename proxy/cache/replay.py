@@ -137,7 +137,11 @@ class StreamAssembler:
         except orjson.JSONDecodeError:
             self.failed = True
             return
-        if not isinstance(chunk, dict) or chunk.get("error"):
+        self.add_chunk(chunk if isinstance(chunk, dict) else None)
+
+    def add_chunk(self, chunk: dict[str, Any] | None) -> None:
+        """One parsed chunk (None: an event that was not a JSON object, which spoils the answer)."""
+        if chunk is None or chunk.get("error"):
             self.failed = True
             return
         if not self._head:

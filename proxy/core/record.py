@@ -61,7 +61,7 @@ class RequestRecord:
     provider: str | None = None
     generation_id: str | None = None
     usage: Usage | None = None
-    streamed_text_bytes: int = 0  # a stream without usage: about how much text came
+    streamed_text_bytes: int = 0  # UTF-8 bytes of the text streamed so far: bills a stream cut before its usage
     attempts: list[Attempt] = field(default_factory=list)
     latency_s: float = 0.0
     ttft_s: float | None = None

@@ -148,14 +148,15 @@ class StreamMeter:
         self._record = record
         self._started = started  # the monotonic time the request came in: TTFT counts from there
 
-    def see(self, data: bytes, now: float) -> None:
-        """Note what one event's data says; `now` is the monotonic time it arrived."""
+    def see(self, data: bytes, now: float) -> dict[str, Any] | None:
+        """Note what one event's data says; `now` is the monotonic time it arrived. Returns the
+        parsed chunk (None when it is not a JSON object), so nothing else parses it again."""
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return
+            return None
         if not isinstance(chunk, dict):
-            return
+            return None
         record = self._record
         if record.ttft_s is None:
             record.ttft_s = now - self._started
@@ -171,6 +172,7 @@ class StreamMeter:
         if choices:
             # Counted always, used only when no usage comes: a stream cut short is billed from it.
             record.streamed_text_bytes += text_bytes(choices)
+        return chunk
 
 
 def text_bytes(choices: Any) -> int:

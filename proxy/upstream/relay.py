@@ -87,9 +87,9 @@ async def _forward(
         async for batch in iter_batches(upstream):
             now = time.monotonic()
             for data in batch.events:
-                meter.see(data, now)
+                chunk = meter.see(data, now)
                 if assembler is not None:
-                    assembler.add(data)
+                    assembler.add_chunk(chunk)
             if batch.raw:
                 await response.write(batch.raw)
             if batch.done:

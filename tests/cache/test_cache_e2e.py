@@ -7,18 +7,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
+from tests.support.timing import Clock, cache_writes_settled
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Clock:
-    def __init__(self) -> None:
-        import time
-
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def rows(proxy):
@@ -33,10 +24,8 @@ async def test_temperature_zero_is_cached_and_a_hit_costs_nothing(proxy, emulato
     assert first.headers["x-proxy-cache"] == "miss"
     paid = first.parse()
     await proxy.ledger.flush()
-    for _ in range(50):  # the store happens after the answer went out
-        second = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
-        if second.headers.get("x-proxy-cache") == "hit":
-            break
+    await cache_writes_settled()  # the store happens after the answer went out
+    second = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
     assert second.headers["x-proxy-cache"] == "hit"
     assert second.headers["x-proxy-attempts"] == "0"
     hit = second.parse()
@@ -73,14 +62,10 @@ async def test_the_header_switches_the_cache_on_and_off(proxy, emulator):
 async def test_a_streamed_hit_is_replayed_as_sse(proxy, emulator, schemas):
     client = proxy.client()
     paid = await client.chat.completions.create(model="balanced", messages=QUESTION, temperature=0)
-    for _ in range(50):
-        raw = await client.chat.completions.with_raw_response.create(
-            model="balanced", messages=QUESTION, temperature=0, stream=True
-        )
-        if raw.headers.get("x-proxy-cache") == "hit":
-            break
-        async for _chunk in raw.parse():
-            pass
+    await cache_writes_settled()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="balanced", messages=QUESTION, temperature=0, stream=True
+    )
     assert raw.headers["x-proxy-cache"] == "hit"
     assert raw.headers["content-type"].startswith("text/event-stream")
     text = ""
@@ -108,12 +93,10 @@ async def test_entries_expire_after_the_ttl(make_proxy, emulator):
     proxy = await make_proxy(extra="cache: {ttl_s: 60}\n", clock=clock)
     client = proxy.client()
     await client.chat.completions.create(model="cheap", messages=QUESTION, temperature=0)
-    for _ in range(50):
-        raw = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
-        if raw.headers["x-proxy-cache"] == "hit":
-            break
+    await cache_writes_settled()
+    raw = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
     assert raw.headers["x-proxy-cache"] == "hit"
-    clock.now += 61
+    clock.advance(61)
     raw = await client.chat.completions.with_raw_response.create(model="cheap", messages=QUESTION, temperature=0)
     assert raw.headers["x-proxy-cache"] == "miss"
 
@@ -125,10 +108,8 @@ async def test_a_streamed_answer_is_cached_too(proxy, emulator, schemas):
     async for chunk in stream:
         streamed += "".join(choice.delta.content or "" for choice in chunk.choices)
     calls = len(emulator.state.requests)
-    for _ in range(50):
-        raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION, temperature=0)
-        if raw.headers["x-proxy-cache"] == "hit":
-            break
+    await cache_writes_settled()
+    raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION, temperature=0)
     assert raw.headers["x-proxy-cache"] == "hit"
     hit = raw.parse()
     schemas.validate("CreateChatCompletionResponse", hit.model_dump(exclude_unset=True))
@@ -144,5 +125,6 @@ async def test_a_broken_stream_is_not_cached(proxy, emulator):
     with pytest.raises(openai.APIError):
         async for _chunk in stream:
             pass
+    await cache_writes_settled()  # so a wrongly started store would have landed before the check
     raw = await client.chat.completions.with_raw_response.create(model="quality", messages=QUESTION, temperature=0)
     assert raw.headers["x-proxy-cache"] == "miss"

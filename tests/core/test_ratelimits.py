@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ from proxy.core.ratelimits import MAX_READINGS, RateLimits, Reading, _duration, 
 from proxy.core.routing import Target
 from proxy.emulator import Fault
 from tests.support.gateway import proxy_config_text
+from tests.support.timing import Clock
 
 NOW = 1_700_000_000.0
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
@@ -215,9 +215,12 @@ def _calls(emulator, model: str) -> int:
 @pytest.mark.parametrize("status", [None, 429], ids=["success_says_remaining_0", "429_says_remaining_0"])
 async def test_an_exhausted_member_is_skipped_until_its_reset(make_proxy, emulator, status):
     # max_retry_after_s below the reset: a 429 moves on at once rather than waiting on the same member
-    proxy = await make_proxy(retry="retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 0.5}")
+    clock = Clock()
+    proxy = await make_proxy(
+        retry="retry: {attempts_per_model: 2, backoff_s: 0.01, max_retry_after_s: 0.5}", clock=clock
+    )
     client = proxy.client()
-    reset = time.time() + 1.5
+    reset = clock() + 30  # far beyond max_retry_after_s on the executor's real clock too
     emulator.state.faults.set(MISTRAL.model, Fault(status=status, rate_limit=(10, 0, int(reset * 1000)), times=1))
 
     first = await client.chat.completions.with_raw_response.create(model="cheap", messages=HELLO)
@@ -243,7 +246,7 @@ async def test_an_exhausted_member_is_skipped_until_its_reset(make_proxy, emulat
     assert metrics[("orproxy_ratelimit_limit", labels_key(labels))] == 10
     assert metrics[("orproxy_ratelimit_reset_timestamp_seconds", labels_key(labels))] == pytest.approx(reset, abs=0.01)
 
-    await asyncio.sleep(max(0.0, reset - time.time()) + 0.05)
+    clock.advance(reset - clock() + 0.05)
     again = await client.chat.completions.with_raw_response.create(model="cheap", messages=HELLO)
     assert _route(again) == "cheap: mistralai/mistral-7b-instruct=ok"
     assert _calls(emulator, MISTRAL.model) == 2
@@ -253,6 +256,8 @@ async def test_an_exhausted_member_is_skipped_until_its_reset(make_proxy, emulat
 
 
 async def test_every_member_exhausted_gives_429_with_the_earliest_reset(proxy, emulator):
+    # The real clock, not an injected one: when every member is skipped, the Retry-After is counted
+    # from the executor's own wall clock, which create_app does not let a test inject.
     client = proxy.client()
     now = time.time()
     sonnet, mini = "anthropic/claude-sonnet-4.5", "openai/gpt-4o-mini"
@@ -320,11 +325,12 @@ models:
   solo: {chain: [{model: gpt-4o-mini, upstream: openai}, mistralai/mistral-7b-instruct]}
 """,
     ).replace(f"{emulator.url}/v1", f"{str(openai_like.make_url('')).rstrip('/')}/v1")
-    proxy = await make_proxy(config_text=text)
+    clock = Clock()
+    proxy = await make_proxy(config_text=text, clock=clock)
     client = proxy.client()
 
     first = await client.chat.completions.with_raw_response.create(model="solo", messages=HELLO)
-    started = time.time()
+    started = clock()
     assert _route(first) == "solo: gpt-4o-mini@openai=ok"
     skipped = await client.chat.completions.with_raw_response.create(model="solo", messages=HELLO)
     assert _route(skipped) == "solo: mistralai/mistral-7b-instruct=ok gpt-4o-mini@openai=skipped:rate_limited"
@@ -341,7 +347,7 @@ models:
     assert remaining_and_limit(tokens) == (29989, 30000)
     assert metrics[("orproxy_ratelimit_reset_timestamp_seconds", tokens)] == pytest.approx(started + 360, abs=2)
 
-    await asyncio.sleep(max(0.0, started + reset_s - time.time()) + 0.1)
+    clock.advance(started + reset_s - clock() + 0.1)
     again = await client.chat.completions.with_raw_response.create(model="solo", messages=HELLO)
     assert _route(again) == "solo: gpt-4o-mini@openai=ok"
     assert len(calls) == 2

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from proxy.emulator import Fault
-from tests.support.gateway import UPSTREAM_KEY
+from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
 WEATHER_TOOL = {
@@ -168,15 +168,26 @@ async def test_falls_back_to_the_next_member(proxy, emulator, fault):
     assert raw.headers["x-proxy-attempts"] == str(retries + 1)
 
 
+def with_upstream_timeout(emulator, seconds: float, retry: str) -> str:
+    """The fixture's config with a shorter upstream timeout than its 2 s, so a timeout test waits less."""
+    text = proxy_config_text(emulator.url, retry=retry)
+    assert text.count("    timeout_s: 2\n") == 2
+    return text.replace("    timeout_s: 2\n", f"    timeout_s: {seconds}\n")
+
+
+@pytest.mark.realtime  # the upstream timeout fires on a latency the emulator produces over a real socket
 async def test_timeout_falls_back(make_proxy, emulator):
-    proxy = await make_proxy(retry="retry: {attempts_per_model: 1, backoff_s: 0.01}")
+    proxy = await make_proxy(
+        config_text=with_upstream_timeout(emulator, 0.5, "retry: {attempts_per_model: 1, backoff_s: 0.01}")
+    )
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(latency_s=3.0))
     started = time.monotonic()
     completion = await proxy.client().chat.completions.create(model="cheap", messages=HELLO)
     assert completion.model == "meta-llama/llama-3.1-8b-instruct"
-    assert time.monotonic() - started < 2.9  # the 2 s upstream timeout cut the slow member off
+    assert time.monotonic() - started < 2.9  # the 0.5 s upstream timeout cut the 3 s member off
 
 
+@pytest.mark.realtime  # the executor sleeps Retry-After on the real clock (create_app has no seam for its sleep)
 async def test_retry_after_is_honoured_on_the_same_member(proxy, emulator):
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(status=429, retry_after=0.6, times=1))
     started = time.monotonic()
@@ -186,6 +197,7 @@ async def test_retry_after_is_honoured_on_the_same_member(proxy, emulator):
     assert raw.headers["x-proxy-attempts"] == "2"
 
 
+@pytest.mark.realtime  # "at once" is measured on the real clock: the executor's sleep is not injectable here
 async def test_retry_after_beyond_the_cap_moves_on_at_once(proxy, emulator):
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(status=429, retry_after=30))
     started = time.monotonic()
@@ -224,8 +236,9 @@ async def test_all_members_rate_limited_gives_429_with_retry_after(proxy, emulat
     assert caught.value.response.headers["retry-after"] == "4"
 
 
+@pytest.mark.realtime  # upstream timeouts on latencies the emulator produces over real sockets
 async def test_all_members_timing_out_gives_504(make_proxy, emulator):
-    proxy = await make_proxy(retry="retry: {attempts_per_model: 1}")
+    proxy = await make_proxy(config_text=with_upstream_timeout(emulator, 0.5, "retry: {attempts_per_model: 1}"))
     for model in ("anthropic/claude-sonnet-4.5", "openai/gpt-4o-mini"):
         emulator.state.faults.set(model, Fault(latency_s=2.5))
     with pytest.raises(openai.APIStatusError) as caught:

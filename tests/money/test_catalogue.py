@@ -118,6 +118,7 @@ def test_refresh_offline_says_so_and_keeps_the_snapshot(tmp_path, capsys):
     assert not cache.exists()
 
 
+@pytest.mark.realtime  # the client's 0.3 s timeout runs out against a real socket that never answers
 async def test_fetch_gives_up_after_the_timeout():
     with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
         silent.bind(("127.0.0.1", 0))

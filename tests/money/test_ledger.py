@@ -296,6 +296,7 @@ async def test_bad_rows_are_refused_at_the_caller(ledger: Ledger) -> None:
     assert [r.request_id for r in await ledger.rows()] == ["good"]
 
 
+@pytest.mark.realtime  # SQLite's busy timeout (0.05 s) runs out on the real clock
 async def test_db_error_fails_the_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     ledger = await open_at_t0(path, busy_timeout_s=0.05)
@@ -320,6 +321,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         await Ledger.open(path)
 
 
+@pytest.mark.slow  # a real writer process, killed with SIGKILL
 async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     proc = await asyncio.create_subprocess_exec(

@@ -27,8 +27,8 @@ from tests.support.money import (
     seed_ledger,
     seed_row,
     usage_cost,
-    wait_for,
 )
+from tests.support.timing import Clock, wait_for
 
 DAILY = 0.005
 # A direct request to an expensive model with a longish prompt and a one-token answer:
@@ -41,13 +41,25 @@ async def ask(client: openai.AsyncOpenAI, model: str, messages=HELLO, **kwargs):
     return raw.headers, raw.parse()
 
 
-def seconds_to_utc_midnight() -> float:
-    now = datetime.now(UTC)
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() + 86_400
-    return midnight - now.timestamp()
+@pytest.fixture
+def clock() -> Clock:
+    """The proxy's clock in these tests: noon on the 15th of this month (UTC), and still. Budget
+    windows then never roll over mid-test, a seeded row of this month is never also today's, and
+    what the test computes from "now" is what the proxy computed. (No test here makes an upstream
+    fail, so the executor's own real clock, which this does not reach, decides nothing.)"""
+    today = datetime.now(UTC)
+    return Clock.at(today.year, today.month, 15)
 
 
-def assert_budget_refusal(exc: openai.RateLimitError, *, limit: str, scope: str = "the daily budget") -> None:
+def seconds_to_utc_midnight(now: float) -> float:
+    day = datetime.fromtimestamp(now, UTC)
+    midnight = day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp() + 86_400
+    return midnight - now
+
+
+def assert_budget_refusal(
+    exc: openai.RateLimitError, now: float, *, limit: str, scope: str = "the daily budget"
+) -> None:
     assert exc.status_code == 429
     assert exc.type == "insufficient_quota"
     assert exc.code == "budget_exceeded"
@@ -56,21 +68,21 @@ def assert_budget_refusal(exc: openai.RateLimitError, *, limit: str, scope: str 
     assert "Spent $" in message and f"of {limit}" in message, message
     assert "resets at" in message, message
     retry_after = int(exc.response.headers["retry-after"])
-    assert 1 <= retry_after <= seconds_to_utc_midnight() + 2
+    assert 1 <= retry_after <= seconds_to_utc_midnight(now) + 2
 
 
 class Spend:
     """What the SDK was billed, kept beside the proxy's own book to cross-check it."""
 
-    def __init__(self, proxy, daily: float) -> None:
-        self.proxy, self.daily, self.total = proxy, daily, 0.0
+    def __init__(self, proxy, daily: float, clock: Clock) -> None:
+        self.proxy, self.daily, self.clock, self.total = proxy, daily, clock, 0.0
 
     def add(self, completion) -> None:
         self.total += usage_cost(completion.usage)
 
     @property
     def fraction(self) -> float:
-        book_fraction = self.proxy.book.fraction(None, time.time())
+        book_fraction = self.proxy.book.fraction(None, self.clock())
         assert book_fraction == pytest.approx(self.total / self.daily, rel=1e-9)
         return book_fraction
 
@@ -85,10 +97,10 @@ class Spend:
 
 
 @pytest.mark.parametrize("on_exhausted", ["reject", "cheapest"])
-async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_proxy, on_exhausted):
-    proxy = await make_proxy(MODELS, extra=budget_block(DAILY, on_exhausted))
+async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_proxy, clock, on_exhausted):
+    proxy = await make_proxy(MODELS, extra=budget_block(DAILY, on_exhausted), clock=clock)
     client = proxy.client()
-    spend = Spend(proxy, DAILY)
+    spend = Spend(proxy, DAILY, clock)
 
     # Below 40%: everything as asked.
     assert spend.fraction < 0.4
@@ -148,11 +160,11 @@ async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_prox
     else:
         with pytest.raises(openai.RateLimitError) as refused:
             await ask(client, "quality", max_tokens=2000)
-        assert_budget_refusal(refused.value, limit="$0.005")
+        assert_budget_refusal(refused.value, clock(), limit="$0.005")
     # Nothing fits: 200k tokens even on the cheapest model cost more than what is left.
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(client, "quality", max_tokens=200_000)
-    assert_budget_refusal(refused.value, limit="$0.005")
+    assert_budget_refusal(refused.value, clock(), limit="$0.005")
     # The refusals cost nothing (the book still matches what the SDK was billed),
     # and a request that fits still goes through.
     assert spend.fraction < 1.0
@@ -180,35 +192,36 @@ SEEDED = [
 
 @pytest.mark.parametrize("on_exhausted, fraction, requested, max_tokens, answered_by, downgrade", SEEDED)
 async def test_spend_already_in_the_ledger_decides_the_step(
-    make_proxy, tmp_path, on_exhausted, fraction, requested, max_tokens, answered_by, downgrade
+    make_proxy, tmp_path, clock, on_exhausted, fraction, requested, max_tokens, answered_by, downgrade
 ):
     path = tmp_path / "seeded.sqlite3"
-    await seed_ledger(path, *([seed_row("earlier", DAILY * fraction)] if fraction else []))
-    proxy = await make_proxy(MODELS, extra=budget_block(DAILY, on_exhausted), ledger_path=path)
+    await seed_ledger(path, *([seed_row("earlier", DAILY * fraction, ts=clock() - 60)] if fraction else []))
+    proxy = await make_proxy(MODELS, extra=budget_block(DAILY, on_exhausted), ledger_path=path, clock=clock)
     client = proxy.client()
     if answered_by is None:
         with pytest.raises(openai.RateLimitError) as refused:
             await ask(client, requested, max_tokens=max_tokens)
-        assert_budget_refusal(refused.value, limit="$0.005")
+        assert_budget_refusal(refused.value, clock(), limit="$0.005")
         return
     headers, completion = await ask(client, requested, max_tokens=max_tokens)
     assert completion.model == CHAIN_MODEL[answered_by]
     assert headers.get("x-proxy-downgrade") == downgrade
 
 
-async def test_monthly_budget_is_enforced_too(make_proxy, tmp_path):
+async def test_monthly_budget_is_enforced_too(make_proxy, tmp_path, clock):
     path = tmp_path / "seeded.sqlite3"
-    month_start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    now = datetime.fromtimestamp(clock(), UTC)
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    assert clock() - month_start >= 86_400  # the seeded row is this month's but not today's, on any date
     await seed_ledger(path, seed_row("earlier-this-month", 0.0099, ts=month_start + 1))
-    proxy = await make_proxy(MODELS, extra=budget_block(1.0, monthly=0.01), ledger_path=path)
-    if time.time() - month_start < 86_400:
-        pytest.skip("on the 1st of the month the seeded row is also today's")
+    proxy = await make_proxy(MODELS, extra=budget_block(1.0, monthly=0.01), ledger_path=path, clock=clock)
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(proxy.client(), "quality", max_tokens=2000)  # 99% spent: on cheap, up to $0.0012
     assert "the monthly budget" in refused.value.message
     assert "of $0.01" in refused.value.message
 
 
+@pytest.mark.realtime  # the emulator's real latency keeps every request in flight at once
 async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, emulator):
     """Each admitted request reserved its worst case W before going upstream, and the book refuses
     whenever spent + reserved + W > limit. So the final spend can pass the limit only by what the
@@ -267,7 +280,7 @@ async def test_100_concurrent_requests_never_overshoot_the_budget(make_proxy, em
     assert sum(r.cost_usd for r in rows) == pytest.approx(spent, abs=1e-9 * len(rows))
 
 
-async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
+async def test_a_restart_keeps_the_spend(make_proxy, tmp_path, clock):
     path = tmp_path / "restart.sqlite3"
     keys = "keys:\n  - {name: bot, key_env: BOT_KEY, daily_usd: 0.001}\n  - {name: ops, key_env: OPS_KEY}\n"
     env = {
@@ -277,7 +290,7 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
         "OPS_KEY": "ops-secret",
     }
     extra = budget_block(DAILY) + keys
-    first = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env)
+    first = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env, clock=clock)
     bot, ops = first.client(api_key="bot-secret"), first.client(api_key="ops-secret")
     spent = 0.0
     for client in (bot, bot, ops, ops, ops, ops):
@@ -289,11 +302,11 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
     assert headers["x-proxy-downgrade"] == "quality->balanced (step 0 at 40%)"
     book = first.book
     before = {(scope, window): spent for scope, window, spent, _ in book.snapshot()}
-    fractions = {key: book.fraction(key, time.time()) for key in (None, "bot", "ops")}
+    fractions = {key: book.fraction(key, clock()) for key in (None, "bot", "ops")}
     assert fractions["bot"] >= 0.8 > fractions[None] >= 0.4
     await first.server.close()  # runs the app's cleanup: the ledger is closed
 
-    second = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env)
+    second = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env, clock=clock)
     book = second.book
     after = {(scope, window): spent for scope, window, spent, _ in book.snapshot()}
     assert after.keys() == before.keys()
@@ -301,7 +314,7 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
         assert after[scope_window] == pytest.approx(amount, abs=1e-8), scope_window
     assert after[("", "daily")] == pytest.approx(spent, abs=1e-8)
     for key, fraction in fractions.items():
-        assert book.fraction(key, time.time()) == pytest.approx(fraction, abs=1e-5)
+        assert book.fraction(key, clock()) == pytest.approx(fraction, abs=1e-5)
     # The same steps apply: the global one for ops, the key's own (80%: "*" -> cheap) for bot.
     headers, completion = await ask(second.client(api_key="ops-secret"), "quality", max_tokens=5)
     assert completion.model == CHAIN_MODEL["balanced"]
@@ -312,7 +325,7 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path):
     # And the key's own budget: what is left of bot's $0.001 does not cover 2000 tokens on cheap.
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(second.client(api_key="bot-secret"), "quality", max_tokens=2000)
-    assert_budget_refusal(refused.value, limit="$0.001", scope="the daily budget of key 'bot'")
+    assert_budget_refusal(refused.value, clock(), limit="$0.001", scope="the daily budget of key 'bot'")
 
 
 async def test_a_stream_cut_midway_is_still_billed(make_proxy, emulator):
@@ -337,7 +350,7 @@ async def test_a_stream_cut_midway_is_still_billed(make_proxy, emulator):
     assert proxy.book.snapshot()[0][2] == pytest.approx(row.cost_usd, abs=1e-9)
 
 
-async def _disconnect_midstream(proxy, emulator) -> None:
+async def _disconnect_midstream(proxy, emulator):
     emulator.state.faults.set(CHAIN_MODEL["balanced"], Fault(chunk_delay_s=0.2))
     async with aiohttp.ClientSession() as session:
         response = await session.post(
@@ -354,21 +367,17 @@ async def _disconnect_midstream(proxy, emulator) -> None:
             await response.content.readuntil(b"\n\n")
         response.close()
     ledger = proxy.ledger
-    rows: list = []
 
-    async def poll() -> bool:
+    async def recorded() -> list:
         await ledger.flush()
-        rows[:] = await ledger.rows()
-        return bool(rows)
+        return await ledger.rows()
 
-    for _ in range(100):
-        if await poll():
-            break
-        await asyncio.sleep(0.02)
+    rows = await wait_for(recorded, message="no ledger row for the request the client hung up on")
     assert len(rows) == 1, "no ledger row for the request the client hung up on"
     return rows[0]
 
 
+@pytest.mark.realtime  # the emulator's real pauses between chunks keep the stream going when the client leaves
 async def test_a_client_that_hangs_up_midstream_is_billed(make_proxy, emulator):
     proxy = await make_proxy(MODELS)
     row = await _disconnect_midstream(proxy, emulator)
@@ -377,6 +386,7 @@ async def test_a_client_that_hangs_up_midstream_is_billed(make_proxy, emulator):
     await wait_for(lambda: proxy.book.snapshot()[0][2] > 0)
 
 
+@pytest.mark.realtime  # the emulator's real pauses between chunks keep the stream going when the client leaves
 async def test_a_client_that_hangs_up_midstream_pays_for_the_text_it_was_sent(make_proxy, emulator):
     proxy = await make_proxy(MODELS)
     row = await _disconnect_midstream(proxy, emulator)
@@ -385,11 +395,11 @@ async def test_a_client_that_hangs_up_midstream_pays_for_the_text_it_was_sent(ma
 
 async def test_a_restart_keeps_the_spend_under_an_injected_clock(make_proxy, tmp_path):
     path = tmp_path / "clock.sqlite3"
-    later = time.time() + 2 * 86_400  # e.g. a test pinning "the day after tomorrow"
-    first = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
+    later = Clock(time.time() + 2 * 86_400)  # e.g. a test pinning "the day after tomorrow"
+    first = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=later)
     _, completion = await ask(first.client(), "quality", max_tokens=5)
     spent = usage_cost(completion.usage)
     assert first.book.snapshot()[0][2] == pytest.approx(spent)
     await first.server.close()
-    second = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=lambda: later)
+    second = await make_proxy(MODELS, extra=budget_block(DAILY), ledger_path=path, clock=later)
     assert second.book.snapshot()[0][2] == pytest.approx(spent, abs=1e-9)

@@ -8,6 +8,7 @@ import signal
 import time
 
 import aiohttp
+import pytest
 
 from proxy.emulator import Fault
 from proxy.money.ledger import Ledger
@@ -58,6 +59,8 @@ async def client(url: str, worker: int, completed: list[str], stop: asyncio.Even
                 in_flight.count -= 1
 
 
+@pytest.mark.slow
+@pytest.mark.realtime  # a real server process under up to LOAD_SECONDS of real load, then SIGKILL
 async def test_sigkill_under_load_loses_no_completed_row(emulator, tmp_path):
     emulator.state.faults.set("google/gemini-2.5-flash", Fault(chunk_delay_s=0.01))  # some streams stay in flight
     port = free_port()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from tests.support.gateway import ROOT, UPSTREAM_KEY, proxy_config_text
 from tests.support.money import usage_cost
+from tests.support.timing import Clock
 
 ADMIN_KEY = "admin-secret-890"
 ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "TEST_ADMIN_KEY": ADMIN_KEY}
@@ -196,8 +196,8 @@ async def test_admin_routes_are_off_without_the_admin_key(make_proxy, aiohttp_cl
 
 
 async def test_admin_budget_figures_roll_over_at_midnight_without_traffic(make_proxy, aiohttp_client):
-    now = [time.time()]
-    proxy = await make_proxy(extra=EXTRA + "budget: {daily_usd: 1.0}\n", env=ENV, clock=lambda: now[0])
+    clock = Clock()
+    proxy = await make_proxy(extra=EXTRA + "budget: {daily_usd: 1.0}\n", env=ENV, clock=clock)
     await proxy.client().chat.completions.create(model="cheap", messages=[{"role": "user", "content": "hi"}])
     http = await aiohttp_client(proxy.server)
     auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -207,5 +207,5 @@ async def test_admin_budget_figures_roll_over_at_midnight_without_traffic(make_p
         return next(b["spent_usd"] for b in report["budget"] if (b["scope"], b["window"]) == ("global", "daily"))
 
     assert await daily_spent() > 0
-    now[0] = proxy.book.calendar.day_end + 1  # the next day, no request since
+    clock.now = proxy.book.calendar.day_end + 1  # the next day, no request since
     assert await daily_spent() == 0.0

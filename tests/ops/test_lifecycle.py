@@ -15,6 +15,7 @@ from proxy.emulator import Fault
 from proxy.money.ledger import Ledger
 from tests.support.gateway import proxy_config_text
 from tests.support.procs import free_port, start_proxy, wait_until_up
+from tests.support.timing import wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -34,6 +35,8 @@ async def ask(session: aiohttp.ClientSession, url: str) -> tuple[int, dict, str]
         return response.status, body, response.headers.get("x-request-id", "")
 
 
+@pytest.mark.slow
+@pytest.mark.realtime  # a real server process, real signals, and requests held in flight by real latency
 async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -51,7 +54,7 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
             # An invalid edit + SIGHUP: refused, the old config keeps serving.
             config.write_text("models: [broken\n")
             os.kill(proc.pid, signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await wait_for(lambda: "refused; the previous config keeps serving" in log.read_text(), timeout=10)
             status, body, _ = await ask(session, url)
             assert (status, body["model"]) == (200, "mistralai/mistral-7b-instruct")
             assert "refused; the previous config keeps serving" in log.read_text()
@@ -59,17 +62,23 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
             # A valid edit + SIGHUP: applied.
             config.write_text(config_text(emulator.url, "meta-llama/llama-3.1-8b-instruct", ledger_path))
             os.kill(proc.pid, signal.SIGHUP)
-            for _ in range(40):
-                status, body, _ = await ask(session, url)
-                if body.get("model") == "meta-llama/llama-3.1-8b-instruct":
-                    break
-                await asyncio.sleep(0.1)
+
+            async def answered_by_the_new_chain() -> dict:
+                _, body, _ = await ask(session, url)
+                return body if body.get("model") == "meta-llama/llama-3.1-8b-instruct" else {}
+
+            body = await wait_for(answered_by_the_new_chain, timeout=10, interval=0.05)
             assert body["model"] == "meta-llama/llama-3.1-8b-instruct"
 
             # SIGTERM while slow requests are in flight: they finish, new connections are refused, exit 0.
             emulator.state.faults.set("meta-llama/llama-3.1-8b-instruct", Fault(latency_s=1.0))
+
+            def upstream_calls() -> int:
+                return sum(r.model == "meta-llama/llama-3.1-8b-instruct" for r in emulator.state.requests)
+
+            before = upstream_calls()
             slow = [asyncio.create_task(ask(session, url)) for _ in range(3)]
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: upstream_calls() >= before + 3)  # all three are in flight upstream now
             os.kill(proc.pid, signal.SIGTERM)
             started = time.monotonic()
             results = await asyncio.gather(*slow)
@@ -89,6 +98,7 @@ async def test_sighup_reloads_and_sigterm_drains_in_flight_requests(emulator, tm
     assert {request_id for _, _, request_id in results} <= recorded  # flushed before exit
 
 
+@pytest.mark.slow  # a real server process, stopped with SIGTERM
 async def test_an_open_proxy_stays_on_localhost_unless_told_otherwise(emulator, tmp_path):
     port = free_port()
     config = tmp_path / "open.yaml"

@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterable
 
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
+from tests.support.timing import Clock, wait_for
 
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
 SONNET, MINI, MISTRAL = "anthropic/claude-sonnet-4.5", "openai/gpt-4o-mini", "mistralai/mistral-7b-instruct"
@@ -77,6 +77,22 @@ def total(found: Samples, name: str, **where: str) -> float:
     )
 
 
+async def credits_caught_up(url: str, emulator) -> Samples:
+    """The samples once the credit gauges show what the emulator has billed so far (the poller runs
+    in the background, every `credits_poll_s` of real time)."""
+    balance = key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")
+    used = key("orproxy_upstream_usage_daily_usd", upstream="openrouter")
+
+    async def current() -> Samples | None:
+        found = samples(await scrape(url))
+        usage = emulator.state.key_usage
+        balance_seen = found.get(balance) == pytest.approx(100.0 - usage, rel=1e-9)
+        usage_seen = found.get(used) == pytest.approx(usage, rel=1e-9)
+        return found if balance_seen and usage_seen else None
+
+    return await wait_for(current, message="the credit gauges never caught up with the emulator's usage")
+
+
 def with_credit_polling(emulator_url: str, seconds: float, extra: str = "") -> str:
     text = proxy_config_text(emulator_url)
     marker = "    api_key_env: TEST_OPENROUTER_KEY\n"
@@ -97,8 +113,12 @@ async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulat
     await client.chat.completions.create(model="quality", messages=HELLO)
     async for _ in await client.chat.completions.create(model="balanced", messages=HELLO, stream=True):
         pass
-    await asyncio.sleep(0.2)  # a credit poll
-    text = await scrape(proxy.url)
+
+    async def polled() -> str | None:  # the poller's first round, at start-up
+        text = await scrape(proxy.url)
+        return text if 'orproxy_upstream_credits_remaining_usd{upstream="openrouter"}' in text else None
+
+    text = await wait_for(polled, message="no credit poll")
 
     families = {family.name: family.type for family in text_string_to_metric_families(text)}
     for name, kind in {
@@ -135,8 +155,12 @@ async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulat
 # ------------------------------------------------------------------ values after known traffic
 
 
+@pytest.mark.realtime  # the credit poller sleeps on the real clock between polls
 async def test_values_match_the_traffic(make_proxy, emulator):
-    proxy = await make_proxy(config_text=with_credit_polling(emulator.url, 0.05, "budget: {daily_usd: 5}\n"))
+    clock = Clock()  # the budget's windows, read at a time the test knows
+    proxy = await make_proxy(
+        config_text=with_credit_polling(emulator.url, 0.05, "budget: {daily_usd: 5}\n"), clock=clock
+    )
     client = proxy.client()
     billed = 0.0
     tokens: Counter[tuple[str, str]] = Counter()
@@ -164,8 +188,7 @@ async def test_values_match_the_traffic(make_proxy, emulator):
         assert reply.model == MINI
         book(MINI, reply.usage)
 
-    await asyncio.sleep(0.15)  # let the credit poller see the emulator's usage
-    found = samples(await scrape(proxy.url))
+    found = await credits_caught_up(proxy.url, emulator)
 
     assert billed > 0 and billed == pytest.approx(emulator.state.key_usage, rel=1e-9)
     assert total(found, "orproxy_cost_usd_total") == pytest.approx(billed, rel=1e-9)
@@ -192,7 +215,7 @@ async def test_values_match_the_traffic(make_proxy, emulator):
     assert found[key("orproxy_budget_limit_usd", window="daily", key="all")] == 5
     assert found[key("orproxy_budget_downgrade_step")] == -1
     day_end = found[key("orproxy_budget_window_end_timestamp_seconds", window="daily")]
-    assert 0 < day_end - time.time() <= 25 * 3600  # the budget's midnight (a DST day has 25 hours)
+    assert 0 < day_end - clock() <= 25 * 3600  # the budget's midnight (a DST day has 25 hours)
     assert found[key("orproxy_budget_window_end_timestamp_seconds", window="monthly")] >= day_end
     assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == pytest.approx(
         100.0 - emulator.state.key_usage, rel=1e-9
@@ -203,6 +226,7 @@ async def test_values_match_the_traffic(make_proxy, emulator):
     assert found[key("orproxy_in_flight_requests")] == 0
 
 
+@pytest.mark.realtime  # the request is held in flight by the emulator's real latency
 async def test_in_flight_counts_a_slow_request_while_it_runs(proxy, emulator):
     emulator.state.faults.set(MISTRAL, Fault(latency_s=0.6, times=1))
     request = asyncio.create_task(proxy.client().chat.completions.create(model="cheap", messages=HELLO))
@@ -234,6 +258,7 @@ DIRECT_SLUGS = (
 )
 
 
+@pytest.mark.slow  # 1,000 requests, 64 at a time
 async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator):
     env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
     proxy = await make_proxy(env=env, config_text=proxy_config_text(emulator.url) + CARDINALITY_KEYS)
@@ -310,6 +335,7 @@ async def test_refused_requests_are_counted_too(make_proxy, emulator):
     assert total(found, "orproxy_requests_total", status="400") == 1
 
 
+@pytest.mark.realtime  # the credit poller sleeps on the real clock between polls
 async def test_credits_keep_updating_after_a_reload_replaces_the_upstream_client(make_proxy, emulator, tmp_path):
     from proxy.http.appkeys import RELOADER
 
@@ -321,8 +347,7 @@ async def test_credits_keep_updating_after_a_reload_replaces_the_upstream_client
     status = await proxy.app[RELOADER].reload("test")
     assert status.last_result == "success"
     await client.chat.completions.create(model="cheap", messages=HELLO)
-    await asyncio.sleep(0.3)
-    found = samples(await scrape(proxy.url))
+    found = await credits_caught_up(proxy.url, emulator)
     assert found[key("orproxy_upstream_credits_remaining_usd", upstream="openrouter")] == pytest.approx(
         100.0 - emulator.state.key_usage, rel=1e-9
     )

@@ -315,6 +315,8 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
     pytest.fail(f"Prometheus did not scrape the proxy enough within {within_s:g}s")
 
 
+@pytest.mark.slow
+@pytest.mark.realtime  # a real Prometheus discovers and scrapes the proxy on its own real-time schedule
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(make_proxy, emulator, tmp_path):
     # A short cooldown: the failing primary keeps cycling through fallbacks, cooldown and retry.
     retry = (

@@ -11,6 +11,7 @@ import yaml
 
 from proxy.http.appkeys import RELOADER
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
+from tests.support.timing import wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -45,6 +46,11 @@ class Load:
                 self.failures.append(exc)
             await asyncio.sleep(0)
 
+    async def answers(self, more: int) -> None:
+        """Wait until `more` further answers have come back (or a request failed)."""
+        target = len(self.models) + more
+        await wait_for(lambda: len(self.models) >= target or self.failures, message=f"{more} more answers")
+
     async def stop(self) -> None:
         self._stop.set()
         await asyncio.gather(*self._tasks)
@@ -64,7 +70,7 @@ async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(
     )
     http = await aiohttp_client(proxy.server)
     load = Load(proxy.client())
-    await asyncio.sleep(0.2)
+    await load.answers(16)  # under way before the first edit
     for broken in (
         "models: [unclosed\n",
         config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct").replace("to: cheap", "to: chep"),
@@ -75,7 +81,7 @@ async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(
         assert response.status == 422
         error = (await response.json())["error"]
         assert str(path) in error["message"] and error["code"] == "invalid_config"
-        await asyncio.sleep(0.1)
+        await load.answers(8)  # the load keeps being answered after the refused edit
         assert await served_by(proxy) == "mistralai/mistral-7b-instruct"
     status = await (await http.get("/admin/status", headers=ADMIN)).json()
     assert status["reload"]["last_result"] == "failure" and status["reload"]["failures"] == 3
@@ -85,7 +91,9 @@ async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(
     response = await http.post("/admin/reload", headers=ADMIN)
     assert response.status == 200
     assert await served_by(proxy) == "meta-llama/llama-3.1-8b-instruct"
-    await asyncio.sleep(0.2)
+    await wait_for(  # the load goes on under the new config, and has been more than 50 answers all told
+        lambda: (load.models.count("meta-llama/llama-3.1-8b-instruct") >= 16 and len(load.models) > 50) or load.failures
+    )
     await load.stop()
     assert load.failures == []
     assert len(load.models) > 50
@@ -100,6 +108,7 @@ async def test_invalid_edits_keep_serving_and_valid_ones_apply_under_load(
     assert "orproxy_config_last_success_timestamp_seconds" in metrics
 
 
+@pytest.mark.realtime  # watchfiles notices the edit on its own thread and debounces it on the real clock
 async def test_a_file_edit_is_picked_up_by_the_watcher(make_proxy, emulator, tmp_path):
     path = tmp_path / "config.yaml"
     proxy = await make_proxy(
@@ -107,16 +116,23 @@ async def test_a_file_edit_is_picked_up_by_the_watcher(make_proxy, emulator, tmp
         env=ENV,
         config_path=path,
     )
-    await asyncio.sleep(0.3)  # let the watcher start
-    path.write_text(config_with_cheap(emulator.url, "google/gemini-2.5-flash", watch=True))
-    for _ in range(50):
-        if await served_by(proxy) == "google/gemini-2.5-flash":
-            break
-        await asyncio.sleep(0.1)
+    edit = config_with_cheap(emulator.url, "google/gemini-2.5-flash", watch=True)
+    status = proxy.app[RELOADER].status
+    polls = 0
+
+    def reloaded_from_the_file() -> bool:
+        nonlocal polls
+        if polls % 25 == 0:  # written again now and then: the watcher may not have been watching yet
+            path.write_text(edit)
+        polls += 1
+        return status.successes > 0
+
+    await wait_for(reloaded_from_the_file, timeout=10, interval=0.02)
     assert await served_by(proxy) == "google/gemini-2.5-flash"
     assert proxy.app[RELOADER].status.last_trigger == "file change"
 
 
+@pytest.mark.realtime  # the emulator's real pauses between chunks keep the stream in flight across the reload
 async def test_a_stream_in_flight_finishes_on_the_config_it_started_with(make_proxy, emulator, tmp_path):
     from proxy.emulator import Fault
 

@@ -29,6 +29,7 @@ from proxy.http.app import prune_ledger
 from proxy.http.appkeys import RELOADER, RUNTIME, STATE
 from proxy.money.ledger import LedgerRow
 from tests.support.gateway import UPSTREAM_KEY, Emulator, Proxy
+from tests.support.timing import Clock, cache_writes_settled, wait_for
 
 ENV = {
     "TEST_OPENROUTER_KEY": UPSTREAM_KEY,
@@ -97,7 +98,7 @@ class Live:
     emulator: Emulator
     http: TestClient
     tmp: Path
-    now: list[float]
+    clock: Clock
     caplog: pytest.LogCaptureFixture
 
     async def chat(
@@ -124,6 +125,7 @@ class Case:
     probe: Probe | str  # RESTART, or a check of the new behaviour
     start: dict[str, Any] = field(default_factory=dict)  # changes to the base config before start-up
     before: Probe | None = None  # traffic before the reload that the probe builds on
+    realtime: str = ""  # why the probe needs the real clock (the case is then marked `realtime`)
 
 
 def route(headers: dict[str, str]) -> str:
@@ -175,10 +177,10 @@ async def extra_header_sent(live: Live) -> None:
 
 
 async def credits_polled(live: Live) -> None:
-    deadline = time.monotonic() + 5
-    while 'orproxy_upstream_credits_remaining_usd{upstream="openrouter"}' not in await live.metrics():
-        assert time.monotonic() < deadline, "the credit balance was never polled"
-        await asyncio.sleep(0.05)
+    async def polled() -> bool:
+        return 'orproxy_upstream_credits_remaining_usd{upstream="openrouter"}' in await live.metrics()
+
+    await wait_for(polled, message="the credit balance was never polled")
 
 
 async def new_virtual_model(live: Live) -> None:
@@ -226,7 +228,7 @@ async def one_failure_each(live: Live) -> None:
 
 
 async def failures_fall_out_of_a_short_window(live: Live) -> None:
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # past the 0.05 s window on the executor's clock (the real one)
     await one_failure_each(live)  # the second failure, but the first has left the 0.05 s window
     assert "skipped" not in route(await ok(live))
 
@@ -334,7 +336,7 @@ async def shorter_retention(live: Live) -> None:
 
 async def seed_old_row(live: Live) -> None:
     old = LedgerRow(
-        ts=time.time() - 5 * 86_400, request_id="old", key_name=None, requested_model="cheap", virtual_model="cheap",
+        ts=live.clock() - 5 * 86_400, request_id="old", key_name=None, requested_model="cheap", virtual_model="cheap",
         model=MISTRAL, upstream="openrouter", provider=None, prompt_tokens=1, completion_tokens=1, cost_usd=0.0,
         cost_source="upstream", baseline_cost_usd=0.0, latency_s=0.1, ttft_s=None, status=200, attempts=1,
         streamed=False,
@@ -351,10 +353,9 @@ async def cached_twice(live: Live) -> dict[str, str]:
 async def wait_for_entries(live: Live, count: int) -> None:
     slot = live.proxy.app[RUNTIME].current.cache
     assert slot is not None
-    deadline = time.monotonic() + 3
-    while slot.entries < count:
-        assert time.monotonic() < deadline, f"the cache holds {slot.entries} entries, not {count}"
-        await asyncio.sleep(0.01)
+    await wait_for(
+        lambda: slot.entries >= count, message=lambda: f"the cache holds {slot.entries} entries, not {count}"
+    )
 
 
 async def cache_on(live: Live) -> None:
@@ -364,7 +365,7 @@ async def cache_on(live: Live) -> None:
 async def short_ttl(live: Live) -> None:
     await ok(live, temperature=0)
     await wait_for_entries(live, 1)
-    live.now[0] += 2
+    live.clock.advance(2)
     assert (await ok(live, temperature=0))["x-proxy-cache"] == "miss"
 
 
@@ -372,7 +373,7 @@ async def one_entry(live: Live) -> None:
     await ok(live, temperature=0)
     await wait_for_entries(live, 1)
     await ok(live, temperature=0, messages=[{"role": "user", "content": "another question"}])
-    await asyncio.sleep(0.1)
+    await cache_writes_settled()
     assert live.proxy.app[RUNTIME].current.cache.entries == 1  # type: ignore[union-attr]
     assert (await ok(live, temperature=0))["x-proxy-cache"] == "miss"  # the first was evicted
 
@@ -380,13 +381,13 @@ async def one_entry(live: Live) -> None:
 async def small_entries_only(live: Live) -> None:
     long = " ".join(["supercalifragilisticexpialidocious" * 3] * 16)  # the emulator echoes 16 words
     await ok(live, temperature=0, messages=[{"role": "user", "content": long}])
-    await asyncio.sleep(0.1)
+    await cache_writes_settled()
     headers = await ok(live, temperature=0, messages=[{"role": "user", "content": long}])
     assert headers["x-proxy-cache"] == "miss"
 
 
 async def early_warning(live: Live) -> None:
-    reset_ms = int((time.time() + 60) * 1000)
+    reset_ms = int((live.clock() + 60) * 1000)
     live.emulator.state.faults.set(MISTRAL, Fault(rate_limit=(100, 50, reset_ms), times=1))
     with live.caplog.at_level(logging.WARNING, logger="orproxy"):
         await ok(live)
@@ -416,10 +417,15 @@ CASES = [
     Case("upstreams.openrouter.base_url", "{emulator}/v1", served_on_openai_paths),
     Case("upstreams.openrouter.kind", "openai", provider_field_dropped),
     Case("upstreams.openrouter.api_key_env", "NOT_SET_ANYWHERE", upstream_key_missing),
-    Case("upstreams.openrouter.timeout_s", 0.2, short_timeout),
+    Case("upstreams.openrouter.timeout_s", 0.2, short_timeout, realtime="a timeout on the emulator's real latency"),
     Case("upstreams.openrouter.connect_timeout_s", 0.5, new_connect_timeout),
     Case("upstreams.openrouter.headers", {"X-Title": "Base", "X-Extra": "yes"}, extra_header_sent),
-    Case("upstreams.openrouter.credits_poll_s", 0.05, credits_polled),
+    Case(
+        "upstreams.openrouter.credits_poll_s",
+        0.05,
+        credits_polled,
+        realtime="the credit poller sleeps on the real clock (up to 1 s before it sees the new interval)",
+    ),
     Case(
         "models",
         {
@@ -430,8 +436,14 @@ CASES = [
         new_virtual_model,
     ),
     Case("retry.attempts_per_model", 3, three_attempts),
-    Case("retry.backoff_s", 0.8, slow_backoff),
-    Case("retry.backoff_max_s", 0.02, capped_backoff, start={"retry.backoff_s": 2}),
+    Case("retry.backoff_s", 0.8, slow_backoff, realtime="the executor's backoff sleep is real and timed"),
+    Case(
+        "retry.backoff_max_s",
+        0.02,
+        capped_backoff,
+        start={"retry.backoff_s": 2},
+        realtime="the executor's backoff sleep is real and timed",
+    ),
     Case("retry.max_retry_after_s", 0, no_waiting_on_retry_after),
     Case("retry.cooldown.failures", 1, opens_after_one_failure),
     Case(
@@ -440,6 +452,7 @@ CASES = [
         failures_fall_out_of_a_short_window,
         start={"retry.cooldown.failures": 2},
         before=one_failure_each,
+        realtime="the executor stamps failures with the real clock, not the injected one",
     ),
     Case("retry.cooldown.cooldown_s", 0, never_cools_down, start={"retry.cooldown.failures": 1}),
     Case("allow_direct_models", False, direct_slugs_refused),
@@ -512,7 +525,11 @@ def fill(value: Any, emulator: Emulator, tmp: Path) -> Any:
     return value
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.key for case in CASES])
+def params(cases: list[Case]) -> list[Any]:
+    return [pytest.param(case, id=case.key, marks=[pytest.mark.realtime] if case.realtime else []) for case in cases]
+
+
+@pytest.mark.parametrize("case", params(CASES))
 async def test_a_reloaded_key_applies_or_asks_for_a_restart(
     case: Case, make_proxy, emulator, tmp_path, aiohttp_client, caplog
 ) -> None:
@@ -520,9 +537,9 @@ async def test_a_reloaded_key_applies_or_asks_for_a_restart(
     for key, value in case.start.items():
         set_key(config, key, value)
     path = tmp_path / "config.yaml"
-    now = [time.time()]
-    proxy = await make_proxy(config_text=yaml.safe_dump(config), env=ENV, config_path=path, clock=lambda: now[0])
-    live = Live(proxy, emulator, await aiohttp_client(proxy.server), tmp_path, now, caplog)
+    clock = Clock()
+    proxy = await make_proxy(config_text=yaml.safe_dump(config), env=ENV, config_path=path, clock=clock)
+    live = Live(proxy, emulator, await aiohttp_client(proxy.server), tmp_path, clock, caplog)
     if case.before is not None:
         await case.before(live)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -98,11 +97,3 @@ def usage_cost(usage: Any) -> float:
     cost = (usage.model_extra or {}).get("cost")
     assert isinstance(cost, (int, float)), f"no usage.cost in {usage}"
     return float(cost)
-
-
-async def wait_for(predicate, timeout: float = 3.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)

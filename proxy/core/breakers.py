@@ -7,6 +7,7 @@ tested with plain numbers.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from proxy.config import Cooldown
@@ -47,8 +48,11 @@ class CircuitBreakers:
         horizon = now - policy.window_s
         for target in [t for t, w in self._failures.items() if not w or w[-1] <= horizon]:
             del self._failures[target]
-        while len(self._failures) >= MAX_TRACKED:
-            del self._failures[next(iter(self._failures))]
+        # Still full of live windows: drop the oldest eighth at once, so the scan above runs once
+        # per few hundred new targets rather than once per failure.
+        if len(self._failures) >= MAX_TRACKED:
+            for target in list(itertools.islice(self._failures, MAX_TRACKED // 8)):
+                del self._failures[target]
 
     def record_success(self, target: Target) -> None:
         if target in self._failures:

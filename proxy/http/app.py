@@ -63,7 +63,9 @@ def create_app(
     reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
-    state = SharedState(SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock))
+    state = SharedState(
+        SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
+    )
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     accountant = Accountant((metrics.observe, log_access, *sinks), clock)
     runtimes = RuntimeRef()

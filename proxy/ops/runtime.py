@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -40,6 +40,7 @@ class SharedState:
     counters: SpendCounters
     breakers: CircuitBreakers
     ratelimits: RateLimits
+    clock: Callable[[], float] = time.time  # the wall clock of budgets, breakers and blocks (injected in tests)
 
 
 @dataclass(slots=True, eq=False)
@@ -165,7 +166,7 @@ def build_runtime(
     admin_key = (env.get(admin_env, "").strip() or None) if admin_env else None
     return Runtime(
         policy=Policy.build(config, catalogue, env, state.counters),
-        executor=Executor(clients, config.retry, state.breakers),
+        executor=Executor(clients, config.retry, state.breakers, wall=state.clock),
         clients=clients,
         keyless=keyless,
         models_body=render_models(config, int(time.time())),

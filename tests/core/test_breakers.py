@@ -1,7 +1,5 @@
 """The circuit breaker behind retry.cooldown, with time passed in."""
 
-import pytest
-
 from proxy.config import Cooldown
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.routing import Target
@@ -38,7 +36,6 @@ def test_success_resets_the_count():
     assert breakers.record_failure(policy, T, 2)
 
 
-@pytest.mark.slow  # seconds of CPU: 12,288 targets, each new one scanning a full table of live windows
 def test_memory_stays_bounded_whatever_targets_fail():
     from proxy.core.breakers import MAX_TRACKED
 

@@ -325,6 +325,7 @@ async def test_error_fault_on_a_stream_is_a_plain_json_error(client, state):
     assert response.status == 503 and response.content_type == "application/json"
 
 
+@pytest.mark.realtime  # the emulator's latency and pacing are real time
 async def test_latency_delays_a_completion(client, state):
     state.faults.set("openai/gpt-4o-mini", Fault(latency_s=0.3))
     started = time.monotonic()
@@ -332,6 +333,7 @@ async def test_latency_delays_a_completion(client, state):
     assert time.monotonic() - started >= 0.3
 
 
+@pytest.mark.realtime  # the emulator's latency and pacing are real time
 async def test_latency_streams_processing_comments_until_the_first_chunk(client, state):
     state.faults.set("openai/gpt-4o-mini", Fault(latency_s=0.35))
     started = time.monotonic()
@@ -387,6 +389,7 @@ async def test_drop_midstream_cuts_the_connection_after_n_chunks(client, state):
     assert b"[DONE]" not in received
 
 
+@pytest.mark.realtime  # the emulator's latency and pacing are real time
 async def test_client_hanging_up_mid_stream_is_counted(state, aiohttp_server, app):
     server = await aiohttp_server(app)
     state.faults.set("openai/gpt-4o-mini", Fault(chunk_delay_s=0.05))
@@ -405,6 +408,7 @@ async def test_client_hanging_up_mid_stream_is_counted(state, aiohttp_server, ap
     assert state.stats["streams_cancelled"] == 1 and state.stats["streams_completed"] == 0
 
 
+@pytest.mark.realtime  # the emulator's latency and pacing are real time
 async def test_chunk_delay_spaces_the_chunks(client, state):
     state.faults.set("openai/gpt-4o-mini", Fault(chunk_delay_s=0.05))
     started = time.monotonic()

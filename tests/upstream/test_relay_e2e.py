@@ -62,6 +62,7 @@ async def test_dropped_stream_after_first_byte_ends_with_an_error_event(proxy, e
     assert events[-1] == "data: [DONE]"
 
 
+@pytest.mark.realtime  # the emulator's latency and chunk pacing over real sockets
 async def test_events_arrive_as_they_are_produced(proxy, emulator, aiohttp_client):
     """Nothing is buffered: with a pause between upstream chunks, the client sees them spread out."""
     emulator.state.faults.set("google/gemini-2.5-flash", Fault(chunk_delay_s=0.15))
@@ -80,6 +81,7 @@ async def test_events_arrive_as_they_are_produced(proxy, emulator, aiohttp_clien
     assert sum(gap >= 0.1 for gap in gaps) >= len(gaps) // 2
 
 
+@pytest.mark.realtime  # the emulator's latency and chunk pacing over real sockets
 async def test_processing_comments_are_passed_through(proxy, emulator, aiohttp_client):
     emulator.state.faults.set("google/gemini-2.5-flash", Fault(latency_s=0.35))
     http = await aiohttp_client(proxy.server)
@@ -89,6 +91,7 @@ async def test_processing_comments_are_passed_through(proxy, emulator, aiohttp_c
     assert body.endswith("data: [DONE]\n\n")
 
 
+@pytest.mark.realtime  # the emulator's latency and chunk pacing over real sockets
 async def test_client_disconnect_cancels_the_upstream_request(proxy, emulator, caplog):
     caplog.set_level(logging.INFO, logger="orproxy")
     emulator.state.faults.set("google/gemini-2.5-flash", Fault(chunk_delay_s=0.2))

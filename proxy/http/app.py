@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.cache.store import CacheSlot
+from proxy.cache.response_cache import CacheSlot
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.cache.store import CacheSlot
+from proxy.cache.response_cache import CacheSlot
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Metrics
 from proxy.ops.reload import Reloader

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy.cache.policy import CachedAnswer, cache_key, wants_cache
 from proxy.cache.replay import replay_as_sse
-from proxy.cache.store import ResponseCache
+from proxy.cache.response_cache import ResponseCache
 from proxy.core.record import RequestRecord, Usage
 from proxy.core.routing import Plan, Router, Target
 from proxy.upstream.relay import SSE_HEADERS

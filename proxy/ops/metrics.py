@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.cache.store import CacheSlot
+from proxy.cache.response_cache import CacheSlot
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits, Reading

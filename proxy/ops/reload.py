@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
-from proxy.cache.store import CacheSlot, ResponseCache
+from proxy.cache.response_cache import CacheSlot, ResponseCache
 from proxy.config import Config, ConfigError, load_config
 from proxy.core.budget import BudgetCalendar
 from proxy.money.accounting import Accountant, recorded_spend

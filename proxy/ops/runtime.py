@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.cache.policy import CachePolicy
-from proxy.cache.store import ResponseCache
+from proxy.cache.response_cache import ResponseCache
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters

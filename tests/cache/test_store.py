@@ -13,7 +13,7 @@ import pytest
 
 from proxy.cache.policy import CachedAnswer, CachePolicy, cache_key, wants_cache
 from proxy.cache.replay import replay_as_sse
-from proxy.cache.store import ResponseCache
+from proxy.cache.response_cache import ResponseCache
 
 T0 = 1_750_000_000.0
 CHAIN = ["mistralai/mistral-7b-instruct@openrouter", "meta-llama/llama-3.1-8b-instruct@openrouter"]

@@ -25,6 +25,7 @@ FORBIDDEN = (
     "proxy.ops",
     "proxy.money",
     "proxy.cache.store",
+    "proxy.cache.response_cache",
     "proxy.cli",
     "proxy.emulator",
 )

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.cache.store import ResponseCache
+from proxy.cache.response_cache import ResponseCache
 
 
 class Clock:

@@ -154,8 +154,9 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
         (
             "model",
             [
-                # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %
-                SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0),
+                # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %,
+                # cache hits, what they saved
+                SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0, 1, 0.0),
                 SummaryRow("m/a", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
                 SummaryRow("", 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
             ],
@@ -165,7 +166,7 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
             [
                 SummaryRow("smart", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
                 SummaryRow("cheap", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None, 1, 0.0),
             ],
         ),
         (
@@ -173,7 +174,7 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
             [
                 SummaryRow("bob", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
                 SummaryRow("alice", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None, 1, 0.0),
             ],
         ),
     ],
@@ -191,7 +192,9 @@ async def test_totals(ledger: Ledger) -> None:
     assert await ledger.totals(T0, T0 + DAY) == SummaryRow("total", 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
     await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
     total = await ledger.totals(T0, T0 + DAY)
-    assert dataclasses.astuple(total) == pytest.approx(("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0))
+    assert dataclasses.astuple(total) == pytest.approx(
+        ("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0, 1, 0.0)
+    )
     with pytest.raises(ValueError, match="summary by='provider'"):
         await ledger.summary(T0, T0 + DAY, "provider")  # type: ignore[arg-type]
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
-# Bills the text of a stream cut before its usage came (never reservations or rules, which use
-# `prompt_token_bound`): OpenAI's rule of thumb of about four bytes a token, as the text seen.
+# Bills a stream cut before its usage came (never reservations or rules, which use
+# `prompt_token_bound`): OpenAI's rule of thumb of about four bytes a token, for the prompt as sent
+# and the text seen.
 CHARS_PER_TOKEN = 4
 # The prompt bound's allowances (see `prompt_token_bound`).
 MESSAGE_OVERHEAD_TOKENS = 4  # the chat template's role markers and separators around each message
@@ -21,6 +22,9 @@ TOOL_OVERHEAD_TOKENS = 16  # the template wrapping each tool definition
 # 1,536 patches times a 1.62 multiplier (2,489 tokens), its tiled ones at 1,445, Anthropic at
 # about 1,600, Gemini at 258 a tile. Images are not read here (a data URL would be megabytes).
 IMAGE_TOKENS = 2_500
+# What an image typically costs (OpenAI's 1024x1024 in high detail: 85 + 4 tiles x 170): the
+# estimate a stream cut short is billed with, never what is reserved.
+IMAGE_TYPICAL_TOKENS = 765
 IMAGE_PART_TYPES = frozenset(("image_url", "input_image", "image"))
 
 
@@ -34,6 +38,7 @@ class RequestFeatures:
     prompt_tokens: int = 0  # an upper bound: `prompt_token_bound`
     last_user_text: str = ""
     max_tokens: int | None = None
+    prompt_estimate: int = 0  # a typical count (`PromptSize.estimate`): bills a stream cut before its usage
 
 
 def extract_features(body: Mapping[str, Any], headers: Mapping[str, str]) -> RequestFeatures:
@@ -53,16 +58,24 @@ def extract_features(body: Mapping[str, Any], headers: Mapping[str, str]) -> Req
     metadata = body.get("metadata")
     task = headers.get("X-Task-Type") or (metadata.get("task") if isinstance(metadata, dict) else None)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    size = prompt_size(messages, tools, response_format, images=images)
     return RequestFeatures(
         task=task.strip().lower() if isinstance(task, str) and task.strip() else None,
         has_tools=bool(tools),
         has_images=images > 0,
         json_mode=json_mode,
         stream=body.get("stream") is True,
-        prompt_tokens=prompt_token_bound(messages, tools, response_format, images=images),
+        prompt_tokens=size.bound,
         last_user_text=last_user_text,
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+        prompt_estimate=size.estimate,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSize:
+    bound: int  # `prompt_token_bound`
+    estimate: int  # four bytes a token of the same text, images at IMAGE_TYPICAL_TOKENS
 
 
 def prompt_token_bound(
@@ -83,18 +96,29 @@ def prompt_token_bound(
 
     `images`: the number of image parts, when the caller has counted them (None: count here).
     """
+    return prompt_size(messages, tools, response_format, images=images).bound
+
+
+def prompt_size(
+    messages: Sequence[Any], tools: Any = None, response_format: Any = None, *, images: int | None = None
+) -> PromptSize:
+    """The prompt's upper bound (`prompt_token_bound`) and its typical size, from one measure:
+    the bytes of its text as JSON (the messages without their image parts, and the tools)."""
     if images is None:
         images = sum(_content_text(m.get("content"))[1] for m in messages if isinstance(m, dict))
     if images:  # the image parts are priced by the allowance, not by the bytes of their URLs
-        text = sum(len(orjson.dumps(_without_images(message))) for message in messages)
+        text = len(orjson.dumps([_without_images(message) for message in messages]))
     else:
         text = len(orjson.dumps(messages))  # the common case: one serialisation, no walk
-    total = text + MESSAGE_OVERHEAD_TOKENS * len(messages) + IMAGE_TOKENS * images
     if tools:
-        total += len(orjson.dumps(tools)) + TOOL_OVERHEAD_TOKENS * (len(tools) if isinstance(tools, list) else 1)
+        text += len(orjson.dumps(tools))
+    bound = text + MESSAGE_OVERHEAD_TOKENS * len(messages) + IMAGE_TOKENS * images
+    if tools:
+        bound += TOOL_OVERHEAD_TOKENS * (len(tools) if isinstance(tools, list) else 1)
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        total += len(orjson.dumps(response_format))
-    return total
+        bound += len(orjson.dumps(response_format))
+    estimate = -(-text // CHARS_PER_TOKEN) + IMAGE_TYPICAL_TOKENS * images
+    return PromptSize(bound, estimate)
 
 
 def _without_images(message: Any) -> Any:

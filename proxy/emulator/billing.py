@@ -4,8 +4,8 @@ Tests audit the proxy against this record, request by request, to the nano-dolla
 proxy's reconciliation reads it back through `GET /generation?id=` as it would OpenRouter's.
 
 How the emulator counts and charges (pure; the handlers in `app` decide when to bill):
-- tokens: a token per four UTF-8 bytes of text (the prompt counted as its messages' JSON), an
-  image part `IMAGE_TOKENS` whatever its size;
+- tokens: a token per four UTF-8 bytes of text (the prompt counted as its messages' and tools'
+  JSON), an image part `IMAGE_TOKENS` whatever its size;
 - prompt caching: a system message (the first message, role `system` or `developer`) of at least
   `CACHE_MIN_TOKENS` is written to the model's cache the first time, and read from it after;
   cached and written tokens are part of `prompt_tokens`, as OpenAI and OpenRouter report them,
@@ -34,8 +34,8 @@ def text_tokens(size: int) -> int:
     return -(-size // 4)
 
 
-def prompt_tokens(messages: list[Any]) -> int:
-    """The prompt's tokens: its messages as JSON, image parts at `IMAGE_TOKENS` each."""
+def prompt_tokens(messages: list[Any], tools: Any = None) -> int:
+    """The prompt's tokens: its messages (and tools) as JSON, image parts at `IMAGE_TOKENS` each."""
     images = 0
     kept: list[Any] = []
     for message in messages:
@@ -44,7 +44,8 @@ def prompt_tokens(messages: list[Any]) -> int:
             images += sum(1 for part in content if _is_image(part))
             message = {**message, "content": [part for part in content if not _is_image(part)]}
         kept.append(message)
-    return text_tokens(len(orjson.dumps(kept))) + IMAGE_TOKENS * images
+    size = len(orjson.dumps(kept)) + (len(orjson.dumps(tools)) if tools else 0)
+    return text_tokens(size) + IMAGE_TOKENS * images
 
 
 def _is_image(part: Any) -> bool:

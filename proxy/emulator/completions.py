@@ -106,7 +106,7 @@ def estimate_tokens(text_length: int) -> int:
 def plan_reply(body: Mapping[str, Any], model: ModelInfo, call_id: str) -> Reply:
     """Decide what the model "says" to this request."""
     messages = body["messages"]
-    prompt = prompt_tokens(messages)
+    prompt = prompt_tokens(messages, body.get("tools") or body.get("functions"))
     echo = _echo(messages)
     tool = _chosen_tool(body)
     if tool is not None:

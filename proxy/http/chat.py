@@ -99,7 +99,7 @@ class ChatHandler:
             None,
             features.stream,
             key_name=client_key.name,
-            prompt_estimate=features.prompt_tokens,
+            prompt_estimate=features.prompt_estimate,
         )
         reservation = None
         owned = False  # the upstream work runs in a task of its own, which books the request itself

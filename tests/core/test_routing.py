@@ -112,17 +112,21 @@ def test_blocked_members_are_skipped_with_their_reason():
     "body, headers, expected",
     [
         # prompt_tokens: the upper bound, a token per byte of the messages as JSON (32 bytes for
-        # [{"role":"user","content":"hi"}]) and 4 per message
-        ({"messages": [{"role": "user", "content": "hi"}]}, {}, RequestFeatures(prompt_tokens=36, last_user_text="hi")),
+        # [{"role":"user","content":"hi"}]) and 4 per message; prompt_estimate: four bytes a token
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {},
+            RequestFeatures(prompt_tokens=36, last_user_text="hi", prompt_estimate=8),
+        ),
         (
             {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "Code_Generation"}},
             {},
-            RequestFeatures(task="code_generation", prompt_tokens=35, last_user_text="x"),
+            RequestFeatures(task="code_generation", prompt_tokens=35, last_user_text="x", prompt_estimate=8),
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "a"}},
             {"X-Task-Type": "complex_analysis"},
-            RequestFeatures(task="complex_analysis", prompt_tokens=35, last_user_text="x"),
+            RequestFeatures(task="complex_analysis", prompt_tokens=35, last_user_text="x", prompt_estimate=8),
         ),
         (
             {
@@ -139,9 +143,15 @@ def test_blocked_members_are_skipped_with_their_reason():
                 "max_tokens": 50,
             },
             {},
-            # the message without its image part (57 bytes), 4 for the message, 2,500 for the image
+            # the message without its image part (59 bytes as a list), 4 for the message, 2,500 for
+            # the image; typically a quarter of the bytes and 765 for the image
             RequestFeatures(
-                has_images=True, stream=True, prompt_tokens=57 + 4 + 2500, last_user_text="look", max_tokens=50
+                has_images=True,
+                stream=True,
+                prompt_tokens=59 + 4 + 2500,
+                last_user_text="look",
+                max_tokens=50,
+                prompt_estimate=15 + 765,
             ),
         ),
         (
@@ -157,12 +167,13 @@ def test_blocked_members_are_skipped_with_their_reason():
                 # the messages (466 bytes), 4 each, the tool (21 bytes) and 16 for it, the schema (39 bytes)
                 prompt_tokens=466 + 8 + 21 + 16 + 39,
                 last_user_text="a" * 400,
+                prompt_estimate=-(-(466 + 21) // 4),  # four bytes a token of the messages and the tool
             ),
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99},
             {},
-            RequestFeatures(prompt_tokens=35, last_user_text="x", max_tokens=7),
+            RequestFeatures(prompt_tokens=35, last_user_text="x", max_tokens=7, prompt_estimate=8),
         ),
     ],
 )

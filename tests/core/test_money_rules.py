@@ -141,7 +141,7 @@ CATALOGUE = Catalogue.parse(
                     "input_cache_read": "0.0000001",
                     "input_cache_write": "0.00000125",
                 },
-            },  # fmt: skip
+            },
             {"id": "a/plain", "pricing": {"prompt": "0.000001", "completion": "0.000002"}},
         ]
     }
@@ -234,7 +234,7 @@ def test_the_lookup_schedule_backs_off_then_stops():
                 }
             },
             Generation(0.0015, Tokens(10, 25, 3), True),
-        ),  # fmt: skip
+        ),
         ({"data": {"total_cost": 0, "tokens_prompt": 7, "tokens_completion": 1}}, Generation(0.0, Tokens(7, 1), False)),
         ({"data": {"total_cost": None}}, None),
         ({"data": {"total_cost": -1}}, None),

@@ -4,6 +4,7 @@ prices, figure bounds, reconciliation decisions, and redaction of bytes."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -216,7 +217,7 @@ def test_which_rows_are_reconciled(source, generation, kind, expected):
 def test_the_lookup_schedule_backs_off_then_stops():
     delays = [next_delay(tries) for tries in range(len(SCHEDULE) + 1)]
     assert delays[:-1] == list(SCHEDULE) and delays[-1] is None
-    assert all(a < b for a, b in zip(SCHEDULE, SCHEDULE[1:]))
+    assert all(a < b for a, b in itertools.pairwise(SCHEDULE))
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,12 @@ async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
         ledger_path: Path | None = None,
         clock: Callable[[], float] | None = None,
         config_path: Path | None = None,
+        reconcile_schedule: tuple[float, ...] = (60.0,),
     ) -> Proxy:
         """A proxy in front of the emulator; with `config_path`, the text is written there and
-        the proxy reloads from it (SIGHUP, POST /admin/reload, file watch)."""
+        the proxy reloads from it (SIGHUP, POST /admin/reload, file watch). Estimated costs are
+        looked up after a minute unless a test passes a `reconcile_schedule` of its own, so no
+        test sees a row change under it by surprise."""
         text = config_text or proxy_config_text(emulator.url, body, retry) + extra
         if config_path is not None:
             config_path.write_text(text)
@@ -53,6 +56,7 @@ async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
             ledger_path=ledger_path or tmp_path / "ledger.sqlite3",
             cache_path=tmp_path / "cache.sqlite3",
             config_path=config_path,
+            reconcile_schedule=reconcile_schedule,
             **({"clock": clock} if clock else {}),
         )
         server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect, like `orproxy serve`

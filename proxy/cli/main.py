@@ -11,12 +11,16 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
 from proxy.cli.ops import register as register_ops
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config, located_error
+
+if TYPE_CHECKING:
+    from proxy.money.catalogue import CatalogueSource
 
 log = logging.getLogger("orproxy")
 
@@ -86,22 +90,41 @@ def _load(path: str) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(
-            f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
-            file=sys.stderr,
-        )
-        for issue in exc.issues:
-            print(f"  {issue.render(exc.filename)}", file=sys.stderr)
+        _print_invalid(exc)
         return None
 
 
-def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+def _print_invalid(exc: ConfigError) -> None:
+    print(
+        f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
+        file=sys.stderr,
+    )
+    for issue in exc.issues:
+        print(f"  {issue.render(exc.filename)}", file=sys.stderr)
+
+
+def _load_priced(path: str) -> tuple[Config, CatalogueSource] | None:
+    """The config and its price catalogue, or None (said on stderr) when either refuses the other."""
+    config = _load(path)
     if config is None:
-        return 1
-    from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
+        return None
+    from proxy.money.catalogue import catalogue_errors, load_catalogue_source
 
     source = load_catalogue_source(config)
+    errors = catalogue_errors(config, source)
+    if errors:
+        _print_invalid(located_error(path, errors))
+        return None
+    return config, source
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = _load_priced(args.config)
+    if loaded is None:
+        return 1
+    config, source = loaded
+    from proxy.money.catalogue import catalogue_warnings
+
     warnings = catalogue_warnings(config, source.catalogue)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -188,9 +211,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
+    loaded = _load_priced(args.config)
+    if loaded is None:
         return 1
+    config = loaded[0]
     _setup_logging(config)
     listen = config.listen.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

@@ -1,6 +1,6 @@
 """config.yaml to frozen, validated objects; errors name the file, line and key path."""
 
-from proxy.config.loader import ConfigError, config_json_schema, load_config, parse_config
+from proxy.config.loader import ConfigError, config_json_schema, load_config, located_error, parse_config
 from proxy.config.schema import (
     DEFAULT_UPSTREAM,
     Admin,
@@ -23,7 +23,7 @@ from proxy.config.schema import (
     VirtualModel,
     When,
 )
-from proxy.config.yamlsrc import format_path
+from proxy.config.yamlsrc import SourceIssue, format_path
 
 __all__ = [
     "DEFAULT_UPSTREAM",
@@ -44,11 +44,13 @@ __all__ = [
     "RateLimitPolicy",
     "Retry",
     "Rule",
+    "SourceIssue",
     "Upstream",
     "VirtualModel",
     "When",
     "config_json_schema",
     "format_path",
     "load_config",
+    "located_error",
     "parse_config",
 ]

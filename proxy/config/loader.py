@@ -200,3 +200,14 @@ def load_config(path: str | FsPath) -> Config:
     except OSError as exc:
         raise ConfigError(str(fs_path), [SourceIssue((), f"cannot read the config file: {exc.strerror}")]) from None
     return parse_config(text, str(fs_path))
+
+
+def located_error(path: str | FsPath, issues: list[SourceIssue]) -> ConfigError:
+    """A ConfigError for problems found after loading (against the price catalogue, say), with
+    the line of each key looked up in the file as it is."""
+    fs_path = FsPath(path)
+    try:
+        doc = parse_yaml(fs_path.read_text(encoding="utf-8"))
+    except (OSError, YamlSyntaxError):
+        return ConfigError(str(fs_path), issues)
+    return ConfigError(str(fs_path), [_with_line(issue, doc) for issue in issues])

@@ -185,6 +185,8 @@ class PriceOverride(_Frozen):
 
     prompt_usd_per_mtok: float = Field(ge=0)
     completion_usd_per_mtok: float = Field(ge=0)
+    cache_read_usd_per_mtok: float | None = Field(None, ge=0)  # cached prompt tokens; default: the prompt price
+    cache_write_usd_per_mtok: float | None = Field(None, ge=0)  # prompt tokens written to the cache; default: prompt
 
 
 class Pricing(_Frozen):

@@ -70,7 +70,9 @@ class BudgetCalendar:
 
     def place(self, now: float) -> None:
         local = datetime.fromtimestamp(now, self.tz)
-        day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        # fold=0: where midnight happens twice (America/Havana in November), the day starts at the
+        # first one; a `now` in the repeated hour carries fold=1, which replace() would keep.
+        day = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
         month = day.replace(day=1)
         next_month = (month + timedelta(days=32)).replace(day=1)
         self.day_start, self.day_end = day.timestamp(), _next_midnight(day).timestamp()
@@ -120,6 +122,17 @@ class SpendCounters:
         """A new time zone: its day and month, with what the ledger holds for them."""
         self.calendar = calendar
         self.load(day, month)
+
+    def book(self, name: str, amount: float, started_at: float) -> None:
+        """Add `amount` (negative: a correction) to the scope's day and month, in the day and
+        month the request STARTED: one reserved before midnight and settled after it is
+        yesterday's, like its ledger row, and counts against no budget of today."""
+        calendar = self.calendar
+        counters = self.scope(name)
+        if started_at >= calendar.day_start:
+            counters.day = max(0.0, counters.day + amount)
+        if started_at >= calendar.month_start:
+            counters.month = max(0.0, counters.month + amount)
 
     def roll(self, now: float) -> None:
         """Start a new day or month when one has begun."""
@@ -172,7 +185,9 @@ class SpendBook:
         self.counters.roll(now)
 
     def fraction(self, key: str | None, now: float) -> float:
-        """The highest share of any budget that applies to this key, spent so far."""
+        """The highest share of any budget that applies to this key, spent or reserved so far.
+        Reserved counts: under a burst, requests in flight have not spent yet, and without their
+        reservations every one of them would pick the step of an idle budget."""
         self.counters.roll(now)
         fractions = [0.0]
         for name in (GLOBAL, key) if key else (GLOBAL,):
@@ -181,9 +196,9 @@ class SpendBook:
             if limits is None or counters is None:
                 continue
             if limits.daily:
-                fractions.append(counters.day / limits.daily)
+                fractions.append((counters.day + counters.reserved) / limits.daily)
             if limits.monthly:
-                fractions.append(counters.month / limits.monthly)
+                fractions.append((counters.month + counters.reserved) / limits.monthly)
         return max(fractions)
 
     def downgrade_step(self, fraction: float) -> tuple[int, DowngradeStep] | None:
@@ -225,21 +240,29 @@ class SpendBook:
                 return Refusal(name, window, spent, counters.reserved, limit, resets)
         return None
 
-    def settle(self, reservation: Reservation, cost: float, now: float) -> None:
-        """Release the reservation and book the real cost (once, however often called)."""
+    def settle(self, reservation: Reservation, cost: float, now: float, started_at: float | None = None) -> None:
+        """Release the reservation and book the real cost (once, however often called), in the
+        day and month the request started (`started_at`, default `now`)."""
         if reservation.settled:
             return
         reservation.settled = True
         self.counters.roll(now)
         for name in {GLOBAL, reservation.scope}:
             counters = self.counters.scope(name)
-            counters.reserved = max(0.0, counters.reserved - reservation.amount)
-            counters.day += cost
-            counters.month += cost
+            left = counters.reserved - reservation.amount
+            counters.reserved = left if left > 1e-12 else 0.0  # float residue of many reservations is none
+            self.counters.book(name, cost, now if started_at is None else started_at)
 
-    def add_spend(self, key: str | None, cost: float, now: float) -> None:
+    def add_spend(self, key: str | None, cost: float, now: float, started_at: float | None = None) -> None:
         """Book a cost that had no reservation (a stream billed after the fact)."""
-        self.settle(Reservation(key or GLOBAL, 0.0), cost, now)
+        self.settle(Reservation(key or GLOBAL, 0.0), cost, now, started_at)
+
+    def adjust(self, key: str | None, delta: float, started_at: float, now: float) -> None:
+        """Correct a booked cost by `delta` (reconciliation): only the part that falls in the
+        current day and month moves the counters; an older day's figure is the ledger's alone."""
+        self.counters.roll(now)
+        for name in {GLOBAL, key or GLOBAL}:
+            self.counters.book(name, delta, started_at)
 
     # -- reporting --------------------------------------------------------------------------
     def snapshot(self) -> list[tuple[str, str, float, float | None]]:

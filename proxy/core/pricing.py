@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.config import Pricing
 
@@ -21,6 +21,16 @@ PER_MILLION = 1_000_000
 DEFAULT_MAX_COMPLETION_TOKENS = 4096
 
 
+class Tokens(NamedTuple):
+    """What one answer was billed for. Cached reads and cache writes are part of `prompt`, as in
+    the usage of OpenAI and OpenRouter (`prompt_tokens_details.cached_tokens`/`cache_write_tokens`)."""
+
+    prompt: int
+    completion: int
+    cached: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write: int = 0  # prompt tokens written to it
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     prompt: float  # USD per prompt token
@@ -28,15 +38,34 @@ class Price:
     request: float = 0.0  # USD per request
     context_length: int | None = None
     max_completion_tokens: int | None = None
+    cache_read: float | None = None  # USD per cached prompt token; None: the prompt price
+    cache_write: float | None = None  # USD per prompt token written to the cache; None: the prompt price
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return prompt_tokens * self.prompt + completion_tokens * self.completion + self.request
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached: int = 0, cache_write: int = 0) -> float:
+        cached = min(cached, prompt_tokens)
+        cache_write = min(cache_write, prompt_tokens - cached)
+        fresh = prompt_tokens - cached - cache_write
+        read_price = self.prompt if self.cache_read is None else self.cache_read
+        write_price = self.prompt if self.cache_write is None else self.cache_write
+        return (
+            fresh * self.prompt
+            + cached * read_price
+            + cache_write * write_price
+            + completion_tokens * self.completion
+            + self.request
+        )
+
+    def cost_of(self, tokens: Tokens) -> float:
+        return self.cost(tokens.prompt, tokens.completion, tokens.cached, tokens.cache_write)
 
 
 @dataclass(frozen=True, slots=True)
 class Cost:
     usd: float
-    source: str  # upstream | override | catalogue | estimate
+    # upstream | override | catalogue | estimate (a stream cut short, from its text) | cached |
+    # reserved (given up before the upstream answered: the reservation's worst case) |
+    # reconciled (an estimate corrected with OpenRouter's own figure)
+    source: str
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,8 @@ class Catalogue:
                 float(pricing.get("request") or 0.0),
                 entry.get("context_length") or top.get("context_length"),
                 top.get("max_completion_tokens"),
+                _optional_price(pricing.get("input_cache_read")),
+                _optional_price(pricing.get("input_cache_write")),
             )
         return cls(prices, document.get("snapshot_date"), tuple(document.get("data", ())))
 
@@ -81,6 +112,8 @@ class PriceBook:
                 0.0,
                 listed.context_length if listed else None,
                 listed.max_completion_tokens if listed else None,
+                None if o.cache_read_usd_per_mtok is None else o.cache_read_usd_per_mtok / PER_MILLION,
+                None if o.cache_write_usd_per_mtok is None else o.cache_write_usd_per_mtok / PER_MILLION,
             )
         self.baseline_model = pricing.savings_baseline
         known = list(catalogue.prices.values()) + list(self._overrides.values())
@@ -98,29 +131,41 @@ class PriceBook:
         found = self.lookup(model)
         return found[0] if found else self._dearest
 
+    def knows(self, model: str) -> bool:
+        return model in self._overrides or model in self.catalogue.prices
+
     def cost(
         self,
         model: str,
-        prompt_tokens: int,
-        completion_tokens: int,
+        tokens: Tokens,
         upstream_cost: float | None,
         *,
         estimated: bool = False,
     ) -> Cost:
-        """The cost of one answer: the upstream's own figure when it gave one, else tokens x price."""
+        """The cost of one answer: the upstream's own figure when it gave one, else tokens x price
+        (cached reads and cache writes at the catalogue's cache prices)."""
         if upstream_cost is not None and math.isfinite(upstream_cost) and upstream_cost >= 0:
             return Cost(upstream_cost, "upstream")
         found = self.lookup(model)
         price, source = found if found else (self._dearest, "estimate")
-        return Cost(price.cost(prompt_tokens, completion_tokens), "estimate" if estimated else source)
+        return Cost(price.cost_of(tokens), "estimate" if estimated else source)
 
-    def baseline(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def baseline(self, tokens: Tokens) -> float:
         """What the same tokens would have cost on the savings baseline model."""
         found = self.lookup(self.baseline_model)
-        return found[0].cost(prompt_tokens, completion_tokens) if found else 0.0
+        return found[0].cost_of(tokens) if found else 0.0
 
     def worst_case(self, model: str, prompt_tokens: int, max_tokens: int | None) -> float:
         """The most a request can cost on `model`: for budget reservations."""
         price = self.price_or_dearest(model)
         completion = max_tokens or price.max_completion_tokens or DEFAULT_MAX_COMPLETION_TOKENS
         return price.cost(prompt_tokens, completion)
+
+
+def _optional_price(value: Any) -> float | None:
+    """A catalogue price that may be absent; a negative or unreadable one counts as absent."""
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None
+    return price if math.isfinite(price) and price >= 0 else None

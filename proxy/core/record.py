@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.core.features import CHARS_PER_TOKEN
-from proxy.core.pricing import Cost
+from proxy.core.pricing import Cost, Tokens
 from proxy.core.routing import Target
 
 
@@ -29,16 +29,22 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = None  # the upstream's own figure (OpenRouter's usage.cost), when it gave one
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of prompt_tokens, written to it (OpenRouter reports these)
 
     @classmethod
     def from_payload(cls, usage: Any) -> Usage | None:
         if not isinstance(usage, dict):
             return None
         cost = usage.get("cost")
+        details = usage.get("prompt_tokens_details")
+        details = details if isinstance(details, dict) else {}
         return cls(
             _int(usage.get("prompt_tokens")),
             _int(usage.get("completion_tokens")),
             float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None,
+            _int(details.get("cached_tokens")),
+            _int(details.get("cache_write_tokens")),
         )
 
 
@@ -72,6 +78,9 @@ class RequestRecord:
     baseline_usd: float = 0.0
     cached: bool = False  # answered from the response cache
     saved_usd: float = 0.0  # a cache hit: what the answer cost when it was bought
+    client_gone: bool = False  # the client hung up before its answer: booked as 499 client_disconnected
+    abandoned: bool = False  # the proxy gave up before the upstream answered (shutdown): booked at the reservation
+    flags: str | None = None  # figures clamped by `proxy.core.bounds`, e.g. "clamped:cost_usd"
     settled: bool = False
 
     def note_origin(self, answer: dict[str, Any]) -> None:
@@ -81,10 +90,11 @@ class RequestRecord:
         self.provider = provider if isinstance(provider, str) else None
 
 
-def billed_tokens(record: RequestRecord) -> tuple[int, int]:
-    """(prompt, completion): the upstream's usage, else an estimate from the text seen."""
-    if record.usage is not None:
-        return record.usage.prompt_tokens, record.usage.completion_tokens
+def billed_tokens(record: RequestRecord) -> Tokens:
+    """The upstream's usage, else an estimate: the prompt's upper bound and the text seen."""
+    usage = record.usage
+    if usage is not None:
+        return Tokens(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens)
     if record.model is None:
-        return 0, 0
-    return record.prompt_estimate, -(-record.streamed_text_bytes // CHARS_PER_TOKEN)
+        return Tokens(0, 0)
+    return Tokens(record.prompt_estimate, -(-record.streamed_text_bytes // CHARS_PER_TOKEN))

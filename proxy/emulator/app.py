@@ -21,14 +21,16 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .billing import Bill, Charge, cacheable_prefix, generation_data, text_tokens
 from .completions import (
     ModelInfo,
+    Reply,
     completion_body,
     error_body,
     index_catalogue,
     key_data,
     plan_reply,
-    usage_of,
+    usage_for,
 )
 from .faults import Fault, FaultPlan, fault_error, rate_limit_headers
 from .frames import Frames, OpenAIStreamFrames, StreamFrames
@@ -82,9 +84,56 @@ class EmulatorState:
     key_usage: float = 0.0
     credit_limit: float | None = 100.0
     rng: random.Random = field(default_factory=random.Random)
+    bills: dict[str, Bill] = field(default_factory=dict)  # generation id -> what it was billed
+    prompt_cache: set[tuple[str, str]] = field(default_factory=set)  # (model, cached system message)
+    generation_lag: int = 0  # lookups of a generation answered 404 before it is found (OpenRouter's delay)
+    generation_lookups: dict[str, int] = field(default_factory=dict)
 
     def new_id(self, created: int) -> str:
         return f"gen-{created}-{''.join(self.rng.choices(_ALPHANUMERIC, k=20))}"
+
+    def charge(self, body: dict[str, Any], model: ModelInfo, reply: Reply) -> Charge:
+        """What a whole answer to `body` is charged, reading or writing the prompt cache."""
+        cached = written = 0
+        prefix = cacheable_prefix(body["messages"])
+        if prefix is not None:
+            key = (model.id, prefix[0])
+            if key in self.prompt_cache:
+                cached = min(prefix[1], reply.prompt_tokens)
+            else:
+                self.prompt_cache.add(key)
+                written = min(prefix[1], reply.prompt_tokens) if model.cache_write_price is not None else 0
+        return Charge(reply.prompt_tokens, reply.completion_tokens, cached, written)
+
+    def bill(
+        self,
+        gen_id: str,
+        model: ModelInfo,
+        charge: Charge,
+        *,
+        streamed: bool,
+        cancelled: bool = False,
+        finish_reason: str | None = None,
+    ) -> Bill:
+        """Record what one generation costs; the key's usage grows by as much."""
+        cost = charge.cost(model.prices)[0]
+        bill = Bill(
+            gen_id,
+            model.id,
+            model.provider,
+            self.clock(),
+            streamed,
+            charge.prompt_tokens,
+            charge.completion_tokens,
+            charge.cached_tokens,
+            charge.cache_write_tokens,
+            cost,
+            cancelled,
+            finish_reason,
+        )
+        self.bills[gen_id] = bill
+        self.key_usage += cost
+        return bill
 
     def record(self, request: web.Request, body: dict[str, Any], model: str | None) -> None:
         if len(self.requests) >= MAX_RECORDED:
@@ -111,6 +160,7 @@ def create_emulator_app(
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/key", key_info)
+        app.router.add_get(f"{prefix}/generation", generation)
     app.router.add_routes(
         [
             web.get("/_emulator/faults", get_faults),
@@ -185,11 +235,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fault = state.faults.take(model.id)
     if body.get("stream") is True and (fault is None or fault.streams_normally):
         return await _stream(request, state, body, model, fault)
-    if fault is not None:
+    if fault is not None and not fault.streams_normally:
         failed = await _failure(request, state, fault, model)
         if failed is not None:
             return failed
-    return _complete(state, body, model, fault)
+    # The model answers whether or not the client waits for it: billed now, before any latency,
+    # so a client that hangs up meanwhile is billed all the same (as OpenRouter bills it).
+    answer = _complete(state, body, model, fault)
+    if fault is not None and fault.latency_s:
+        await asyncio.sleep(fault.latency_s)
+    return answer
 
 
 async def _failure(request: web.Request, state: EmulatorState, fault: Fault, model: ModelInfo) -> web.Response | None:
@@ -223,8 +278,9 @@ def _complete(state: EmulatorState, body: dict[str, Any], model: ModelInfo, faul
     created = int(state.clock())
     gen_id = state.new_id(created)
     reply = plan_reply(body, model, "call_" + gen_id[-20:])
-    usage = usage_of(reply, model)
-    state.key_usage += usage["cost"]
+    charge = state.charge(body, model, reply)
+    usage = usage_for(charge, model)
+    state.bill(gen_id, model, charge, streamed=False, finish_reason=reply.finish_reason)
     state.stats["completions"] += 1
     headers = {"X-Generation-Id": gen_id}
     if fault is not None and fault.rate_limit is not None:
@@ -241,7 +297,8 @@ async def _stream(
     created = int(state.clock())
     gen_id = state.new_id(created)
     reply = plan_reply(body, model, "call_" + gen_id[-20:])
-    usage = usage_of(reply, model)
+    charge = state.charge(body, model, reply)
+    usage = usage_for(charge, model)
     frames = _frames_for(request, body, model, gen_id, created)
     headers = {**_SSE_HEADERS, "X-Generation-Id": gen_id}
     if fault is not None and fault.rate_limit is not None:
@@ -251,6 +308,8 @@ async def _stream(
     content = frames.script(reply, usage, cut=None if broken is None else broken.after_chunks)
     delay = fault.chunk_delay_s if fault is not None else 0.0
     stats["streams_started"] += 1
+    pieces = frames.pieces(reply)
+    sent = 0  # content frames written: what a stream cut short is billed for
     try:
         await response.prepare(request)
         if frames.comment is not None:
@@ -262,16 +321,20 @@ async def _stream(
             if delay:  # a slow model: a pause before every chunk after the first
                 await asyncio.sleep(delay)
             await response.write(frame)
+            sent += 1
         if broken is not None:
+            _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=False)
             return await _break_stream(request, state, response, frames, broken)
         await response.write_eof()
     except ConnectionResetError:  # the client went away mid-stream
         stats["streams_cancelled"] += 1
+        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
         return response
     except asyncio.CancelledError:
         stats["streams_cancelled"] += 1
+        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
         raise
-    state.key_usage += usage["cost"]
+    state.bill(gen_id, model, charge, streamed=True, finish_reason=reply.finish_reason)
     stats["streams_completed"] += 1
     stats["completions"] += 1
     return response
@@ -290,6 +353,17 @@ def _frames_for(request: web.Request, body: dict[str, Any], model: ModelInfo, ge
         include_usage=options.get("include_usage") is True,
         obfuscate=options.get("include_obfuscation") is not False,
     )
+
+
+def _bill_partly(
+    state: EmulatorState, gen_id: str, model: ModelInfo, charge: Charge, sent: list[str], *, cancelled: bool
+) -> None:
+    """A stream cut short: its prompt (the model read it) and the text it had sent, no more."""
+    if gen_id in state.bills:  # billed already (the stream had ended before the cut was noticed)
+        return
+    completion = text_tokens(sum(len(piece.encode()) for piece in sent))
+    partial = Charge(charge.prompt_tokens, completion, charge.cached_tokens, charge.cache_write_tokens)
+    state.bill(gen_id, model, partial, streamed=True, cancelled=cancelled, finish_reason=None if cancelled else "error")
 
 
 async def _keep_alive(response: web.StreamResponse, latency_s: float, comment: bytes | None) -> None:
@@ -332,6 +406,21 @@ async def key_info(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     return _json({"data": key_data(state.key_usage, state.credit_limit)})
+
+
+async def generation(request: web.Request) -> web.Response:
+    """OpenRouter's GET /generation?id=: what one generation was billed. Like OpenRouter, it says
+    404 for a while after the generation (`generation_lag` lookups), then the figures."""
+    state = request.app[EMULATOR_STATE]
+    denied = _authorized(state, request)
+    if denied is not None:
+        return denied
+    gen_id = request.query.get("id", "")
+    seen = state.generation_lookups[gen_id] = state.generation_lookups.get(gen_id, 0) + 1
+    bill = state.bills.get(gen_id)
+    if bill is None or seen <= state.generation_lag:
+        return _error(404, f"Generation {gen_id} not found")
+    return _json({"data": generation_data(bill)})
 
 
 # ---------------------------------------------------------------- control endpoints

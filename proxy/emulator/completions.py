@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from .billing import Charge, Prices, prompt_tokens, text_tokens
+
 ECHO_WORDS = 16  # how much of the last user message the reply echoes
 WORDS_PER_CHUNK = 3  # streamed content is split into chunks of a few words
 ARGUMENT_FRAGMENTS = 3  # tool-call arguments are streamed in this many parts
@@ -48,6 +50,12 @@ class ModelInfo:
     completion_price: float
     provider: str
     fingerprint: str
+    cache_read_price: float | None = None
+    cache_write_price: float | None = None
+
+    @property
+    def prices(self) -> Prices:
+        return Prices(self.prompt_price, self.completion_price, self.cache_read_price, self.cache_write_price)
 
     def native_finish(self, finish_reason: str) -> str:
         return _NATIVE_FINISH.get(self.provider, {}).get(finish_reason, finish_reason)
@@ -66,6 +74,8 @@ def index_catalogue(catalogue: Mapping[str, Any]) -> dict[str, ModelInfo]:
             completion_price=float(pricing.get("completion", 0) or 0),
             provider=_PROVIDERS.get(vendor, vendor.title()),
             fingerprint=f"fp_{zlib.crc32(model_id.encode()):08x}",
+            cache_read_price=_price(pricing.get("input_cache_read")),
+            cache_write_price=_price(pricing.get("input_cache_write")),
         )
     return index
 
@@ -89,39 +99,46 @@ class Reply:
 
 
 def estimate_tokens(text_length: int) -> int:
-    """ceil(chars / 4): the rule of thumb the emulator bills by."""
-    return -(-text_length // 4)
+    """ceil(bytes / 4): the rule of thumb the emulator bills by (see `billing`)."""
+    return text_tokens(text_length)
 
 
 def plan_reply(body: Mapping[str, Any], model: ModelInfo, call_id: str) -> Reply:
     """Decide what the model "says" to this request."""
     messages = body["messages"]
-    prompt_tokens = estimate_tokens(len(orjson.dumps(messages)))
+    prompt = prompt_tokens(messages, body.get("tools") or body.get("functions"))
     echo = _echo(messages)
     tool = _chosen_tool(body)
     if tool is not None:
         call = ToolCall(call_id, tool.get("name", "tool"), _arguments_for(tool.get("parameters")))
-        return Reply("", call, "tool_calls", prompt_tokens, estimate_tokens(len(call.name) + len(call.arguments)))
+        size = len(call.name.encode()) + len(call.arguments.encode())
+        return Reply("", call, "tool_calls", prompt, estimate_tokens(size))
     text = orjson.dumps({"model": model.id, "echo": echo}).decode() if _wants_json(body) else f"[{model.id}] {echo}"
     finish = "stop"
     limit = _max_tokens(body)
-    if limit is not None and estimate_tokens(len(text)) > limit:
-        text, finish = text[: limit * 4], "length"
-    return Reply(text, None, finish, prompt_tokens, estimate_tokens(len(text)))
+    if limit is not None and estimate_tokens(len(text.encode())) > limit:
+        text, finish = text.encode()[: limit * 4].decode(errors="ignore"), "length"
+    return Reply(text, None, finish, prompt, estimate_tokens(len(text.encode())))
 
 
-def usage_of(reply: Reply, model: ModelInfo) -> dict[str, Any]:
-    """OpenRouter's usage object, with `cost` in USD from per-token prices."""
-    prompt_cost = reply.prompt_tokens * model.prompt_price
-    completion_cost = reply.completion_tokens * model.completion_price
-    cost = prompt_cost + completion_cost
+def usage_of(reply: Reply, model: ModelInfo, cached: int = 0, written: int = 0) -> dict[str, Any]:
+    """OpenRouter's usage object, with `cost` in USD from per-token prices; `cached`/`written`:
+    prompt tokens read from / written to the prompt cache."""
+    return usage_for(Charge(reply.prompt_tokens, reply.completion_tokens, cached, written), model)
+
+
+def usage_for(charge: Charge, model: ModelInfo) -> dict[str, Any]:
+    cost, prompt_cost, completion_cost = charge.cost(model.prices)
+    details: dict[str, Any] = {"cached_tokens": charge.cached_tokens, "audio_tokens": 0}
+    if model.cache_write_price is not None:
+        details["cache_write_tokens"] = charge.cache_write_tokens
     return {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        "prompt_tokens": charge.prompt_tokens,
+        "completion_tokens": charge.completion_tokens,
+        "total_tokens": charge.prompt_tokens + charge.completion_tokens,
         "cost": cost,
         "is_byok": False,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": details,
         "cost_details": {
             "upstream_inference_cost": cost,
             "upstream_inference_prompt_cost": prompt_cost,
@@ -194,6 +211,14 @@ def key_data(usage: float, limit: float | None) -> dict[str, Any]:
         "is_provisioning_key": False,
         "rate_limit": {"requests": -1, "interval": "10s"},
     }
+
+
+def _price(value: Any) -> float | None:
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None
+    return price if price >= 0 else None
 
 
 def split_words(text: str, per_chunk: int = WORDS_PER_CHUNK) -> list[str]:

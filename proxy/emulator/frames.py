@@ -52,6 +52,12 @@ class Frames(ABC):
     def error(self, code: int | str, message: str) -> bytes:
         """The event a stream broken by the provider ends with."""
 
+    def pieces(self, reply: Reply) -> list[str]:
+        """The generated text each of `body`'s frames carries (content, or tool-call arguments)."""
+        if reply.tool_call is None:
+            return split_words(reply.content)
+        return ["", *split_even(reply.tool_call.arguments, ARGUMENT_FRAGMENTS)]
+
     def script(self, reply: Reply, usage: dict[str, Any], cut: int | None = None) -> list[bytes]:
         """Frames after the opening chunk: content, finish, usage (if sent), [DONE]; or just `cut`
         content frames."""
@@ -176,6 +182,11 @@ class OpenAIStreamFrames(Frames):
             for fragment in split_even(reply.tool_call.arguments, ARGUMENT_FRAGMENTS)
         ]
 
+    def pieces(self, reply: Reply) -> list[str]:
+        if reply.tool_call is None:
+            return split_words(reply.content)
+        return split_even(reply.tool_call.arguments, ARGUMENT_FRAGMENTS)  # the call opens with the role
+
     def finish(self, finish_reason: str) -> bytes:
         return self.delta({}, finish_reason)
 
@@ -197,7 +208,7 @@ def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"],
         "total_tokens": usage["total_tokens"],
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"], "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,

@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -24,13 +24,16 @@ from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters
 from proxy.core.ratelimits import RateLimits
+from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
-from proxy.http.appkeys import ACCOUNTANT, CACHE, METRICS, RELOADER, RUNTIME, STATE
+from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
 from proxy.http.chat import ChatHandler, healthz, list_models
 from proxy.http.errors import openai_errors, unknown_route
+from proxy.http.inflight import InFlight
 from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
-from proxy.money.catalogue import load_catalogue_source
+from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
 from proxy.money.ledger import Ledger
+from proxy.money.reconcile import Reconciler
 from proxy.ops.credits import poll_credits
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
@@ -56,26 +59,39 @@ def create_app(
     registry: CollectorRegistry | None = None,
     config_path: str | Path | None = None,
     cache_path: str | Path | None = None,
+    reconcile_schedule: Sequence[float] | None = None,
 ) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
     (default: a new one, never the process-global registry). With `config_path`, the config is
-    reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes."""
+    reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes.
+    `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it)."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
     state = SharedState(
         SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
     )
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
-    accountant = Accountant((metrics.observe, log_access, *sinks), clock)
     runtimes = RuntimeRef()
+    accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
+    schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
+    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule)
+    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock)
+    accountant_ref.append(accountant)
+    inflight = InFlight()
     cache = CacheSlot(clock)
     metrics.registry.register(StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock))
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
+    app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
+    app.cleanup_ctx.append(_reconciliation)
+    # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
+    # while the upstream clients and the ledger are still open.
+    app.cleanup_ctx.append(_in_flight_work(config.shutdown_timeout_s))
+    app.on_shutdown.append(lambda app: _shutdown_began(app, config.shutdown_timeout_s))
     app.cleanup_ctx.append(_credit_poller)
     if config_path is not None:
         app[RELOADER] = Reloader(
@@ -92,7 +108,7 @@ def create_app(
         )
         app.cleanup_ctx.append(reload_context(RELOADER, config.watch_config))
 
-    handler = ChatHandler(state, accountant, metrics.gauges)
+    handler = ChatHandler(state, accountant, metrics.gauges, inflight)
     chat = openai_errors(handler.chat_completions)
     app.router.add_post("/v1/route/explain", openai_errors(handler.explain))
     app.router.add_post("/v1/chat/completions", chat)
@@ -162,13 +178,39 @@ def _first_runtime(config: Config, env: Mapping[str, str]):
         runtime = build_runtime(
             config, env, source.catalogue, app[STATE], cache=cache, catalogue_source=source.describe()
         )
-        for warning in snapshot_warnings(runtime):
+        for warning in snapshot_warnings(runtime) + catalogue_warnings(config, source.catalogue):
             log.warning("%s", warning)
         app[RUNTIME].start(runtime)
         try:
             yield
         finally:
             await app[RUNTIME].close()
+
+    return context
+
+
+async def _reconciliation(app: web.Application) -> AsyncIterator[None]:
+    """Estimated costs left by earlier runs are queued again; new ones arrive through the sink."""
+    reconciler = app[RECONCILER]
+    ledger = app[ACCOUNTANT].ledger
+    if ledger is not None:
+        await reconciler.load_pending(ledger)
+    task = asyncio.create_task(reconciler.run(), name="reconciliation")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _shutdown_began(app: web.Application, timeout_s: float) -> None:
+    app[INFLIGHT].shutdown_began(timeout_s)
+
+
+def _in_flight_work(timeout_s: float):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await app[INFLIGHT].drain(timeout_s)
 
     return context
 

@@ -11,22 +11,27 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
 from proxy.core.breakers import BlockView
+from proxy.core.budget import Reservation
 from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
+from proxy.core.policy import Policy
 from proxy.core.record import Attempt, RequestRecord, Usage
 from proxy.core.routing import Plan, Target, UnknownModel
+from proxy.core.sse import StreamMeter
 from proxy.http.appkeys import RUNTIME
 from proxy.http.cached import answer_hit, key_for, store
+from proxy.http.inflight import InFlight
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import OpenedStream, UpstreamClient, open_stream
+from proxy.upstream.executor import Answer
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("orproxy")
@@ -38,11 +43,14 @@ class ChatHandler:
     """POST /v1/chat/completions. Everything the config decides comes from the snapshot the
     request acquired; this object holds only the long-lived state it was built with."""
 
-    def __init__(self, state: SharedState, accountant: Accountant, gauges: Gauges) -> None:
+    def __init__(
+        self, state: SharedState, accountant: Accountant, gauges: Gauges, inflight: InFlight | None = None
+    ) -> None:
         self._breakers = state.breakers
         self._ratelimits = state.ratelimits
         self._accountant = accountant
         self._gauges = gauges
+        self._inflight = inflight if inflight is not None else InFlight()
         self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
         self._background: set[asyncio.Task[Any]] = set()  # cache writes after the answer went out
 
@@ -91,9 +99,10 @@ class ChatHandler:
             None,
             features.stream,
             key_name=client_key.name,
-            prompt_estimate=features.prompt_tokens,
+            prompt_estimate=features.prompt_estimate,
         )
         reservation = None
+        owned = False  # the upstream work runs in a task of its own, which books the request itself
         try:
             client_key.check_model(model_name)
             admission = self._admit(runtime, client_key.name, model_name, features)
@@ -110,7 +119,13 @@ class ChatHandler:
                     await self._accountant.settle(record, reservation, policy)
                     return response
             if features.stream:
-                streamed = await runtime.executor.run(plan, body, _open_stream)
+                opening = self._own(request, runtime.executor.run(plan, body, open_stream), record)
+                try:
+                    streamed = await asyncio.shield(opening)
+                except asyncio.CancelledError:  # the client left before the stream opened
+                    owned = True
+                    self._own(request, self._abandon_stream(opening, record, reservation, policy, started), record)
+                    raise
                 headers = self._answered(record, request_id, plan, streamed.target, streamed.attempts, admission)
                 if cache_key is not None:
                     headers["x-proxy-cache"] = "miss"
@@ -123,15 +138,17 @@ class ChatHandler:
                     if completion is not None and cache is not None and cache_key is not None:
                         store(cache, cache_key, record, completion, self._accountant.now(), self._background)
 
-                return await relay(request, streamed.result, headers, record, started, finish, assembler)
-            answer = await runtime.executor.run(plan, body, _complete)
-            headers = self._answered(record, request_id, plan, answer.target, answer.attempts, admission)
+                secrets = runtime.executor.secrets
+                return await relay(request, streamed.result, headers, record, started, finish, assembler, secrets)
+            answering = self._answer(runtime, plan, body, record, admission, reservation, started)
+            owned = True
+            try:
+                raw, payload, headers = await asyncio.shield(self._own(request, answering, record))
+            except asyncio.CancelledError:  # the client left: the task still books what the answer costs
+                record.client_gone = True
+                raise
             if cache_key is not None:
                 headers["x-proxy-cache"] = "miss"
-            raw, payload = answer.result
-            _fill_from_payload(record, payload)
-            record.latency_s = time.monotonic() - started
-            await self._accountant.settle(record, reservation, policy)
             if cache_key is not None and cache is not None:
                 store(cache, cache_key, record, payload, self._accountant.now(), self._background)
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
@@ -140,9 +157,93 @@ class ChatHandler:
             exc.request_id = request_id
             raise
         finally:
-            if not record.settled:  # failures, refusals and hang-ups are booked too
+            if not record.settled and not owned:  # failures, refusals and hang-ups are booked too
                 record.latency_s = time.monotonic() - started
                 await self._accountant.settle(record, reservation, policy, wait=False)
+
+    def _own(self, request: web.Request, work: Any, record: RequestRecord) -> asyncio.Task[Any]:
+        """Run upstream work in a task the app owns, holding the config snapshot until it ends:
+        a client hang-up cancels the handler's wait, never the upstream call or its booking."""
+        runtimes = request.app[RUNTIME]
+        runtime = runtimes.acquire()
+
+        async def held() -> Any:
+            try:
+                return await work
+            finally:
+                runtimes.release(runtime)
+
+        return self._inflight.start(held(), name=f"upstream:{record.request_id}")
+
+    async def _answer(
+        self,
+        runtime: Runtime,
+        plan: Plan,
+        body: dict[str, Any],
+        record: RequestRecord,
+        admission: Admission,
+        reservation: Reservation | None,
+        started: float,
+    ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
+        """A non-streamed answer, booked once it is in (or has failed) whether or not the client
+        is still there: the ledger row is committed before the handler may answer."""
+        cancelled = False
+        try:
+            answer = await runtime.executor.run(plan, body, _complete)
+            headers = self._answered(record, record.request_id, plan, answer.target, answer.attempts, admission)
+            raw, payload = answer.result
+            _fill_from_payload(record, payload)
+            return raw, payload, headers
+        except ProxyError as exc:
+            record.status, record.error = exc.status, exc.code
+            exc.request_id = record.request_id
+            raise
+        except asyncio.CancelledError:  # shutdown gave up on it: booked at the reservation's worst case
+            cancelled = record.abandoned = True
+            raise
+        finally:
+            await self._book(record, reservation, runtime.policy, started, wait=not cancelled)
+
+    async def _abandon_stream(
+        self,
+        opening: asyncio.Task[Answer[OpenedStream]],
+        record: RequestRecord,
+        reservation: Reservation | None,
+        policy: Policy,
+        started: float,
+    ) -> None:
+        """The client left while the stream was being opened. Once it opens, close it (the upstream
+        stops generating) and book the prompt, with the generation id the upstream gave in its
+        `X-Generation-Id` header, so reconciliation can fetch what it really billed."""
+        record.client_gone = True
+        cancelled = False
+        try:
+            answer = await opening
+            opened, target = answer.result, answer.target
+            record.model, record.upstream, record.attempts = target.model, target.upstream, answer.attempts
+            record.generation_id = opened.response.headers.get("X-Generation-Id")
+            opened.response.close()
+            if opened.first is not None:  # the text of the first read was generated: it is billed
+                meter = StreamMeter(record, started)
+                for data in opened.first.events:
+                    meter.see(data, time.monotonic())
+        except ProxyError as exc:
+            record.error = exc.code
+        except asyncio.CancelledError:
+            cancelled = record.abandoned = True
+            raise
+        finally:
+            await self._book(record, reservation, policy, started, wait=not cancelled)
+
+    async def _book(
+        self, record: RequestRecord, reservation: Reservation | None, policy: Policy, started: float, *, wait: bool
+    ) -> None:
+        if record.client_gone:
+            record.status, record.error = 499, "client_disconnected"
+        elif record.abandoned:
+            record.status, record.error = 503, "shutdown"
+        record.latency_s = time.monotonic() - started
+        await self._accountant.settle(record, reservation, policy, wait=wait)
 
     @staticmethod
     def _answered(
@@ -216,10 +317,6 @@ def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
 async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
     response = await client.post(payload, stream=False, model=model)
     return await client.read_json(response)
-
-
-async def _open_stream(client: UpstreamClient, payload: bytes, model: str) -> ClientResponse:
-    return await client.post(payload, stream=True, model=model)
 
 
 def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:

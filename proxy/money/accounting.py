@@ -8,9 +8,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+from proxy.core.bounds import bound_tokens, bound_usd, flags_of
 from proxy.core.budget import BudgetCalendar, Reservation
 from proxy.core.policy import Policy
-from proxy.core.pricing import Cost, PriceBook
+from proxy.core.pricing import Cost, PriceBook, Tokens
 from proxy.core.record import RequestRecord, billed_tokens
 from proxy.money.ledger import Ledger, LedgerRow
 
@@ -57,13 +58,26 @@ class Accountant:
             return
         record.settled = True
         now = self._clock()
-        tokens = billed_tokens(record)
-        record.cost = cost = price(policy.prices, record, tokens)
-        record.baseline_usd = policy.prices.baseline(*tokens) if record.model else 0.0
+        clamped: list[str] = []
+        tokens = bound_tokens(billed_tokens(record), clamped)
+        cost = price(policy.prices, record, tokens, reservation.amount if reservation is not None else 0.0)
+        record.cost = cost = Cost(bound_usd("cost_usd", cost.usd, clamped), cost.source)
+        baseline = policy.prices.baseline(tokens) if record.model else 0.0
+        record.baseline_usd = bound_usd("baseline_cost_usd", baseline, clamped)
+        record.saved_usd = bound_usd("saved_usd", record.saved_usd, clamped)
+        if clamped:  # a bug or a hostile upstream: the row keeps its place, with what was clamped
+            record.flags = flags_of(clamped)
+            log.warning(
+                "request %s: absurd figures from %s clamped (%s); the row says so in `flags`",
+                record.request_id,
+                record.model or record.upstream or "the proxy",
+                ", ".join(clamped),
+            )
+        # Booked in the day the request started, like its ledger row (`ts` is `started_at`).
         if reservation is not None:
-            policy.book.settle(reservation, cost.usd, now)
+            policy.book.settle(reservation, cost.usd, now, record.started_at)
         elif cost.usd:
-            policy.book.add_spend(record.key_name, cost.usd, now)
+            policy.book.add_spend(record.key_name, cost.usd, now, record.started_at)
         self._notify(record, policy)
         if self.ledger is None:
             return
@@ -77,17 +91,21 @@ class Accountant:
             log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
 
 
-def price(prices: PriceBook, record: RequestRecord, tokens: tuple[int, int]) -> Cost:
-    """What a request cost; `tokens` as `billed_tokens` gives them."""
+def price(prices: PriceBook, record: RequestRecord, tokens: Tokens, reserved: float = 0.0) -> Cost:
+    """What a request cost; `tokens` as `billed_tokens` gives them, `reserved` its reservation."""
     if record.cached:
         return Cost(0.0, "cached")
+    if record.abandoned and record.usage is None:
+        # Given up (shutdown) while the upstream may still be working on it: its bill is unknown,
+        # so the most it could be. Reconciliation corrects it when a generation id is known.
+        return Cost(reserved, "reserved")
     if record.model is None:
         return Cost(0.0, "upstream")  # nothing answered: nothing to pay
     usage = record.usage
     if usage is not None:
-        return prices.cost(record.model, *tokens, usage.cost_usd)
+        return prices.cost(record.model, tokens, usage.cost_usd)
     # A stream cut before its usage chunk: bill what was seen, estimated from the text.
-    return prices.cost(record.model, *tokens, None, estimated=True)
+    return prices.cost(record.model, tokens, None, estimated=True)
 
 
 async def recorded_spend(ledger: Ledger, calendar: BudgetCalendar) -> tuple[dict[str, float], dict[str, float]]:
@@ -98,7 +116,7 @@ async def recorded_spend(ledger: Ledger, calendar: BudgetCalendar) -> tuple[dict
     )
 
 
-def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
+def _row(record: RequestRecord, tokens: Tokens) -> LedgerRow:
     cost = record.cost or Cost(0.0, "upstream")
     return LedgerRow(
         ts=record.started_at,
@@ -123,6 +141,9 @@ def _row(record: RequestRecord, tokens: tuple[int, int]) -> LedgerRow:
         error=record.error,
         cached=record.cached,
         saved_usd=record.saved_usd,
+        cached_tokens=tokens.cached,
+        cache_write_tokens=tokens.cache_write,
+        flags=record.flags,
     )
 
 

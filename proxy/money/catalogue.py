@@ -14,6 +14,7 @@ Units: the catalogue's prices are USD per TOKEN; this view shows USD per MILLION
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import aiohttp
 import orjson
 
-from proxy.config import DEFAULT_UPSTREAM, Config, Pricing
+from proxy.config import DEFAULT_UPSTREAM, Config, Pricing, SourceIssue
 from proxy.core.pricing import PER_MILLION, Catalogue, PriceBook
 
 if TYPE_CHECKING:
@@ -295,7 +296,28 @@ def render_models(view: ModelsView) -> Table:
     return table
 
 
-# ------------------------------------------------------------------ warnings for `orproxy check`
+# ------------------------------------------------------------------ errors and warnings for `orproxy check`
+
+
+def catalogue_errors(config: Config, source: CatalogueSource) -> list[SourceIssue]:
+    """What makes a config wrong against its price catalogue, refused by `orproxy check`, `serve`
+    and reloads: a `pricing.savings_baseline` nobody can price would make every saving read as
+    -100% of spend in reports, metrics and dashboards."""
+    pricing = config.pricing
+    book = PriceBook(source.catalogue, pricing)
+    if book.knows(pricing.savings_baseline):
+        return []
+    known = sorted(set(source.catalogue.prices) | set(pricing.overrides))
+    close = difflib.get_close_matches(pricing.savings_baseline, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(slug) for slug in close)}?" if close else "check the slug"
+    return [
+        SourceIssue(
+            ("pricing", "savings_baseline"),
+            f"'{pricing.savings_baseline}' is neither in the price catalogue ({source.describe()}) nor under "
+            f"pricing.overrides, so savings could not be measured against it; {hint} "
+            "(`orproxy models` lists the catalogue)",
+        )
+    ]
 
 
 def catalogue_warnings(

@@ -33,6 +33,8 @@ from typing import Literal
 import aiosqlite
 
 from proxy.money.ledger_rows import (
+    COLUMNS,
+    ESTIMATED_SOURCES,
     GROUP_COLUMNS,
     MIGRATIONS,
     ROWS_PER_STATEMENT,
@@ -49,11 +51,23 @@ from proxy.money.ledger_rows import (
     from_record,
     insert_many,
     summary_row,
+    to_nano,
     to_params,
 )
 
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """The upstream's own figures for one generation, replacing a row's estimate."""
+
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    baseline_cost_usd: float
 
 
 @dataclass(slots=True)
@@ -256,7 +270,7 @@ class Ledger:
             raise ValueError(f"ledger summary by={by!r}: use one of {sorted(GROUP_COLUMNS)}")
         found = await self._fetchall(
             f"SELECT coalesce({column}, '') AS grp, count(*), sum(prompt_tokens), sum(completion_tokens), "
-            "sum(cost_nusd), max(cost_nusd), sum(baseline_cost_nusd) FROM requests "
+            "sum(cost_nusd), max(cost_nusd), sum(baseline_cost_nusd), sum(cached), sum(saved_nusd) FROM requests "
             "WHERE ts >= ? AND ts < ? GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp",
             (start, end),
         )
@@ -265,7 +279,8 @@ class Ledger:
     async def totals(self, start: float, end: float) -> SummaryRow:
         (values,) = await self._fetchall(
             "SELECT count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_nusd), "
-            "max(cost_nusd), sum(baseline_cost_nusd) FROM requests WHERE ts >= ? AND ts < ?",
+            "max(cost_nusd), sum(baseline_cost_nusd), sum(cached), sum(saved_nusd) FROM requests "
+            "WHERE ts >= ? AND ts < ?",
             (start, end),
         )
         return summary_row("total", *values)
@@ -274,6 +289,57 @@ class Ledger:
         """Committed rows in [start, end), oldest first."""
         found = await self._fetchall(SELECT_ROWS, (-math.inf if start is None else start, _end(end)))
         return [from_record(values) for values in found]
+
+    # --- reconciliation ------------------------------------------------------
+
+    async def unreconciled(self, since: float, upstreams: Sequence[str], max_tries: int) -> list[LedgerRow]:
+        """Rows since `since` whose cost is still an estimate (`estimate`, `reserved`) on one of
+        `upstreams`, with a generation id to look up and fewer than `max_tries` lookups made."""
+        if not upstreams:
+            return []
+        marks = ", ".join("?" * len(upstreams))
+        sources = ", ".join("?" * len(ESTIMATED_SOURCES))
+        found = await self._fetchall(
+            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE cost_source IN ({sources}) "
+            f"AND generation_id IS NOT NULL AND ts >= ? AND upstream IN ({marks}) AND reconcile_tries < ? "
+            "ORDER BY ts, id",
+            (*ESTIMATED_SOURCES, since, *upstreams, max_tries),
+        )
+        return [from_record(values) for values in found]
+
+    async def reconcile(self, request_id: str, generation_id: str, correction: Reconciled) -> bool:
+        """Replace an estimated cost with the upstream's own figure; the estimate is kept in
+        `estimate_nusd`. False when the row is not (or no longer) an estimate: nothing changes."""
+        sources = ", ".join("?" * len(ESTIMATED_SOURCES))
+        return await self._update(
+            "UPDATE requests SET estimate_nusd = cost_nusd, cost_nusd = ?, cost_source = 'reconciled', "
+            "prompt_tokens = ?, completion_tokens = ?, cached_tokens = ?, baseline_cost_nusd = ?, "
+            "reconcile_tries = reconcile_tries + 1 "
+            f"WHERE request_id = ? AND generation_id = ? AND cost_source IN ({sources})",
+            (
+                to_nano(correction.cost_usd),
+                correction.prompt_tokens,
+                correction.completion_tokens,
+                correction.cached_tokens,
+                to_nano(correction.baseline_cost_usd),
+                request_id,
+                generation_id,
+                *ESTIMATED_SOURCES,
+            ),
+        )
+
+    async def note_reconcile_try(self, request_id: str, generation_id: str) -> bool:
+        """Count a lookup that found nothing yet, so a restart does not retry forever."""
+        return await self._update(
+            "UPDATE requests SET reconcile_tries = reconcile_tries + 1 WHERE request_id = ? AND generation_id = ?",
+            (request_id, generation_id),
+        )
+
+    async def _update(self, sql: str, params: Sequence) -> bool:
+        """One UPDATE, its own transaction (autocommit), behind the lock that keeps it out of a batch."""
+        self._check_open()
+        async with self._lock, self._db.execute(sql, params) as cursor:
+            return cursor.rowcount > 0
 
     # --- retention -----------------------------------------------------------
 

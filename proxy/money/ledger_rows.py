@@ -12,14 +12,19 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-SCHEMA_VERSION = 2
-COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached"})
+from proxy.core.reconcile import ESTIMATED_SOURCES as ESTIMATED
+
+SCHEMA_VERSION = 3
+COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached", "reserved", "reconciled"})
+# Rows whose cost is not the upstream's own figure yet: reconciliation looks them up.
+ESTIMATED_SOURCES = tuple(sorted(ESTIMATED))
 NANO_PER_USD = 1_000_000_000
 
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name"}
 
-SCHEMA_SQL = """
+SCHEMA_SQL = (
+    """
 CREATE TABLE IF NOT EXISTS requests (
     id                 INTEGER PRIMARY KEY,
     ts                 REAL    NOT NULL,   -- epoch seconds
@@ -43,13 +48,24 @@ CREATE TABLE IF NOT EXISTS requests (
     generation_id      TEXT,
     cached             INTEGER NOT NULL,
     error              TEXT,
-    saved_nusd         INTEGER NOT NULL DEFAULT 0   -- what a cache hit saved, nano-dollars
+    saved_nusd         INTEGER NOT NULL DEFAULT 0,  -- what a cache hit saved, nano-dollars
+    cached_tokens      INTEGER NOT NULL DEFAULT 0,  -- of prompt_tokens: read from the prompt cache
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,  -- of prompt_tokens: written to it
+    estimate_nusd      INTEGER,                     -- a reconciled row: the estimate it was booked at first
+    flags              TEXT,                        -- e.g. clamped:cost_usd (see proxy.core.bounds)
+    reconcile_tries    INTEGER NOT NULL DEFAULT 0   -- lookups of an estimated cost made so far
 );
 -- Covering indexes: period spend, per-key spend and pruning never touch the table.
 CREATE INDEX IF NOT EXISTS requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
 CREATE INDEX IF NOT EXISTS requests_key_ts_cost ON requests (key_name, ts, cost_nusd);
 CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
 """
+    + """
+-- The rows reconciliation still has to look up: a handful, so a partial index finds them at start-up.
+CREATE INDEX IF NOT EXISTS requests_unreconciled ON requests (ts)
+    WHERE cost_source IN ('estimate', 'reserved') AND generation_id IS NOT NULL;
+"""
+)
 
 COLUMNS = (
     "ts",
@@ -74,9 +90,25 @@ COLUMNS = (
     "cached",
     "error",
     "saved_nusd",
+    "cached_tokens",
+    "cache_write_tokens",
+    "estimate_nusd",
+    "flags",
+    "reconcile_tries",
 )
 # Schema migrations: version -> the statements that take a file from it to the next version.
-MIGRATIONS = {1: "ALTER TABLE requests ADD COLUMN saved_nusd INTEGER NOT NULL DEFAULT 0;"}
+MIGRATIONS = {
+    1: "ALTER TABLE requests ADD COLUMN saved_nusd INTEGER NOT NULL DEFAULT 0;",
+    2: """
+ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN estimate_nusd INTEGER;
+ALTER TABLE requests ADD COLUMN flags TEXT;
+ALTER TABLE requests ADD COLUMN reconcile_tries INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS requests_unreconciled ON requests (ts)
+    WHERE cost_source IN ('estimate', 'reserved') AND generation_id IS NOT NULL;
+""",
+}
 INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # SQLite caps the host parameters of one statement (32766 since 3.32, 999 before).
 ROWS_PER_STATEMENT = (32766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // len(COLUMNS)
@@ -127,6 +159,11 @@ class LedgerRow:
     cached: bool = False
     error: str | None = None
     saved_usd: float = 0.0  # a cache hit: what the answer cost when it was first bought
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of prompt_tokens, written to it
+    estimate_usd: float | None = None  # a reconciled row: the estimate it was first booked at
+    flags: str | None = None  # figures clamped when the row was built
+    reconcile_tries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +178,13 @@ class SummaryRow:
     baseline_cost_usd: float
     savings_usd: float
     savings_pct: float | None  # 0-100 of the baseline; None when there is no baseline cost
+    cache_hits: int = 0  # requests answered from the response cache
+    cache_saved_usd: float = 0.0  # what those answers cost when they were bought
+
+
+# The most one row can hold in nano-dollars without overflowing SQLite's 64-bit INTEGER, with room
+# to sum a year of such rows; rows are clamped far below it (proxy.core.bounds.MAX_ROW_USD).
+MAX_USD = 1e6
 
 
 def to_nano(usd: float) -> int:
@@ -159,10 +203,13 @@ def check_row(row: LedgerRow) -> None:
         raise ValueError(
             f"ledger row {row.request_id}: cost_source {row.cost_source!r} is not one of {sorted(COST_SOURCES)}"
         )
-    for name in ("ts", "cost_usd", "baseline_cost_usd", "latency_s"):
+    for name in ("ts", "cost_usd", "baseline_cost_usd", "latency_s", "saved_usd"):
         value = getattr(row, name)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"ledger row {row.request_id}: {name} must be a finite number >= 0, got {value!r}")
+    for name in ("cost_usd", "baseline_cost_usd", "saved_usd"):
+        if getattr(row, name) > MAX_USD:  # past it, nano-dollars overflow SQLite's INTEGER
+            raise ValueError(f"ledger row {row.request_id}: {name} is past ${MAX_USD:g}: {getattr(row, name)!r}")
 
 
 def to_params(row: LedgerRow) -> tuple:
@@ -189,6 +236,11 @@ def to_params(row: LedgerRow) -> tuple:
         int(row.cached),
         row.error,
         to_nano(row.saved_usd),
+        row.cached_tokens,
+        row.cache_write_tokens,
+        None if row.estimate_usd is None else to_nano(row.estimate_usd),
+        row.flags,
+        row.reconcile_tries,
     )
 
 
@@ -199,6 +251,8 @@ def from_record(values: Sequence) -> LedgerRow:
     by_name["streamed"] = bool(by_name["streamed"])
     by_name["cached"] = bool(by_name["cached"])
     by_name["saved_usd"] = from_nano(by_name.pop("saved_nusd"))
+    estimate = by_name.pop("estimate_nusd")
+    by_name["estimate_usd"] = None if estimate is None else from_nano(estimate)
     return LedgerRow(**{f.name: by_name[f.name] for f in fields(LedgerRow)})
 
 
@@ -210,6 +264,8 @@ def summary_row(
     cost: int | None,
     largest: int | None,
     baseline: int | None,
+    hits: int | None = 0,
+    saved: int | None = 0,
 ) -> SummaryRow:
     cost_usd, baseline_usd = from_nano(cost), from_nano(baseline)
     savings_nusd = (baseline or 0) - (cost or 0)
@@ -224,4 +280,6 @@ def summary_row(
         baseline_cost_usd=baseline_usd,
         savings_usd=from_nano(savings_nusd),
         savings_pct=100.0 * savings_nusd / baseline if baseline else None,
+        cache_hits=hits or 0,
+        cache_saved_usd=from_nano(saved),
     )

@@ -61,6 +61,8 @@ def render(report: dict[str, Any]) -> Table:
         "baseline $",
         "saved $",
         "saved %",
+        "cache hits",
+        "cache saved $",
     ):
         table.add_column(name, justify="right")
     for row in report["rows"]:
@@ -83,4 +85,6 @@ def _cells(row: dict[str, Any]) -> list[str]:
         f"{row['baseline_cost_usd']:.6f}",
         f"{row['savings_usd']:.6f}",
         "-" if pct is None else f"{pct:.1f}",
+        f"{row['cache_hits']:,}",
+        f"{row['cache_saved_usd']:.6f}",
     ]

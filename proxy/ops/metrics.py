@@ -58,6 +58,11 @@ class Metrics:
             "What the savings baseline model would have cost, USD",
             ["virtual_model", "key"],
         )
+        self.cache_saved = Tally(
+            "orproxy_cache_saved_usd",
+            "What answers from the response cache saved: their cost when they were bought, USD",
+            ["virtual_model", "key"],
+        )
         self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind"])
         self.duration = LatencyTally(
             "orproxy_request_duration_seconds", "Whole request as the client saw it", ["virtual_model"], LATENCY_BUCKETS
@@ -78,6 +83,7 @@ class Metrics:
                     self.requests,
                     self.cost,
                     self.baseline,
+                    self.cache_saved,
                     self.tokens,
                     self.duration,
                     self.upstream_duration,
@@ -100,6 +106,8 @@ class Metrics:
             self.cost.add((virtual, model, key), record.cost.usd)
         if record.baseline_usd:
             self.baseline.add((virtual, key), record.baseline_usd)
+        if record.cached and record.saved_usd:
+            self.cache_saved.add((virtual, key), record.saved_usd)
         usage = record.usage
         if usage is not None:
             self.tokens.add((model, "prompt"), usage.prompt_tokens)

@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
 from proxy.cache.response_cache import CacheSlot, ResponseCache
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config, located_error
 from proxy.core.budget import BudgetCalendar
 from proxy.money.accounting import Accountant, recorded_spend
-from proxy.money.catalogue import CatalogueSource, catalogue_warnings, load_catalogue_source
+from proxy.money.catalogue import CatalogueSource, catalogue_errors, catalogue_warnings, load_catalogue_source
 from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
 
 log = logging.getLogger("orproxy")
@@ -123,6 +123,9 @@ class Reloader:
             try:
                 config = await asyncio.to_thread(load_config, self.path)
                 source = await asyncio.to_thread(load_catalogue_source, config)
+                errors = catalogue_errors(config, source)
+                if errors:
+                    raise await asyncio.to_thread(located_error, self.path, errors)
                 prepared = await self._prepare(config, now)
             except ConfigError as exc:
                 return self._failed([issue.render(exc.filename) for issue in exc.issues])

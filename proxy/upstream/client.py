@@ -6,6 +6,7 @@ stream's network reads are handed to the (pure) SSE decoder.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -82,6 +83,29 @@ class UpstreamClient:
             payload = orjson.loads(await response.read())
         data = payload.get("data") if isinstance(payload, dict) else None
         return data if isinstance(data, dict) else {}
+
+    async def generation(self, generation_id: str, timeout_s: float = 10.0) -> dict[str, Any] | None:
+        """OpenRouter's GET /generation?id=: what it billed for one generation, or None while it
+        does not know the id yet (404). Other failures raise UpstreamError."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self._session.get(
+                self.base_url + "/generation", params={"id": generation_id}, timeout=timeout
+            ) as response:
+                raw = await response.read()
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise UpstreamError(classify_status(response.status, error_object(raw), response.headers))
+        except TimeoutError:
+            raise UpstreamError(timeout_failure(f"looking up generation {generation_id}")) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(connection_failure(f"{type(exc).__name__}: {exc}")) from None
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(dropped_failure("the generation lookup answered with invalid JSON")) from None
+        return payload if isinstance(payload, dict) else None
 
     def prepare_body(self, body: dict[str, Any], model: str) -> bytes:
         """The request for this upstream: the client's body with only `model` rewritten."""
@@ -191,3 +215,27 @@ async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[Batch]
             yield batch
         if batch.done:
             return
+
+
+@dataclass(slots=True)
+class OpenedStream:
+    """A stream that answered, with its first network read already taken."""
+
+    response: aiohttp.ClientResponse
+    batches: AsyncIterator[Batch]  # the reads after `first`
+    first: Batch | None  # None: the stream ended before sending anything
+
+
+async def open_stream(client: UpstreamClient, payload: bytes, model: str) -> OpenedStream:
+    """Send a streamed request and take its first read. Read here, in the task that opened it:
+    aiohttp raises a dropped connection ahead of the bytes still buffered, so a stream handed to
+    another task before its first read could lose the text that did arrive. A stream that breaks
+    before its first byte fails like any attempt (and the chain falls back)."""
+    response = await client.post(payload, stream=True, model=model)
+    batches = iter_batches(response)
+    try:
+        first = await anext(batches, None)
+    except BaseException:
+        response.close()
+        raise
+    return OpenedStream(response, batches, first)

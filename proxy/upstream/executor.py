@@ -55,6 +55,11 @@ class Executor:
         self._secrets = tuple(c.api_key for c in clients.values() if c.api_key)
         self._key_envs = {name: c.key_env for name, c in clients.items()}
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The upstream keys this executor sends: what no answer may carry back to a client."""
+        return self._secrets
+
     async def run(
         self, plan: Plan, body: dict[str, Any], attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]]
     ) -> Answer[T]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import PriceOverride, Pricing, load_config
-from proxy.core.pricing import DEFAULT_MAX_COMPLETION_TOKENS, Catalogue, Cost, PriceBook
+from proxy.core.pricing import DEFAULT_MAX_COMPLETION_TOKENS, Catalogue, Cost, PriceBook, Tokens
 from proxy.money.catalogue import packaged_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -87,13 +87,13 @@ def test_packaged_catalogue_is_dated_and_prices_every_model_of_the_example_confi
     ],
 )
 def test_cost_sources(overrides, model, prompt, completion, upstream, expected):
-    cost = book(overrides).cost(model, prompt, completion, upstream)
+    cost = book(overrides).cost(model, Tokens(prompt, completion), upstream)
     assert cost.source == expected.source
     assert cost.usd == pytest.approx(expected.usd, rel=1e-12, abs=0)
 
 
 def test_a_cost_estimated_from_streamed_text_says_so():
-    cost = book().cost("acme/small", 100, 10, None, estimated=True)
+    cost = book().cost("acme/small", Tokens(100, 10), None, estimated=True)
     assert cost == Cost(pytest.approx(100 * 1e-7 + 10 * 4e-7), "estimate")
     assert cost.usd > 0
 
@@ -108,7 +108,7 @@ def test_a_cost_estimated_from_streamed_text_says_so():
     ],
 )
 def test_baseline(baseline, overrides, prompt, completion, expected):
-    assert book(overrides, baseline).baseline(prompt, completion) == pytest.approx(expected)
+    assert book(overrides, baseline).baseline(Tokens(prompt, completion)) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -140,4 +140,4 @@ def test_worst_case_is_never_below_a_real_answer_within_max_tokens():
     prices = book()
     for model in ("acme/small", "acme/large", "unknown/x"):
         for completion in (0, 1, 49, 50):
-            assert prices.cost(model, 100, completion, None).usd <= prices.worst_case(model, 100, 50) + 1e-15
+            assert prices.cost(model, Tokens(100, completion), None).usd <= prices.worst_case(model, 100, 50) + 1e-15

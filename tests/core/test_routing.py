@@ -111,16 +111,22 @@ def test_blocked_members_are_skipped_with_their_reason():
 @pytest.mark.parametrize(
     "body, headers, expected",
     [
-        ({"messages": [{"role": "user", "content": "hi"}]}, {}, RequestFeatures(prompt_tokens=4, last_user_text="hi")),
+        # prompt_tokens: the upper bound, a token per byte of the messages as JSON (32 bytes for
+        # [{"role":"user","content":"hi"}]) and 4 per message; prompt_estimate: four bytes a token
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {},
+            RequestFeatures(prompt_tokens=36, last_user_text="hi", prompt_estimate=8),
+        ),
         (
             {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "Code_Generation"}},
             {},
-            RequestFeatures(task="code_generation", prompt_tokens=4, last_user_text="x"),
+            RequestFeatures(task="code_generation", prompt_tokens=35, last_user_text="x", prompt_estimate=8),
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "a"}},
             {"X-Task-Type": "complex_analysis"},
-            RequestFeatures(task="complex_analysis", prompt_tokens=4, last_user_text="x"),
+            RequestFeatures(task="complex_analysis", prompt_tokens=35, last_user_text="x", prompt_estimate=8),
         ),
         (
             {
@@ -137,7 +143,16 @@ def test_blocked_members_are_skipped_with_their_reason():
                 "max_tokens": 50,
             },
             {},
-            RequestFeatures(has_images=True, stream=True, prompt_tokens=5, last_user_text="look", max_tokens=50),
+            # the message without its image part (59 bytes as a list), 4 for the message, 2,500 for
+            # the image; typically a quarter of the bytes and 765 for the image
+            RequestFeatures(
+                has_images=True,
+                stream=True,
+                prompt_tokens=59 + 4 + 2500,
+                last_user_text="look",
+                max_tokens=50,
+                prompt_estimate=15 + 765,
+            ),
         ),
         (
             {
@@ -149,14 +164,16 @@ def test_blocked_members_are_skipped_with_their_reason():
             RequestFeatures(
                 has_tools=True,
                 json_mode=True,
-                prompt_tokens=(400 + 2 + len(str([{"type": "function"}]))) // 4 + 8,
+                # the messages (466 bytes), 4 each, the tool (21 bytes) and 16 for it, the schema (39 bytes)
+                prompt_tokens=466 + 8 + 21 + 16 + 39,
                 last_user_text="a" * 400,
+                prompt_estimate=-(-(466 + 21) // 4),  # four bytes a token of the messages and the tool
             ),
         ),
         (
             {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7, "max_tokens": 99},
             {},
-            RequestFeatures(prompt_tokens=4, last_user_text="x", max_tokens=7),
+            RequestFeatures(prompt_tokens=35, last_user_text="x", max_tokens=7, prompt_estimate=8),
         ),
     ],
 )

@@ -383,7 +383,7 @@ def test_origin_and_time_to_first_token_come_from_the_first_chunk(events, genera
     ],
 )
 def test_an_openai_stream_cut_short_is_billed_from_its_text(events, tokens):
-    assert billed_tokens(meter(events)) == tokens  # (prompt: the estimate of 20 without usage, completion)
+    assert billed_tokens(meter(events))[:2] == tokens  # (prompt: the estimate of 20 without usage, completion)
 
 
 @pytest.mark.parametrize(("stream", "expected"), STREAMS.values(), ids=STREAMS.keys())

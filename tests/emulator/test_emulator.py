@@ -374,7 +374,9 @@ async def test_midstream_error_chunk_ends_the_stream(client, state):
         }
     ]
     assert (error["id"], error["model"], error["provider"]) == (role["id"], "openai/gpt-4o-mini", "OpenAI")
-    assert state.stats["streams_failed"] == 1 and state.key_usage == 0
+    assert state.stats["streams_failed"] == 1
+    sent = first["choices"][0]["delta"]["content"] + second["choices"][0]["delta"]["content"]
+    assert_billed_for(state, role["id"], sent, cancelled=False)
 
 
 async def test_drop_midstream_cuts_the_connection_after_n_chunks(client, state):
@@ -504,7 +506,9 @@ async def test_v1_midstream_error_is_openais_error_event(client, state, validato
             "code": "server_error",
         }
     }
-    assert state.stats["streams_failed"] == 1 and state.key_usage == 0
+    assert state.stats["streams_failed"] == 1
+    sent = first["choices"][0]["delta"]["content"] + second["choices"][0]["delta"]["content"]
+    assert_billed_for(state, role["id"], sent, cancelled=False)
 
 
 async def test_v1_drop_midstream_cuts_the_connection_after_n_chunks(client, state):
@@ -516,7 +520,20 @@ async def test_v1_drop_midstream_cuts_the_connection_after_n_chunks(client, stat
             received += piece
     assert received.count(b"data: {") == 3 and received.count(b'"usage":null') == 3
     assert b"OPENROUTER" not in received and b"[DONE]" not in received
-    assert state.stats["streams_failed"] == 1 and state.key_usage == 0
+    assert state.stats["streams_failed"] == 1
+    chunks = [orjson.loads(line[6:]) for line in received.split(b"\n\n") if line.startswith(b"data: {")]
+    sent = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+    assert_billed_for(state, chunks[0]["id"], sent, cancelled=False)
+
+
+def assert_billed_for(state, gen_id: str, sent: str, *, cancelled: bool) -> None:
+    """A stream cut short is billed for its prompt and the text it had sent (a token per 4 bytes)."""
+    (bill,) = state.bills.values()
+    assert bill.id == gen_id and bill.cancelled is cancelled and bill.streamed
+    assert bill.completion_tokens == -(-len(sent.encode()) // 4) > 0 and bill.prompt_tokens > 0
+    model = state.models[bill.model]
+    expected = bill.prompt_tokens * model.prompt_price + bill.completion_tokens * model.completion_price
+    assert bill.cost == pytest.approx(expected, rel=1e-12) and state.key_usage == bill.cost
 
 
 async def test_api_v1_streams_keep_openrouters_shape_whatever_the_stream_options(client, validators):

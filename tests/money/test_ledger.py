@@ -154,8 +154,9 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
         (
             "model",
             [
-                # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %
-                SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0),
+                # group, requests, prompt, completion, cost, avg, max, baseline, savings, savings %,
+                # cache hits, what they saved
+                SummaryRow("m/b", 2, 700, 70, 0.012, 0.006, 0.010, 0.008, -0.004, -50.0, 1, 0.0),
                 SummaryRow("m/a", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
                 SummaryRow("", 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None),
             ],
@@ -165,7 +166,7 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
             [
                 SummaryRow("smart", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
                 SummaryRow("cheap", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None, 1, 0.0),
             ],
         ),
         (
@@ -173,7 +174,7 @@ async def test_spend_sums_tiny_costs_exactly(ledger: Ledger) -> None:
             [
                 SummaryRow("bob", 2, 300, 30, 0.010, 0.005, 0.010, 0.008, -0.002, -25.0),
                 SummaryRow("alice", 2, 300, 30, 0.004, 0.002, 0.003, 0.008, 0.004, 50.0),
-                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None),
+                SummaryRow("", 1, 400, 40, 0.002, 0.002, 0.002, 0.0, -0.002, None, 1, 0.0),
             ],
         ),
     ],
@@ -191,7 +192,9 @@ async def test_totals(ledger: Ledger) -> None:
     assert await ledger.totals(T0, T0 + DAY) == SummaryRow("total", 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
     await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
     total = await ledger.totals(T0, T0 + DAY)
-    assert dataclasses.astuple(total) == pytest.approx(("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0))
+    assert dataclasses.astuple(total) == pytest.approx(
+        ("total", 5, 1000, 100, 0.016, 0.0032, 0.010, 0.016, 0.0, 0.0, 1, 0.0)
+    )
     with pytest.raises(ValueError, match="summary by='provider'"):
         await ledger.summary(T0, T0 + DAY, "provider")  # type: ignore[arg-type]
 
@@ -396,3 +399,68 @@ async def test_a_version_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         await ledger.close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_a_version_2_ledger_is_migrated_in_place(tmp_path: Path) -> None:
+    """Files written before cache tokens, reconciliation and flags keep their rows and gain the columns;
+    an estimated row left by that version is found for reconciliation."""
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript("""
+            CREATE TABLE requests (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
+              key_name TEXT, requested_model TEXT NOT NULL, virtual_model TEXT, model TEXT, upstream TEXT,
+              provider TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+              cost_nusd INTEGER NOT NULL, cost_source TEXT NOT NULL, baseline_cost_nusd INTEGER NOT NULL,
+              latency_s REAL NOT NULL, ttft_s REAL, status INTEGER NOT NULL, attempts INTEGER NOT NULL,
+              streamed INTEGER NOT NULL, generation_id TEXT, cached INTEGER NOT NULL, error TEXT,
+              saved_nusd INTEGER NOT NULL DEFAULT 0);
+            CREATE INDEX requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
+            INSERT INTO requests (ts, request_id, requested_model, upstream, prompt_tokens, completion_tokens,
+              cost_nusd, cost_source, baseline_cost_nusd, latency_s, status, attempts, streamed, cached,
+              generation_id, saved_nusd)
+              VALUES (1.0, 'old-1', 'cheap', 'openrouter', 10, 20, 1500, 'estimate', 3000, 0.1, 200, 1, 1, 0,
+                      'gen-old', 700);
+            PRAGMA user_version = 2;
+        """)
+    ledger = await Ledger.open(path, clock=lambda: 2.0)
+    try:
+        (row_,) = await ledger.rows()
+        assert (row_.request_id, row_.cost_usd, row_.saved_usd, row_.cached_tokens) == ("old-1", 1.5e-6, 7e-7, 0)
+        assert (row_.estimate_usd, row_.flags, row_.reconcile_tries) == (None, None, 0)
+        (pending,) = await ledger.unreconciled(0.0, ["openrouter"], 8)
+        assert pending.generation_id == "gen-old"
+    finally:
+        await ledger.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+        indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "requests_unreconciled" in indexes
+
+
+async def test_reconciling_a_row_keeps_its_estimate(ledger: Ledger) -> None:
+    from proxy.money.ledger import Reconciled
+
+    estimated = row("cut", cost=0.002, cost_source="estimate", generation_id="gen-cut", streamed=True)
+    await ledger.record(estimated)
+    await ledger.record(row("elsewhere", cost=0.001, cost_source="estimate", generation_id="gen-x", upstream="oa"))
+    await ledger.record(row("exact", cost=0.003, generation_id="gen-exact"))
+    assert [r.request_id for r in await ledger.unreconciled(T0 - 1, ["openrouter"], 8)] == ["cut"]
+    assert await ledger.note_reconcile_try("cut", "gen-cut")
+    assert await ledger.unreconciled(T0 - 1, ["openrouter"], 1) == []  # one lookup made, one allowed
+    correction = Reconciled(0.0023456789, 120, 30, 100, 0.004)
+    assert await ledger.reconcile("cut", "gen-cut", correction)
+    assert not await ledger.reconcile("cut", "gen-cut", correction)  # once only
+    assert not await ledger.reconcile("exact", "gen-exact", correction)  # an exact cost is never replaced
+    done = next(r for r in await ledger.rows() if r.request_id == "cut")
+    assert (done.cost_usd, done.cost_source, done.estimate_usd) == (0.002345679, "reconciled", 0.002)
+    assert (done.prompt_tokens, done.completion_tokens, done.cached_tokens, done.reconcile_tries) == (120, 30, 100, 2)
+    assert await ledger.spend_between(T0) == pytest.approx(0.002345679 + 0.001 + 0.003)
+
+
+async def test_a_row_past_the_ceiling_is_refused_alone(ledger: Ledger) -> None:
+    """The accountant clamps absurd figures (`proxy.core.bounds`); the ledger still refuses a row
+    that would overflow, at its caller, so the rows of the same batch are written."""
+    with pytest.raises(ValueError, match="cost_usd is past"):
+        ledger.record_nowait(row("absurd", cost=9.2e9))
+    await asyncio.gather(*(ledger.record(row(f"ok-{i}")) for i in range(5)))
+    assert len(await ledger.rows()) == 5

@@ -31,9 +31,10 @@ from tests.support.money import (
 from tests.support.timing import Clock, wait_for
 
 DAILY = 0.005
-# A direct request to an expensive model with a longish prompt and a one-token answer:
-# about 8% of DAILY, so the spend climbs through each 20%-wide step in a few requests.
-FILLER = [{"role": "user", "content": "lorem ipsum dolor sit amet " * 18}]
+# A direct request to an expensive model with a longish prompt and a one-token answer: about 4%
+# of DAILY, so the spend climbs through each 20%-wide step in a few requests. Its reservation
+# (the prompt's upper bound, a token per byte) is about four times that, and still fits at 80%.
+FILLER = [{"role": "user", "content": "lorem ipsum dolor sit amet " * 9}]
 
 
 async def ask(client: openai.AsyncOpenAI, model: str, messages=HELLO, **kwargs):
@@ -293,8 +294,10 @@ async def test_a_restart_keeps_the_spend(make_proxy, tmp_path, clock):
     first = await make_proxy(MODELS, extra=extra, ledger_path=path, env=env, clock=clock)
     bot, ops = first.client(api_key="bot-secret"), first.client(api_key="ops-secret")
     spent = 0.0
-    for client in (bot, bot, ops, ops, ops, ops):
-        _, completion = await ask(client, "anthropic/claude-sonnet-4.5", FILLER, max_tokens=1)
+    # bot: answers cut at 16 tokens, so what it spends is mostly the answer, which its reservation
+    # covers nearly one for one: three of them take it past 80% of its $0.001, the third still fitting.
+    for client, messages, max_tokens in [(bot, HELLO, 16)] * 3 + [(ops, FILLER, 1)] * 6:
+        _, completion = await ask(client, "anthropic/claude-sonnet-4.5", messages, max_tokens=max_tokens)
         spent += usage_cost(completion.usage)
     assert 0.4 <= spent / DAILY < 0.6
     headers, completion = await ask(ops, "quality", max_tokens=5)

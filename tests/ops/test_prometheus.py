@@ -284,7 +284,8 @@ def shows_something(result: list[dict[str, Any]]) -> bool:
 
 async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], within_s: float) -> int:
     """Each dashboard needs its kind of traffic: costs, a failing primary (fallbacks, retries, a
-    cooldown), a rate-limit reading, streams (time to first token), and some client errors."""
+    cooldown), a rate-limit reading, streams (time to first token), some client errors, and the
+    same cacheable request again and again (what the response cache saved)."""
     emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))  # quality's primary
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(rate_limit=(100, 5, 4_000_000_000_000)))
     client = proxy.client()
@@ -307,8 +308,9 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
             stream("cheap"),
             stream("balanced"),
             bogus(),
+            client.chat.completions.create(model="balanced", messages=HELLO, temperature=0),
         )
-        sent += 6
+        sent += 7
         if await until():
             return sent
         await asyncio.sleep(0.25)

@@ -407,7 +407,8 @@ def _catalogue_file(tmp: Path) -> str:
         "pricing": {"prompt": "0.5", "completion": "0.5"},
         "top_provider": {"max_completion_tokens": 32},
     }
-    path.write_bytes(orjson.dumps({"data": [entry]}))
+    baseline = {"id": "openai/gpt-4o-mini", "pricing": {"prompt": "0.00000015", "completion": "0.0000006"}}
+    path.write_bytes(orjson.dumps({"data": [entry, baseline]}))  # the savings baseline must be priced
     return str(path)
 
 

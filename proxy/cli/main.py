@@ -217,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config, env=env, config_path=None if args.demo else args.config)
     app.on_startup.append(_freeze_heap)
 
-    def announce(_aiohttp_banner: str) -> None:  # called once the socket is bound, not before
+    def announce() -> None:  # called once the socket is bound, not before
         log.info(
             "orproxy listening on http://%s:%d/v1 (%d virtual models: %s)",
             listen.host,
@@ -228,25 +228,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
+    from proxy.http.server import run
+
     try:
-        web.run_app(
-            app,
-            host=listen.host,
-            port=listen.port,
-            access_log=None,
-            handler_cancellation=True,
-            print=announce,
-            loop=loop,
-            shutdown_timeout=config.shutdown_timeout_s,
-        )
+        run(app, listen.host, listen.port, shutdown_timeout=config.shutdown_timeout_s, loop=loop, on_bound=announce)
     except StartupError as exc:
         print(f"orproxy: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the port is taken, or the address is not this machine's
-        print(f"orproxy: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"orproxy: {listen_problem(listen.host, listen.port, exc)}", file=sys.stderr)
         return 1
     log.info("orproxy stopped")
     return 0
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """One line for a socket that cannot be bound, with what to do about it."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port}: the port is already in use; "
+            "stop what holds it, or pick another with --port"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: the address is not one of this machine's; pick another with --host"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,13 +16,15 @@ from aiohttp import ClientResponse, web
 from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
 from proxy.core.breakers import BlockView
-from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
+from proxy.core.errors import ModelNotFound, ProxyError
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
 from proxy.core.record import Attempt, RequestRecord, Usage
 from proxy.core.routing import Plan, Target, UnknownModel
 from proxy.http.appkeys import RUNTIME
+from proxy.http.body import read_body
 from proxy.http.cached import answer_hit, key_for, store
+from proxy.http.errors import header_value
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
@@ -30,7 +32,7 @@ from proxy.upstream.client import UpstreamClient
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("orproxy")
-REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
+REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$", re.ASCII)
 JSON = "application/json"
 
 
@@ -67,7 +69,7 @@ class ChatHandler:
         request_id = self._request_id(request)
         try:
             client_key = policy.keys.authenticate(request.headers.get("Authorization"))
-            body = await read_body(request, runtime.config.max_body_bytes)
+            body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
         except ProxyError as exc:
             exc.request_id = request_id
             refused = RequestRecord(
@@ -94,10 +96,12 @@ class ChatHandler:
             prompt_estimate=features.prompt_tokens,
         )
         reservation = None
+        plan: Plan | None = None
+        downgrade: str | None = None
         try:
             client_key.check_model(model_name)
             admission = self._admit(runtime, client_key.name, model_name, features)
-            plan, reservation = admission.plan, admission.reservation
+            plan, reservation, downgrade = admission.plan, admission.reservation, admission.downgrade
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
             cache = runtime.cache
             cache_key = key_for(cache, body, request.headers, plan, policy.router, runtime.config.direct_upstream)
@@ -138,6 +142,11 @@ class ChatHandler:
         except ProxyError as exc:
             record.status, record.error = exc.status, exc.code
             exc.request_id = request_id
+            if plan is not None:  # the answer says what was tried, as a success's does
+                record.attempts = list(exc.attempts)
+                exc.proxy_headers = _proxy_headers(request_id, plan, record.attempts, downgrade)
+                exc.proxy_headers.pop("x-proxy-model", None)  # nobody answered
+                record.route = exc.proxy_headers["x-proxy-route"]
             raise
         finally:
             if not record.settled:  # failures, refusals and hang-ups are booked too
@@ -178,7 +187,7 @@ class ChatHandler:
         """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
         runtime = request.app[RUNTIME].current
         client_key = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
-        body = await read_body(request, runtime.config.max_body_bytes)
+        body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
         client_key.check_model(body["model"])
         now = self._accountant.now()
         try:
@@ -230,9 +239,9 @@ def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
 def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
     headers = {
         "x-request-id": request_id,
-        "x-proxy-virtual-model": plan.requested,
+        "x-proxy-virtual-model": header_value(plan.requested),
         "x-proxy-attempts": str(len(attempts)),
-        "x-proxy-route": route_header(plan, attempts),
+        "x-proxy-route": header_value(route_header(plan, attempts), 2048),
     }
     if attempts:
         headers["x-proxy-model"] = attempts[-1].target.model
@@ -250,40 +259,6 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
     skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
     return f"{head}: {tried}{skipped}"
-
-
-async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
-    """The JSON body, read with the snapshot's `max_body_bytes` (so a reload can change it)."""
-    too_large = BodyTooLarge(
-        f"The request body is larger than this proxy accepts ({limit} bytes); "
-        "raise `max_body_bytes` in the config if this is expected."
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    raw = bytearray()
-    while chunk := await request.content.readany():
-        raw += chunk
-        if len(raw) > limit:
-            raise too_large
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest(
-            "'messages' must be a non-empty array of messages.",
-            param="messages",
-            code="missing_required_parameter" if messages is None else "invalid_type",
-        )
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
-    return body
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -79,6 +79,7 @@ class Executor:
                 policy.succeeded(self._monotonic() - started)
                 return Answer(target, result, policy.attempts, started)
         if isinstance(decision, GiveUp | ToClient):
+            decision.error.attempts = tuple(policy.attempts)
             raise decision.error
         raise RuntimeError(f"the retry policy stopped without an error: {decision!r}")
 

@@ -27,7 +27,7 @@ from proxy.http.cached import answer_hit, key_for, store
 from proxy.http.errors import header_value
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
-from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
+from proxy.ops.runtime import Runtime, SharedState
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.relay import relay
 
@@ -262,8 +262,11 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    runtime: RuntimeRef = request.app[RUNTIME]
-    return web.Response(body=runtime.current.models_body, content_type=JSON)
+    """With client keys configured, a key is needed, and the list holds only what it may use."""
+    runtime = request.app[RUNTIME].current
+    client = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
+    body = runtime.models_by_key.get(client.name, runtime.models_body) if client.name else runtime.models_body
+    return web.Response(body=body, content_type=JSON)
 
 
 async def healthz(request: web.Request) -> web.Response:

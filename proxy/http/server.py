@@ -245,6 +245,13 @@ class GuardedHandler(RequestHandler):
         async def answered(request: BaseRequest) -> web.StreamResponse:
             # The router's own 404/405 (a request target that is not a path, such as CONNECT's
             # host:port, never reaches the catch-all route): in OpenAI's JSON too.
+            expect = request.headers.get("Expect")
+            if expect is not None and expect.lower() != "100-continue":
+                # aiohttp's own answer would echo the value, and fails on one that is not UTF-8.
+                body, headers = error_bytes(
+                    417, "Only `Expect: 100-continue` is supported.", "expectation_failed", secrets.token_hex(16)
+                )
+                return web.Response(status=417, body=body, headers=headers)
             try:
                 return await request_handler(request)
             except web.HTTPException as exc:

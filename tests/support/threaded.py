@@ -27,6 +27,7 @@ class Served:
     emulator_port: int
     app: web.Application
     loop: asyncio.AbstractEventLoop
+    runner: ProxyRunner
 
     def call(self, coro) -> object:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -48,15 +49,21 @@ def threaded_proxy(config_text: str, tmp: Path, env: Mapping[str, str] | None = 
         site = web.TCPSite(emulator, "127.0.0.1", 0)
         await site.start()
         emulator_port = emulator.addresses[0][1]
-        config = parse_config(config_text.replace("{emulator}", f"http://127.0.0.1:{emulator_port}"), "fuzz.yaml")
+        config_path = tmp / "config.yaml"
+        config_path.write_text(config_text.replace("{emulator}", f"http://127.0.0.1:{emulator_port}"))
+        config = parse_config(config_path.read_text(), str(config_path))
         app = create_app(
-            config, env={**ENV, **(env or {})}, ledger_path=tmp / "ledger.sqlite3", cache_path=tmp / "cache.sqlite3"
+            config,
+            env={**ENV, **(env or {})},
+            ledger_path=tmp / "ledger.sqlite3",
+            cache_path=tmp / "cache.sqlite3",
+            config_path=config_path,
         )
         runner = ProxyRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         proxy_site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await proxy_site.start()
-        served.update(port=runner.addresses[0][1], emulator_port=emulator_port, app=app)
+        served.update(port=runner.addresses[0][1], emulator_port=emulator_port, app=app, runner=runner)
         started.set()
         try:
             await stop.wait()
@@ -80,7 +87,7 @@ def threaded_proxy(config_text: str, tmp: Path, env: Mapping[str, str] | None = 
     if failure:
         raise failure[0]
     try:
-        yield Served(served["port"], served["emulator_port"], served["app"], loop)  # type: ignore[arg-type]
+        yield Served(served["port"], served["emulator_port"], served["app"], loop, served["runner"])  # type: ignore[arg-type]
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)

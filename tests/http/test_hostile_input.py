@@ -316,6 +316,8 @@ header_value = st.one_of(
     st.binary(max_size=40).filter(lambda b: not any(c in b for c in b"\r\n\x00")),
     st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40).map(str.encode),
 )
+NAMED_HEADERS = ["Authorization", "X-Task-Type", "X-Request-ID", "X-Proxy-Cache", "Content-Type", "Accept",
+                 "Content-Encoding", "Accept-Encoding", "Expect", "Connection"]  # fmt: skip
 header = st.one_of(
     st.tuples(
         st.sampled_from(

@@ -320,20 +320,7 @@ NAMED_HEADERS = ["Authorization", "X-Task-Type", "X-Request-ID", "X-Proxy-Cache"
                  "Content-Encoding", "Accept-Encoding", "Expect", "Connection"]  # fmt: skip
 header = st.one_of(
     st.tuples(
-        st.sampled_from(
-            [
-                "Authorization",
-                "X-Task-Type",
-                "X-Request-ID",
-                "X-Proxy-Cache",
-                "Content-Type",
-                "Accept",
-                "Content-Encoding",
-                "Accept-Encoding",
-                "Expect",
-                "Connection",
-            ]  # fmt: skip
-        ),
+        st.sampled_from(NAMED_HEADERS),
         header_value,
     ),
     st.tuples(st.from_regex(r"\AX-[A-Za-z0-9-]{1,20}\Z"), header_value),

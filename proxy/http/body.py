@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.core.errors import BodyTooLarge, InvalidRequest
+from proxy.http.server import GuardedHandler
 
 MAX_DEPTH = 64  # deeper than any real chat request; far below orjson's own limit of 254
 ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
@@ -64,6 +65,7 @@ async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
         "raise `max_body_bytes` in the config if this is expected."
     )
     if not coding and request.content_length is not None and request.content_length > limit:
+        _abandon(request)
         raise too_large
     raw = bytearray()
     try:
@@ -71,17 +73,26 @@ async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
             while chunk := await request.content.readany():
                 raw += chunk
                 if len(raw) > limit:
+                    _abandon(request)
                     raise too_large
     except TimeoutError:
+        _abandon(request)
         raise RequestTimeout(
             f"The request body did not arrive within {timeout_s:g} s (server.body_timeout_s)."
         ) from None
     except (HttpProcessingError, RequestPayloadError) as exc:
+        _abandon(request)
         # A body that does not decode as its Content-Encoding says, or a broken chunked encoding.
         cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
         reason = getattr(cause, "message", "") or str(cause)
         raise InvalidRequest(f"The request body could not be read: {_clip(reason)}", code="invalid_body") from None
     return bytes(raw)
+
+
+def _abandon(request: web.Request) -> None:
+    """The rest of this body is not worth reading: the connection closes after the answer."""
+    if isinstance(request.protocol, GuardedHandler):
+        request.protocol.close_after_response()
 
 
 def check_headers(headers: Mapping[str, str]) -> None:

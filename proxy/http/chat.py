@@ -114,7 +114,7 @@ class ChatHandler:
                     await self._accountant.settle(record, reservation, policy)
                     return response
             if features.stream:
-                streamed = await runtime.executor.run(plan, body, _open_stream)
+                streamed = await runtime.executor.run(plan, body, _open_stream, client_key.name)
                 headers = self._answered(record, request_id, plan, streamed.target, streamed.attempts, admission)
                 if cache_key is not None:
                     headers["x-proxy-cache"] = "miss"
@@ -128,7 +128,7 @@ class ChatHandler:
                         store(cache, cache_key, record, completion, self._accountant.now(), self._background)
 
                 return await relay(request, streamed.result, headers, record, started, finish, assembler)
-            answer = await runtime.executor.run(plan, body, _complete)
+            answer = await runtime.executor.run(plan, body, _complete, client_key.name)
             headers = self._answered(record, request_id, plan, answer.target, answer.attempts, admission)
             if cache_key is not None:
                 headers["x-proxy-cache"] = "miss"
@@ -169,8 +169,8 @@ class ChatHandler:
         record.status = 200
         return headers
 
-    def _blocked(self, runtime: Runtime, now: float) -> BlockView | None:
-        open_breakers = self._breakers.active(now)
+    def _blocked(self, runtime: Runtime, now: float, client: str | None) -> BlockView | None:
+        open_breakers = self._breakers.active(now, client)
         limited = self._ratelimits.active(now)
         if runtime.keyless or open_breakers or limited:
             return BlockView(runtime.keyless, open_breakers, limited)
@@ -179,7 +179,7 @@ class ChatHandler:
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
-            return admit(runtime.policy, key, model, features, self._blocked(runtime, now), now)
+            return admit(runtime.policy, key, model, features, self._blocked(runtime, now, key), now)
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
 
@@ -196,7 +196,7 @@ class ChatHandler:
                 body,
                 request.headers,
                 key=client_key.name,
-                blocked=self._blocked(runtime, now),
+                blocked=self._blocked(runtime, now, client_key.name),
                 now=now,
             )
         except UnknownModel as exc:

@@ -190,6 +190,7 @@ class GuardedHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._refused = False
+        self._close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -216,6 +217,11 @@ class GuardedHandler(RequestHandler):
         if data and not self._busy and self._header_timer is None:
             self._arm(self._guard.limits().header_timeout_s)  # the first byte of the next request
         super().data_received(data)
+
+    def close_after_response(self) -> None:
+        """The request's body was abandoned (too slow, too large, broken): close the connection once
+        the answer is out, instead of draining what is left of the body for up to lingering_time."""
+        self._close_after = True
 
     def drop(self) -> None:
         """Closed to make room for a new connection (it had no request in progress)."""
@@ -263,7 +269,10 @@ class GuardedHandler(RequestHandler):
                 return web.Response(status=exc.status, body=body, headers=headers)
 
         try:
-            return await super()._handle_request(request, start_time, answered)
+            answer = await super()._handle_request(request, start_time, answered)
+            if self._close_after:
+                self.force_close()  # the answer is written; the transport sends it before closing
+            return answer
         finally:
             self._busy = False
             if self in self._guard.live:

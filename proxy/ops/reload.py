@@ -172,6 +172,9 @@ class Reloader:
             previous=previous,
         )
         self._runtimes.swap(runtime)
+        # Upstream-imposed blocks were capped by the old config's retry.max_block_s; an operator
+        # who reloads wants every member given its chance again.
+        lifted = self._state.ratelimits.clear()
         if prepared.rebase is not None:
             self._state.counters.rebase(*prepared.rebase)
         if config.logging.level != previous.config.logging.level:
@@ -190,11 +193,12 @@ class Reloader:
         for warning in warnings:
             log.warning("config reload: %s", warning)
         log.info(
-            "config reloaded from %s (%s): %d virtual models; applied: %s",
+            "config reloaded from %s (%s): %d virtual models; applied: %s%s",
             self.path,
             status.last_trigger,
             len(config.models),
             ", ".join(prepared.applied) or "nothing changed",
+            f"; lifted the rate-limit blocks of {', '.join(str(t) for t in lifted)}" if lifted else "",
         )
 
     def _failed(self, errors: list[str]) -> ReloadStatus:

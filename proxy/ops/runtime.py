@@ -157,10 +157,15 @@ def build_runtime(
             and previous.config.upstreams.get(name) == upstream
             and reusable.api_key == key
             and previous.config.rate_limits == config.rate_limits
+            and previous.config.retry.max_block_s == config.retry.max_block_s
         ):
             clients[name] = reusable
         else:
-            observe = functools.partial(state.ratelimits.observe_response, warn_below=config.rate_limits.warn_below)
+            observe = functools.partial(
+                state.ratelimits.observe_response,
+                warn_below=config.rate_limits.warn_below,
+                max_block_s=config.retry.max_block_s,
+            )
             clients[name] = UpstreamClient(name, upstream, key, observe=observe)
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")

@@ -39,7 +39,7 @@ async def blocks(http) -> list[dict]:
 
 
 async def test_a_retry_after_of_1e9_blocks_for_max_block_s_at_most(live, emulator):
-    proxy, http, clock = live
+    _, http, clock = live
     emulator.state.faults.set(MISTRAL, Fault(status=429, retry_after=1e9, times=1))
     status, headers, _ = await chat(http)
     assert status == 200 and f"{MISTRAL}=http_429 {LLAMA}=ok" in headers["x-proxy-route"]
@@ -78,7 +78,7 @@ async def test_a_reload_lifts_the_blocks(live, emulator):
 
 
 async def test_admin_unblock_lifts_blocks_and_open_breakers(live, emulator):
-    proxy, http, _ = live
+    _, http, _ = live
     emulator.state.faults.set(MISTRAL, Fault(status=503))
     for _ in range(3):  # three distinct requests fail on it: its breaker opens
         await chat(http)

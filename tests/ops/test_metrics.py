@@ -252,6 +252,8 @@ keys:
 metrics: {key_env: SCRAPER_KEY}
 """
 SCRAPER = "scraper-secret"
+KEYED_ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
+KEYED_ENV["SCRAPER_KEY"] = SCRAPER
 DIRECT_SLUGS = (
     "meta-llama/llama-3.3-70b-instruct",
     "qwen/qwen-2.5-coder-32b-instruct",

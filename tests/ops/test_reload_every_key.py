@@ -450,7 +450,7 @@ async def idle_connection_evicted(live: Live) -> None:
 
 
 async def second_connection_refused(live: Live) -> None:
-    first_reader, first_writer = await raw_connection(live)
+    _, first_writer = await raw_connection(live)
     await asyncio.sleep(0.05)
     reader, writer = await raw_connection(live)
     answer = await closed_within(reader, 2)

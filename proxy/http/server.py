@@ -9,9 +9,10 @@ descriptors until none are left for anyone else. `GuardedServer` makes each conn
 * a header deadline (`server.header_timeout_s`) from the connection's accept, or from the first
   byte of the next request on a kept-alive connection, to the end of the headers;
 * a cap on open connections (`server.max_connections`, kept below the process's file limit): at
-  the cap, the connection that has waited longest without a request in progress is closed for the
-  new one, so slow clients cannot lock a prompt one out; only when every connection is busy with a
-  request does the new one get a 503;
+  the cap, a connection without a request in progress is closed for the new one (the oldest of
+  those that never completed a request first, then the longest idle), so slow clients cannot lock
+  a prompt one out, and a client whose kept-alive connection has served it keeps it; only when
+  every connection is busy with a request does the new one get a 503;
 * an optional cap per client address (`server.max_connections_per_client`): a 429 past it.
 
 The limits come from the config snapshot serving when a connection opens, so a reload applies to
@@ -115,7 +116,10 @@ class GuardedServer(web.Server):
         self.limits = limits
         self.soft_file_limit = raise_file_limit()
         self.live: set[GuardedHandler] = set()
-        self.waiting: dict[GuardedHandler, None] = {}  # connections with no request in progress, oldest first
+        # Connections with no request in progress, oldest first: those that never completed a request
+        # (closed first at the cap), and kept-alive ones between requests.
+        self.fresh: dict[GuardedHandler, None] = {}
+        self.waiting: dict[GuardedHandler, None] = {}
         self.per_peer: dict[str, int] = {}
         self.refused = 0
         self.evicted = 0
@@ -151,7 +155,7 @@ class GuardedServer(web.Server):
                 "too_many_connections",
             )
         if len(self.live) >= connection_cap(limits.max_connections, self.soft_file_limit):
-            if not self.waiting:
+            if not self.fresh and not self.waiting:
                 self.refused += 1
                 return _raw_answer(
                     503,
@@ -160,11 +164,11 @@ class GuardedServer(web.Server):
                     "busy; retry shortly.",
                     "too_many_connections",
                 )
-            oldest = next(iter(self.waiting))
+            oldest = next(iter(self.fresh or self.waiting))
             self.evicted += 1
             oldest.drop()
         self.live.add(handler)
-        self.waiting[handler] = None
+        self.fresh[handler] = None
         self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
         return None
 
@@ -172,6 +176,7 @@ class GuardedServer(web.Server):
         if handler not in self.live:
             return
         self.live.discard(handler)
+        self.fresh.pop(handler, None)
         self.waiting.pop(handler, None)
         left = self.per_peer.get(peer, 1) - 1
         if left > 0:
@@ -246,6 +251,7 @@ class GuardedHandler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         self._disarm()
         self._busy = True
+        self._guard.fresh.pop(self, None)
         self._guard.waiting.pop(self, None)
 
         async def answered(request: BaseRequest) -> web.StreamResponse:

@@ -16,7 +16,9 @@ import orjson
 from aiohttp import web
 
 from proxy.cli.ops import register as register_ops
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, ConfigMissing, load_config, parse_config
+
+EXAMPLE_CONFIG = "config.example.yaml"  # in proxy/data: what `orproxy init` writes
 
 log = logging.getLogger("orproxy")
 
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    init = sub.add_parser("init", help="write the example config (commented) to start from")
+    init.add_argument("path", nargs="?", default="config.yaml", help="where to write it (default: %(default)s)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(run=_init)
+
     check = sub.add_parser("check", help="validate a config file without starting anything")
     check.add_argument("config", nargs="?", default="config.yaml")
     check.set_defaults(run=_check)
@@ -72,11 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=("model", "virtual", "key"), default="model")
     report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument(
+        "--demo", action="store_true", help="read the ledger `serve --demo` keeps apart (demo-<ledger.path>)"
+    )
     report.set_defaults(run=_report)
 
+    from proxy.emulator.__main__ import add_arguments as emulator_arguments
+
     emulator = sub.add_parser("emulator", help="run the OpenRouter emulator on its own")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=9000)
+    emulator_arguments(emulator)
     emulator.set_defaults(run=_emulator)
     register_ops(sub)
     return parser
@@ -85,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str) -> Config | None:
     try:
         return load_config(path)
+    except ConfigMissing:
+        print(
+            f"orproxy: there is no config file at {path}; write the commented example there with "
+            f"`orproxy init {path}`, or point --config at yours",
+            file=sys.stderr,
+        )
+        return None
     except ConfigError as exc:
         print(
             f"orproxy: the config is invalid ({len(exc.issues)} problem{'s' * (len(exc.issues) != 1)}):",
@@ -187,8 +205,40 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def example_config_text() -> str:
+    from importlib import resources
+
+    return (resources.files("proxy") / "data" / EXAMPLE_CONFIG).read_text(encoding="utf-8")
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"orproxy: {path} exists already; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(example_config_text(), encoding="utf-8")
+    except OSError as exc:
+        print(f"orproxy: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: edit it, then `orproxy serve --config {path}` (or try `--demo` first, no key needed)")
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> Config | None:
+    """The config to serve. In demo mode without a config file (outside a checkout, after `pip
+    install`), the packaged example, with its data paths under the working directory."""
+    if args.demo and args.config == "config.yaml" and not Path(args.config).exists():
+        from proxy.config import resolve_paths
+
+        log.warning("no config.yaml here: the demo runs on the packaged example (`orproxy init` writes it out)")
+        return resolve_paths(parse_config(example_config_text(), f"<packaged {EXAMPLE_CONFIG}>"), Path.cwd())
+    return _load(args.config)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _serve_config(args)
     if config is None:
         return 1
     _setup_logging(config)
@@ -211,20 +261,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         from proxy.ops.demo import start_demo
 
-        config, env = loop.run_until_complete(start_demo(config))
+        config, env = loop.run_until_complete(start_demo(config, os.environ))
     from proxy.http.app import StartupError, create_app
 
     app = create_app(config, env=env, config_path=None if args.demo else args.config)
     app.on_startup.append(_freeze_heap)
+    served = config
 
     def announce() -> None:  # called once the socket is bound, not before
         log.info(
             "orproxy listening on http://%s:%d/v1 (%d virtual models: %s)",
             listen.host,
             listen.port,
-            len(config.models),
-            ", ".join(config.models),
+            len(served.models),
+            ", ".join(served.models),
         )
+        for line in startup_lines(served):
+            log.info("%s", line)
 
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
@@ -240,6 +293,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     log.info("orproxy stopped")
     return 0
+
+
+def startup_lines(config: Config) -> list[str]:
+    """What a newcomer needs to see once: where the data goes, and what kind each upstream is."""
+    lines = [f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")]
+    for name, upstream in config.upstreams.items():
+        kind, why = upstream.inferred_kind(name)
+        lines.append(f"upstream {name!r}: {upstream.base_url}, kind {kind} ({why})")
+    return lines
 
 
 def listen_problem(host: str, port: int, exc: OSError) -> str:
@@ -278,9 +340,17 @@ def _report(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    path = Path(args.ledger or config.ledger.path)
+    from proxy.ops.demo import demo_path
+
+    path = Path(args.ledger or (demo_path(config.ledger.path) if args.demo else config.ledger.path))
     if not path.exists():
-        print(f"orproxy: no ledger at {path} yet (it is created when the proxy first serves)", file=sys.stderr)
+        demo = Path(demo_path(config.ledger.path))
+        hint = (
+            f"; only the demo has run here, and it keeps its spend apart in {demo}: `orproxy report --demo`"
+            if not args.demo and not args.ledger and demo.exists()
+            else " (it is created when the proxy first serves)"
+        )
+        print(f"orproxy: no ledger at {path} yet{hint}", file=sys.stderr)
         return 1
     report = asyncio.run(_build_report(path, config, args.period, args.by))
     if args.json:
@@ -307,7 +377,6 @@ async def _build_report(path: Path, config: Config, period: str, by: str) -> dic
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    from proxy.emulator.__main__ import main as emulator_main
+    from proxy.emulator.__main__ import run
 
-    emulator_main(["--host", args.host, "--port", str(args.port)])
-    return 0
+    return run(args)

@@ -1,6 +1,6 @@
 """config.yaml to frozen, validated objects; errors name the file, line and key path."""
 
-from proxy.config.loader import ConfigError, config_json_schema, load_config, parse_config
+from proxy.config.loader import ConfigError, ConfigMissing, config_json_schema, load_config, parse_config, resolve_paths
 from proxy.config.schema import (
     DEFAULT_UPSTREAM,
     Admin,
@@ -35,6 +35,7 @@ __all__ = [
     "ChainMember",
     "Config",
     "ConfigError",
+    "ConfigMissing",
     "Cooldown",
     "DowngradeStep",
     "Ledger",
@@ -55,4 +56,5 @@ __all__ = [
     "format_path",
     "load_config",
     "parse_config",
+    "resolve_paths",
 ]

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
 from proxy.cache.response_cache import CacheSlot, ResponseCache
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config, resolve_paths
 from proxy.core.budget import BudgetCalendar
 from proxy.money.accounting import Accountant, recorded_spend
 from proxy.money.catalogue import CatalogueSource, catalogue_warnings, load_catalogue_source
@@ -93,6 +93,7 @@ class Reloader:
         cache_path: Path | None = None,
     ) -> None:
         self.path = path
+        config = resolve_paths(config, path.parent)  # as the file will load: relative data paths resolved
         self._booted = config  # what the restart-only keys still are
         self._cache_path_in_use = config.cache.path if config.cache.enabled else None
         self._env = env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -122,6 +123,7 @@ def test_cli_explain_agrees_with_the_config(tmp_path):
         text=True,
         timeout=60,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's package, whatever the venv installed
     )
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)

@@ -232,7 +232,10 @@ def _serve_config(args: argparse.Namespace) -> Config | None:
     if args.demo and args.config == "config.yaml" and not Path(args.config).exists():
         from proxy.config import resolve_paths
 
-        log.warning("no config.yaml here: the demo runs on the packaged example (`orproxy init` writes it out)")
+        print(
+            "orproxy: no config.yaml here: the demo runs on the packaged example (`orproxy init` writes it out)",
+            file=sys.stderr,
+        )
         return resolve_paths(parse_config(example_config_text(), f"<packaged {EXAMPLE_CONFIG}>"), Path.cwd())
     return _load(args.config)
 
@@ -258,6 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     env: Mapping[str, str] = os.environ
+    kinds = kind_lines(config)  # as configured: the demo points every upstream at the emulator
     if args.demo:
         from proxy.ops.demo import start_demo
 
@@ -276,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
             len(served.models),
             ", ".join(served.models),
         )
-        for line in startup_lines(served):
+        for line in [data_line(served), *kinds]:
             log.info("%s", line)
 
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
@@ -295,9 +299,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def startup_lines(config: Config) -> list[str]:
-    """What a newcomer needs to see once: where the data goes, and what kind each upstream is."""
-    lines = [f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")]
+def data_line(config: Config) -> str:
+    """Where the data goes (paths resolved against the config's folder): said once at start-up."""
+    return f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
+
+
+def kind_lines(config: Config) -> list[str]:
+    """What kind each upstream is, and why: said once at start-up."""
+    lines = []
     for name, upstream in config.upstreams.items():
         kind, why = upstream.inferred_kind(name)
         lines.append(f"upstream {name!r}: {upstream.base_url}, kind {kind} ({why})")

@@ -202,7 +202,7 @@ def snapshot_warnings(runtime: Runtime) -> list[str]:
     ]
     if config.admin.key_env and runtime.admin_key is None:
         warnings.append(f"admin routes are off: the environment variable {config.admin.key_env} is not set")
-    if config.metrics.key_env and runtime.metrics_key is None:
+    if config.keys and config.metrics.key_env and runtime.metrics_key is None:
         warnings.append(f"metrics.key_env names {config.metrics.key_env}, which is not set")
     if config.keys and runtime.admin_key is None and runtime.metrics_key is None:
         warnings.append(

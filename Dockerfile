@@ -14,10 +14,12 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN pip install . && rm -rf /tmp/build
 
-# The ledger is written under the working directory (ledger.path defaults to data/ledger.sqlite3);
-# the directory exists and is owned by the user before the volume is mounted, so a named volume inherits it.
+# Relative data paths resolve against the config's folder: data/ledger.sqlite3 of the mounted
+# /etc/orproxy/config.yaml is /etc/orproxy/data, a link to the volume's /var/lib/orproxy/data. The
+# directory exists and is owned by the user before the volume is mounted, so a named volume inherits it.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/orproxy --shell /usr/sbin/nologin orproxy \
     && mkdir -p /var/lib/orproxy/data /etc/orproxy \
+    && ln -s /var/lib/orproxy/data /etc/orproxy/data \
     && chown -R orproxy:orproxy /var/lib/orproxy
 WORKDIR /var/lib/orproxy
 USER orproxy

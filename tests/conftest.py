@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,16 @@ import pytest
 from proxy.config import parse_config
 from proxy.emulator import create_emulator_app
 from proxy.http.app import create_app
-from tests.support.gateway import SPEC, UPSTREAM_KEY, Emulator, Proxy, ProxyFactory, Schemas, proxy_config_text
+from tests.support.gateway import (
+    SPEC,
+    UPSTREAM_KEY,
+    Emulator,
+    Proxy,
+    ProxyFactory,
+    ProxyTestServer,
+    Schemas,
+    proxy_config_text,
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +37,7 @@ async def emulator(aiohttp_server) -> Emulator:
 
 
 @pytest.fixture
-async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
+async def make_proxy(emulator, tmp_path) -> AsyncIterator[ProxyFactory]:
     async def make(
         body: str = "",
         *,
@@ -59,10 +68,15 @@ async def make_proxy(aiohttp_server, emulator, tmp_path) -> ProxyFactory:
             reconcile_schedule=reconcile_schedule,
             **({"clock": clock} if clock else {}),
         )
-        server = await aiohttp_server(app)  # TestServer cancels handlers on disconnect, like `orproxy serve`
+        server = ProxyTestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
         return Proxy(server, app, config)
 
-    return make
+    servers: list[ProxyTestServer] = []
+    yield make
+    while servers:
+        await servers.pop().close()
 
 
 @pytest.fixture

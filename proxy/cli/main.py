@@ -17,10 +17,12 @@ import orjson
 from aiohttp import web
 
 from proxy.cli.ops import register as register_ops
-from proxy.config import Config, ConfigError, load_config, located_error
+from proxy.config import Config, ConfigError, ConfigMissing, load_config, located_error, parse_config
 
 if TYPE_CHECKING:
     from proxy.money.catalogue import CatalogueSource
+
+EXAMPLE_CONFIG = "config.example.yaml"  # in proxy/data: what `orproxy init` writes
 
 log = logging.getLogger("orproxy")
 
@@ -52,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    init = sub.add_parser("init", help="write the example config (commented) to start from")
+    init.add_argument("path", nargs="?", default="config.yaml", help="where to write it (default: %(default)s)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(run=_init)
+
     check = sub.add_parser("check", help="validate a config file without starting anything")
     check.add_argument("config", nargs="?", default="config.yaml")
     check.set_defaults(run=_check)
@@ -76,11 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--by", choices=("model", "virtual", "key"), default="model")
     report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument(
+        "--demo", action="store_true", help="read the ledger `serve --demo` keeps apart (demo-<ledger.path>)"
+    )
     report.set_defaults(run=_report)
 
+    from proxy.emulator.__main__ import add_arguments as emulator_arguments
+
     emulator = sub.add_parser("emulator", help="run the OpenRouter emulator on its own")
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=9000)
+    emulator_arguments(emulator)
     emulator.set_defaults(run=_emulator)
     register_ops(sub)
     return parser
@@ -89,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str) -> Config | None:
     try:
         return load_config(path)
+    except ConfigMissing:
+        print(
+            f"orproxy: there is no config file at {path}; write the commented example there with "
+            f"`orproxy init {path}`, or point --config at yours",
+            file=sys.stderr,
+        )
+        return None
     except ConfigError as exc:
         _print_invalid(exc)
         return None
@@ -105,7 +123,10 @@ def _print_invalid(exc: ConfigError) -> None:
 
 def _load_priced(path: str) -> tuple[Config, CatalogueSource] | None:
     """The config and its price catalogue, or None (said on stderr) when either refuses the other."""
-    config = _load(path)
+    return _priced(_load(path), path)
+
+
+def _priced(config: Config | None, path: str) -> tuple[Config, CatalogueSource] | None:
     if config is None:
         return None
     from proxy.money.catalogue import catalogue_errors, load_catalogue_source
@@ -210,8 +231,43 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def example_config_text() -> str:
+    from importlib import resources
+
+    return (resources.files("proxy") / "data" / EXAMPLE_CONFIG).read_text(encoding="utf-8")
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"orproxy: {path} exists already; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(example_config_text(), encoding="utf-8")
+    except OSError as exc:
+        print(f"orproxy: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}: edit it, then `orproxy serve --config {path}` (or try `--demo` first, no key needed)")
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> Config | None:
+    """The config to serve. In demo mode without a config file (outside a checkout, after `pip
+    install`), the packaged example, with its data paths under the working directory."""
+    if args.demo and args.config == "config.yaml" and not Path(args.config).exists():
+        from proxy.config import resolve_paths
+
+        print(
+            "orproxy: no config.yaml here: the demo runs on the packaged example (`orproxy init` writes it out)",
+            file=sys.stderr,
+        )
+        return resolve_paths(parse_config(example_config_text(), f"<packaged {EXAMPLE_CONFIG}>"), Path.cwd())
+    return _load(args.config)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    loaded = _load_priced(args.config)
+    loaded = _priced(_serve_config(args), args.config)
     if loaded is None:
         return 1
     config = loaded[0]
@@ -232,45 +288,70 @@ def _serve(args: argparse.Namespace) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     env: Mapping[str, str] = os.environ
+    kinds = kind_lines(config)  # as configured: the demo points every upstream at the emulator
     if args.demo:
         from proxy.ops.demo import start_demo
 
-        config, env = loop.run_until_complete(start_demo(config))
+        config, env = loop.run_until_complete(start_demo(config, os.environ))
     from proxy.http.app import StartupError, create_app
 
     app = create_app(config, env=env, config_path=None if args.demo else args.config)
     app.on_startup.append(_freeze_heap)
+    served = config
 
-    def announce(_aiohttp_banner: str) -> None:  # called once the socket is bound, not before
+    def announce() -> None:  # called once the socket is bound, not before
         log.info(
             "orproxy listening on http://%s:%d/v1 (%d virtual models: %s)",
             listen.host,
             listen.port,
-            len(config.models),
-            ", ".join(config.models),
+            len(served.models),
+            ", ".join(served.models),
         )
+        for line in [data_line(served), *kinds]:
+            log.info("%s", line)
 
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
+    from proxy.http.server import run
+
     try:
-        web.run_app(
-            app,
-            host=listen.host,
-            port=listen.port,
-            access_log=None,
-            handler_cancellation=True,
-            print=announce,
-            loop=loop,
-            shutdown_timeout=config.shutdown_timeout_s,
-        )
+        run(app, listen.host, listen.port, shutdown_timeout=config.shutdown_timeout_s, loop=loop, on_bound=announce)
     except StartupError as exc:
         print(f"orproxy: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the port is taken, or the address is not this machine's
-        print(f"orproxy: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"orproxy: {listen_problem(listen.host, listen.port, exc)}", file=sys.stderr)
         return 1
     log.info("orproxy stopped")
     return 0
+
+
+def data_line(config: Config) -> str:
+    """Where the data goes (paths resolved against the config's folder): said once at start-up."""
+    return f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
+
+
+def kind_lines(config: Config) -> list[str]:
+    """What kind each upstream is, and why: said once at start-up."""
+    lines = []
+    for name, upstream in config.upstreams.items():
+        kind, why = upstream.inferred_kind(name)
+        lines.append(f"upstream {name!r}: {upstream.base_url}, kind {kind} ({why})")
+    return lines
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """One line for a socket that cannot be bound, with what to do about it."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port}: the port is already in use; "
+            "stop what holds it, or pick another with --port"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}:{port}: the address is not one of this machine's; pick another with --host"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -295,9 +376,17 @@ def _report(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    path = Path(args.ledger or config.ledger.path)
+    from proxy.ops.demo import demo_path
+
+    path = Path(args.ledger or (demo_path(config.ledger.path) if args.demo else config.ledger.path))
     if not path.exists():
-        print(f"orproxy: no ledger at {path} yet (it is created when the proxy first serves)", file=sys.stderr)
+        demo = Path(demo_path(config.ledger.path))
+        hint = (
+            f"; only the demo has run here, and it keeps its spend apart in {demo}: `orproxy report --demo`"
+            if not args.demo and not args.ledger and demo.exists()
+            else " (it is created when the proxy first serves)"
+        )
+        print(f"orproxy: no ledger at {path} yet{hint}", file=sys.stderr)
         return 1
     report = asyncio.run(_build_report(path, config, args.period, args.by))
     if args.json:
@@ -324,7 +413,6 @@ async def _build_report(path: Path, config: Config, period: str, by: str) -> dic
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    from proxy.emulator.__main__ import main as emulator_main
+    from proxy.emulator.__main__ import run
 
-    emulator_main(["--host", args.host, "--port", str(args.port)])
-    return 0
+    return run(args)

@@ -1,6 +1,14 @@
 """config.yaml to frozen, validated objects; errors name the file, line and key path."""
 
-from proxy.config.loader import ConfigError, config_json_schema, load_config, located_error, parse_config
+from proxy.config.loader import (
+    ConfigError,
+    ConfigMissing,
+    config_json_schema,
+    load_config,
+    located_error,
+    parse_config,
+    resolve_paths,
+)
 from proxy.config.schema import (
     DEFAULT_UPSTREAM,
     Admin,
@@ -13,12 +21,14 @@ from proxy.config.schema import (
     Ledger,
     Listen,
     Logging,
+    MetricsEndpoint,
     PriceOverride,
     Pricing,
     ProxyKey,
     RateLimitPolicy,
     Retry,
     Rule,
+    Server,
     Upstream,
     VirtualModel,
     When,
@@ -33,17 +43,20 @@ __all__ = [
     "ChainMember",
     "Config",
     "ConfigError",
+    "ConfigMissing",
     "Cooldown",
     "DowngradeStep",
     "Ledger",
     "Listen",
     "Logging",
+    "MetricsEndpoint",
     "PriceOverride",
     "Pricing",
     "ProxyKey",
     "RateLimitPolicy",
     "Retry",
     "Rule",
+    "Server",
     "SourceIssue",
     "Upstream",
     "VirtualModel",
@@ -53,4 +66,5 @@ __all__ = [
     "load_config",
     "located_error",
     "parse_config",
+    "resolve_paths",
 ]

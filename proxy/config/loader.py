@@ -193,13 +193,22 @@ def config_json_schema() -> dict[str, Any]:
     return schema
 
 
+class ConfigMissing(ConfigError):
+    """There is no file at the path given: not an invalid config, a missing one."""
+
+
 def load_config(path: str | FsPath) -> Config:
+    """Read, validate, and resolve the relative data paths (`ledger.path`, `cache.path`,
+    `pricing.catalogue`) against the config file's folder, not the working directory: the proxy
+    writes to the same place wherever it is started from."""
     fs_path = FsPath(path)
     try:
         text = fs_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigMissing(str(fs_path), [SourceIssue((), "there is no config file here")]) from None
     except OSError as exc:
         raise ConfigError(str(fs_path), [SourceIssue((), f"cannot read the config file: {exc.strerror}")]) from None
-    return parse_config(text, str(fs_path))
+    return resolve_paths(parse_config(text, str(fs_path)), fs_path.parent)
 
 
 def located_error(path: str | FsPath, issues: list[SourceIssue]) -> ConfigError:
@@ -211,3 +220,22 @@ def located_error(path: str | FsPath, issues: list[SourceIssue]) -> ConfigError:
     except (OSError, YamlSyntaxError):
         return ConfigError(str(fs_path), issues)
     return ConfigError(str(fs_path), [_with_line(issue, doc) for issue in issues])
+
+
+def resolve_paths(config: Config, base: FsPath) -> Config:
+    """`config` with its relative file paths made absolute against `base`."""
+
+    def resolved(value: str) -> str:
+        path = FsPath(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    pricing = config.pricing
+    return config.model_copy(
+        update={
+            "ledger": config.ledger.model_copy(update={"path": resolved(config.ledger.path)}),
+            "cache": config.cache.model_copy(update={"path": resolved(config.cache.path)}),
+            "pricing": pricing.model_copy(
+                update={"catalogue": resolved(pricing.catalogue) if pricing.catalogue else None}
+            ),
+        }
+    )

@@ -45,9 +45,22 @@ class Upstream(_Frozen):
 
     @property
     def flavour(self) -> str:
+        """The kind when no upstream name is at hand; `kind_for` is what the proxy uses."""
+        return self.kind_for("")
+
+    def kind_for(self, name: str) -> str:
+        return self.inferred_kind(name)[0]
+
+    def inferred_kind(self, name: str) -> tuple[str, str]:
+        """(kind, why): set in the config, else `openrouter` for an upstream named so (a mirror or a
+        local stand-in keeps OpenRouter's fields) or whose URL says so, else `openai`."""
         if self.kind is not None:
-            return self.kind
-        return "openrouter" if "openrouter" in self.base_url else "openai"
+            return self.kind, "set in the config"
+        if name == DEFAULT_UPSTREAM:
+            return "openrouter", "inferred from its name"
+        if "openrouter" in self.base_url.lower():
+            return "openrouter", "inferred from its URL"
+        return "openai", "inferred: neither its name nor its URL says openrouter"
 
 
 def _member_shorthand(value: Any) -> Any:
@@ -128,6 +141,9 @@ class Retry(_Frozen):
     backoff_s: float = Field(0.2, ge=0)
     backoff_max_s: float = Field(5.0, ge=0)
     max_retry_after_s: float = Field(10.0, ge=0)
+    # The longest an upstream may keep a member blocked (Retry-After, rate-limit resets): one
+    # `Retry-After: 1e9` must not take a model away until a restart.
+    max_block_s: float = Field(3600.0, gt=0)
     cooldown: Cooldown = Cooldown()
 
 
@@ -219,6 +235,26 @@ class RateLimitPolicy(_Frozen):
     warn_below: float = Field(0.1, ge=0, le=1)  # log a warning when an upstream's remaining falls under this share
 
 
+class Server(_Frozen):
+    """Limits on client connections: a slow or greedy client must not starve the others."""
+
+    # From accepting a connection (or the first byte of the next request on a kept-alive one) to the
+    # end of the request's headers; past it the connection is closed.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)  # reading a request's whole body, once its headers are in: else 408
+    keepalive_timeout_s: float = Field(75.0, gt=0)  # an idle kept-alive connection is closed after this
+    # Open client connections at once (capped below the process's file limit at start-up). At the cap,
+    # the connection that has waited longest without a request is closed for the new one; when every
+    # connection is busy with a request, the new one gets a 503.
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_client: int | None = Field(None, ge=1)  # per client IP address; None: no cap
+
+
+class MetricsEndpoint(_Frozen):
+    # With client keys configured, GET /metrics needs the admin key or this one (a scraper's key).
+    key_env: str | None = None
+
+
 class Logging(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
@@ -242,6 +278,8 @@ class Config(_Frozen):
     cache: Cache = Cache()
     rate_limits: RateLimitPolicy = RateLimitPolicy()
     admin: Admin = Admin()
+    server: Server = Server()
+    metrics: MetricsEndpoint = MetricsEndpoint()
 
     @field_validator("keys")
     @classmethod

@@ -31,8 +31,11 @@ class Refusal:
     def message(self, needed: float, now: float) -> str:
         budget = f"the {self.window} budget" + (f" of key '{self.scope}'" if self.scope else "")
         reset = datetime.fromtimestamp(self.resets_at, ZoneInfo("UTC")).strftime("%Y-%m-%d %H:%M UTC")
+        # "Exhausted" only when it is: otherwise it is this request's worst case that does not fit.
+        left = self.limit - self.spent - self.reserved
+        state = "is exhausted" if left <= 0 else f"has {_usd(left, 4)} left, less than this request's worst case"
         return (
-            f"Request refused: {budget} is exhausted. Spent {_usd(self.spent, 4)} of {_usd(self.limit, 2)}"
+            f"Request refused: {budget} {state}. Spent {_usd(self.spent, 4)} of {_usd(self.limit, 2)}"
             f" ({_usd(self.reserved, 4)} more reserved by requests in flight); this request may cost up to"
             f" {_usd(needed, 4)}. The budget resets at {reset} (in {_duration(self.resets_at - now)})."
         )

@@ -31,6 +31,10 @@ class ProxyError(Exception):
     type = "server_error"
     code: str | None = None
     request_id: str | None = None
+    # Set where they are known: the upstream attempts made before giving up (by the executor) and
+    # the proxy's answer headers (x-proxy-route, x-proxy-attempts, ...) by the handler.
+    attempts: tuple = ()
+    proxy_headers: dict[str, str] | None = None
 
     def __init__(
         self, message: str, *, code: str | None = None, param: str | None = None, retry_after: float | None = None

@@ -32,7 +32,8 @@ def explain(
     plan, step, estimate = budgeted_plan(policy, key, model, features, blocked, now)
     fraction = policy.book.fraction(key, now)
     worst = {
-        str(t): policy.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens) for t in plan.targets
+        str(t): usd(policy.prices.worst_case(t.model, features.prompt_tokens, features.max_tokens))
+        for t in plan.targets
     }
     refusal = policy.book.would_refuse(key, estimate, now)
     return {
@@ -48,8 +49,8 @@ def explain(
             else {
                 "budget": refusal.window,
                 "key": refusal.scope or None,
-                "spent_usd": refusal.spent,
-                "reserved_usd": refusal.reserved,
+                "spent_usd": usd(refusal.spent),
+                "reserved_usd": usd(refusal.reserved),
                 "limit_usd": refusal.limit,
                 "resets_at": refusal.resets_at,
                 "on_exhausted": policy.config.budget.on_exhausted,
@@ -62,9 +63,14 @@ def explain(
             {"model": t.model, "upstream": t.upstream, "reason": b.reason, "until": b.until, "detail": b.detail}
             for t, b in plan.skipped
         ],
-        "estimated_worst_case_usd": estimate,
+        "estimated_worst_case_usd": usd(estimate),
         "route": plan.describe(),
     }
+
+
+def usd(amount: float) -> float:
+    """Dollars to the nano-dollar (the ledger's own precision): 0.0150008, not 0.015000800000000002."""
+    return round(amount, 9)
 
 
 def _features(f: RequestFeatures) -> dict[str, Any]:

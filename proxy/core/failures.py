@@ -33,15 +33,24 @@ class Failure:
     status: int | None = None  # the upstream's HTTP status, None when no response came
     retry_after: float | None = None  # seconds, from Retry-After or the rate-limit reset
     code: str | None = None
+    names_input: bool = False  # the upstream's error points at the request (a `param`, "invalid ...")
 
     @property
     def counts_against_member(self) -> bool:
-        """Whether the circuit breaker should count it (client mistakes are not the model's fault)."""
-        return self.action in (Action.RETRY, Action.NEXT)
+        """Whether the circuit breaker may count it: client mistakes, and errors that blame the
+        request's own input, are not the model's fault (`proxy.core.breakers.blamed` decides the rest)."""
+        return self.action in (Action.RETRY, Action.NEXT) and not self.names_input
 
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 524, 529})
 CLIENT_STATUSES = frozenset({400, 413, 422})
+# An upstream error that says the request's input is at fault, whatever its status: one client's
+# malformed request must not count against a model's health for everyone.
+_NAMES_INPUT = re.compile(
+    r"\binvalid\b|\bmalformed\b|\bunsupported\b|could not (parse|decode|process (the|your) (input|request))|"
+    r"failed to (parse|decode|validate)|\bvalidation (error|failed)|\bschema\b|\bunparseable\b",
+    re.IGNORECASE,
+)
 _CONTEXT_LENGTH = re.compile(
     r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long", re.IGNORECASE
 )
@@ -62,7 +71,7 @@ def classify_status(
     if status == 402:
         return Failure(Action.OTHER_UPSTREAM, reason, message, status)
     if _is_retryable_by_body(error) or status in RETRYABLE_STATUSES or status >= 500:
-        return Failure(Action.RETRY, reason, message, status, retry_after, code)
+        return Failure(Action.RETRY, reason, message, status, retry_after, code, names_input(error, message))
     if code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message):
         return Failure(Action.NEXT, "context_length", message, status, None, code)
     if status in CLIENT_STATUSES:
@@ -70,6 +79,11 @@ def classify_status(
     # 403 (moderation of one provider), 404 (no endpoints for this model) and the rest:
     # another member may well serve the request.
     return Failure(Action.NEXT, reason, message, status, None, code)
+
+
+def names_input(error: Mapping[str, Any], message: str) -> bool:
+    """An error that names a parameter of the request, or says its input is invalid or malformed."""
+    return bool(error.get("param")) or bool(_NAMES_INPUT.search(message))
 
 
 def _is_retryable_by_body(error: Mapping[str, Any]) -> bool:

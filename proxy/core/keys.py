@@ -58,7 +58,8 @@ class KeyRing:
             raise Unauthorized(
                 "Missing API key: send `Authorization: Bearer <your proxy key>`.", code="missing_api_key"
             )
-        presented = hashlib.sha256(token.encode()).digest()
+        # surrogateescape: the bytes the client sent, even when they are not UTF-8 (aiohttp keeps them so)
+        presented = hashlib.sha256(token.encode(errors="surrogateescape")).digest()
         found = None
         for digest, client in self._entries:
             if hmac.compare_digest(presented, digest) and found is None:
@@ -75,4 +76,4 @@ def bearer_matches(authorization: str | None, secret: str) -> bool:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(token.strip().encode(), secret.encode())
+    return hmac.compare_digest(token.strip().encode(errors="surrogateescape"), secret.encode())

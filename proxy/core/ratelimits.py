@@ -37,27 +37,48 @@ _SIGNALS = ("X-RateLimit-Remaining", "x-ratelimit-remaining-requests", "x-rateli
 MAX_READINGS = 1024
 
 
+DEFAULT_MAX_BLOCK_S = 3600.0
+
+
 class RateLimits:
     """State only: the latest readings and the blocks they imply. `warn_below` (the config's
-    `rate_limits.warn_below`) comes with each call from the snapshot the request runs on."""
+    `rate_limits.warn_below`) and `max_block_s` (`retry.max_block_s`: no upstream may block a
+    member for longer) come with each call from the snapshot the request runs on."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._readings: dict[tuple[Target, str], Reading] = {}
         self._blocked: dict[Target, Block] = {}
         self._clock = clock
+        self._max_until = float("inf")  # now + retry.max_block_s, set by each observation
 
     def observe_response(
-        self, upstream: str, model: str, status: int, headers: Mapping[str, str], *, warn_below: float = 0.1
+        self,
+        upstream: str,
+        model: str,
+        status: int,
+        headers: Mapping[str, str],
+        *,
+        warn_below: float = 0.1,
+        max_block_s: float = DEFAULT_MAX_BLOCK_S,
     ) -> None:
         """The upstream clients' hook: a few header lookups when the response says nothing of limits."""
         if status != 429 and not any(name in headers for name in _SIGNALS):
             return
-        self.observe(Target(model, upstream), headers, status, self._clock(), warn_below=warn_below)
+        now = self._clock()
+        self.observe(Target(model, upstream), headers, status, now, warn_below=warn_below, max_block_s=max_block_s)
 
     def observe(
-        self, target: Target, headers: Mapping[str, str], status: int, now: float, *, warn_below: float = 0.1
+        self,
+        target: Target,
+        headers: Mapping[str, str],
+        status: int,
+        now: float,
+        *,
+        warn_below: float = 0.1,
+        max_block_s: float = DEFAULT_MAX_BLOCK_S,
     ) -> None:
         """Record what a response's headers say about the limits."""
+        self._max_until = now + max_block_s
         if "X-RateLimit-Remaining" in headers:
             self._record(
                 warn_below,
@@ -119,6 +140,8 @@ class RateLimits:
             )
 
     def _block(self, target: Target, until: float, detail: str) -> None:
+        if until > self._max_until:
+            until, detail = self._max_until, f"{detail} (capped by retry.max_block_s)"
         current = self._blocked.get(target)
         if current is None or (current.until or 0) < until:
             self._blocked[target] = Block("rate_limited", until, f"{detail} until reset")
@@ -131,6 +154,16 @@ class RateLimits:
 
     def readings(self) -> dict[tuple[Target, str], Reading]:
         return self._readings
+
+    def clear(self, model: str | None = None) -> list[Target]:
+        """Lift the blocks (of one model, or all) and forget their readings: a reload, or
+        `POST /admin/unblock`, gives every member its chance again at once."""
+        lifted = [t for t in self._blocked if model is None or t.model == model]
+        for target in lifted:
+            del self._blocked[target]
+        for key in [k for k in self._readings if model is None or k[0].model == model]:
+            del self._readings[key]
+        return lifted
 
 
 def _low(reading: Reading | None, warn_below: float) -> bool:

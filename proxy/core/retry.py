@@ -156,7 +156,10 @@ class RetryPolicy:
                 self._in_flight = target
                 return Call(target)
         self._index = len(targets)
-        return GiveUp(exhausted_error(self._plan, self.attempts, self._dead_upstreams, self._key_envs, now))
+        error = exhausted_error(self._plan, self.attempts, self._dead_upstreams, self._key_envs, now)
+        if error.retry_after is not None:  # an upstream's Retry-After of 1e9 is not passed on as it is
+            error.retry_after = min(error.retry_after, self._retry.max_block_s)
+        return GiveUp(error)
 
 
 def backoff_delay(retry: Retry, failure: Failure, number: int, jitter: Callable[[], float]) -> float | None:

@@ -232,7 +232,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if isinstance(model, web.Response):
         stats["errors"] += 1
         return model
-    fault = state.faults.take(model.id)
+    fault = state.faults.take(model.id, body)
     if body.get("stream") is True and (fault is None or fault.streams_normally):
         return await _stream(request, state, body, model, fault)
     if fault is not None and not fault.streams_normally:

@@ -109,6 +109,10 @@ def plan_reply(body: Mapping[str, Any], model: ModelInfo, call_id: str) -> Reply
     prompt = prompt_tokens(messages, body.get("tools") or body.get("functions"))
     echo = _echo(messages)
     tool = _chosen_tool(body)
+    if tool is not None and _answers_a_tool_result(messages) and body.get("tool_choice") in (None, "auto"):
+        # After a tool result a model answers in words (unless the request forces a call), so an
+        # agent loop driven through the emulator ends.
+        tool, echo = None, _tool_summary(messages[-1])
     if tool is not None:
         call = ToolCall(call_id, tool.get("name", "tool"), _arguments_for(tool.get("parameters")))
         size = len(call.name.encode()) + len(call.arguments.encode())
@@ -251,6 +255,17 @@ def _echo(messages: list[Any]) -> str:
                 tail = " ..." if len(words) > ECHO_WORDS else ""
                 return "You said: " + " ".join(words[:ECHO_WORDS]) + tail
     return "Hello! How can I help you today?"
+
+
+def _answers_a_tool_result(messages: list[Any]) -> bool:
+    last = messages[-1] if messages else None
+    return isinstance(last, dict) and last.get("role") in ("tool", "function")
+
+
+def _tool_summary(message: dict[str, Any]) -> str:
+    words = _text_of(message.get("content")).split()
+    tail = " ..." if len(words) > ECHO_WORDS else ""
+    return "The tool said: " + " ".join(words[:ECHO_WORDS]) + tail if words else "The tool returned nothing."
 
 
 def _chosen_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:

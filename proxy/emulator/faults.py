@@ -49,6 +49,8 @@ class Fault:
     midstream_error / drop_midstream: after `after_chunks` content chunks,
         send OpenRouter's error chunk / cut the connection.
     times: how many requests the fault applies to (None = until cleared).
+    when_prompt_contains: apply only to requests whose messages contain this
+        text (a provider that chokes on one kind of input, not on everyone's).
     """
 
     status: int | None = None
@@ -64,6 +66,7 @@ class Fault:
     drop_midstream: bool = False
     after_chunks: int = 0
     times: int | None = None
+    when_prompt_contains: str | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and not 400 <= self.status <= 599:
@@ -131,6 +134,11 @@ def fault_error(fault: Fault, provider: str, now_ms: int) -> tuple[int, dict[str
     return status, headers, error_body(code, message, metadata)
 
 
+def _prompt_text(body: Mapping[str, Any] | None) -> str:
+    messages = body.get("messages") if body is not None else None
+    return str(messages) if messages else ""
+
+
 @dataclass(slots=True)
 class _Armed:
     fault: Fault
@@ -156,13 +164,16 @@ class FaultPlan:
         else:
             self._armed.pop(model, None)
 
-    def take(self, model: str) -> Fault | None:
+    def take(self, model: str, body: Mapping[str, Any] | None = None) -> Fault | None:
         """The fault for this request to `model`, counting it as one use."""
         if not self._armed:  # the common, healthy case: one dict check
             return None
         key = model if model in self._armed else ANY_MODEL
         armed = self._armed.get(key)
         if armed is None:
+            return None
+        wanted = armed.fault.when_prompt_contains
+        if wanted is not None and wanted not in _prompt_text(body):
             return None
         if armed.remaining is not None:
             armed.remaining -= 1

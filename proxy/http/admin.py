@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.core.errors import InvalidRequest, ProxyError, ServiceUnavailable, Unauthorized
 from proxy.core.keys import bearer_matches
-from proxy.http.appkeys import ACCOUNTANT, RELOADER, RUNTIME
+from proxy.http.appkeys import ACCOUNTANT, RELOADER, RUNTIME, STATE
 from proxy.http.errors import not_found, openai_errors
 from proxy.money.reports import GROUPS, PERIODS, GroupBy, Period, spend_report
 from proxy.ops.runtime import Runtime
@@ -23,6 +23,7 @@ class AdminRoutes:
         router.add_get("/admin/spend", openai_errors(self.spend))
         router.add_get("/admin/status", openai_errors(self.status))
         router.add_post("/admin/reload", openai_errors(self.reload))
+        router.add_post("/admin/unblock", openai_errors(self.unblock))
 
     def _authorize(self, request: web.Request) -> Runtime:
         runtime = request.app[RUNTIME].current
@@ -67,6 +68,46 @@ class AdminRoutes:
                 name: {"kind": client.kind, "has_key": bool(client.api_key)} for name, client in runtime.clients.items()
             },
             "reload": reloader.status.as_dict() if reloader else None,
+            "blocks": self._blocks(request),
+        }
+        return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+    @staticmethod
+    def _blocks(request: web.Request) -> list[dict]:
+        """Members skipped right now: open breakers and upstream-imposed rate-limit blocks."""
+        state = request.app[STATE]
+        now = state.clock()
+        shown = []
+        for source, blocks in (("breaker", state.breakers.active(now)), ("rate_limit", state.ratelimits.active(now))):
+            for target, block in blocks.items():
+                owners = state.breakers.owners(target) if source == "breaker" else None
+                shown.append(
+                    {
+                        "model": target.model,
+                        "upstream": target.upstream,
+                        "source": source,
+                        "reason": block.reason,
+                        "detail": block.detail,
+                        "until": block.until,
+                        "seconds_left": None if block.until is None else round(block.until - now, 3),
+                        "keys": sorted(owners) if owners else "all",
+                    }
+                )
+        return shown
+
+    async def unblock(self, request: web.Request) -> web.Response:
+        """Lift every block (or those of `?model=`): open breakers and rate-limit blocks."""
+        self._authorize(request)
+        model = request.query.get("model") or None
+        state = request.app[STATE]
+        closed = state.breakers.close(model)
+        lifted = state.ratelimits.clear(model)
+        body = {
+            "unblocked": [
+                {"model": t.model, "upstream": t.upstream, "source": source}
+                for source, targets in (("breaker", closed), ("rate_limit", lifted))
+                for t in targets
+            ]
         }
         return web.Response(body=orjson.dumps(body), content_type=JSON)
 

@@ -23,6 +23,8 @@ from proxy.cache.response_cache import CacheSlot
 from proxy.config import Config
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters
+from proxy.core.errors import Unauthorized
+from proxy.core.keys import bearer_matches
 from proxy.core.ratelimits import RateLimits
 from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
@@ -115,7 +117,7 @@ def create_app(
     app.router.add_post("/api/v1/chat/completions", chat)  # clients configured with OpenRouter's own path
     app.router.add_get("/v1/models", openai_errors(list_models))
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/metrics", openai_errors(metrics_endpoint))
     AdminRoutes().register(app.router)
     app.router.add_route("*", "/{tail:.*}", unknown_route)  # last: only what nothing else matched
     return app
@@ -216,6 +218,20 @@ def _in_flight_work(timeout_s: float):
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Open while the proxy is (no client keys); else the admin key or metrics.key_env's: the metrics
+    name keys and show what each spends."""
+    runtime = request.app[RUNTIME].current
+    if runtime.policy.keys.enabled:
+        presented = request.headers.get("Authorization")
+        if not any(secret and bearer_matches(presented, secret) for secret in (runtime.metrics_key, runtime.admin_key)):
+            names = " or ".join(
+                f"the value of {env}" for env in (runtime.config.metrics.key_env, runtime.config.admin.key_env) if env
+            )
+            raise Unauthorized(
+                "GET /metrics needs `Authorization: Bearer <key>` while client keys are configured: "
+                + (names or "set metrics.key_env (a scraper's key) or admin.key_env in the config")
+                + "."
+            )
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

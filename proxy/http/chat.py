@@ -17,7 +17,7 @@ from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
 from proxy.core.breakers import BlockView
 from proxy.core.budget import Reservation
-from proxy.core.errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError
+from proxy.core.errors import ModelNotFound, ProxyError
 from proxy.core.explain import explain
 from proxy.core.features import RequestFeatures, extract_features
 from proxy.core.policy import Policy
@@ -25,17 +25,19 @@ from proxy.core.record import Attempt, RequestRecord, Usage
 from proxy.core.routing import Plan, Target, UnknownModel
 from proxy.core.sse import StreamMeter
 from proxy.http.appkeys import RUNTIME
+from proxy.http.body import read_body
 from proxy.http.cached import answer_hit, key_for, store
+from proxy.http.errors import header_value
 from proxy.http.inflight import InFlight
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
-from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
+from proxy.ops.runtime import Runtime, SharedState
 from proxy.upstream.client import OpenedStream, UpstreamClient, open_stream
 from proxy.upstream.executor import Answer
 from proxy.upstream.relay import relay
 
 log = logging.getLogger("orproxy")
-REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$")
+REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$", re.ASCII)
 JSON = "application/json"
 
 
@@ -75,7 +77,7 @@ class ChatHandler:
         request_id = self._request_id(request)
         try:
             client_key = policy.keys.authenticate(request.headers.get("Authorization"))
-            body = await read_body(request, runtime.config.max_body_bytes)
+            body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
         except ProxyError as exc:
             exc.request_id = request_id
             refused = RequestRecord(
@@ -103,10 +105,12 @@ class ChatHandler:
         )
         reservation = None
         owned = False  # the upstream work runs in a task of its own, which books the request itself
+        plan: Plan | None = None
+        downgrade: str | None = None
         try:
             client_key.check_model(model_name)
             admission = self._admit(runtime, client_key.name, model_name, features)
-            plan, reservation = admission.plan, admission.reservation
+            plan, reservation, downgrade = admission.plan, admission.reservation, admission.downgrade
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
             cache = runtime.cache
             cache_key = key_for(cache, body, request.headers, plan, policy.router, runtime.config.direct_upstream)
@@ -119,7 +123,7 @@ class ChatHandler:
                     await self._accountant.settle(record, reservation, policy)
                     return response
             if features.stream:
-                opening = self._own(request, runtime.executor.run(plan, body, open_stream), record)
+                opening = self._own(request, runtime.executor.run(plan, body, open_stream, client_key.name), record)
                 try:
                     streamed = await asyncio.shield(opening)
                 except asyncio.CancelledError:  # the client left before the stream opened
@@ -153,8 +157,11 @@ class ChatHandler:
                 store(cache, cache_key, record, payload, self._accountant.now(), self._background)
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
         except ProxyError as exc:
-            record.status, record.error = exc.status, exc.code
-            exc.request_id = request_id
+            if plan is not None:
+                _failed(record, exc, plan, downgrade)
+            else:
+                record.status, record.error = exc.status, exc.code
+                exc.request_id = request_id
             raise
         finally:
             if not record.settled and not owned:  # failures, refusals and hang-ups are booked too
@@ -189,14 +196,13 @@ class ChatHandler:
         is still there: the ledger row is committed before the handler may answer."""
         cancelled = False
         try:
-            answer = await runtime.executor.run(plan, body, _complete)
+            answer = await runtime.executor.run(plan, body, _complete, record.key_name)
             headers = self._answered(record, record.request_id, plan, answer.target, answer.attempts, admission)
             raw, payload = answer.result
             _fill_from_payload(record, payload)
             return raw, payload, headers
         except ProxyError as exc:
-            record.status, record.error = exc.status, exc.code
-            exc.request_id = record.request_id
+            _failed(record, exc, plan, admission.downgrade)  # before the booking below: its row lists the attempts
             raise
         except asyncio.CancelledError:  # shutdown gave up on it: booked at the reservation's worst case
             cancelled = record.abandoned = True
@@ -261,8 +267,8 @@ class ChatHandler:
         record.status = 200
         return headers
 
-    def _blocked(self, runtime: Runtime, now: float) -> BlockView | None:
-        open_breakers = self._breakers.active(now)
+    def _blocked(self, runtime: Runtime, now: float, client: str | None) -> BlockView | None:
+        open_breakers = self._breakers.active(now, client)
         limited = self._ratelimits.active(now)
         if runtime.keyless or open_breakers or limited:
             return BlockView(runtime.keyless, open_breakers, limited)
@@ -271,7 +277,7 @@ class ChatHandler:
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
-            return admit(runtime.policy, key, model, features, self._blocked(runtime, now), now)
+            return admit(runtime.policy, key, model, features, self._blocked(runtime, now, key), now)
         except UnknownModel as exc:
             raise _model_not_found(exc, runtime) from None
 
@@ -279,7 +285,7 @@ class ChatHandler:
         """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
         runtime = request.app[RUNTIME].current
         client_key = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
-        body = await read_body(request, runtime.config.max_body_bytes)
+        body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
         client_key.check_model(body["model"])
         now = self._accountant.now()
         try:
@@ -288,7 +294,7 @@ class ChatHandler:
                 body,
                 request.headers,
                 key=client_key.name,
-                blocked=self._blocked(runtime, now),
+                blocked=self._blocked(runtime, now, client_key.name),
                 now=now,
             )
         except UnknownModel as exc:
@@ -319,6 +325,16 @@ async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple
     return await client.read_json(response)
 
 
+def _failed(record: RequestRecord, exc: ProxyError, plan: Plan, downgrade: str | None) -> None:
+    """A request that got no answer: the record and the error say what was tried, as a success's do."""
+    record.status, record.error = exc.status, exc.code
+    exc.request_id = record.request_id
+    record.attempts = list(exc.attempts)
+    exc.proxy_headers = _proxy_headers(record.request_id, plan, record.attempts, downgrade)
+    exc.proxy_headers.pop("x-proxy-model", None)  # nobody answered
+    record.route = exc.proxy_headers["x-proxy-route"]
+
+
 def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
     record.usage = Usage.from_payload(payload.get("usage"))
     record.note_origin(payload)
@@ -327,9 +343,9 @@ def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
 def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
     headers = {
         "x-request-id": request_id,
-        "x-proxy-virtual-model": plan.requested,
+        "x-proxy-virtual-model": header_value(plan.requested),
         "x-proxy-attempts": str(len(attempts)),
-        "x-proxy-route": route_header(plan, attempts),
+        "x-proxy-route": header_value(route_header(plan, attempts), 2048),
     }
     if attempts:
         headers["x-proxy-model"] = attempts[-1].target.model
@@ -349,43 +365,12 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     return f"{head}: {tried}{skipped}"
 
 
-async def read_body(request: web.Request, limit: int) -> dict[str, Any]:
-    """The JSON body, read with the snapshot's `max_body_bytes` (so a reload can change it)."""
-    too_large = BodyTooLarge(
-        f"The request body is larger than this proxy accepts ({limit} bytes); "
-        "raise `max_body_bytes` in the config if this is expected."
-    )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    raw = bytearray()
-    while chunk := await request.content.readany():
-        raw += chunk
-        if len(raw) > limit:
-            raise too_large
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest(
-            "'messages' must be a non-empty array of messages.",
-            param="messages",
-            code="missing_required_parameter" if messages is None else "invalid_type",
-        )
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
-    return body
-
-
 async def list_models(request: web.Request) -> web.Response:
-    runtime: RuntimeRef = request.app[RUNTIME]
-    return web.Response(body=runtime.current.models_body, content_type=JSON)
+    """With client keys configured, a key is needed, and the list holds only what it may use."""
+    runtime = request.app[RUNTIME].current
+    client = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
+    body = runtime.models_by_key.get(client.name, runtime.models_body) if client.name else runtime.models_body
+    return web.Response(body=body, content_type=JSON)
 
 
 async def healthz(request: web.Request) -> web.Response:

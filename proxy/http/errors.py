@@ -66,7 +66,8 @@ async def unknown_route(request: web.Request) -> web.Response:
 def not_found(request: web.Request) -> ProxyError:
     return _from_http(
         web.HTTPNotFound(),
-        f"No route {request.method} {request.path}; this proxy serves POST /v1/chat/completions and GET /v1/models.",
+        f"No route {request.method} {request.path[:200]}; this proxy serves POST /v1/chat/completions "
+        "and GET /v1/models.",
     )
 
 
@@ -77,10 +78,22 @@ def _from_http(exc: web.HTTPException, message: str) -> ProxyError:
 
 
 def error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None) -> web.Response:
+    """Every answer carries x-request-id, x-proxy-attempts and x-proxy-route, refusals included:
+    the handler's own when it got as far as a plan, else none tried and the refusal's code."""
     headers = exc.headers()
     headers["Content-Type"] = "application/json"
-    if request_id:
-        headers["x-request-id"] = request_id
+    headers["x-request-id"] = request_id or uuid.uuid4().hex
+    headers["x-proxy-attempts"] = "0"
+    headers["x-proxy-route"] = f"-: {exc.code or exc.type}"
+    if exc.proxy_headers:
+        headers.update(exc.proxy_headers)
     if extra:
         headers.update(extra)
     return web.Response(status=exc.status, body=exc.body(), headers=headers)
+
+
+def header_value(text: str, limit: int = 512) -> str:
+    """A header value built from what a client sent (a model name): printable ASCII, bounded."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])

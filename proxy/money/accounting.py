@@ -148,17 +148,27 @@ def _row(record: RequestRecord, tokens: Tokens) -> LedgerRow:
 
 
 def log_access(record: RequestRecord, policy: Policy) -> None:
-    """The access log, a sink like the others; `logging.access_log` of the request's snapshot decides."""
+    """The access log, a sink like the others; `logging.access_log` of the request's snapshot decides.
+    What a client chose (the model name, the request id) is escaped and clipped: a newline cannot
+    forge a line, and a 5 MB name does not make a 5 MB line."""
     if not policy.config.logging.access_log:
         return
     usage = record.usage
     cost = record.cost
+
+    def field(text: str, limit: int = 200) -> str:
+        if len(text) <= limit and text.isascii() and text.isprintable() and " " not in text:
+            return text  # nearly always: one check, no copy
+        clipped = text[:limit]
+        escaped = clipped.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+        return escaped + ("…" if len(text) > limit else "")
+
     access_log.info(
         "%s %s%s -> %s status=%s attempts=%d latency_ms=%.1f tokens=%s/%s cost=%s%s%s%s",
-        record.request_id,
-        record.requested_model,
+        field(record.request_id),
+        field(record.requested_model) or "-",
         f" key={record.key_name}" if record.key_name else "",
-        record.model or "-",
+        field(record.model or "-"),
         record.status,
         len(record.attempts),
         record.latency_s * 1000,

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from watchfiles import awatch
 
 from proxy.cache.response_cache import CacheSlot, ResponseCache
-from proxy.config import Config, ConfigError, load_config, located_error
+from proxy.config import Config, ConfigError, load_config, located_error, resolve_paths
 from proxy.core.budget import BudgetCalendar
 from proxy.money.accounting import Accountant, recorded_spend
 from proxy.money.catalogue import CatalogueSource, catalogue_errors, catalogue_warnings, load_catalogue_source
@@ -93,6 +93,7 @@ class Reloader:
         cache_path: Path | None = None,
     ) -> None:
         self.path = path
+        config = resolve_paths(config, path.parent)  # as the file will load: relative data paths resolved
         self._booted = config  # what the restart-only keys still are
         self._cache_path_in_use = config.cache.path if config.cache.enabled else None
         self._env = env
@@ -175,6 +176,9 @@ class Reloader:
             previous=previous,
         )
         self._runtimes.swap(runtime)
+        # Upstream-imposed blocks were capped by the old config's retry.max_block_s; an operator
+        # who reloads wants every member given its chance again.
+        lifted = self._state.ratelimits.clear()
         if prepared.rebase is not None:
             self._state.counters.rebase(*prepared.rebase)
         if config.logging.level != previous.config.logging.level:
@@ -193,11 +197,12 @@ class Reloader:
         for warning in warnings:
             log.warning("config reload: %s", warning)
         log.info(
-            "config reloaded from %s (%s): %d virtual models; applied: %s",
+            "config reloaded from %s (%s): %d virtual models; applied: %s%s",
             self.path,
             status.last_trigger,
             len(config.models),
             ", ".join(prepared.applied) or "nothing changed",
+            f"; lifted the rate-limit blocks of {', '.join(str(t) for t in lifted)}" if lifted else "",
         )
 
     def _failed(self, errors: list[str]) -> ReloadStatus:

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -53,6 +53,8 @@ class Runtime:
     admin_key: str | None  # the value of admin.key_env; None: admin routes are off
     cache: ResponseCache | None  # None: the cache is off in this config
     catalogue_source: str  # where prices come from, for status and logs
+    metrics_key: str | None = None  # the value of metrics.key_env: a scraper's key for GET /metrics
+    models_by_key: Mapping[str, bytes] = field(default_factory=dict)  # GET /v1/models for keys with a model list
     users: int = 0  # requests in flight on this snapshot
     retiring: tuple[UpstreamClient, ...] | None = None  # set when swapped out: the clients only it used
 
@@ -155,25 +157,38 @@ def build_runtime(
             and previous.config.upstreams.get(name) == upstream
             and reusable.api_key == key
             and previous.config.rate_limits == config.rate_limits
+            and previous.config.retry.max_block_s == config.retry.max_block_s
         ):
             clients[name] = reusable
         else:
-            observe = functools.partial(state.ratelimits.observe_response, warn_below=config.rate_limits.warn_below)
+            observe = functools.partial(
+                state.ratelimits.observe_response,
+                warn_below=config.rate_limits.warn_below,
+                max_block_s=config.retry.max_block_s,
+            )
             clients[name] = UpstreamClient(name, upstream, key, observe=observe)
         if key is None:
             keyless[name] = Block("no_api_key", None, f"set {upstream.api_key_env}")
-    admin_env = config.admin.key_env
-    admin_key = (env.get(admin_env, "").strip() or None) if admin_env else None
+    admin_key = _secret(env, config.admin.key_env)
+    created = int(time.time())
     return Runtime(
         policy=Policy.build(config, catalogue, env, state.counters),
         executor=Executor(clients, config.retry, state.breakers, wall=state.clock),
         clients=clients,
         keyless=keyless,
-        models_body=render_models(config, int(time.time())),
+        models_body=render_models(config, created),
         admin_key=admin_key,
         cache=cache if config.cache.enabled else None,
         catalogue_source=catalogue_source,
+        metrics_key=_secret(env, config.metrics.key_env),
+        models_by_key={
+            key.name: render_models(config, created, frozenset(key.models)) for key in config.keys if key.models
+        },
     )
+
+
+def _secret(env: Mapping[str, str], name: str | None) -> str | None:
+    return (env.get(name, "").strip() or None) if name else None
 
 
 def snapshot_warnings(runtime: Runtime) -> list[str]:
@@ -187,14 +202,24 @@ def snapshot_warnings(runtime: Runtime) -> list[str]:
     ]
     if config.admin.key_env and runtime.admin_key is None:
         warnings.append(f"admin routes are off: the environment variable {config.admin.key_env} is not set")
+    if config.keys and config.metrics.key_env and runtime.metrics_key is None:
+        warnings.append(f"metrics.key_env names {config.metrics.key_env}, which is not set")
+    if config.keys and runtime.admin_key is None and runtime.metrics_key is None:
+        warnings.append(
+            "GET /metrics is closed: client keys are configured, so it needs the admin key or metrics.key_env, "
+            "and neither is set"
+        )
     return warnings
 
 
-def render_models(config: Config, created: int) -> bytes:
-    """OpenAI's list format: the virtual models first, then the real models their chains use."""
+def render_models(config: Config, created: int, allowed: frozenset[str] | None = None) -> bytes:
+    """OpenAI's list format: the virtual models first, then the real models their chains use. With
+    `allowed` (a key's model list), only those virtual models: such a key may use nothing else."""
     data: list[dict] = []
     real: dict[str, str] = {}
     for name, model in config.models.items():
+        if allowed is not None and name not in allowed:
+            continue
         entry = {
             "id": name,
             "object": "model",
@@ -205,7 +230,7 @@ def render_models(config: Config, created: int) -> bytes:
         }
         if model.chain is not None:
             entry["chain"] = [m.model if m.upstream == "openrouter" else f"{m.model}@{m.upstream}" for m in model.chain]
-            for member in model.chain:
+            for member in model.chain if allowed is None else ():
                 real.setdefault(member.model, member.upstream)
         else:
             entry["route"] = [

@@ -48,7 +48,7 @@ class UpstreamClient:
         connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self.name = name
-        self.kind = config.flavour
+        self.kind = config.kind_for(name)
         self.api_key = api_key
         self.key_env = config.api_key_env
         self.base_url = config.base_url

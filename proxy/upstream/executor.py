@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from proxy.config import Retry
-from proxy.core.breakers import CircuitBreakers
+from proxy.core.breakers import CircuitBreakers, blamed
 from proxy.core.failures import Failure
 from proxy.core.record import Attempt
 from proxy.core.retry import Call, Decision, GiveUp, RetryPolicy, ToClient, Wait
@@ -61,10 +61,16 @@ class Executor:
         return self._secrets
 
     async def run(
-        self, plan: Plan, body: dict[str, Any], attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]]
+        self,
+        plan: Plan,
+        body: dict[str, Any],
+        attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]],
+        key: str | None = None,
     ) -> Answer[T]:
-        """Try the plan's targets as the policy says until `attempt` succeeds for one."""
+        """Try the plan's targets as the policy says until `attempt` succeeds for one. `key`: the
+        name of the request's client key, which scopes the breakers its failures open."""
         policy = RetryPolicy(plan, self._retry, key_envs=self._key_envs, secrets=self._secrets, jitter=self._jitter)
+        failures: list[tuple[Target, Failure]] = []  # told to the breakers once the request is over
         decision: Decision = policy.start(self._wall())
         while isinstance(decision, Call):
             target = decision.target
@@ -75,25 +81,37 @@ class Executor:
                 try:
                     result = await attempt(client, payload, target.model)
                 except UpstreamError as exc:
-                    decision = self._failed(policy, target, exc.failure, started)
+                    failures.append((target, exc.failure))
+                    decision = self._failed(policy, target, exc.failure, started, key)
                     if not isinstance(decision, Wait):
                         break
                     await self._sleep(decision.delay_s)
                     continue
                 self._breakers.record_success(target)
+                self._blame(failures, True, key)
                 policy.succeeded(self._monotonic() - started)
                 return Answer(target, result, policy.attempts, started)
+        self._blame(failures, False, key)
         if isinstance(decision, GiveUp | ToClient):
+            decision.error.attempts = tuple(policy.attempts)
             raise decision.error
         raise RuntimeError(f"the retry policy stopped without an error: {decision!r}")
 
-    def _failed(self, policy: RetryPolicy, target: Target, failure: Failure, started: float) -> Decision:
+    def _failed(
+        self, policy: RetryPolicy, target: Target, failure: Failure, started: float, client: str | None
+    ) -> Decision:
         duration = self._monotonic() - started
         now = self._wall()
-        if failure.counts_against_member:
-            self._breakers.record_failure(self._retry.cooldown, target, now)
-        breaker_open = self._breakers.is_open(target, now)
+        breaker_open = self._breakers.is_open(target, now, client)  # opened by other requests' failures
         return policy.failed(failure, now=now, breaker_open=breaker_open, duration_s=duration)
+
+    def _blame(self, failures: list[tuple[Target, Failure]], served: bool, client: str | None) -> None:
+        """Count this request's failures against the members they blame (`breakers.blamed`), as one request."""
+        if not failures:
+            return
+        now, request = self._wall(), object()
+        for target in blamed(failures, served):
+            self._breakers.record_failure(self._retry.cooldown, target, now, request=request, client=client)
 
 
 __all__ = ["Answer", "Attempt", "Executor"]

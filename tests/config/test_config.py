@@ -121,7 +121,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read the config file"):
+    with pytest.raises(ConfigError, match="there is no config file here"):
         load_config(tmp_path / "absent.yaml")
 
 

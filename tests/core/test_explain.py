@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,7 +69,7 @@ async def test_explain_matches_the_real_route(
 async def test_explain_shows_cooldown_skips_the_proxy_then_applies(proxy, aiohttp_client, emulator):
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(status=503))
     client = proxy.client()
-    for _ in range(2):
+    for _ in range(3):  # the breaker opens on failures of three distinct requests
         await client.chat.completions.create(model="cheap", messages=HELLO)
     http = await aiohttp_client(proxy.server)
     decision, raw = await explain_then_send(proxy, http, {"model": "cheap", "messages": HELLO})
@@ -122,6 +123,7 @@ def test_cli_explain_agrees_with_the_config(tmp_path):
         text=True,
         timeout=60,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's package, whatever the venv installed
     )
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)

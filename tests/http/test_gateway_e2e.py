@@ -275,12 +275,12 @@ async def test_out_of_credits_moves_only_to_another_upstream(proxy, emulator):
 async def test_cooldown_skips_a_failing_member_without_calling_it(proxy, emulator):
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(status=503))
     client = proxy.client()
-    for _ in range(2):  # 2 attempts each: the breaker opens at the third failure
+    for _ in range(3):  # 2 attempts each: the breaker opens once 3 distinct requests have failed on it
         await client.chat.completions.create(model="cheap", messages=HELLO)
     calls = [r.model for r in emulator.state.requests].count("mistralai/mistral-7b-instruct")
-    assert calls == 3
+    assert calls == 6
     raw = await client.chat.completions.with_raw_response.create(model="cheap", messages=HELLO)
-    assert [r.model for r in emulator.state.requests].count("mistralai/mistral-7b-instruct") == 3
+    assert [r.model for r in emulator.state.requests].count("mistralai/mistral-7b-instruct") == 6
     assert "mistralai/mistral-7b-instruct=skipped:cooldown" in raw.headers["x-proxy-route"]
     assert raw.headers["x-proxy-attempts"] == "1"
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.emulator import Fault
 from proxy.money.ledger import Ledger
-from tests.support.gateway import proxy_config_text
+from tests.support.gateway import ROOT, proxy_config_text
 from tests.support.procs import free_port, start_proxy, wait_until_up
 from tests.support.timing import wait_for
 
@@ -138,6 +138,7 @@ def test_start_up_failures_are_one_clear_line(tmp_path, problem):
             text=True,
             timeout=60,
             cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's package, whatever the venv installed
         )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

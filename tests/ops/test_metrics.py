@@ -40,8 +40,9 @@ def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return name, tuple(sorted(labels.items()))
 
 
-async def scrape(url: str) -> str:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+async def scrape(url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics", headers=headers) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain; version=")  # Prometheus' text format
         return await response.text()
@@ -180,10 +181,10 @@ async def test_values_match_the_traffic(make_proxy, emulator):
             if chunk.usage is not None:
                 book(MISTRAL, chunk.usage)
 
-    # The primary of `quality` fails: 2 attempts, fallback; 1 more failure opens its breaker (3 within 60 s);
-    # then it is skipped without a call.
+    # The primary of `quality` fails: 2 attempts, fallback; the third request to fail on it opens its
+    # breaker (failures of 3 distinct requests within 60 s), then it is skipped without a call.
     emulator.state.faults.set(SONNET, Fault(status=503))
-    for _ in range(3):
+    for _ in range(4):
         reply = await client.chat.completions.create(model="quality", messages=HELLO)
         assert reply.model == MINI
         book(MINI, reply.usage)
@@ -196,18 +197,18 @@ async def test_values_match_the_traffic(make_proxy, emulator):
     for (model, kind), count in tokens.items():
         assert found[key("orproxy_tokens_total", model=model, kind=kind)] == count
     assert found[key("orproxy_requests_total", virtual_model="cheap", model=MISTRAL, status="200")] == 5
-    assert found[key("orproxy_requests_total", virtual_model="quality", model=MINI, status="200")] == 3
+    assert found[key("orproxy_requests_total", virtual_model="quality", model=MINI, status="200")] == 4
     assert found[key("orproxy_request_duration_seconds_count", virtual_model="cheap")] == 5
     assert found[key("orproxy_time_to_first_token_seconds_count", model=MISTRAL)] == 2
     assert total(found, "orproxy_time_to_first_token_seconds_count") == 2  # only streams have a first token
     assert total(found, "orproxy_baseline_cost_usd_total") > 0
 
-    assert found[key("orproxy_attempts_total", model=SONNET, outcome="http_503")] == 3
-    assert found[key("orproxy_attempts_total", model=MINI, outcome="ok")] == 3
+    assert found[key("orproxy_attempts_total", model=SONNET, outcome="http_503")] == 6
+    assert found[key("orproxy_attempts_total", model=MINI, outcome="ok")] == 4
     assert found[key("orproxy_attempts_total", model=MISTRAL, outcome="ok")] == 5
-    assert found[key("orproxy_upstream_duration_seconds_count", model=SONNET)] == 3
-    assert found[key("orproxy_fallbacks_total", virtual_model="quality", from_model=SONNET, reason="http_503")] == 2
-    assert total(found, "orproxy_fallbacks_total") == 2
+    assert found[key("orproxy_upstream_duration_seconds_count", model=SONNET)] == 6
+    assert found[key("orproxy_fallbacks_total", virtual_model="quality", from_model=SONNET, reason="http_503")] == 3
+    assert total(found, "orproxy_fallbacks_total") == 3
     assert found[key("orproxy_model_cooldown", model=SONNET)] == 1
     assert total(found, "orproxy_model_cooldown") == 1
 
@@ -248,7 +249,11 @@ async def test_in_flight_counts_a_slow_request_while_it_runs(proxy, emulator):
 CARDINALITY_KEYS = """
 keys:
   - {name: app, key_env: APP_KEY}
+metrics: {key_env: SCRAPER_KEY}
 """
+SCRAPER = "scraper-secret"
+KEYED_ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
+KEYED_ENV["SCRAPER_KEY"] = SCRAPER
 DIRECT_SLUGS = (
     "meta-llama/llama-3.3-70b-instruct",
     "qwen/qwen-2.5-coder-32b-instruct",
@@ -260,7 +265,12 @@ DIRECT_SLUGS = (
 
 @pytest.mark.slow  # 1,000 requests, 64 at a time
 async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator):
-    env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
+    env = {
+        "TEST_OPENROUTER_KEY": UPSTREAM_KEY,
+        "TEST_OPENAI_KEY": UPSTREAM_KEY,
+        "APP_KEY": "app-secret",
+        "SCRAPER_KEY": SCRAPER,
+    }
     proxy = await make_proxy(env=env, config_text=proxy_config_text(emulator.url) + CARDINALITY_KEYS)
     url = f"{proxy.url}/v1/chat/completions"
     # Real slugs outside every chain, each saying its rate limit: they all share the model label `other`.
@@ -294,7 +304,7 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
             ]
         )
         assert warm == Counter({200: 2, 404: 1, 400: 1, 401: 1})
-        before = await scrape(proxy.url)
+        before = await scrape(proxy.url, SCRAPER)
 
         bogus = [(f"made-up-model-{n}", "app-secret") for n in range(400)]
         bogus += [(f"vendor{n}/made-up-{n}", "app-secret") for n in range(400)]  # passed upstream, refused
@@ -302,7 +312,7 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
         bogus += [(DIRECT_SLUGS[n % len(DIRECT_SLUGS)], "app-secret") for n in range(100)]
         outcomes = await ask_all(bogus)
         assert outcomes == Counter({404: 400, 400: 400, 401: 100, 200: 100})
-        after = await scrape(proxy.url)
+        after = await scrape(proxy.url, SCRAPER)
 
     assert series_count(after) == series_count(before), "bogus models or unknown keys created series"
     assert duplicates(after) == []
@@ -316,7 +326,12 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
 
 
 async def test_refused_requests_are_counted_too(make_proxy, emulator):
-    env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": "app-secret"}
+    env = {
+        "TEST_OPENROUTER_KEY": UPSTREAM_KEY,
+        "TEST_OPENAI_KEY": UPSTREAM_KEY,
+        "APP_KEY": "app-secret",
+        "SCRAPER_KEY": SCRAPER,
+    }
     proxy = await make_proxy(env=env, config_text=proxy_config_text(emulator.url) + CARDINALITY_KEYS)
     async with aiohttp.ClientSession() as session:
         async with session.post(
@@ -329,7 +344,7 @@ async def test_refused_requests_are_counted_too(make_proxy, emulator):
             f"{proxy.url}/v1/chat/completions", data=b"{not json", headers={"Authorization": "Bearer app-secret"}
         ) as response:
             assert response.status == 400
-    found = samples(await scrape(proxy.url))
+    found = samples(await scrape(proxy.url, SCRAPER))
     # A flood of bad keys or broken clients must show on "Requests by status".
     assert total(found, "orproxy_requests_total", status="401") == 1
     assert total(found, "orproxy_requests_total", status="400") == 1

@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
-from tests.support.gateway import proxy_config_text
+from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -35,6 +35,7 @@ DASHBOARDS = {
 }
 DATASOURCE = {"type": "prometheus", "uid": "orproxy-prometheus"}
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
+APP_KEY, SCRAPER_KEY = "app-secret", "scraper-secret"
 SCRAPE_S = 1
 # What Grafana would put in: $__rate_interval is four scrape intervals at least.
 RATE_INTERVAL = f"{4 * SCRAPE_S}s"
@@ -73,9 +74,22 @@ def panels(doc: dict[str, Any]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ static checks
 
 
-def test_prometheus_yml_passes_promtool_check_config():
+def test_prometheus_yml_passes_promtool_check_config(tmp_path):
+    # The key file is compose's secret, absent here: checked with a stand-in of it.
+    shipped = load_yaml("prometheus.yml")
+    (job,) = [job for job in shipped["scrape_configs"] if job["job_name"] == "orproxy"]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/orproxy-metrics-key"
+    compose = load_yaml("docker-compose.yml")
+    assert "orproxy-metrics-key" in compose["services"]["prometheus"]["secrets"]
+    assert compose["secrets"]["orproxy-metrics-key"] == {"environment": "ORPROXY_METRICS_KEY"}
+    assert "ORPROXY_METRICS_KEY" in compose["services"]["proxy"]["environment"]
+    key_file = tmp_path / "orproxy-metrics-key"
+    key_file.write_text("scraper-secret")
+    job["authorization"]["credentials_file"] = str(key_file)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(shipped))
     checked = subprocess.run(
-        [tool("promtool"), "check", "config", str(ROOT / "prometheus.yml")], capture_output=True, text=True, timeout=30
+        [tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=30
     )
     assert checked.returncode == 0, f"promtool check config failed:\n{checked.stdout}{checked.stderr}"
     assert "SUCCESS" in checked.stdout + checked.stderr
@@ -159,6 +173,8 @@ def test_compose_and_dockerfile_fit_together():
     assert cmd == ["serve", "--config", "/etc/orproxy/config.yaml", "--host", "0.0.0.0", "--port", "8080"]
     assert json.loads(next(line for line in instructions if line.startswith("ENTRYPOINT "))[11:]) == ["orproxy"]
     assert "/var/lib/orproxy/data" in next(line for line in instructions if line.startswith("VOLUME "))
+    # The config's relative data/ (beside /etc/orproxy/config.yaml) is the volume.
+    assert any("ln -s /var/lib/orproxy/data /etc/orproxy/data" in line for line in instructions)
     compile(healthcheck()[-1], "HEALTHCHECK", "exec")  # the python -c snippet is valid Python
     # Everything COPY takes is let through by .dockerignore (it ignores all, then re-includes).
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
@@ -184,13 +200,17 @@ def healthcheck() -> list[str]:
 
 
 def scrape_config_for(target: str, path: Path) -> Path:
-    """The shipped prometheus.yml, pointed at the test's proxy and scraping every second."""
+    """The shipped prometheus.yml, pointed at the test's proxy, scraping every second, its key file
+    (compose's secret) written beside it."""
     config = load_yaml("prometheus.yml")
     config["global"].update(
         scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s", scrape_timeout=f"{SCRAPE_S}s"
     )
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "orproxy"]
     job["static_configs"] = [{"targets": [target]}]
+    key_file = path.with_name("orproxy-metrics-key")
+    key_file.write_text(SCRAPER_KEY)
+    job["authorization"]["credentials_file"] = str(key_file)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -288,7 +308,7 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
     same cacheable request again and again (what the response cache saved)."""
     emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))  # quality's primary
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(rate_limit=(100, 5, 4_000_000_000_000)))
-    client = proxy.client()
+    client = proxy.client(api_key=APP_KEY)
     sent = 0
 
     async def stream(model: str) -> None:
@@ -329,7 +349,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(make_pr
         "    api_key_env: TEST_OPENROUTER_KEY\n", "    api_key_env: TEST_OPENROUTER_KEY\n    credits_poll_s: 1\n", 1
     )
     budget = "budget: {daily_usd: 5, downgrade: [{at: 0.9, map: {quality: cheap}}]}\n"
-    proxy = await make_proxy(config_text=text + budget)
+    # Client keys, so /metrics needs the scraper's key: Prometheus sends it as the shipped config says.
+    keys = "keys: [{name: app, key_env: APP_KEY}]\nmetrics: {key_env: SCRAPER_KEY}\n"
+    env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "APP_KEY": APP_KEY}
+    proxy = await make_proxy(config_text=text + budget + keys, env={**env, "SCRAPER_KEY": SCRAPER_KEY})
     target = proxy.url.removeprefix("http://")
     server = PrometheusServer(
         scrape_config_for(target, tmp_path / "prometheus.yml"), tmp_path / "tsdb", tmp_path / "prometheus.log"

@@ -37,6 +37,7 @@ ENV = {
     "TEST_ADMIN_KEY": "admin-one",
     "OTHER_ADMIN_KEY": "admin-two",
     "BOT_PROXY_KEY": "client-secret",
+    "SCRAPE_KEY": "scraper-secret",
 }
 MISTRAL = "mistralai/mistral-7b-instruct"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -400,6 +401,71 @@ async def other_admin_key(live: Live) -> None:
     assert (old.status, new.status) == (401, 200)
 
 
+async def blocks_capped_at_a_minute(live: Live) -> None:
+    live.emulator.state.faults.set(MISTRAL, Fault(status=429, retry_after=1e9, times=1))
+    await ok(live)
+    response = await live.http.get("/admin/status", headers={"Authorization": "Bearer admin-one"})
+    [block] = (await response.json())["blocks"]
+    assert block["model"] == MISTRAL and 0 < block["seconds_left"] <= 60
+
+
+async def raw_connection(live: Live) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    server = live.proxy.server
+    return await asyncio.open_connection(server.host, server.port)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before closing the connection, which it must do within `seconds`."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+async def slow_headers_cut_off(live: Live) -> None:
+    reader, writer = await raw_connection(live)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    assert await closed_within(reader, 2) == b""  # the base config would wait 10 s
+    writer.close()
+
+
+async def slow_body_is_408(live: Live) -> None:
+    reader, writer = await raw_connection(live)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    answer = await closed_within(reader, 2)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer
+    writer.close()
+
+
+async def idle_connection_closed(live: Live) -> None:
+    reader, writer = await raw_connection(live)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await closed_within(reader, 2)).startswith(b"HTTP/1.1 200")  # then closed when idle
+    writer.close()
+
+
+async def idle_connection_evicted(live: Live) -> None:
+    idle_reader, idle_writer = await raw_connection(live)
+    await asyncio.sleep(0.05)  # accepted
+    await ok(live)  # a new connection: the idle one makes room
+    assert await closed_within(idle_reader, 2) == b""
+    idle_writer.close()
+
+
+async def second_connection_refused(live: Live) -> None:
+    _, first_writer = await raw_connection(live)
+    await asyncio.sleep(0.05)
+    reader, writer = await raw_connection(live)
+    answer = await closed_within(reader, 2)
+    assert answer.startswith(b"HTTP/1.1 429") and b'"code":"too_many_connections"' in answer
+    first_writer.close()
+    writer.close()
+
+
+async def scraped_with_its_own_key(live: Live) -> None:
+    response = await live.http.get("/metrics", headers={"Authorization": "Bearer scraper-secret"})
+    assert response.status == 200
+    response = await live.http.get("/metrics")
+    assert response.status == 401
+
+
 def _catalogue_file(tmp: Path) -> str:
     path = tmp / "pinned-models.json"
     entry = {
@@ -446,6 +512,7 @@ CASES = [
         realtime="the executor's backoff sleep is real and timed",
     ),
     Case("retry.max_retry_after_s", 0, no_waiting_on_retry_after),
+    Case("retry.max_block_s", 60, blocks_capped_at_a_minute),
     Case("retry.cooldown.failures", 1, opens_after_one_failure),
     Case(
         "retry.cooldown.window_s",
@@ -490,6 +557,17 @@ CASES = [
     Case("cache.path", "{tmp}/other-cache.sqlite3", RESTART, start={"cache.enabled": True}),
     Case("rate_limits.warn_below", 0.9, early_warning),
     Case("admin.key_env", "OTHER_ADMIN_KEY", other_admin_key),
+    Case("server.header_timeout_s", 0.2, slow_headers_cut_off, realtime="a deadline on a real socket"),
+    Case("server.body_timeout_s", 0.2, slow_body_is_408, realtime="a deadline on a real socket"),
+    Case("server.keepalive_timeout_s", 0.2, idle_connection_closed, realtime="a deadline on a real socket"),
+    Case("server.max_connections", 1, idle_connection_evicted),
+    Case("server.max_connections_per_client", 1, second_connection_refused),
+    Case(
+        "metrics.key_env",
+        "SCRAPE_KEY",
+        scraped_with_its_own_key,
+        start={"keys": [{"name": "bot", "key_env": "BOT_PROXY_KEY"}]},
+    ),
 ]
 
 

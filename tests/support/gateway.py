@@ -13,12 +13,14 @@ from typing import Any
 import jsonschema
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
 from proxy.config import Config
 from proxy.core.budget import SpendBook
 from proxy.emulator import EMULATOR_STATE
 from proxy.http.appkeys import ACCOUNTANT, RUNTIME
+from proxy.http.server import ProxyRunner
 from proxy.money.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -27,6 +29,14 @@ UPSTREAM_KEY = "sk-or-test-upstream-secret-0123456789"
 # One TLS context for every SDK client the tests build. The proxy is plain HTTP, yet each client
 # would load the CA bundle into a context of its own: about 40 ms a client, seconds a run.
 _TLS = ssl.create_default_context()
+
+
+class ProxyTestServer(TestServer):
+    """aiohttp's TestServer on the runner `orproxy serve` uses (connection limits, protocol errors
+    in OpenAI's JSON), cancelling handlers on disconnect like `orproxy serve`."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return ProxyRunner(self.app, **kwargs)
 
 
 class Schemas:

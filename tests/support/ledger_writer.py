@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
+
+# This checkout's package, whichever one the interpreter's environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from proxy.money.ledger import Ledger, LedgerRow
 

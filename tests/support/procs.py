@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -19,14 +20,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def start_proxy(config: Path, log: Path, port: int | None = None) -> asyncio.subprocess.Process:
-    """`python -m proxy serve` with the test upstream keys in its environment, output to `log`."""
+async def start_proxy(
+    config: Path, log: Path, port: int | None = None, preexec: Callable[[], None] | None = None
+) -> asyncio.subprocess.Process:
+    """`python -m proxy serve` with the test upstream keys in its environment, output to `log`;
+    `preexec` runs in the child before it starts (to lower its limits)."""
     env = {**os.environ, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
     args = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     if port is not None:
         args += ["--port", str(port)]
     with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(*args, cwd=ROOT, env=env, stdout=out, stderr=out)
+        return await asyncio.create_subprocess_exec(
+            *args, cwd=ROOT, env=env, stdout=out, stderr=out, preexec_fn=preexec
+        )
 
 
 async def wait_until_up(

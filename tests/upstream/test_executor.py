@@ -194,7 +194,9 @@ async def test_a_stream_falls_back_before_its_first_byte(emulator, make_clients,
     assert called(emulator) == [MISTRAL.model] * 3 + [LLAMA.model]
 
 
-async def test_an_open_breaker_stops_retries_and_the_next_plan_skips_the_member(emulator, make_clients, time_, config):
+async def test_failures_of_distinct_requests_open_the_breaker_and_the_next_plan_skips_the_member(
+    emulator, make_clients, time_, config
+):
     retry = Retry(attempts_per_model=3, backoff_s=0.2, cooldown=Cooldown(failures=2, window_s=60, cooldown_s=30))
     breakers = CircuitBreakers()
     executor = executor_for(make_clients(), time_, retry, breakers)
@@ -207,8 +209,9 @@ async def test_an_open_breaker_stops_retries_and_the_next_plan_skips_the_member(
     emulator.state.faults.set(MISTRAL.model, Fault(status=503))
     first = await executor.run(plan(), BODY, complete)
     assert first.target == LLAMA
-    assert called(emulator) == [MISTRAL.model, MISTRAL.model, LLAMA.model]  # the 2nd failure opened the breaker
-    assert time_.slept == pytest.approx([0.15])
+    assert called(emulator) == [MISTRAL.model] * 3 + [LLAMA.model]  # three failures, but one request
+    assert not breakers.is_open(MISTRAL, time_.wall())
+    await executor.run(plan(), BODY, complete)  # the second request to fail on it opens the breaker
 
     second_plan = plan()
     assert [(t, b.reason) for t, b in second_plan.skipped] == [(MISTRAL, "cooldown")]
@@ -220,7 +223,25 @@ async def test_an_open_breaker_stops_retries_and_the_next_plan_skips_the_member(
     time_.now += 31  # the cooldown is over: the member is tried again, and answers
     third = await executor.run(plan(), BODY, complete)
     assert third.target == MISTRAL
-    assert called(emulator) == [MISTRAL.model, MISTRAL.model, LLAMA.model, LLAMA.model, MISTRAL.model]
+    assert called(emulator)[-2:] == [LLAMA.model, MISTRAL.model]
+
+
+async def test_a_breaker_opened_by_other_requests_stops_retries(emulator, make_clients, time_, config):
+    retry = Retry(attempts_per_model=3, backoff_s=0.2, cooldown=Cooldown(failures=2, window_s=60, cooldown_s=30))
+    breakers = CircuitBreakers()
+    executor = executor_for(make_clients(), time_, retry, breakers)
+    plan = Router(config).plan("cheap", extract_features(BODY, {}), None)
+    emulator.state.faults.set(MISTRAL.model, Fault(status=503))
+
+    async def others_fail_meanwhile(client: UpstreamClient, payload: bytes, model: str) -> Any:
+        if model == MISTRAL.model:  # two other requests fail on the member while this one waits on it
+            for _ in range(2):
+                breakers.record_failure(retry.cooldown, MISTRAL, time_.wall())
+        return await complete(client, payload, model)
+
+    answer = await executor.run(plan, BODY, others_fail_meanwhile)
+    assert answer.target == LLAMA
+    assert called(emulator) == [MISTRAL.model, LLAMA.model]  # no retry on a member whose breaker is open
 
 
 async def test_each_member_gets_the_body_its_upstream_understands(emulator, make_clients, time_):

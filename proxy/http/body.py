@@ -1,0 +1,150 @@
+"""Reading and checking a request body: whatever a client sends, the answer is a 4xx in OpenAI's
+error shape, never an exception that escapes to aiohttp.
+
+The limits: the snapshot's `max_body_bytes` (counted after decoding), `server.body_timeout_s` for
+the whole body once the headers are in, MAX_DEPTH levels of JSON nesting (orjson itself refuses to
+serialise deeper than 254, which the proxy does when it forwards the body), and header values that
+are valid UTF-8 (aiohttp keeps undecodable bytes as surrogates, which no JSON encoder accepts).
+Content-Encoding is handled deliberately: identity, gzip and deflate are decoded (aiohttp's decoder,
+which bounds each decompressed chunk); any other coding is refused with 415.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+
+from proxy.core.errors import BodyTooLarge, InvalidRequest
+from proxy.http.server import GuardedHandler
+
+MAX_DEPTH = 64  # deeper than any real chat request; far below orjson's own limit of 254
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The JSON object of a chat request, checked: `model` a non-empty string, `messages` a
+    non-empty list, `stream` a boolean when present."""
+    check_headers(request.headers)
+    raw = await read_raw(request, limit, timeout_s)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {_clip(str(exc))}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    check_depth(body, raw)
+    return _checked(body)
+
+
+async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The decoded body bytes, within `limit` bytes and `timeout_s` seconds."""
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ENCODINGS:
+        raise UnsupportedEncoding(
+            f"Content-Encoding '{_clip(coding, 40)}' is not supported: send the body as is, or with gzip or deflate.",
+            param="Content-Encoding",
+        )
+    too_large = BodyTooLarge(
+        f"The request body is larger than this proxy accepts ({limit} bytes); "
+        "raise `max_body_bytes` in the config if this is expected."
+    )
+    if not coding and request.content_length is not None and request.content_length > limit:
+        _abandon(request)
+        raise too_large
+    raw = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.readany():
+                raw += chunk
+                if len(raw) > limit:
+                    _abandon(request)
+                    raise too_large
+    except TimeoutError:
+        _abandon(request)
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} s (server.body_timeout_s)."
+        ) from None
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        _abandon(request)
+        # A body that does not decode as its Content-Encoding says, or a broken chunked encoding.
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        reason = getattr(cause, "message", "") or str(cause)
+        raise InvalidRequest(f"The request body could not be read: {_clip(reason)}", code="invalid_body") from None
+    return bytes(raw)
+
+
+def _abandon(request: web.Request) -> None:
+    """The rest of this body is not worth reading: the connection closes after the answer."""
+    if isinstance(request.protocol, GuardedHandler):
+        request.protocol.close_after_response()
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse a header value that is not valid UTF-8 (aiohttp keeps its bytes as surrogates)."""
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    f"The value of the header {_clip(name.encode(errors='replace').decode(), 60)!r} "
+                    "is not valid UTF-8.",
+                    code="invalid_header",
+                ) from None
+
+
+def check_depth(body: Any, raw: bytes | bytearray = b"") -> None:
+    """Refuse JSON nested deeper than MAX_DEPTH. A body with fewer brackets than that cannot be so
+    deep, which spares the walk for nearly every request (bytes.count runs at memory speed)."""
+    if raw and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.", code="too_deep")
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+
+
+def _checked(body: dict[str, Any]) -> dict[str, Any]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if len(model) > 256 or not model.isprintable():
+        raise InvalidRequest(
+            "The model name must be at most 256 printable characters.", param="model", code="invalid_value"
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(
+            "'messages' must be a non-empty array of messages.",
+            param="messages",
+            code="missing_required_parameter" if messages is None else "invalid_type",
+        )
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+    return body
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from proxy.config import Cooldown
 from proxy.core.failures import Failure
@@ -128,7 +128,7 @@ class BlockView:
 
     __slots__ = ("_by_target", "_by_upstream")
 
-    def __init__(self, by_upstream: dict[str, Block], *by_target: dict[Target, Block]) -> None:
+    def __init__(self, by_upstream: Mapping[str, Block], *by_target: Mapping[Target, Block]) -> None:
         self._by_upstream = by_upstream
         self._by_target = tuple(blocks for blocks in by_target if blocks)
 

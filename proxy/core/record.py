@@ -81,6 +81,7 @@ class RequestRecord:
     client_gone: bool = False  # the client hung up before its answer: booked as 499 client_disconnected
     abandoned: bool = False  # the proxy gave up before the upstream answered (shutdown): booked at the reservation
     flags: str | None = None  # figures clamped by `proxy.core.bounds`, e.g. "clamped:cost_usd"
+    api: str = "chat"  # the client API it came in by (`proxy.core.apis`)
     settled: bool = False
 
     def note_origin(self, answer: dict[str, Any]) -> None:

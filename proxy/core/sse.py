@@ -42,6 +42,17 @@ class Batch(NamedTuple):
     raw: bytes  # the whole events, byte for byte as they came: forward them in one write
     events: list[bytes]  # the `data` of each of those events; comments and data-less events have none
     done: bool  # `data: [DONE]` came: `raw` stops in front of it, and nothing after it is read
+    spans: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()  # where in `raw` each event lies, to drop one
+
+    def without(self, dropped: list[int]) -> bytes:
+        """`raw` without the events at these indexes (into `events`), the rest byte for byte."""
+        kept, at = [], 0
+        for index in dropped:
+            start, end = self.spans[index]
+            kept.append(self.raw[at:start])
+            at = end
+        kept.append(self.raw[at:])
+        return b"".join(kept)
 
 
 class SseDecoder:
@@ -74,6 +85,7 @@ class SseDecoder:
         if not self._crlf and b"\r" in piece:
             self._crlf, self._resume = True, 0  # lines of the carry were not tracked: scan it again
         events: list[bytes] = []
+        spans: list[tuple[int, int]] = []
         start, search, crlf = 0, self._resume, self._crlf
         while True:
             if crlf:
@@ -88,12 +100,13 @@ class SseDecoder:
             data = _event_data(buffer[start:body_end])
             if data == DONE:
                 self._done, self._carry = True, b""
-                return Batch(buffer[:start], events, True)
+                return Batch(buffer[:start], events, True, spans)
             if data is not None:
                 events.append(data)
+                spans.append((start, end))
             start = search = end
         self._keep(buffer, start, search)
-        return Batch(buffer[:start], events, False)
+        return Batch(buffer[:start], events, False, spans)
 
     def _keep(self, buffer: bytes, start: int, search: int) -> None:
         """Hold the unfinished event back for the next read; it may not outgrow the limit."""
@@ -140,13 +153,20 @@ def _event_data(body: bytes) -> bytes | None:
 
 
 class StreamMeter:
-    """Reads each chunk of a chat-completion stream into the request's record, as it passes."""
+    """Reads each chunk of a chat-completion stream into the request's record, as it passes, and
+    says which chunks the client gets: the final usage chunk (`"choices": []`) only when the client
+    asked for it (`stream_options.include_usage`), as OpenAI does. OpenRouter sends it always; the
+    proxy asks OpenAI-style upstreams for it always, since a stream without usage is billed blind."""
 
-    __slots__ = ("_record", "_started")
+    __slots__ = ("_include_usage", "_record", "_started")
 
-    def __init__(self, record: RequestRecord, started: float) -> None:
+    def __init__(self, record: RequestRecord, started: float, *, include_usage: bool = True) -> None:
         self._record = record
         self._started = started  # the monotonic time the request came in: TTFT counts from there
+        self._include_usage = include_usage
+
+    def forward(self, chunk: dict[str, Any] | None) -> bool:
+        return self._include_usage or chunk is None or chunk.get("choices") != []
 
     def see(self, data: bytes, now: float) -> dict[str, Any] | None:
         """Note what one event's data says; `now` is the monotonic time it arrived. Returns the

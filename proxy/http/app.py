@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy.cache.response_cache import CacheSlot
 from proxy.config import Config
+from proxy.core.apis import APIS
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters
 from proxy.core.errors import Unauthorized
@@ -28,10 +29,11 @@ from proxy.core.keys import bearer_matches
 from proxy.core.ratelimits import RateLimits
 from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
+from proxy.http.api import ApiHandler
 from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
-from proxy.http.chat import ChatHandler, healthz, list_models
 from proxy.http.errors import openai_errors, unknown_route
 from proxy.http.inflight import InFlight
+from proxy.http.routes import explain_route, healthz, list_models, retrieve_model
 from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
 from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
 from proxy.money.ledger import Ledger
@@ -110,12 +112,15 @@ def create_app(
         )
         app.cleanup_ctx.append(reload_context(RELOADER, config.watch_config))
 
-    handler = ChatHandler(state, accountant, metrics.gauges, inflight)
-    chat = openai_errors(handler.chat_completions)
-    app.router.add_post("/v1/route/explain", openai_errors(handler.explain))
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/api/v1/chat/completions", chat)  # clients configured with OpenRouter's own path
-    app.router.add_get("/v1/models", openai_errors(list_models))
+    for api in APIS:
+        handler = openai_errors(ApiHandler(api, state, accountant, metrics.gauges, inflight), api.error_style)
+        for route in api.routes:
+            app.router.add_post(route, handler)
+            app.router.add_post("/api" + route, handler)  # clients configured with OpenRouter's own paths
+    app.router.add_post("/v1/route/explain", openai_errors(explain_route))
+    for prefix in ("/v1", "/api/v1"):
+        app.router.add_get(f"{prefix}/models", openai_errors(list_models))
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", openai_errors(retrieve_model))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", openai_errors(metrics_endpoint))
     AdminRoutes().register(app.router)

@@ -38,8 +38,7 @@ class UnsupportedEncoding(InvalidRequest):
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float = 60.0) -> dict[str, Any]:
-    """The JSON object of a chat request, checked: `model` a non-empty string, `messages` a
-    non-empty list, `stream` a boolean when present."""
+    """The request's JSON object (what each API requires of it is checked by `Api.check`)."""
     check_headers(request.headers)
     raw = await read_raw(request, limit, timeout_s)
     try:
@@ -49,7 +48,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 60.0) -
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     check_depth(body, raw)
-    return _checked(body)
+    return body
 
 
 async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -123,26 +122,6 @@ def check_depth(body: Any, raw: bytes | bytearray = b"") -> None:
             stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
         elif isinstance(node, list):
             stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
-
-
-def _checked(body: dict[str, Any]) -> dict[str, Any]:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
-    if len(model) > 256 or not model.isprintable():
-        raise InvalidRequest(
-            "The model name must be at most 256 printable characters.", param="model", code="invalid_value"
-        )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest(
-            "'messages' must be a non-empty array of messages.",
-            param="messages",
-            code="missing_required_parameter" if messages is None else "invalid_type",
-        )
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
-    return body
 
 
 def _clip(text: str, limit: int = 200) -> str:

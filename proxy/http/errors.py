@@ -1,5 +1,6 @@
-"""Every error leaves in OpenAI's shape (`{"error": {message, type, param, code}}`), so SDKs
-raise the right exception class.
+"""Every error leaves in the shape of the client's API, so SDKs raise the right exception class:
+OpenAI's (`{"error": {message, type, param, code}}`) everywhere, Anthropic's
+(`{"type": "error", "error": {type, message}}`) on the Messages API.
 
 A per-route wrapper rather than an aiohttp middleware: a middleware costs every request a
 few microseconds of chain-building and context switching, and the proxy's budget for its own
@@ -14,25 +15,43 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
+from proxy.core.apis.base import ErrorStyle
 from proxy.core.errors import ProxyError
 
 log = logging.getLogger("orproxy")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def openai_errors(handler: Handler) -> Handler:
+# Anthropic's error types by HTTP status (its SDKs pick the exception class from the status too).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def openai_errors(handler: Handler, style: ErrorStyle = "openai") -> Handler:
+    """Answer every failure of `handler` in the error shape of `style`."""
+
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except ProxyError as exc:
-            return error_response(exc, exc.request_id)
+            return error_response(exc, exc.request_id, style=style)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(_from_http(exc, exc.text or exc.reason), None)
+            return error_response(_from_http(exc, exc.text or exc.reason), None, style=style)
         except Exception:
             error_id = uuid.uuid4().hex
             log.exception("unexpected error while handling %s %s (error id %s)", request.method, request.path, error_id)
@@ -41,6 +60,7 @@ def openai_errors(handler: Handler) -> Handler:
                     f"The proxy hit an internal error (error id {error_id}); it has been logged.", code="internal_error"
                 ),
                 error_id,
+                style=style,
             )
 
     return wrapped
@@ -77,7 +97,9 @@ def _from_http(exc: web.HTTPException, message: str) -> ProxyError:
     return error
 
 
-def error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    exc: ProxyError, request_id: str | None, extra: dict[str, str] | None = None, *, style: ErrorStyle = "openai"
+) -> web.Response:
     """Every answer carries x-request-id, x-proxy-attempts and x-proxy-route, refusals included:
     the handler's own when it got as far as a plan, else none tried and the refusal's code."""
     headers = exc.headers()
@@ -89,7 +111,13 @@ def error_response(exc: ProxyError, request_id: str | None, extra: dict[str, str
         headers.update(exc.proxy_headers)
     if extra:
         headers.update(extra)
-    return web.Response(status=exc.status, body=exc.body(), headers=headers)
+    body = exc.body() if style == "openai" else anthropic_body(exc)
+    return web.Response(status=exc.status, body=body, headers=headers)
+
+
+def anthropic_body(exc: ProxyError) -> bytes:
+    kind = ANTHROPIC_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
 
 
 def header_value(text: str, limit: int = 512) -> str:

@@ -144,6 +144,7 @@ def _row(record: RequestRecord, tokens: Tokens) -> LedgerRow:
         cached_tokens=tokens.cached,
         cache_write_tokens=tokens.cache_write,
         flags=record.flags,
+        api=record.api,
     )
 
 

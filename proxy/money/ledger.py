@@ -263,7 +263,9 @@ class Ledger:
         )
         return {key: from_nano(total) for key, total in found}
 
-    async def summary(self, start: float, end: float, by: Literal["model", "virtual", "key"]) -> list[SummaryRow]:
+    async def summary(
+        self, start: float, end: float, by: Literal["model", "virtual", "key", "api"]
+    ) -> list[SummaryRow]:
         """Per-group figures for [start, end), largest cost first; a missing group value is ""."""
         column = GROUP_COLUMNS.get(by)
         if column is None:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, fields
 
 from proxy.core.reconcile import ESTIMATED_SOURCES as ESTIMATED
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached", "reserved", "reconciled"})
 # Rows whose cost is not the upstream's own figure yet: reconciliation looks them up.
 ESTIMATED_SOURCES = tuple(sorted(ESTIMATED))
 NANO_PER_USD = 1_000_000_000
 
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
-GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name"}
+GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name", "api": "api"}
 
 SCHEMA_SQL = (
     """
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS requests (
     cache_write_tokens INTEGER NOT NULL DEFAULT 0,  -- of prompt_tokens: written to it
     estimate_nusd      INTEGER,                     -- a reconciled row: the estimate it was booked at first
     flags              TEXT,                        -- e.g. clamped:cost_usd (see proxy.core.bounds)
-    reconcile_tries    INTEGER NOT NULL DEFAULT 0   -- lookups of an estimated cost made so far
+    reconcile_tries    INTEGER NOT NULL DEFAULT 0,  -- lookups of an estimated cost made so far
+    api                TEXT    NOT NULL DEFAULT 'chat'  -- chat | responses | messages | embeddings | completions
 );
 -- Covering indexes: period spend, per-key spend and pruning never touch the table.
 CREATE INDEX IF NOT EXISTS requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
@@ -95,6 +96,7 @@ COLUMNS = (
     "estimate_nusd",
     "flags",
     "reconcile_tries",
+    "api",
 )
 # Schema migrations: version -> the statements that take a file from it to the next version.
 MIGRATIONS = {
@@ -108,6 +110,7 @@ ALTER TABLE requests ADD COLUMN reconcile_tries INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS requests_unreconciled ON requests (ts)
     WHERE cost_source IN ('estimate', 'reserved') AND generation_id IS NOT NULL;
 """,
+    3: "ALTER TABLE requests ADD COLUMN api TEXT NOT NULL DEFAULT 'chat';",
 }
 INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # SQLite caps the host parameters of one statement (32766 since 3.32, 999 before).
@@ -164,6 +167,7 @@ class LedgerRow:
     estimate_usd: float | None = None  # a reconciled row: the estimate it was first booked at
     flags: str | None = None  # figures clamped when the row was built
     reconcile_tries: int = 0
+    api: str = "chat"  # the client API the request came in by
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +245,7 @@ def to_params(row: LedgerRow) -> tuple:
         None if row.estimate_usd is None else to_nano(row.estimate_usd),
         row.flags,
         row.reconcile_tries,
+        row.api,
     )
 
 

@@ -51,8 +51,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.gauges = Gauges()
-        self.requests = Tally("orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status"])
-        self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key"])
+        self.requests = Tally(
+            "orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status", "api"]
+        )
+        self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key", "api"])
         self.baseline = Tally(
             "orproxy_baseline_cost_usd",
             "What the savings baseline model would have cost, USD",
@@ -63,9 +65,12 @@ class Metrics:
             "What answers from the response cache saved: their cost when they were bought, USD",
             ["virtual_model", "key"],
         )
-        self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind"])
+        self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind", "api"])
         self.duration = LatencyTally(
-            "orproxy_request_duration_seconds", "Whole request as the client saw it", ["virtual_model"], LATENCY_BUCKETS
+            "orproxy_request_duration_seconds",
+            "Whole request as the client saw it",
+            ["virtual_model", "api"],
+            LATENCY_BUCKETS,
         )
         self.upstream_duration = LatencyTally(
             "orproxy_upstream_duration_seconds", "One upstream attempt", ["model"], LATENCY_BUCKETS
@@ -100,18 +105,19 @@ class Metrics:
         virtual = labels.virtual(record.requested_model, record.model is not None)
         model = labels.model(record.model)
         key = labels.key(record.key_name)
-        self.requests.add((virtual, model, str(record.status)))
-        self.duration.observe((virtual,), record.latency_s)
+        api = record.api  # one of the proxy's own API names: bounded
+        self.requests.add((virtual, model, str(record.status), api))
+        self.duration.observe((virtual, api), record.latency_s)
         if record.cost is not None and record.cost.usd:
-            self.cost.add((virtual, model, key), record.cost.usd)
+            self.cost.add((virtual, model, key, api), record.cost.usd)
         if record.baseline_usd:
             self.baseline.add((virtual, key), record.baseline_usd)
         if record.cached and record.saved_usd:
             self.cache_saved.add((virtual, key), record.saved_usd)
         usage = record.usage
         if usage is not None:
-            self.tokens.add((model, "prompt"), usage.prompt_tokens)
-            self.tokens.add((model, "completion"), usage.completion_tokens)
+            self.tokens.add((model, "prompt", api), usage.prompt_tokens)
+            self.tokens.add((model, "completion", api), usage.completion_tokens)
         if record.ttft_s is not None and record.streamed:
             self.ttft.observe((model,), record.ttft_s)
         previous = None

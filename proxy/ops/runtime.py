@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import orjson
-
 from proxy.cache.policy import CachePolicy
 from proxy.cache.response_cache import ResponseCache
 from proxy.config import Config
+from proxy.core.apis import APIS, Api
 from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import SpendCounters
+from proxy.core.models import model_index, render_models
 from proxy.core.policy import Policy
 from proxy.core.pricing import Catalogue
 from proxy.core.ratelimits import RateLimits
@@ -55,6 +55,9 @@ class Runtime:
     catalogue_source: str  # where prices come from, for status and logs
     metrics_key: str | None = None  # the value of metrics.key_env: a scraper's key for GET /metrics
     models_by_key: Mapping[str, bytes] = field(default_factory=dict)  # GET /v1/models for keys with a model list
+    models_index: Mapping[str, bytes] = field(default_factory=dict)  # GET /v1/models/{id}, by id
+    # Per API (by name): the upstreams a request may not go to, keyless or not speaking that API.
+    static_blocks: Mapping[str, Mapping[str, Block]] = field(default_factory=dict)
     users: int = 0  # requests in flight on this snapshot
     retiring: tuple[UpstreamClient, ...] | None = None  # set when swapped out: the clients only it used
 
@@ -184,7 +187,18 @@ def build_runtime(
         models_by_key={
             key.name: render_models(config, created, frozenset(key.models)) for key in config.keys if key.models
         },
+        models_index=model_index(config, created),
+        static_blocks={api.name: _static_blocks(api, clients, keyless) for api in APIS},
     )
+
+
+def _static_blocks(api: Api, clients: Mapping[str, UpstreamClient], keyless: Mapping[str, Block]) -> dict[str, Block]:
+    blocks = dict(keyless)
+    for name, client in clients.items():
+        if client.kind not in api.kinds:
+            why = f"a {client.kind} upstream does not serve {api.name}"
+            blocks.setdefault(name, Block("unsupported_api", None, why))
+    return blocks
 
 
 def _secret(env: Mapping[str, str], name: str | None) -> str | None:
@@ -210,43 +224,3 @@ def snapshot_warnings(runtime: Runtime) -> list[str]:
             "and neither is set"
         )
     return warnings
-
-
-def render_models(config: Config, created: int, allowed: frozenset[str] | None = None) -> bytes:
-    """OpenAI's list format: the virtual models first, then the real models their chains use. With
-    `allowed` (a key's model list), only those virtual models: such a key may use nothing else."""
-    data: list[dict] = []
-    real: dict[str, str] = {}
-    for name, model in config.models.items():
-        if allowed is not None and name not in allowed:
-            continue
-        entry = {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "openrouter-proxy",
-            "virtual": True,
-            "description": model.description,
-        }
-        if model.chain is not None:
-            entry["chain"] = [m.model if m.upstream == "openrouter" else f"{m.model}@{m.upstream}" for m in model.chain]
-            for member in model.chain if allowed is None else ():
-                real.setdefault(member.model, member.upstream)
-        else:
-            entry["route"] = [
-                {"when": rule.when.model_dump(exclude_none=True, mode="json"), "to": rule.to}
-                for rule in model.route or ()
-            ]
-        data.append(entry)
-    for slug, upstream in real.items():
-        data.append(
-            {
-                "id": slug,
-                "object": "model",
-                "created": created,
-                "owned_by": slug.split("/", 1)[0] if "/" in slug else upstream,
-                "virtual": False,
-                "upstream": upstream,
-            }
-        )
-    return orjson.dumps({"object": "list", "data": data})

@@ -19,9 +19,6 @@ from proxy.core.sse import Batch, EventTooLarge, SseDecoder
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 UPSTREAM_CONNECTIONS = 1000
-# Fields only OpenRouter understands; an OpenAI-style upstream rejects them with a 400,
-# which would turn a fallback into a client error.
-OPENROUTER_ONLY_FIELDS = ("provider", "transforms", "models", "route", "usage", "plugins")
 
 
 # (upstream name, model, HTTP status, response headers): told of every upstream response.
@@ -52,7 +49,6 @@ class UpstreamClient:
         self.api_key = api_key
         self.key_env = config.api_key_env
         self.base_url = config.base_url
-        self.url = f"{config.base_url}/chat/completions"
         headers = {"Content-Type": "application/json", **config.headers}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -107,25 +103,17 @@ class UpstreamClient:
             raise UpstreamError(dropped_failure("the generation lookup answered with invalid JSON")) from None
         return payload if isinstance(payload, dict) else None
 
-    def prepare_body(self, body: dict[str, Any], model: str) -> bytes:
-        """The request for this upstream: the client's body with only `model` rewritten."""
-        if self.kind == "openrouter":
-            return orjson.dumps({**body, "model": model})
-        out = {k: v for k, v in body.items() if k not in OPENROUTER_ONLY_FIELDS}
-        out["model"] = model
-        if out.get("stream") is True:
-            # Without it an OpenAI-style upstream sends no usage on streams, and the stream would go unbilled.
-            options = out.get("stream_options")
-            out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return orjson.dumps(out)
-
-    async def post(self, payload: bytes, *, stream: bool, model: str) -> aiohttp.ClientResponse:
-        """Send a chat request; return a 2xx response (the caller closes it) or raise UpstreamError."""
+    async def post(
+        self, payload: bytes, *, stream: bool, model: str, path: str = "/chat/completions"
+    ) -> aiohttp.ClientResponse:
+        """Send a request to `path` (under the base URL); return a 2xx response (the caller closes
+        it) or raise UpstreamError."""
+        url = self.base_url + path
         try:
             if stream:
-                response = await self._session.post(self.url, data=payload, timeout=self._stream_timeout)
+                response = await self._session.post(url, data=payload, timeout=self._stream_timeout)
             else:
-                response = await self._session.post(self.url, data=payload)
+                response = await self._session.post(url, data=payload)
         except TimeoutError:
             raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
         except aiohttp.ClientConnectionError as exc:
@@ -142,8 +130,11 @@ class UpstreamClient:
             response.close()
         raise UpstreamError(classify_status(response.status, error_object(raw), response.headers))
 
-    async def read_json(self, response: aiohttp.ClientResponse) -> tuple[bytes, dict[str, Any]]:
-        """Read a non-streamed answer; an `error` in a 200 body counts as a failure too."""
+    async def read_json(
+        self, response: aiohttp.ClientResponse, content_key: str = "choices"
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Read a non-streamed answer; an `error` in a 200 body without the answer's own content
+        (`content_key`: `choices` for chat) counts as a failure too."""
         try:
             raw = await response.read()
         except TimeoutError:
@@ -159,7 +150,7 @@ class UpstreamClient:
         if not isinstance(payload, dict):
             raise UpstreamError(dropped_failure("the upstream answered with a non-object JSON body"))
         error = payload.get("error")
-        if error and not payload.get("choices"):
+        if error and not payload.get(content_key):
             status = error.get("code") if isinstance(error, dict) else None
             raise UpstreamError(
                 classify_status(
@@ -226,12 +217,14 @@ class OpenedStream:
     first: Batch | None  # None: the stream ended before sending anything
 
 
-async def open_stream(client: UpstreamClient, payload: bytes, model: str) -> OpenedStream:
+async def open_stream(
+    client: UpstreamClient, payload: bytes, model: str, path: str = "/chat/completions"
+) -> OpenedStream:
     """Send a streamed request and take its first read. Read here, in the task that opened it:
     aiohttp raises a dropped connection ahead of the bytes still buffered, so a stream handed to
     another task before its first read could lose the text that did arrive. A stream that breaks
     before its first byte fails like any attempt (and the chain falls back)."""
-    response = await client.post(payload, stream=True, model=model)
+    response = await client.post(payload, stream=True, model=model, path=path)
     batches = iter_batches(response)
     try:
         first = await anext(batches, None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from proxy.config import Retry
+from proxy.core.apis import CHAT, Api
 from proxy.core.breakers import CircuitBreakers, blamed
 from proxy.core.failures import Failure
 from proxy.core.record import Attempt
@@ -66,16 +67,18 @@ class Executor:
         body: dict[str, Any],
         attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]],
         key: str | None = None,
+        api: Api = CHAT,
     ) -> Answer[T]:
         """Try the plan's targets as the policy says until `attempt` succeeds for one. `key`: the
-        name of the request's client key, which scopes the breakers its failures open."""
+        name of the request's client key, which scopes the breakers its failures open; `api`: the
+        client's API, which says what each upstream is sent."""
         policy = RetryPolicy(plan, self._retry, key_envs=self._key_envs, secrets=self._secrets, jitter=self._jitter)
         failures: list[tuple[Target, Failure]] = []  # told to the breakers once the request is over
         decision: Decision = policy.start(self._wall())
         while isinstance(decision, Call):
             target = decision.target
             client = self._clients[target.upstream]
-            payload = client.prepare_body(body, target.model)  # once per member, reused by its retries
+            payload = api.prepare(body, target.model, client.kind)  # once per member, reused by its retries
             while True:
                 started = self._monotonic()
                 try:

@@ -186,8 +186,8 @@ def test_pending_says_whether_a_stream_ending_now_was_cut_mid_event(left_over, p
 
 def test_nothing_after_done_is_read():
     decoder = SseDecoder(LIMIT)
-    assert decoder.feed(b"data: [DONE]\n\ndata: x") == Batch(b"", [], True)
-    assert decoder.feed(b"\n\ndata: y\n\n") == Batch(b"", [], True)
+    assert decoder.feed(b"data: [DONE]\n\ndata: x")[:3] == (b"", [], True)
+    assert decoder.feed(b"\n\ndata: y\n\n")[:3] == (b"", [], True)
     assert not decoder.pending
 
 
@@ -219,8 +219,8 @@ def test_a_large_event_over_many_reads_comes_out_whole():
     decoder = SseDecoder(LIMIT)
     body = b"data: " + b"y" * 100_000
     for offset in range(0, len(body), 1000):
-        assert decoder.feed(body[offset : offset + 1000]) == Batch(b"", [], False)
-    assert decoder.feed(b"\n\n") == Batch(body + b"\n\n", [b"y" * 100_000], False)
+        assert decoder.feed(body[offset : offset + 1000])[:3] == (b"", [], False)
+    assert decoder.feed(b"\n\n")[:3] == Batch(body + b"\n\n", [b"y" * 100_000], False)[:3]
 
 
 # ---------------------------------------------------------------- metering

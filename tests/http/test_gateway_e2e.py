@@ -92,7 +92,9 @@ async def test_tool_calls_pass_through(proxy, schemas):
 
 
 async def test_streamed_answer_chunks_match_the_schema(proxy, schemas):
-    raw = await proxy.client().chat.completions.with_raw_response.create(model="balanced", messages=HELLO, stream=True)
+    raw = await proxy.client().chat.completions.with_raw_response.create(
+        model="balanced", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["x-proxy-model"] == "google/gemini-2.5-flash"
     stream = raw.parse()

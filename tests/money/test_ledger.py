@@ -432,7 +432,7 @@ async def test_a_version_2_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         await ledger.close()
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
         indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "requests_unreconciled" in indexes
 

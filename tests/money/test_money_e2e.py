@@ -130,7 +130,7 @@ async def test_rising_spend_steps_down_through_each_step_then_exhausts(make_prox
     assert completion.model == CHAIN_MODEL["cheap"]
     assert headers["x-proxy-downgrade"] == "quality->cheap (step 1 at 60%)"
     raw = await client.chat.completions.with_raw_response.create(
-        model="balanced", messages=HELLO, max_tokens=5, stream=True
+        model="balanced", messages=HELLO, max_tokens=5, stream=True, stream_options={"include_usage": True}
     )
     assert raw.headers["x-proxy-downgrade"] == "balanced->cheap (step 1 at 60%)"
     chunks = [chunk async for chunk in raw.parse()]

@@ -87,7 +87,11 @@ async def send_mix(client) -> Billed:
         messages = [{"role": "user", "content": f"Request {i}: explain item {i} of the list in a sentence or two."}]
         if streamed:
             stream = await client.chat.completions.create(
-                model=model, messages=messages, stream=True, extra_headers=headers
+                model=model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers,
             )
             chunks = [chunk async for chunk in stream]
             final = [c for c in chunks if c.usage is not None]

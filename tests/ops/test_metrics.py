@@ -176,7 +176,9 @@ async def test_values_match_the_traffic(make_proxy, emulator):
         reply = await client.chat.completions.create(model="cheap", messages=HELLO)
         book(MISTRAL, reply.usage)
     for _ in range(2):
-        stream = await client.chat.completions.create(model="cheap", messages=HELLO, stream=True)
+        stream = await client.chat.completions.create(
+            model="cheap", messages=HELLO, stream=True, stream_options={"include_usage": True}
+        )
         async for chunk in stream:
             if chunk.usage is not None:
                 book(MISTRAL, chunk.usage)
@@ -193,12 +195,12 @@ async def test_values_match_the_traffic(make_proxy, emulator):
 
     assert billed > 0 and billed == pytest.approx(emulator.state.key_usage, rel=1e-9)
     assert total(found, "orproxy_cost_usd_total") == pytest.approx(billed, rel=1e-9)
-    assert found[key("orproxy_cost_usd_total", virtual_model="cheap", model=MISTRAL, key="none")] > 0
+    assert found[key("orproxy_cost_usd_total", virtual_model="cheap", model=MISTRAL, key="none", api="chat")] > 0
     for (model, kind), count in tokens.items():
-        assert found[key("orproxy_tokens_total", model=model, kind=kind)] == count
-    assert found[key("orproxy_requests_total", virtual_model="cheap", model=MISTRAL, status="200")] == 5
-    assert found[key("orproxy_requests_total", virtual_model="quality", model=MINI, status="200")] == 4
-    assert found[key("orproxy_request_duration_seconds_count", virtual_model="cheap")] == 5
+        assert found[key("orproxy_tokens_total", model=model, kind=kind, api="chat")] == count
+    assert found[key("orproxy_requests_total", virtual_model="cheap", model=MISTRAL, status="200", api="chat")] == 5
+    assert found[key("orproxy_requests_total", virtual_model="quality", model=MINI, status="200", api="chat")] == 4
+    assert found[key("orproxy_request_duration_seconds_count", virtual_model="cheap", api="chat")] == 5
     assert found[key("orproxy_time_to_first_token_seconds_count", model=MISTRAL)] == 2
     assert total(found, "orproxy_time_to_first_token_seconds_count") == 2  # only streams have a first token
     assert total(found, "orproxy_baseline_cost_usd_total") > 0
@@ -317,8 +319,8 @@ async def test_bogus_models_and_unknown_keys_add_no_series(make_proxy, emulator)
     assert series_count(after) == series_count(before), "bogus models or unknown keys created series"
     assert duplicates(after) == []
     found = samples(after)
-    assert found[key("orproxy_requests_total", virtual_model="unknown", model="none", status="404")] == 401
-    assert found[key("orproxy_requests_total", virtual_model="direct", model="other", status="200")] == 101
+    assert found[key("orproxy_requests_total", virtual_model="unknown", model="none", status="404", api="chat")] == 401
+    assert found[key("orproxy_requests_total", virtual_model="direct", model="other", status="200", api="chat")] == 101
     assert {dict(labels)["model"] for name, labels in found if name == "orproxy_ratelimit_remaining"} == {"other"}
     assert found[key("orproxy_ratelimit_remaining", upstream="openrouter", scope="requests", model="other")] == 50
     for name, labels in found:

@@ -141,7 +141,9 @@ async def test_a_stream_in_flight_finishes_on_the_config_it_started_with(make_pr
         config_text=config_with_cheap(emulator.url, "mistralai/mistral-7b-instruct"), env=ENV, config_path=path
     )
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(chunk_delay_s=0.1))
-    stream = await proxy.client().chat.completions.create(model="cheap", messages=HELLO, stream=True)
+    stream = await proxy.client().chat.completions.create(
+        model="cheap", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
     chunks = [await stream.__anext__()]
     # A valid edit that also changes the upstream's settings: the old client must stay open for this stream.
     path.write_text(

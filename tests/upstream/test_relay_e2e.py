@@ -164,21 +164,32 @@ async def test_an_openai_style_stream_cut_midway_is_billed_from_the_text_the_cli
     assert row.cost_usd > 0
 
 
-async def test_an_openai_style_stream_is_billed_from_its_usage_chunk(make_proxy, emulator, schemas, tmp_path):
+@pytest.mark.parametrize("asked", [True, False])
+async def test_an_openai_style_stream_is_billed_from_its_usage_chunk(make_proxy, emulator, schemas, tmp_path, asked):
+    """The proxy always asks an OpenAI-style upstream for usage; the client sees the usage chunk only
+    when it asked for it (`stream_options.include_usage`), as from OpenAI itself."""
     ledger = tmp_path / "whole.sqlite3"
     proxy = await make_proxy(OPENAI_CHAIN, ledger_path=ledger)
     received: list[dict[str, Any]] = []
+    options = {"stream_options": {"include_usage": True}} if asked else {}
     await collect(
-        await proxy.client().chat.completions.create(model="oa", messages=HELLO, stream=True), schemas, received
+        await proxy.client().chat.completions.create(model="oa", messages=HELLO, stream=True, **options),
+        schemas,
+        received,
     )
+    (seen,) = emulator.state.requests
+    assert seen.body["stream_options"] == {"include_usage": True}
     assert_openai_shaped(received)
-    usage = received[-1]["usage"]  # asked for by the proxy, passed on to the client
-    assert received[-1]["choices"] == [] and usage["completion_tokens"] > 0
     (row,) = await ledger_rows(ledger)
-    assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    if asked:
+        usage = received[-1]["usage"]
+        assert received[-1]["choices"] == [] and usage["completion_tokens"] > 0
+        assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    else:
+        assert all(chunk["choices"] for chunk in received)  # a naive `chunk.choices[0]` loop runs clean
     assert row.error is None and row.cost_source == "catalogue"
     assert row.cost_usd == pytest.approx(gpt_4o_mini_cost(row.prompt_tokens, row.completion_tokens))
-    assert row.completion_tokens == -(-len(text_of(received)) // 4)  # the emulator's own count agrees
+    assert row.completion_tokens == -(-len(text_of(received)) // 4) > 0  # the emulator's own count agrees
 
 
 def openai_event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
@@ -238,7 +249,8 @@ async def test_a_crlf_stream_in_small_reads_is_relayed_untouched_and_billed(
         config_text=proxy_config_text(str(upstream.make_url("")).rstrip("/"), OPENAI_CHAIN), ledger_path=ledger
     )
     http = await aiohttp_client(proxy.server)
-    response = await http.post("/v1/chat/completions", json={"model": "oa", "messages": HELLO, "stream": True})
+    asked = {"stream_options": {"include_usage": True}}  # so the usage chunk is the client's too
+    response = await http.post("/v1/chat/completions", json={"model": "oa", "messages": HELLO, "stream": True, **asked})
     body = await response.read()
     complete = b"".join(CRLF_EVENTS[:-2]) if cut else whole  # the events that arrived whole
     assert body.startswith(complete) and body.endswith(b"data: [DONE]\n\n")

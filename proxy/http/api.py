@@ -1,29 +1,31 @@
-"""Thin HTTP handlers: parse once, route, run, answer. Domain errors become
-OpenAI's error JSON in `proxy.http.errors`, in one place."""
+"""The one request pipeline every client API runs through: authenticate, read, route, admit, run
+the chain, relay or answer, settle. What differs between APIs (how a body is checked and measured,
+where it goes upstream, how usage is reported and streams are read) is the `Api` object's
+(`proxy.core.apis`). Domain errors become the API's error JSON in `proxy.http.errors`, in one place."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from proxy.cache.replay import StreamAssembler
 from proxy.core.admission import Admission, admit
-from proxy.core.breakers import BlockView
+from proxy.core.apis import Api
+from proxy.core.breakers import BlockView, CircuitBreakers
 from proxy.core.budget import Reservation
 from proxy.core.errors import ModelNotFound, ProxyError
-from proxy.core.explain import explain
-from proxy.core.features import RequestFeatures, extract_features
+from proxy.core.features import RequestFeatures
 from proxy.core.policy import Policy
-from proxy.core.record import Attempt, RequestRecord, Usage
+from proxy.core.ratelimits import RateLimits
+from proxy.core.record import Attempt, RequestRecord
 from proxy.core.routing import Plan, Target, UnknownModel
-from proxy.core.sse import StreamMeter
 from proxy.http.appkeys import RUNTIME
 from proxy.http.body import read_body
 from proxy.http.cached import answer_hit, key_for, store
@@ -41,13 +43,21 @@ REQUEST_ID = re.compile(r"^[\w.:\-]{1,128}$", re.ASCII)
 JSON = "application/json"
 
 
-class ChatHandler:
-    """POST /v1/chat/completions. Everything the config decides comes from the snapshot the
-    request acquired; this object holds only the long-lived state it was built with."""
+class ApiHandler:
+    """POST of one API (`/v1/chat/completions`, ...). Everything the config decides comes from the
+    snapshot the request acquired; this object holds only the long-lived state it was built with."""
 
     def __init__(
-        self, state: SharedState, accountant: Accountant, gauges: Gauges, inflight: InFlight | None = None
+        self,
+        api: Api,
+        state: SharedState,
+        accountant: Accountant,
+        gauges: Gauges,
+        inflight: InFlight | None = None,
     ) -> None:
+        self._api = api
+        self._complete = functools.partial(_complete, path=api.path, content_key=api.content_key)
+        self._open = functools.partial(open_stream, path=api.path)
         self._breakers = state.breakers
         self._ratelimits = state.ratelimits
         self._accountant = accountant
@@ -56,14 +66,14 @@ class ChatHandler:
         self._ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
         self._background: set[asyncio.Task[Any]] = set()  # cache writes after the answer went out
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
         self._gauges.in_flight += 1
         try:
-            return await self._chat(request)
+            return await self._handle(request)
         finally:
             self._gauges.in_flight -= 1
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         runtimes = request.app[RUNTIME]
         runtime = runtimes.acquire()
         try:
@@ -72,12 +82,13 @@ class ChatHandler:
             runtimes.release(runtime)
 
     async def _serve(self, request: web.Request, runtime: Runtime) -> web.StreamResponse:
-        policy = runtime.policy
+        policy, api = runtime.policy, self._api
         started = time.monotonic()
         request_id = self._request_id(request)
         try:
-            client_key = policy.keys.authenticate(request.headers.get("Authorization"))
+            client_key = policy.keys.authenticate(api.authorization(request.headers))
             body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
+            api.check(body)
         except ProxyError as exc:
             exc.request_id = request_id
             refused = RequestRecord(
@@ -89,11 +100,12 @@ class ChatHandler:
                 status=exc.status,
                 error=exc.code,
                 latency_s=time.monotonic() - started,
+                api=api.name,
             )
             self._accountant.observe_refusal(refused, policy)
             raise
         model_name = body["model"]
-        features = extract_features(body, request.headers)
+        features = api.features(body, request.headers)
         record = RequestRecord(
             request_id,
             self._accountant.now(),
@@ -102,6 +114,7 @@ class ChatHandler:
             features.stream,
             key_name=client_key.name,
             prompt_estimate=features.prompt_estimate,
+            api=api.name,
         )
         reservation = None
         owned = False  # the upstream work runs in a task of its own, which books the request itself
@@ -112,7 +125,7 @@ class ChatHandler:
             admission = self._admit(runtime, client_key.name, model_name, features)
             plan, reservation, downgrade = admission.plan, admission.reservation, admission.downgrade
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
-            cache = runtime.cache
+            cache = runtime.cache if api.cacheable else None
             cache_key = key_for(cache, body, request.headers, plan, policy.router, runtime.config.direct_upstream)
             if cache_key is not None and cache is not None:
                 hit = await cache.get(cache_key)
@@ -123,12 +136,13 @@ class ChatHandler:
                     await self._accountant.settle(record, reservation, policy)
                     return response
             if features.stream:
-                opening = self._own(request, runtime.executor.run(plan, body, open_stream, client_key.name), record)
+                opening = self._own(request, runtime.executor.run(plan, body, self._open, client_key.name, api), record)
                 try:
                     streamed = await asyncio.shield(opening)
                 except asyncio.CancelledError:  # the client left before the stream opened
                     owned = True
-                    self._own(request, self._abandon_stream(opening, record, reservation, policy, started), record)
+                    abandon = self._abandon_stream(opening, record, reservation, policy, started, body)
+                    self._own(request, abandon, record)
                     raise
                 headers = self._answered(record, request_id, plan, streamed.target, streamed.attempts, admission)
                 if cache_key is not None:
@@ -142,8 +156,19 @@ class ChatHandler:
                     if completion is not None and cache is not None and cache_key is not None:
                         store(cache, cache_key, record, completion, self._accountant.now(), self._background)
 
+                meter = api.meter(record, started, body)
                 secrets = runtime.executor.secrets
-                return await relay(request, streamed.result, headers, record, started, finish, assembler, secrets)
+                return await relay(
+                    request,
+                    streamed.result,
+                    headers,
+                    meter,
+                    finish,
+                    api=api,
+                    record=record,
+                    assembler=assembler,
+                    secrets=secrets,
+                )
             answering = self._answer(runtime, plan, body, record, admission, reservation, started)
             owned = True
             try:
@@ -196,10 +221,11 @@ class ChatHandler:
         is still there: the ledger row is committed before the handler may answer."""
         cancelled = False
         try:
-            answer = await runtime.executor.run(plan, body, _complete, record.key_name)
+            answer = await runtime.executor.run(plan, body, self._complete, record.key_name, self._api)
             headers = self._answered(record, record.request_id, plan, answer.target, answer.attempts, admission)
             raw, payload = answer.result
-            _fill_from_payload(record, payload)
+            record.usage = self._api.usage(payload)
+            record.note_origin(payload)
             return raw, payload, headers
         except ProxyError as exc:
             _failed(record, exc, plan, admission.downgrade)  # before the booking below: its row lists the attempts
@@ -217,6 +243,7 @@ class ChatHandler:
         reservation: Reservation | None,
         policy: Policy,
         started: float,
+        body: dict[str, Any],
     ) -> None:
         """The client left while the stream was being opened. Once it opens, close it (the upstream
         stops generating) and book the prompt, with the generation id the upstream gave in its
@@ -230,7 +257,7 @@ class ChatHandler:
             record.generation_id = opened.response.headers.get("X-Generation-Id")
             opened.response.close()
             if opened.first is not None:  # the text of the first read was generated: it is billed
-                meter = StreamMeter(record, started)
+                meter = self._api.meter(record, started, body)
                 for data in opened.first.events:
                     meter.see(data, time.monotonic())
         except ProxyError as exc:
@@ -268,38 +295,14 @@ class ChatHandler:
         return headers
 
     def _blocked(self, runtime: Runtime, now: float, client: str | None) -> BlockView | None:
-        open_breakers = self._breakers.active(now, client)
-        limited = self._ratelimits.active(now)
-        if runtime.keyless or open_breakers or limited:
-            return BlockView(runtime.keyless, open_breakers, limited)
-        return None
+        return blocked(self._breakers, self._ratelimits, runtime, self._api, now, client)
 
     def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
             return admit(runtime.policy, key, model, features, self._blocked(runtime, now, key), now)
         except UnknownModel as exc:
-            raise _model_not_found(exc, runtime) from None
-
-    async def explain(self, request: web.Request) -> web.Response:
-        """POST /v1/route/explain: the decision for a chat body, nothing sent upstream or reserved."""
-        runtime = request.app[RUNTIME].current
-        client_key = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
-        body = await read_body(request, runtime.config.max_body_bytes, runtime.config.server.body_timeout_s)
-        client_key.check_model(body["model"])
-        now = self._accountant.now()
-        try:
-            decision = explain(
-                runtime.policy,
-                body,
-                request.headers,
-                key=client_key.name,
-                blocked=self._blocked(runtime, now, client_key.name),
-                now=now,
-            )
-        except UnknownModel as exc:
-            raise _model_not_found(exc, runtime) from None
-        return web.Response(body=orjson.dumps(decision), content_type=JSON)
+            raise model_not_found(exc, runtime) from None
 
     def _request_id(self, request: web.Request) -> str:
         """The client's X-Request-ID when it is sane, else a time-ordered id (48 bits of milliseconds,
@@ -311,7 +314,20 @@ class ChatHandler:
         return f"{time.time_ns() // 1_000_000:012x}{self._ids.getrandbits(80):020x}"
 
 
-def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
+def blocked(
+    breakers: CircuitBreakers, ratelimits: RateLimits, runtime: Runtime, api: Api, now: float, client: str | None
+) -> BlockView | None:
+    """What routing must skip for this client's request: upstreams without a key or that do not
+    speak the API (per snapshot), open breakers and exhausted rate limits (live)."""
+    static = runtime.static_blocks[api.name]
+    open_breakers = breakers.active(now, client)
+    limited = ratelimits.active(now)
+    if static or open_breakers or limited:
+        return BlockView(static, open_breakers, limited)
+    return None
+
+
+def model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
     return ModelNotFound(
         f"The model '{exc.requested[:200]}' does not exist on this proxy. Valid virtual "
         f"models: {', '.join(exc.valid)}"
@@ -320,9 +336,11 @@ def _model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
     )
 
 
-async def _complete(client: UpstreamClient, payload: bytes, model: str) -> tuple[bytes, dict[str, Any]]:
-    response = await client.post(payload, stream=False, model=model)
-    return await client.read_json(response)
+async def _complete(
+    client: UpstreamClient, payload: bytes, model: str, *, path: str, content_key: str
+) -> tuple[bytes, dict[str, Any]]:
+    response = await client.post(payload, stream=False, model=model, path=path)
+    return await client.read_json(response, content_key)
 
 
 def _failed(record: RequestRecord, exc: ProxyError, plan: Plan, downgrade: str | None) -> None:
@@ -333,11 +351,6 @@ def _failed(record: RequestRecord, exc: ProxyError, plan: Plan, downgrade: str |
     exc.proxy_headers = _proxy_headers(record.request_id, plan, record.attempts, downgrade)
     exc.proxy_headers.pop("x-proxy-model", None)  # nobody answered
     record.route = exc.proxy_headers["x-proxy-route"]
-
-
-def _fill_from_payload(record: RequestRecord, payload: dict[str, Any]) -> None:
-    record.usage = Usage.from_payload(payload.get("usage"))
-    record.note_origin(payload)
 
 
 def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
@@ -363,15 +376,3 @@ def route_header(plan: Plan, attempts: list[Attempt]) -> str:
     tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
     skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
     return f"{head}: {tried}{skipped}"
-
-
-async def list_models(request: web.Request) -> web.Response:
-    """With client keys configured, a key is needed, and the list holds only what it may use."""
-    runtime = request.app[RUNTIME].current
-    client = runtime.policy.keys.authenticate(request.headers.get("Authorization"))
-    body = runtime.models_by_key.get(client.name, runtime.models_body) if client.name else runtime.models_body
-    return web.Response(body=body, content_type=JSON)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(body=b'{"status":"ok"}', content_type=JSON)

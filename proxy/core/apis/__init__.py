@@ -1,0 +1,9 @@
+"""The client APIs the proxy speaks, one `Api` each (see `proxy.core.apis.base`)."""
+
+from proxy.core.apis.base import Api, Meter
+from proxy.core.apis.chat import ChatApi
+
+CHAT = ChatApi()
+APIS: tuple[Api, ...] = (CHAT,)  # every API the proxy serves
+
+__all__ = ["APIS", "CHAT", "Api", "ChatApi", "Meter"]

@@ -11,6 +11,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -136,7 +137,9 @@ class ApiHandler:
                     await self._accountant.settle(record, reservation, policy)
                     return response
             if features.stream:
-                opening = self._own(request, runtime.executor.run(plan, body, self._open, client_key.name, api), record)
+                forwarded = api.upstream_headers(request.headers)
+                open_ = self._open if forwarded is None else functools.partial(self._open, headers=forwarded)
+                opening = self._own(request, runtime.executor.run(plan, body, open_, client_key.name, api), record)
                 try:
                     streamed = await asyncio.shield(opening)
                 except asyncio.CancelledError:  # the client left before the stream opened
@@ -169,7 +172,8 @@ class ApiHandler:
                     assembler=assembler,
                     secrets=secrets,
                 )
-            answering = self._answer(runtime, plan, body, record, admission, reservation, started)
+            forwarded = api.upstream_headers(request.headers)
+            answering = self._answer(runtime, plan, body, record, admission, reservation, started, forwarded)
             owned = True
             try:
                 raw, payload, headers = await asyncio.shield(self._own(request, answering, record))
@@ -216,12 +220,14 @@ class ApiHandler:
         admission: Admission,
         reservation: Reservation | None,
         started: float,
+        forwarded: dict[str, str] | None = None,
     ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
         """A non-streamed answer, booked once it is in (or has failed) whether or not the client
         is still there: the ledger row is committed before the handler may answer."""
         cancelled = False
         try:
-            answer = await runtime.executor.run(plan, body, self._complete, record.key_name, self._api)
+            complete = self._complete if forwarded is None else functools.partial(self._complete, headers=forwarded)
+            answer = await runtime.executor.run(plan, body, complete, record.key_name, self._api)
             headers = self._answered(record, record.request_id, plan, answer.target, answer.attempts, admission)
             raw, payload = answer.result
             record.usage = self._api.usage(payload)
@@ -337,9 +343,15 @@ def model_not_found(exc: UnknownModel, runtime: Runtime) -> ModelNotFound:
 
 
 async def _complete(
-    client: UpstreamClient, payload: bytes, model: str, *, path: str, content_key: str
+    client: UpstreamClient,
+    payload: bytes,
+    model: str,
+    *,
+    path: str,
+    content_key: str,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
-    response = await client.post(payload, stream=False, model=model, path=path)
+    response = await client.post(payload, stream=False, model=model, path=path, headers=headers)
     return await client.read_json(response, content_key)
 
 

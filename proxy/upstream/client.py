@@ -104,16 +104,23 @@ class UpstreamClient:
         return payload if isinstance(payload, dict) else None
 
     async def post(
-        self, payload: bytes, *, stream: bool, model: str, path: str = "/chat/completions"
+        self,
+        payload: bytes,
+        *,
+        stream: bool,
+        model: str,
+        path: str = "/chat/completions",
+        headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send a request to `path` (under the base URL); return a 2xx response (the caller closes
-        it) or raise UpstreamError."""
+        """Send a request to `path` (under the base URL), with `headers` on top of the session's
+        (the client headers an API forwards); return a 2xx response (the caller closes it) or raise
+        UpstreamError."""
         url = self.base_url + path
         try:
             if stream:
-                response = await self._session.post(url, data=payload, timeout=self._stream_timeout)
+                response = await self._session.post(url, data=payload, headers=headers, timeout=self._stream_timeout)
             else:
-                response = await self._session.post(url, data=payload)
+                response = await self._session.post(url, data=payload, headers=headers)
         except TimeoutError:
             raise UpstreamError(timeout_failure(f"connecting to upstream {self.name}")) from None
         except aiohttp.ClientConnectionError as exc:
@@ -218,13 +225,17 @@ class OpenedStream:
 
 
 async def open_stream(
-    client: UpstreamClient, payload: bytes, model: str, path: str = "/chat/completions"
+    client: UpstreamClient,
+    payload: bytes,
+    model: str,
+    path: str = "/chat/completions",
+    headers: Mapping[str, str] | None = None,
 ) -> OpenedStream:
     """Send a streamed request and take its first read. Read here, in the task that opened it:
     aiohttp raises a dropped connection ahead of the bytes still buffered, so a stream handed to
     another task before its first read could lose the text that did arrive. A stream that breaks
     before its first byte fails like any attempt (and the chain falls back)."""
-    response = await client.post(payload, stream=True, model=model, path=path)
+    response = await client.post(payload, stream=True, model=model, path=path, headers=headers)
     batches = iter_batches(response)
     try:
         first = await anext(batches, None)

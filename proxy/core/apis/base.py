@@ -52,6 +52,15 @@ class Api:
     cacheable: bool = False  # the response cache applies
     done: bytes | None = b"data: [DONE]\n\n"  # what ends a stream to the client (None: nothing)
     streams: bool = True
+    # Client request headers passed on to the upstream as they are (when the client sent them).
+    forwarded_headers: tuple[str, ...] = ()
+
+    def upstream_headers(self, headers: Mapping[str, str]) -> dict[str, str] | None:
+        """The client's headers this API passes on (None: none, the common case)."""
+        if not self.forwarded_headers:
+            return None
+        found = {name: headers[name] for name in self.forwarded_headers if name in headers}
+        return found or None
 
     def check(self, body: dict[str, Any]) -> None:
         """Refuse a body this API cannot serve (InvalidRequest, naming the parameter)."""

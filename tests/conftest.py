@@ -82,3 +82,10 @@ async def make_proxy(emulator, tmp_path) -> AsyncIterator[ProxyFactory]:
 @pytest.fixture
 async def proxy(make_proxy) -> Proxy:
     return await make_proxy()
+
+
+@pytest.fixture(scope="session")
+def api_schemas() -> Schemas:
+    """OpenAI's schemas of the other APIs (Responses, embeddings, completions, models), extracted
+    from its published spec into tests/schemas/ (see extract_openai.py there)."""
+    return Schemas(Path(__file__).parent / "schemas" / "openai-api-schemas.json")

@@ -156,8 +156,11 @@ def create_emulator_app(
     catalogue = catalogue if catalogue is not None else load_default_catalogue()
     app = web.Application()
     app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock)
+    from .responses import create_response  # here: that module builds on this one's helpers
+
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/responses", create_response)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/key", key_info)
         app.router.add_get(f"{prefix}/generation", generation)

@@ -105,7 +105,7 @@ async def _forward(
         # After the first byte there is no falling back: say what broke, then end cleanly.
         record.error = "stream_interrupted"
         message = redact(exc.failure.message, secrets)
-        return api.stream_error(f"The upstream stream broke off: {message}", "stream_interrupted")
+        return api.stream_error_after(meter, f"The upstream stream broke off: {message}", "stream_interrupted")
     return b""
 
 

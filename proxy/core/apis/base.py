@@ -90,6 +90,11 @@ class Api:
         error = {"message": message, "type": "upstream_error", "param": None, "code": code}
         return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
+    def stream_error_after(self, meter: Meter, message: str, code: str) -> bytes:
+        """The in-stream error event that follows what `meter` has read (for APIs whose events are
+        numbered); by default `stream_error`, which needs nothing of it."""
+        return self.stream_error(message, code)
+
     def authorization(self, headers: Mapping[str, str]) -> str | None:
         """The client's credentials as an `Authorization` header value."""
         return headers.get("Authorization")

@@ -18,10 +18,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from proxy.core.apis import APIS
 from proxy.core.apis.base import ErrorStyle
 from proxy.core.errors import ProxyError
 
 log = logging.getLogger("orproxy")
+# What a client that took a wrong turn is told the proxy serves: every API's routes.
+SERVED = ", ".join(f"POST {route}" for api in APIS for route in api.routes) + " and GET /v1/models"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -86,8 +89,7 @@ async def unknown_route(request: web.Request) -> web.Response:
 def not_found(request: web.Request) -> ProxyError:
     return _from_http(
         web.HTTPNotFound(),
-        f"No route {request.method} {request.path[:200]}; this proxy serves POST /v1/chat/completions "
-        "and GET /v1/models.",
+        f"No route {request.method} {request.path[:200]}; this proxy serves {SERVED}.",
     )
 
 

@@ -38,6 +38,7 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.config import Server as Limits
 from proxy.http.appkeys import RUNTIME
+from proxy.http.errors import SERVED
 
 log = logging.getLogger("orproxy")
 # File descriptors kept for everything but client connections: the ledger, the cache, logs, the
@@ -327,7 +328,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _router_message(request: BaseRequest, exc: web.HTTPException) -> str:
-    return f"{exc.reason}: {request.method} {request.path[:200]}; this proxy serves POST /v1/chat/completions."
+    return f"{exc.reason}: {request.method} {request.path[:200]}; this proxy serves {SERVED}."
 
 
 def _code(exc: web.HTTPException) -> str:

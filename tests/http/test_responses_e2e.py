@@ -3,6 +3,10 @@ emulator, on real sockets; every response and stream event checked against OpenA
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -242,3 +246,20 @@ async def test_a_client_key_only_reaches_its_models(make_proxy, emulator):
     with pytest.raises(openai.AuthenticationError):
         await proxy.client(api_key="wrong").responses.create(model="cheap", input="Hi")
     assert [r.model for r in emulator.state.requests] == [MISTRAL]
+
+
+async def test_the_readmes_example_runs_as_written(proxy):
+    """The README's Responses example, run with the synchronous SDK it shows (in a thread, so the
+    proxy keeps serving on this loop)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Responses (`POST /v1/responses`)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = io.StringIO()
+
+    def run() -> None:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused-without-proxy-keys", max_retries=0)
+        with contextlib.redirect_stdout(printed):
+            exec(code, {"client": client})
+
+    await asyncio.to_thread(run)
+    assert printed.getvalue() == f"[{MISTRAL}] You said: Write a haiku about retries {MISTRAL}\n"

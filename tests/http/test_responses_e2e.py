@@ -106,6 +106,8 @@ async def test_a_streamed_response_through_the_sdk(proxy, api_schemas):
 
 
 async def test_the_sdks_stream_helper_assembles_the_final_response(proxy):
+    """`responses.stream()` (the events are the wire's, checked above; the helper adds parsed
+    snapshots of its own)."""
     async with proxy.client().responses.stream(model="cheap", input="Count the waves.") as stream:
         deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
         final = await stream.get_final_response()
@@ -263,3 +265,45 @@ async def test_the_readmes_example_runs_as_written(proxy):
 
     await asyncio.to_thread(run)
     assert printed.getvalue() == f"[{MISTRAL}] You said: Write a haiku about retries {MISTRAL}\n"
+
+
+async def test_a_codex_style_agent_turn(proxy, emulator, api_schemas):
+    """What Codex sends (shape from a captured request): typed input items with a developer message,
+    an encrypted reasoning item, a function call and its output; `store: false`, `include`,
+    `reasoning`, `prompt_cache_key`, `text.verbosity`. It all reaches the upstream untouched but
+    for the model, and the answer streams back."""
+    shell = {
+        "type": "function",
+        "name": "exec_command",
+        "description": "Runs a command in a PTY.",
+        "strict": False,
+        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]},
+    }
+    body = {
+        "model": "auto",
+        "instructions": "You are a coding agent running in a terminal.",
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "<permissions/>"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List the files."}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAAABqjM81Q9Wo" * 40},
+            {"type": "function_call", "call_id": "call_1", "name": "exec_command", "arguments": '{"cmd":"ls"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "README.md proxy tests"},
+        ],
+        "tools": [shell],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "store": False,
+        "stream": True,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "0a1b2c",
+        "text": {"verbosity": "low"},
+    }
+    status, headers, raw = await post(proxy, {**body}, "/v1/responses")
+    assert status == 200 and headers["x-proxy-model"] == MISTRAL
+    events = [data for _, data in events_of(raw)]
+    for event in events:
+        check_event(api_schemas, event)
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == f"[{MISTRAL}] The tool said: README.md proxy tests"
+    assert emulator.state.requests[-1].body == {**body, "model": MISTRAL}

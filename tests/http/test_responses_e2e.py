@@ -307,3 +307,14 @@ async def test_a_codex_style_agent_turn(proxy, emulator, api_schemas):
     final = events[-1]["response"]
     assert final["output"][0]["content"][0]["text"] == f"[{MISTRAL}] The tool said: README.md proxy tests"
     assert emulator.state.requests[-1].body == {**body, "model": MISTRAL}
+
+
+async def test_a_wrong_method_or_path_names_the_responses_route(proxy, api_schemas):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy.url}/v1/responses") as response:
+            assert response.status == 405 and response.headers["Allow"] == "POST"
+        async with session.post(f"{proxy.url}/v1/respond", json={}) as response:
+            assert response.status == 404
+            payload = await response.json()
+    api_schemas.validate("ErrorResponse", payload)
+    assert "POST /v1/responses" in payload["error"]["message"]

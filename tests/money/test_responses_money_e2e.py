@@ -212,3 +212,22 @@ async def test_a_client_gone_midstream_is_reconciled_to_the_partial_bill(make_pr
     assert (row.status, row.error, row.cost_source, row.api) == (499, "client_disconnected", "reconciled", "responses")
     assert booked_nano(rows) == billed_nano(emulator)
     assert orjson.loads(seen.split(b"data: ", 1)[1].split(b"\n", 1)[0])["response"]["id"] == row.generation_id
+
+
+@pytest.mark.realtime  # the emulator's real latency holds the stream back until the client has left
+async def test_a_client_gone_before_the_stream_opened_is_booked(make_proxy, emulator):
+    """An OpenAI-shaped upstream sends nothing before its first event: the client gives up while the
+    proxy waits. The proxy still takes that first read (the generation is known from the
+    X-Generation-Id header), closes the stream and books the prompt the upstream billed."""
+    proxy = await make_proxy(MODELS + OA, reconcile_schedule=FAST)
+    emulator.state.faults.set("gpt-4o-mini", Fault(latency_s=0.3, chunk_delay_s=0.3))
+    with pytest.raises(openai.APITimeoutError):
+        await proxy.client(timeout=0.1).responses.create(model="oa", instructions="Be brief.", input=STORY, stream=True)
+    await wait_for(lambda: emulator.state.bills, message="the abandoned stream was never billed")
+    rows = await settled(proxy)
+    (row,) = rows
+    (bill,) = emulator.state.bills.values()
+    assert bill.cancelled and bill.prompt_tokens > 0 and bill.completion_tokens == 0
+    assert (row.status, row.error, row.cost_source, row.api) == (499, "client_disconnected", "estimate", "responses")
+    assert (row.model, row.generation_id) == ("gpt-4o-mini", bill.id)
+    assert booked_nano(rows) == billed_nano(emulator)

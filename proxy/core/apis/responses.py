@@ -180,8 +180,9 @@ def prompt_size(
     a token per UTF-8 byte of the prompt as JSON (`instructions`, `input` without its image parts,
     `tools`), `IMAGE_TOKENS` per image part (in a message, or in a function call's output), a few
     tokens per input item (instructions count as one) and per tool, and a JSON schema's bytes.
-    Encrypted reasoning items are counted by their bytes too, which are more than the text they
-    decrypt to."""
+    An encrypted reasoning item is counted by the bytes of its base64 ciphertext, like any text:
+    an assumption (its plaintext is not known) that the ciphertext is no shorter than the
+    reasoning tokens it carries."""
     # The common case (no image): the input as sent, serialised once.
     sent = [_without_images(item) for item in items] if images else raw_input
     text = len(orjson.dumps(sent))

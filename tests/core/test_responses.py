@@ -290,7 +290,7 @@ def test_the_proxys_error_event_follows_the_last_event_and_matches_the_schema(ap
     meter = API.meter(record(), 0.0, {})
     feed(meter, CAPTURED[:5])
     raw = API.stream_error_after(meter, "The upstream stream broke off: reset", "stream_interrupted")
-    assert raw.startswith(b"event: error\ndata: ") and raw.endswith(b"\n\n")
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2
     event = orjson.loads(raw.split(b"data: ", 1)[1])
     check_event(api_schemas, event)
     assert (event["sequence_number"], event["code"]) == (5, "stream_interrupted")

@@ -111,9 +111,12 @@ class ResponsesApi(Api):
 
 
 def error_event(message: str, code: str, sequence: int) -> bytes:
-    """OpenAI's in-stream `error` event (`ResponseErrorEvent`), with its SSE event name."""
+    """OpenAI's in-stream `error` event (`ResponseErrorEvent`) as a bare `data:` line, as OpenRouter
+    sends every event. Without an `event: error` line on purpose: openai-python 1.x reads a named
+    event other than `response.*` as `{"data": ..., "event": ...}`, so would not see this one as
+    an error event; every client, old or new, dispatches on the data's `type`."""
     event = {"type": "error", "code": code, "message": message, "param": None, "sequence_number": sequence}
-    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def check_input(value: Any) -> None:

@@ -17,7 +17,7 @@ from proxy.emulator import Fault
 from proxy.money.ledger_rows import to_nano
 from tests.support.audit import billed_nano, booked_nano, report_json, settled
 from tests.support.gateway import proxy_config_text
-from tests.support.money import CHAIN_MODEL, MODELS, seed_ledger, seed_row
+from tests.support.money import CHAIN_MODEL, MODELS, budget_block, seed_ledger, seed_row
 from tests.support.responses import check_event, events_of
 from tests.support.timing import wait_for
 
@@ -231,3 +231,12 @@ async def test_a_client_gone_before_the_stream_opened_is_booked(make_proxy, emul
     assert (row.status, row.error, row.cost_source, row.api) == (499, "client_disconnected", "estimate", "responses")
     assert (row.model, row.generation_id) == ("gpt-4o-mini", bill.id)
     assert booked_nano(rows) == billed_nano(emulator)
+
+
+async def test_the_budgets_downgrade_steps_apply(make_proxy, tmp_path):
+    ledger = tmp_path / "ledger.sqlite3"
+    await seed_ledger(ledger, seed_row("earlier", 0.045))  # 45% of a $0.10 day: the 40% step applies
+    proxy = await make_proxy(MODELS, extra=budget_block(0.10), ledger_path=ledger)
+    raw = await proxy.client().responses.with_raw_response.create(model="quality", input="Hi", max_output_tokens=50)
+    assert raw.parse().model == BALANCED
+    assert raw.headers["x-proxy-downgrade"] == "quality->balanced (step 0 at 40%)"

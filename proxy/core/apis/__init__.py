@@ -2,8 +2,9 @@
 
 from proxy.core.apis.base import Api, Meter
 from proxy.core.apis.chat import ChatApi
+from proxy.core.apis.messages import MessagesApi
 
 CHAT = ChatApi()
-APIS: tuple[Api, ...] = (CHAT,)  # every API the proxy serves
+APIS: tuple[Api, ...] = (CHAT, MessagesApi())  # every API the proxy serves
 
 __all__ = ["APIS", "CHAT", "Api", "ChatApi", "Meter"]

@@ -45,7 +45,7 @@ class MessagesMeter:
     """Reads each event of a Messages stream into the request's record as it passes. Every event
     goes on to the client (pings included: Anthropic's clients expect them); the usage is set only
     from `message_delta`, so a stream cut before it is billed from its text, never from the start's
-    partial figures."""
+    partial figures (whose input count, when it gives one, replaces the prompt's estimate)."""
 
     __slots__ = ("_record", "_start", "_started")
 
@@ -93,6 +93,9 @@ class MessagesMeter:
         usage = message.get("usage")
         if isinstance(usage, dict):
             self._start = {name: value for name, value in usage.items() if value is not None}
+            counted = messages_usage(self._start)
+            if counted is not None and counted.prompt_tokens:  # Anthropic's count beats any estimate
+                self._record.prompt_estimate = counted.prompt_tokens
 
 
 def _delta_bytes(delta: Any) -> int:

@@ -63,7 +63,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 async def _read(request: web.Request, state: EmulatorState) -> tuple[dict[str, Any], ModelInfo] | web.Response:
     """The body and its model, or the error OpenRouter's Messages API answers (Anthropic's shape)."""
     header = request.headers.get("Authorization", "")
-    key = header[7:].strip() if header.startswith("Bearer ") else request.headers.get("x-api-key", "").strip()
+    key = header[7:].strip() if header.startswith("Bearer ") else ""  # OpenRouter documents a bearer token only
     if not key:
         return _error(401, "No auth credentials found")
     if state.api_key is not None and key != state.api_key:

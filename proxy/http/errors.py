@@ -99,10 +99,10 @@ def style_of(path: str) -> ErrorStyle:
 
 
 def not_found(request: web.Request) -> ProxyError:
+    served = ", ".join(route for api in APIS for route in api.routes)
     return _from_http(
         web.HTTPNotFound(),
-        f"No route {request.method} {request.path[:200]}; this proxy serves POST /v1/chat/completions "
-        "and GET /v1/models.",
+        f"No route {request.method} {request.path[:200]}; this proxy serves POST {served} and GET /v1/models.",
     )
 
 

@@ -15,6 +15,7 @@ from proxy.core.apis.messages import measure_prompt
 from proxy.emulator import Fault
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.gateway import _TLS, UPSTREAM_KEY, Proxy
+from tests.support.timing import wait_for
 
 HELLO = [{"role": "user", "content": "Say hello in five words."}]
 SONNET, MINI, HAIKU = "anthropic/claude-sonnet-4.5", "openai/gpt-4o-mini", "anthropic/claude-3-haiku"
@@ -235,6 +236,7 @@ async def test_members_on_an_upstream_without_the_messages_api_are_skipped(make_
     with pytest.raises(anthropic.APIStatusError) as refused:
         await client(proxy).messages.create(model="openai_only", max_tokens=50, messages=HELLO)
     anthropic_schemas.validate("ErrorResponse", refused.value.body)
+    assert "upstream does not serve messages" in refused.value.message
     assert "unsupported_api" in refused.value.response.headers["x-proxy-route"]
     assert [r.path for r in emulator.state.requests] == ["/api/v1/messages"]  # nothing went to /v1/messages
 
@@ -287,6 +289,24 @@ async def test_a_stream_broken_upstream_is_estimated_then_reconciled_to_the_bill
     assert all(r.estimate_usd is not None and r.estimate_usd > 0 for r in rows)  # booked as an estimate first
     assert booked_nano(rows) == billed_nano(emulator)
     assert all(bill.completion_tokens > 0 for bill in emulator.state.bills.values())
+
+
+@pytest.mark.realtime  # the emulator's real pauses between events keep the stream going when the client leaves
+async def test_a_client_gone_midstream_is_reconciled_to_the_partial_bill(make_proxy, emulator):
+    proxy = await make_proxy(reconcile_schedule=FAST)
+    emulator.state.faults.set(SONNET, Fault(chunk_delay_s=0.05))
+    body = {"model": "quality", "max_tokens": 200, "messages": HELLO, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{proxy.url}/v1/messages", json=body)
+        while b"content_block_delta" not in await response.content.readuntil(b"\n\n"):
+            pass
+        response.close()
+    await wait_for(lambda: emulator.state.bills, message="the cancelled stream was never billed")
+    (row,) = await settled(proxy)
+    (bill,) = emulator.state.bills.values()
+    assert bill.cancelled and bill.completion_tokens > 0
+    assert (row.api, row.status, row.error, row.cost_source) == ("messages", 499, "client_disconnected", "reconciled")
+    assert booked_nano([row]) == billed_nano(emulator)
 
 
 async def test_tools_in_a_stream_and_the_answer_to_their_result(proxy, emulator, anthropic_schemas):

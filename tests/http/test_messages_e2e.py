@@ -118,6 +118,20 @@ async def test_a_stream_through_the_sdk_and_on_the_wire(proxy, emulator, anthrop
     assert booked_nano(rows) == billed_nano(emulator)
 
 
+@pytest.mark.parametrize(
+    ("extra", "routed_to"),
+    [
+        ({"extra_headers": {"X-Task-Type": "code_generation"}}, "code"),
+        ({"extra_body": {"metadata": {"task": "complex_analysis"}}}, "quality"),
+        ({"system": "Context: " + "lorem ipsum dolor " * 300}, "balanced"),  # prompt_tokens_over: 4000
+        ({}, "cheap"),
+    ],
+)
+async def test_rules_route_a_message_by_its_own_features(proxy, extra, routed_to):
+    raw = await client(proxy).messages.with_raw_response.create(model="auto", max_tokens=50, messages=HELLO, **extra)
+    assert raw.headers["x-proxy-route"].startswith(f"auto>{routed_to}: ")
+
+
 async def test_count_tokens_is_answered_by_the_proxy_and_costs_nothing(proxy, emulator, anthropic_schemas):
     sdk = client(proxy)
     body = {"model": "quality", "messages": HELLO, "system": "Be brief.", "tools": [WEATHER]}

@@ -29,6 +29,12 @@ def schemas() -> Schemas:
     return Schemas(SPEC)
 
 
+@pytest.fixture(scope="session")
+def anthropic_schemas() -> Schemas:
+    """Anthropic's Messages schemas, extracted from its official SDK (tests/schemas/extract_anthropic.py)."""
+    return Schemas(Path(__file__).parent / "schemas" / "anthropic-messages-schemas.json")
+
+
 @pytest.fixture
 async def emulator(aiohttp_server) -> Emulator:
     app = create_emulator_app(api_key=UPSTREAM_KEY)

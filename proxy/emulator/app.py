@@ -164,6 +164,9 @@ def create_emulator_app(
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/key", key_info)
         app.router.add_get(f"{prefix}/generation", generation)
+    from .messages import register as register_messages  # here: that module builds on this one
+
+    register_messages(app)  # POST /api/v1/messages
     app.router.add_routes(
         [
             web.get("/_emulator/faults", get_faults),

@@ -31,6 +31,8 @@ from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
 from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
+from proxy.http.count_tokens import ROUTE as COUNT_TOKENS
+from proxy.http.count_tokens import count_tokens
 from proxy.http.errors import openai_errors, unknown_route
 from proxy.http.inflight import InFlight
 from proxy.http.routes import explain_route, healthz, list_models, retrieve_model
@@ -117,6 +119,8 @@ def create_app(
         for route in api.routes:
             app.router.add_post(route, handler)
             app.router.add_post("/api" + route, handler)  # clients configured with OpenRouter's own paths
+    for route in (COUNT_TOKENS, "/api" + COUNT_TOKENS):  # answered here: OpenRouter has no count_tokens
+        app.router.add_post(route, openai_errors(count_tokens, "anthropic"))
     app.router.add_post("/v1/route/explain", openai_errors(explain_route))
     for prefix in ("/v1", "/api/v1"):
         app.router.add_get(f"{prefix}/models", openai_errors(list_models))

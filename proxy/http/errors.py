@@ -28,7 +28,10 @@ SERVED = ", ".join(f"POST {route}" for api in APIS for route in api.routes) + " 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# Anthropic's error types by HTTP status (its SDKs pick the exception class from the status too).
+# Anthropic's error types by HTTP status, as its errors page lists them (its SDKs pick the
+# exception class from the status too); other 4xx are `invalid_request_error`, other 5xx
+# `api_error`. 503 (every member cooling down) is `overloaded_error`, as OpenRouter's Messages
+# API maps an overloaded provider; 408 (a client's body too slow) is a timeout like 504's.
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -38,6 +41,8 @@ ANTHROPIC_TYPES = {
     408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 
@@ -82,8 +87,17 @@ async def unknown_route(request: web.Request) -> web.Response:
             web.HTTPMethodNotAllowed(request.method, sorted(allowed)),
             f"Method {request.method} is not allowed on {request.path}; use {', '.join(sorted(allowed))}.",
         )
-        return error_response(error, None, {"Allow": ", ".join(sorted(allowed))})
-    return error_response(not_found(request), None)
+        return error_response(error, None, {"Allow": ", ".join(sorted(allowed))}, style=style_of(request.path))
+    return error_response(not_found(request), None, style=style_of(request.path))
+
+
+def style_of(path: str) -> ErrorStyle:
+    """The error shape of the API a path belongs to (`/v1/messages/batches` is Anthropic's)."""
+    path = path.removeprefix("/api")
+    for api in APIS:
+        if api.error_style != "openai" and any(path == r or path.startswith(r + "/") for r in api.routes):
+            return api.error_style
+    return "openai"
 
 
 def not_found(request: web.Request) -> ProxyError:
@@ -113,13 +127,14 @@ def error_response(
         headers.update(exc.proxy_headers)
     if extra:
         headers.update(extra)
-    body = exc.body() if style == "openai" else anthropic_body(exc)
+    body = exc.body() if style == "openai" else anthropic_body(exc, headers["x-request-id"])
     return web.Response(status=exc.status, body=body, headers=headers)
 
 
-def anthropic_body(exc: ProxyError) -> bytes:
+def anthropic_body(exc: ProxyError, request_id: str | None = None) -> bytes:
+    """`{"type": "error", "error": {type, message}, "request_id"}`: the request id is the one in `x-request-id`."""
     kind = ANTHROPIC_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
-    return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}})
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": exc.message}, "request_id": request_id})
 
 
 def header_value(text: str, limit: int = 512) -> str:

@@ -2,9 +2,10 @@
 
 from proxy.core.apis.base import Api, Meter
 from proxy.core.apis.chat import ChatApi
+from proxy.core.apis.messages import MessagesApi
 from proxy.core.apis.responses import ResponsesApi
 
 CHAT = ChatApi()
-APIS: tuple[Api, ...] = (CHAT, ResponsesApi())  # every API the proxy serves
+APIS: tuple[Api, ...] = (CHAT, ResponsesApi(), MessagesApi())  # every API the proxy serves
 
 __all__ = ["APIS", "CHAT", "Api", "ChatApi", "Meter"]

@@ -11,6 +11,7 @@ from proxy.config import parse_config
 from proxy.emulator import create_emulator_app
 from proxy.http.app import create_app
 from tests.support.gateway import (
+    API_SPEC,
     SPEC,
     UPSTREAM_KEY,
     Emulator,
@@ -27,6 +28,13 @@ def schemas() -> Schemas:
     if not SPEC.exists():
         pytest.fail(f"OpenAI schemas not found at {SPEC}; the tests need ../shared/spec beside the repo")
     return Schemas(SPEC)
+
+
+@pytest.fixture(scope="session")
+def openai_api_schemas() -> Schemas:
+    """OpenAI's schemas of its other APIs (embeddings, legacy completions, Responses, models), from
+    tests/schemas/openai-api-schemas.json (see extract_openai.py there for the source)."""
+    return Schemas(API_SPEC)
 
 
 @pytest.fixture

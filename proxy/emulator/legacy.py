@@ -4,7 +4,8 @@ Under `/api/v1`, OpenRouter's shape: `provider`, `native_finish_reason` and `usa
 PROCESSING` comments while the model thinks, a usage chunk with `"choices": []` at the end of every
 stream, and a mid-stream error as a chunk with a top-level `error` and `finish_reason: "error"`.
 Under `/v1`, OpenAI's: none of those; the usage chunk only with `stream_options.include_usage`
-(and then `"usage": null` in every other chunk), and a mid-stream error as `{"error": {...}}` alone.
+(the other chunks have no `usage`: unlike chat's, the spec's is an object, never null), and a
+mid-stream error as `{"error": {...}}` alone.
 
 Replies come from the chat emulator's planner (the prompt read as one user message); the prompt
 is counted as the chat emulator counts messages: a token per four bytes of its JSON (and of a
@@ -199,7 +200,7 @@ class LegacyFrames(Frames):
 
     def _frame(self, choices: list[dict[str, Any]], *, usage: dict[str, Any] | None = None) -> bytes:
         tail = b',"choices":' + orjson.dumps(choices)
-        if usage is not None or (self._include_usage and not self.openrouter):  # OpenAI: `"usage": null` till the last
+        if usage is not None:  # only the last chunk: the spec's `usage` is an object, never null
             tail += b',"usage":' + orjson.dumps(usage)
         return self._head + tail + b"}\n\n"
 

@@ -91,6 +91,14 @@ async def test_include_usage_brings_the_usage_chunk(proxy, emulator, chunk_schem
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (bill.prompt_tokens, bill.completion_tokens)
 
 
+async def test_openrouters_own_path_is_served_too(proxy, emulator, openai_api_schemas):
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{proxy.url}/api/v1/completions", json={"model": "cheap", "prompt": PROMPT})
+        body = await response.json()
+    openai_api_schemas.validate("CreateCompletionResponse", body)
+    assert response.headers["x-proxy-model"] == MISTRAL and body["choices"][0]["text"]
+
+
 async def test_an_explicit_include_usage_false_is_honoured_on_an_openai_upstream(proxy, emulator):
     body = {"model": "oa", "prompt": PROMPT, "stream": True, "stream_options": {"include_usage": False}}
     async with aiohttp.ClientSession() as http:

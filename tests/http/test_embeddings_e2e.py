@@ -170,3 +170,15 @@ async def test_metrics_carry_the_embeddings_api_label(proxy, emulator):
     assert cost == pytest.approx(bill.cost, rel=1e-12)
     tokens = {"model": SMALL, "kind": "prompt", "api": "embeddings"}
     assert registry.get_sample_value("orproxy_tokens_total", tokens) == bill.prompt_tokens
+
+
+async def test_the_model_list_says_which_kind_each_virtual_model_is(proxy, openai_api_schemas):
+    embed = await proxy.client().models.retrieve("embed")
+    openai_api_schemas.validate("Model", embed.model_dump(exclude_unset=True))
+    assert (embed.model_extra or {})["kind"] == "embeddings"
+    listed = {m.id: (m.model_extra or {}).get("kind") async for m in proxy.client().models.list()}
+    assert {name: listed[name] for name in ("embed", "cheap", "quality")} == {
+        "embed": "embeddings",
+        "cheap": "chat",
+        "quality": "chat",
+    }

@@ -146,6 +146,9 @@ def test_embedding_features_reserve_the_input_and_no_completion():
         ({"prompt": "x", "max_tokens": 100, "n": 3}, 300),
         ({"prompt": "x", "max_tokens": 100, "n": 2, "best_of": 5}, 500),  # best_of candidates are billed too
         ({"prompt": "x", "max_tokens": 0}, None),
+        ({"prompt": ["a", "b", "c"], "max_tokens": 10, "n": 2}, 60),  # a batch: a completion per prompt
+        ({"prompt": [[1, 2], [3]], "max_tokens": 10}, 20),
+        ({"prompt": [1, 2, 3], "max_tokens": 10}, 10),  # one prompt, as token ids
     ],
 )
 def test_a_completions_worst_case_counts_every_choice(body, max_tokens):
@@ -156,7 +159,11 @@ def test_completion_features_measure_prompt_and_suffix_as_the_emulator_does():
     body = {"model": "cheap", "prompt": "Once upon a time 🌊", "suffix": "The end.", "stream": True}
     features = COMPLETIONS.features(body, {})
     size = len(orjson.dumps(body["prompt"])) + len(orjson.dumps(body["suffix"]))
-    assert (features.prompt_tokens, features.prompt_estimate) == (size, text_tokens(size))
+    assert features.prompt_estimate == text_tokens(size)  # the emulator's count: a cut stream is billed so
+    # The bound also covers the prompt as the chat message a chat model reads: as chat's bound counts it.
+    as_chat = CHAT.features({"model": "cheap", "messages": [{"role": "user", "content": body["prompt"]}]}, {})
+    assert features.prompt_tokens >= as_chat.prompt_tokens + len(orjson.dumps(body["suffix"]))
+    assert features.prompt_tokens >= size
     assert (features.kind, features.stream, features.last_user_text) == ("chat", True, body["prompt"])
 
 

@@ -18,9 +18,13 @@ import orjson
 from proxy.core.apis.base import check_model, check_stream, positive_int, task_of
 from proxy.core.apis.chat import ChatApi, wants_usage
 from proxy.core.errors import InvalidRequest
-from proxy.core.features import CHARS_PER_TOKEN, RequestFeatures
+from proxy.core.features import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, RequestFeatures
 from proxy.core.record import RequestRecord
 from proxy.core.sse import StreamMeter
+
+# What a prompt grows by as the user message a chat model reads it as: the message's JSON around its
+# text (`[{"role":"user","content":}]`, as chat's bound counts it) and the template's role markers.
+PROMPT_AS_MESSAGE = len(b'[{"role":"user","content":}]') + MESSAGE_OVERHEAD_TOKENS
 
 
 class CompletionsApi(ChatApi):
@@ -45,7 +49,9 @@ class CompletionsApi(ChatApi):
         return RequestFeatures(
             task=task_of(body, headers),
             stream=body.get("stream") is True,
-            prompt_tokens=text,  # a token per byte of the prompt as JSON bounds every tokenizer
+            # A token per byte of the prompt as JSON, and of the chat message each prompt becomes on a
+            # chat model (its JSON keys and template, as chat's bound counts them), bounds any tokenizer.
+            prompt_tokens=text + PROMPT_AS_MESSAGE * len(prompts_of(prompt)),
             last_user_text=_last_text(prompt),
             max_tokens=completion_bound(body),
             # The emulator's count too, so a stream cut on an OpenAI upstream is billed as it bills.
@@ -75,12 +81,21 @@ def check_prompt(prompt: Any) -> None:
 
 def completion_bound(body: Mapping[str, Any]) -> int | None:
     """The most completion tokens the request can be billed for: `max_tokens` for each of `n`
-    choices (or `best_of` candidates, generated and billed even when not returned). None when
-    the client set no `max_tokens`: the model's own cap then decides."""
+    choices (or `best_of` candidates, generated and billed even when not returned) of each prompt
+    of a batch. None when the client set no `max_tokens`: the model's own cap then decides."""
     limit = positive_int(body.get("max_tokens"))
     if limit is None:
         return None
-    return limit * max(positive_int(body.get("n")) or 1, positive_int(body.get("best_of")) or 1)
+    choices = max(positive_int(body.get("n")) or 1, positive_int(body.get("best_of")) or 1)
+    return limit * choices * len(prompts_of(body.get("prompt")))
+
+
+def prompts_of(prompt: Any) -> list[Any]:
+    """The prompts of a request: an array of strings, or of token-id arrays, is a batch (a completion
+    each); a string, or one array of token ids, is one prompt."""
+    if isinstance(prompt, list) and prompt and not all(_is_int(item) for item in prompt):
+        return prompt
+    return [prompt]
 
 
 class CompletionsMeter(StreamMeter):

@@ -11,6 +11,7 @@ from proxy.config import parse_config
 from proxy.emulator import create_emulator_app
 from proxy.http.app import create_app
 from tests.support.gateway import (
+    API_SPEC,
     SPEC,
     UPSTREAM_KEY,
     Emulator,
@@ -33,6 +34,13 @@ def schemas() -> Schemas:
 def anthropic_schemas() -> Schemas:
     """Anthropic's Messages schemas, extracted from its official SDK (tests/schemas/extract_anthropic.py)."""
     return Schemas(Path(__file__).parent / "schemas" / "anthropic-messages-schemas.json")
+
+
+@pytest.fixture(scope="session")
+def openai_api_schemas() -> Schemas:
+    """OpenAI's schemas of its other APIs (embeddings, legacy completions, Responses, models), from
+    tests/schemas/openai-api-schemas.json (see extract_openai.py there for the source)."""
+    return Schemas(API_SPEC)
 
 
 @pytest.fixture
@@ -88,10 +96,3 @@ async def make_proxy(emulator, tmp_path) -> AsyncIterator[ProxyFactory]:
 @pytest.fixture
 async def proxy(make_proxy) -> Proxy:
     return await make_proxy()
-
-
-@pytest.fixture(scope="session")
-def api_schemas() -> Schemas:
-    """OpenAI's schemas of the other APIs (Responses, embeddings, completions, models), extracted
-    from its published spec into tests/schemas/ (see extract_openai.py there)."""
-    return Schemas(Path(__file__).parent / "schemas" / "openai-api-schemas.json")

@@ -192,6 +192,7 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     """As the proxy would decide now, with the same catalogue and the same policy it builds, minus
     the live state (cooldowns, rate limits) only the running proxy knows."""
     from proxy.core.budget import SpendCounters
+    from proxy.core.errors import InvalidRequest
     from proxy.core.explain import explain
     from proxy.core.policy import Policy
     from proxy.core.routing import UnknownModel
@@ -213,6 +214,9 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
         return explain(policy, body, headers, key=args.key, blocked=None, now=now)
     except UnknownModel as exc:
         print(f"orproxy: unknown model '{exc.requested}'; valid: {', '.join(exc.valid)}", file=sys.stderr)
+        return None
+    except InvalidRequest as exc:  # an embeddings model: explain decides for chat bodies
+        print(f"orproxy: {exc.message}", file=sys.stderr)
         return None
 
 

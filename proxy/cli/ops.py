@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy.config import Config, ConfigError, load_config
-from proxy.core.pricing import PriceBook
+from proxy.core.pricing import Catalogue, PriceBook
 from proxy.core.routing import Router
 from proxy.money.catalogue import (
     DEFAULT_CACHE,
@@ -22,6 +22,7 @@ from proxy.money.catalogue import (
     build_models_view,
     fetch_catalogue,
     load_catalogue_source,
+    model_kinds,
     openrouter_base_url,
     render_models,
     write_cache,
@@ -162,6 +163,9 @@ def _refresh(config: Config | None, cache: Path, timeout_s: float) -> int:
         f"fetched {len(document['data'])} models from {document['source']} into {cache}, "
         f"{order} the top-weekly order, at {document['fetched_at']}"
     )
+    if document.get("embeddings_source"):
+        embedding = sum(model_kinds(Catalogue.parse(document)).get(m["id"]) == "embeddings" for m in document["data"])
+        print(f"including {embedding} embedding models from {document['embeddings_source']}")
     if config is not None and config.pricing.catalogue:
         print(f"note: the config pins pricing.catalogue={config.pricing.catalogue}; it keeps pricing from that file")
     return 0

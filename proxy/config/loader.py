@@ -10,6 +10,7 @@ edit in one pass.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from proxy.config.schema import (
     Config,
     RoutingPart,
+    VirtualModel,
 )
 from proxy.config.yamlsrc import Path, SourceIssue, YamlDocument, YamlSyntaxError, parse_yaml
 
@@ -64,6 +66,8 @@ def _check_references(config: Config | RoutingPart) -> list[SourceIssue]:
                         f"(known: {', '.join(sorted(config.models))})",
                     )
                 )
+            elif config.models[rule.to].kind != model.kind:
+                issues.append(SourceIssue((*path, "to"), _kind_mismatch("routes", name, rule.to, config.models)))
             if rule.when.is_catch_all() and index < len(model.route or ()) - 1:
                 issues.append(
                     SourceIssue(path, "matches every request, so the rules after it can never match; move it last")
@@ -98,6 +102,8 @@ def _check_money_references(config: Config) -> list[SourceIssue]:
                         f"`chain` (known: {', '.join(sorted(chains))})",
                     )
                 )
+            elif source in config.models and config.models[source].kind != config.models[target].kind:
+                issues.append(SourceIssue(path, _kind_mismatch("steps", source, target, config.models)))
     for index, key in enumerate(config.keys):
         for position, name in enumerate(key.models or ()):
             if name not in config.models:
@@ -108,6 +114,15 @@ def _check_money_references(config: Config) -> list[SourceIssue]:
                     )
                 )
     return issues
+
+
+def _kind_mismatch(verb: str, source: str, target: str, models: Mapping[str, VirtualModel]) -> str:
+    """A route or a budget step that would send one kind of request to the other kind's models."""
+    kind, other = models[source].kind, models[target].kind
+    return (
+        f"{verb} '{source}' (kind: {kind}) to '{target}' (kind: {other}): {kind} requests can only be "
+        f"served by {kind} models; pick a target of kind {kind}"
+    )
 
 
 def _find_loops(config: Config | RoutingPart) -> list[SourceIssue]:

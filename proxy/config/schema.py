@@ -111,8 +111,19 @@ class Rule(_Frozen):
     to: str = Field(min_length=1)
 
 
+ModelKind = Literal["chat", "embeddings"]
+
+
 class VirtualModel(_Frozen):
     description: str = ""
+    # What its chain holds: chat models (chat, Responses, Messages, legacy completions) or
+    # embedding models (POST /v1/embeddings); a request of the other kind is refused with a 400.
+    kind: ModelKind = Field("chat", description="chat | embeddings: the kind of models its chain holds")
+    # auto: a request to an Anthropic-family member on OpenRouter gets a top-level `cache_control`
+    # (OpenRouter's automatic prompt caching) when the client marked nothing for caching itself.
+    prompt_cache: Literal["off", "auto"] = Field(
+        "off", description="auto: add OpenRouter's top-level cache_control for Anthropic-family members"
+    )
     chain: (
         tuple[Annotated[ChainMember, BeforeValidator(_member_shorthand, json_schema_input_type=str | ChainMember)], ...]
         | None
@@ -127,6 +138,8 @@ class VirtualModel(_Frozen):
             raise ValueError("`chain` must list at least one model")
         if self.route is not None and not self.route:
             raise ValueError("`route` must list at least one rule")
+        if self.kind == "embeddings" and self.prompt_cache == "auto":
+            raise ValueError("`prompt_cache: auto` applies to chat models; an embeddings model has no prompt to cache")
         return self
 
 

@@ -8,7 +8,7 @@ No IO: the only state touched is the in-memory spend book.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.config import DowngradeStep
 from proxy.core.budget import Refusal, Reservation
@@ -76,7 +76,7 @@ def _cheapest_plan(
 ) -> tuple[Plan, float] | None:
     """The chain model whose worst case is lowest for this very request."""
     best: tuple[Plan, float] | None = None
-    for name in router.chain_models:
+    for name in router.chain_models_of(features.kind):
         plan = router.plan(name, features, blocked)
         if not plan.targets:
             continue
@@ -87,10 +87,7 @@ def _cheapest_plan(
         return None
     requested = original.requested
     plan = best[0]
-    rewritten = Plan(
-        requested, plan.chain_owner, plan.steps, plan.targets, plan.skipped, ((requested, plan.chain_owner or ""),)
-    )
-    return rewritten, best[1]
+    return replace(plan, requested=requested, rewrites=((requested, plan.chain_owner or ""),)), best[1]
 
 
 def _describe(plan: Plan, why: str) -> str | None:

@@ -39,6 +39,7 @@ class RequestFeatures:
     last_user_text: str = ""
     max_tokens: int | None = None
     prompt_estimate: int = 0  # a typical count (`PromptSize.estimate`): bills a stream cut before its usage
+    kind: str = "chat"  # the kind of virtual model that may serve it (`models.NAME.kind`): chat | embeddings
 
 
 def extract_features(body: Mapping[str, Any], headers: Mapping[str, str]) -> RequestFeatures:

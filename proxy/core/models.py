@@ -24,6 +24,7 @@ def model_entries(config: Config, created: int, allowed: frozenset[str] | None =
             "created": created,
             "owned_by": "openrouter-proxy",
             "virtual": True,
+            "kind": model.kind,  # chat | embeddings: which API it serves
             "description": model.description,
         }
         if model.chain is not None:

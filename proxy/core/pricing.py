@@ -156,9 +156,12 @@ class PriceBook:
         return found[0].cost_of(tokens) if found else 0.0
 
     def worst_case(self, model: str, prompt_tokens: int, max_tokens: int | None) -> float:
-        """The most a request can cost on `model`: for budget reservations."""
+        """The most a request can cost on `model`: for budget reservations. `max_tokens` None: as
+        many completion tokens as the model may write; 0: none (an embeddings request)."""
         price = self.price_or_dearest(model)
-        completion = max_tokens or price.max_completion_tokens or DEFAULT_MAX_COMPLETION_TOKENS
+        completion = (
+            max_tokens if max_tokens is not None else price.max_completion_tokens or DEFAULT_MAX_COMPLETION_TOKENS
+        )
         return price.cost(prompt_tokens, completion)
 
 

@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.config import Config, When
+from proxy.core.errors import InvalidRequest
 from proxy.core.features import RequestFeatures
 
 # OpenRouter slugs look like vendor/model[:variant]; anything else that is not a
 # virtual model is a typo, and gets a 404 naming the valid names.
 DIRECT_SLUG = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-:+]+$")
+# What each kind of virtual model (`models.NAME.kind`) serves, for the 400 a request of the other kind gets.
+KIND_SERVES = {
+    "chat": "chat requests (chat completions, Responses, Messages, legacy completions)",
+    "embeddings": "POST /v1/embeddings",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class Plan:
     targets: tuple[Target, ...] = ()
     skipped: tuple[tuple[Target, Block], ...] = field(default=())
     rewrites: tuple[tuple[str, str], ...] = ()  # budget downgrades applied: (from, to)
+    prompt_cache: bool = False  # the chain's owner has `prompt_cache: auto`
 
     @property
     def direct(self) -> bool:
@@ -102,6 +109,16 @@ class Router:
         }
         self.virtual_models: tuple[str, ...] = tuple(config.models)
         self.chain_models: tuple[str, ...] = tuple(self._chains)
+        self._kinds: dict[str, str] = {name: vm.kind for name, vm in config.models.items()}
+        self._prompt_cache = frozenset(name for name, vm in config.models.items() if vm.prompt_cache == "auto")
+
+    def chain_models_of(self, kind: str) -> tuple[str, ...]:
+        """The virtual models with a chain that serve requests of `kind` (chat | embeddings)."""
+        return tuple(name for name in self.chain_models if self._kinds[name] == kind)
+
+    def kind_of(self, name: str) -> str | None:
+        """A virtual model's kind; None for a name that is not one."""
+        return self._kinds.get(name)
 
     def chain_of(self, name: str) -> tuple[Target, ...]:
         return self._chains.get(name, ())
@@ -134,20 +151,27 @@ class Router:
         """The ordered targets for a request. `rewrite` is a budget step's map (virtual -> cheaper
         virtual, "*" for any): it applies to the requested name and to the model routing lands on."""
         rewrites: tuple[tuple[str, str], ...] = ()
-        name = requested
+        name, kind = requested, features.kind
+        if self._kinds.get(requested, kind) != kind:
+            raise self._wrong_kind(requested, kind)
         if rewrite:
             if requested not in self._config.models:
                 self.resolve(requested, features)  # an unknown name stays a 404, budget or not
             swapped = rewrite.get(requested) or rewrite.get("*")
-            if swapped and swapped != requested:
+            # "*" steps every model down, but only to one of the request's kind: an embeddings
+            # request stepped down to a chat chain would fail on every member.
+            if swapped and swapped != requested and self._kinds.get(swapped) == kind:
                 name, rewrites = swapped, ((requested, swapped),)
         owner, steps = self.resolve(name, features)
-        if rewrite and owner and owner != name and rewrite.get(owner, owner) != owner:
-            rewrites += ((owner, rewrite[owner]),)
-            owner = rewrite[owner]
+        if rewrite and owner and owner != name:
+            stepped = rewrite.get(owner, owner)
+            if stepped != owner and self._kinds.get(stepped) == kind:
+                rewrites += ((owner, stepped),)
+                owner = stepped
         chain = self._chains[owner] if owner else (Target(requested, self._config.direct_upstream),)
+        cache = owner in self._prompt_cache
         if not blocked:
-            return Plan(requested, owner, steps, chain, (), rewrites)
+            return Plan(requested, owner, steps, chain, (), rewrites, cache)
         targets, skipped = [], []
         for target in chain:
             block = blocked.get(target)
@@ -155,7 +179,23 @@ class Router:
                 targets.append(target)
             else:
                 skipped.append((target, block))
-        return Plan(requested, owner, steps, tuple(targets), tuple(skipped), rewrites)
+        return Plan(requested, owner, steps, tuple(targets), tuple(skipped), rewrites, cache)
+
+    def _wrong_kind(self, name: str, wanted: str) -> InvalidRequest:
+        """A 400 that names the model's kind, what it serves, and the models of the kind wanted."""
+        kind = self._kinds[name]
+        right = sorted(n for n, k in self._kinds.items() if k == wanted)
+        return InvalidRequest(
+            f"The model '{name}' is {_a(kind)} model (models.{name}.kind: {kind}): it serves {KIND_SERVES[kind]}, "
+            f"not {KIND_SERVES[wanted]}. Use {_a(wanted)} model"
+            + (f": {', '.join(right)}." if right else "; this proxy has none configured."),
+            param="model",
+            code="model_kind_mismatch",
+        )
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def rule_matches(when: When, f: RequestFeatures) -> bool:

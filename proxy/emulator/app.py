@@ -21,13 +21,14 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .billing import Bill, Charge, cacheable_prefix, generation_data, text_tokens
+from .billing import CACHE_MIN_TOKENS, Bill, Charge, cacheable_prefix, generation_data, message_prefixes, text_tokens
 from .completions import (
     ModelInfo,
     Reply,
     completion_body,
     error_body,
     index_catalogue,
+    is_embedding_model,
     key_data,
     plan_reply,
     usage_for,
@@ -94,6 +95,8 @@ class EmulatorState:
 
     def charge(self, body: dict[str, Any], model: ModelInfo, reply: Reply) -> Charge:
         """What a whole answer to `body` is charged, reading or writing the prompt cache."""
+        if model.provider == "Anthropic" and isinstance(body.get("cache_control"), dict):
+            return self._auto_cached(body["messages"], model, reply)
         cached = written = 0
         prefix = cacheable_prefix(body["messages"])
         if prefix is not None:
@@ -103,6 +106,22 @@ class EmulatorState:
             else:
                 self.prompt_cache.add(key)
                 written = min(prefix[1], reply.prompt_tokens) if model.cache_write_price is not None else 0
+        return Charge(reply.prompt_tokens, reply.completion_tokens, cached, written)
+
+    def _auto_cached(self, messages: list[Any], model: ModelInfo, reply: Reply) -> Charge:
+        """Automatic caching (a top-level `cache_control`): the longest whole-message prefix cached
+        before is read, and the whole prompt is written for the next turn."""
+        cached = 0
+        prefixes = message_prefixes(messages)
+        for text, tokens in prefixes:
+            if (model.id, text) in self.prompt_cache:
+                cached = min(tokens, reply.prompt_tokens)
+                break
+        text, tokens = prefixes[0]
+        written = 0
+        if (model.id, text) not in self.prompt_cache and tokens >= CACHE_MIN_TOKENS:
+            self.prompt_cache.add((model.id, text))
+            written = max(0, min(tokens, reply.prompt_tokens) - cached) if model.cache_write_price is not None else 0
         return Charge(reply.prompt_tokens, reply.completion_tokens, cached, written)
 
     def bill(
@@ -156,7 +175,11 @@ def create_emulator_app(
     catalogue = catalogue if catalogue is not None else load_default_catalogue()
     app = web.Application()
     app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock)
-    from .responses import create_response  # here: that module builds on this one's helpers
+    # Here, not at the top: these modules build on this one's helpers.
+    from .embeddings import add_embedding_routes
+    from .legacy import add_completion_routes
+    from .messages import register as register_messages
+    from .responses import create_response
 
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
@@ -164,8 +187,8 @@ def create_emulator_app(
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/key", key_info)
         app.router.add_get(f"{prefix}/generation", generation)
-    from .messages import register as register_messages  # here: that module builds on this one
-
+        add_embedding_routes(app.router, prefix)
+        add_completion_routes(app.router, prefix)
     register_messages(app)  # POST /api/v1/messages
     app.router.add_routes(
         [
@@ -274,6 +297,8 @@ def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) 
     model = state.models.get(model_id)
     if model is None:
         return _error(400, f"{model_id} is not a valid model ID")
+    if model.embeddings:
+        return _error(400, f"{model_id} is an embeddings model: send it to /embeddings")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _error(400, "Input required: `messages` must be a non-empty array")
@@ -403,7 +428,12 @@ async def _break_stream(
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json({"data": request.app[EMULATOR_STATE].catalogue.get("data", [])})
+    """Like OpenRouter's, text models unless `output_modalities` asks for others (`embeddings`, `all`)."""
+    wanted = request.query.get("output_modalities", "text")
+    data = request.app[EMULATOR_STATE].catalogue.get("data", [])
+    if wanted != "all":
+        data = [entry for entry in data if is_embedding_model(entry) == ("embeddings" in wanted.split(","))]
+    return _json({"data": data})
 
 
 async def key_info(request: web.Request) -> web.Response:

@@ -7,7 +7,9 @@ How the emulator counts and charges (pure; the handlers in `app` decide when to 
 - tokens: a token per four UTF-8 bytes of text (the prompt counted as its messages' and tools'
   JSON), an image part `IMAGE_TOKENS` whatever its size;
 - prompt caching: a system message (the first message, role `system` or `developer`) of at least
-  `CACHE_MIN_TOKENS` is written to the model's cache the first time, and read from it after;
+  `CACHE_MIN_TOKENS` is written to the model's cache the first time, and read from it after; on an
+  Anthropic model, a request with a top-level `cache_control` (OpenRouter's automatic caching)
+  reads the longest whole-message prefix cached before and writes its whole prompt instead;
   cached and written tokens are part of `prompt_tokens`, as OpenAI and OpenRouter report them,
   and are charged at the catalogue's `input_cache_read` / `input_cache_write` prices;
 - a request answered whole is billed whole; a non-streamed one even when its client hung up
@@ -60,6 +62,16 @@ def cacheable_prefix(messages: list[Any]) -> tuple[str, int] | None:
     text = orjson.dumps(first).decode()
     tokens = text_tokens(len(text.encode()))
     return (text, tokens) if tokens >= CACHE_MIN_TOKENS else None
+
+
+def message_prefixes(messages: list[Any]) -> list[tuple[str, int]]:
+    """Each whole-message prefix of the prompt (its JSON, its tokens), the whole prompt first: what
+    automatic caching (a top-level `cache_control` on an Anthropic model) can read back."""
+    prefixes = []
+    for end in range(len(messages), 0, -1):
+        text = orjson.dumps(messages[:end]).decode()
+        prefixes.append((text, text_tokens(len(text.encode()))))
+    return prefixes
 
 
 @dataclass(frozen=True, slots=True)

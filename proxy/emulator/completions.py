@@ -52,6 +52,7 @@ class ModelInfo:
     fingerprint: str
     cache_read_price: float | None = None
     cache_write_price: float | None = None
+    embeddings: bool = False  # an embedding model (`output_modalities: ["embeddings"]`): /embeddings only
 
     @property
     def prices(self) -> Prices:
@@ -76,8 +77,16 @@ def index_catalogue(catalogue: Mapping[str, Any]) -> dict[str, ModelInfo]:
             fingerprint=f"fp_{zlib.crc32(model_id.encode()):08x}",
             cache_read_price=_price(pricing.get("input_cache_read")),
             cache_write_price=_price(pricing.get("input_cache_write")),
+            embeddings=is_embedding_model(entry),
         )
     return index
+
+
+def is_embedding_model(entry: Mapping[str, Any]) -> bool:
+    """OpenRouter marks embedding models by their output modality (and lists them at /embeddings/models)."""
+    architecture = entry.get("architecture")
+    outputs = architecture.get("output_modalities") if isinstance(architecture, dict) else None
+    return isinstance(outputs, list) and "embeddings" in outputs
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,8 +135,11 @@ def fault_error(fault: Fault, provider: str, now_ms: int) -> tuple[int, dict[str
 
 
 def _prompt_text(body: Mapping[str, Any] | None) -> str:
-    messages = body.get("messages") if body is not None else None
-    return str(messages) if messages else ""
+    """What a request asks about: chat's messages, an embeddings `input`, a completion's `prompt`."""
+    if body is None:
+        return ""
+    asked = body.get("messages") or body.get("input") or body.get("prompt")
+    return str(asked) if asked else ""
 
 
 @dataclass(slots=True)

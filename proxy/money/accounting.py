@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+from proxy.core.apis import APIS
 from proxy.core.bounds import bound_tokens, bound_usd, flags_of
 from proxy.core.budget import BudgetCalendar, Reservation
 from proxy.core.policy import Policy
@@ -16,6 +17,7 @@ from proxy.core.record import RequestRecord, billed_tokens
 from proxy.money.ledger import Ledger, LedgerRow
 
 log = logging.getLogger("orproxy")
+CHAT_APIS = {api.name: api.model_kind == "chat" for api in APIS}  # the APIs chat models serve
 access_log = logging.getLogger("orproxy.access")
 
 
@@ -62,7 +64,11 @@ class Accountant:
         tokens = bound_tokens(billed_tokens(record), clamped)
         cost = price(policy.prices, record, tokens, reservation.amount if reservation is not None else 0.0)
         record.cost = cost = Cost(bound_usd("cost_usd", cost.usd, clamped), cost.source)
-        baseline = policy.prices.baseline(tokens) if record.model else 0.0
+        baseline = 0.0
+        if record.model:
+            # The savings baseline is a chat model: it could not have served an embeddings request,
+            # so such a request is its own baseline (no savings claimed, none lost).
+            baseline = policy.prices.baseline(tokens) if CHAT_APIS.get(record.api, True) else cost.usd
         record.baseline_usd = bound_usd("baseline_cost_usd", baseline, clamped)
         record.saved_usd = bound_usd("saved_usd", record.saved_usd, clamped)
         if clamped:  # a bug or a hostile upstream: the row keeps its place, with what was clamped

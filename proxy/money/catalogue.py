@@ -156,6 +156,7 @@ async def fetch_catalogue(
     Raise CatalogueFetchError when the model list cannot be had; a missing top-weekly
     order only leaves `top_weekly` null (the catalogue itself is what matters)."""
     url = f"{base_url.rstrip('/')}/models"
+    embeddings_url = f"{base_url.rstrip('/')}/embeddings/models"
     own_session = session is None
     session = session or aiohttp.ClientSession()
     try:
@@ -165,16 +166,24 @@ async def fetch_catalogue(
             top_weekly: list[str] | None = [m["id"] for m in ranked if isinstance(m, dict) and "id" in m]
         except CatalogueFetchError:
             top_weekly = None
+        # OpenRouter's /models lists text models only; embedding models have a list of their own.
+        try:
+            embedding = await _get_models(session, embeddings_url, timeout_s)
+        except CatalogueFetchError:
+            embedding = []  # an upstream without embeddings: the chat catalogue is what matters
     finally:
         if own_session:
             await session.close()
+    listed = {m["id"] for m in models}
+    added = [m for m in embedding if m["id"] not in listed]
     fetched = (now or datetime.now(UTC)).astimezone(UTC)
     return {
         "fetched_at": fetched.isoformat(timespec="seconds"),
         "snapshot_date": fetched.date().isoformat(),
         "source": url,
+        "embeddings_source": embeddings_url if added else None,
         "top_weekly": top_weekly,
-        "data": models,
+        "data": models + added,
     }
 
 
@@ -299,24 +308,63 @@ def render_models(view: ModelsView) -> Table:
 # ------------------------------------------------------------------ errors and warnings for `orproxy check`
 
 
+def model_kinds(catalogue: Catalogue) -> dict[str, str]:
+    """Model id -> `embeddings` or `chat`, for the entries whose `architecture` says (others unknown)."""
+    kinds: dict[str, str] = {}
+    for entry in catalogue.raw:
+        architecture = entry.get("architecture") if isinstance(entry, Mapping) else None
+        outputs = architecture.get("output_modalities") if isinstance(architecture, Mapping) else None
+        if isinstance(outputs, list) and outputs and isinstance(entry.get("id"), str):
+            kinds[entry["id"]] = "embeddings" if "embeddings" in outputs else "chat"
+    return kinds
+
+
+def kind_errors(config: Config, source: CatalogueSource) -> list[SourceIssue]:
+    """Chain members of the other kind than their virtual model (an embedding model in a chat chain,
+    or a chat model in an embeddings one), where the catalogue knows their kind: every request
+    routed to them would fail."""
+    kinds = model_kinds(source.catalogue)
+    issues: list[SourceIssue] = []
+    for name, model in config.models.items():
+        for index, member in enumerate(model.chain or ()):
+            kind = kinds.get(member.model)
+            if kind is not None and kind != model.kind:
+                issues.append(
+                    SourceIssue(
+                        ("models", name, "chain", index),
+                        f"'{member.model}' is {'an embeddings' if kind == 'embeddings' else 'a chat'} model in the "
+                        f"price catalogue ({source.describe()}), but models.{name} has kind {model.kind}: "
+                        + (
+                            f"put it in a virtual model with `kind: {kind}`"
+                            if kind == "embeddings"
+                            else "an embeddings model's chain takes embedding models only"
+                        ),
+                    )
+                )
+    return issues
+
+
 def catalogue_errors(config: Config, source: CatalogueSource) -> list[SourceIssue]:
     """What makes a config wrong against its price catalogue, refused by `orproxy check`, `serve`
-    and reloads: a `pricing.savings_baseline` nobody can price would make every saving read as
-    -100% of spend in reports, metrics and dashboards."""
+    and reloads: a chain member of the wrong kind (`kind_errors`), and a `pricing.savings_baseline`
+    nobody can price, which would make every saving read as -100% of spend in reports, metrics and
+    dashboards."""
     pricing = config.pricing
     book = PriceBook(source.catalogue, pricing)
+    issues = kind_errors(config, source)
     if book.knows(pricing.savings_baseline):
-        return []
+        return issues
     known = sorted(set(source.catalogue.prices) | set(pricing.overrides))
     close = difflib.get_close_matches(pricing.savings_baseline, known, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(slug) for slug in close)}?" if close else "check the slug"
     return [
+        *issues,
         SourceIssue(
             ("pricing", "savings_baseline"),
             f"'{pricing.savings_baseline}' is neither in the price catalogue ({source.describe()}) nor under "
             f"pricing.overrides, so savings could not be measured against it; {hint} "
             "(`orproxy models` lists the catalogue)",
-        )
+        ),
     ]
 
 

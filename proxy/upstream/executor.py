@@ -78,7 +78,9 @@ class Executor:
         while isinstance(decision, Call):
             target = decision.target
             client = self._clients[target.upstream]
-            payload = api.prepare(body, target.model, client.kind)  # once per member, reused by its retries
+            cached = api.with_prompt_cache(body, target.model, client.kind) if plan.prompt_cache else None
+            # Once per member, reused by its retries.
+            payload = api.prepare(body if cached is None else cached, target.model, client.kind)
             while True:
                 started = self._monotonic()
                 try:

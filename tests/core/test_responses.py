@@ -286,13 +286,13 @@ def test_odd_events_are_passed_on_and_bill_nothing(data: bytes) -> None:
     assert (rec.usage, rec.generation_id, rec.streamed_text_bytes, rec.error) == (None, None, 0, None)
 
 
-def test_the_proxys_error_event_follows_the_last_event_and_matches_the_schema(api_schemas) -> None:
+def test_the_proxys_error_event_follows_the_last_event_and_matches_the_schema(openai_api_schemas) -> None:
     meter = API.meter(record(), 0.0, {})
     feed(meter, CAPTURED[:5])
     raw = API.stream_error_after(meter, "The upstream stream broke off: reset", "stream_interrupted")
     assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2
     event = orjson.loads(raw.split(b"data: ", 1)[1])
-    check_event(api_schemas, event)
+    check_event(openai_api_schemas, event)
     assert (event["sequence_number"], event["code"]) == (5, "stream_interrupted")
     first = orjson.loads(API.stream_error("broke", "stream_interrupted").split(b"data: ", 1)[1])
     assert first["sequence_number"] == 0  # no event seen: the first of the stream

@@ -50,11 +50,11 @@ async def respond(client, prefix: str = "/api/v1", **fields: Any):
 
 
 @pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
-async def test_a_whole_response_in_each_shape(client, state, api_schemas, prefix):
+async def test_a_whole_response_in_each_shape(client, state, openai_api_schemas, prefix):
     response = await respond(client, prefix, instructions="Be brief.", max_output_tokens=100)
     assert response.status == 200
     body = await response.json()
-    api_schemas.validate("Response", body)
+    openai_api_schemas.validate("Response", body)
     openrouter = prefix == "/api/v1"
     assert body["id"].startswith("gen-" if openrouter else "resp_")
     assert response.headers["X-Generation-Id"] == body["id"]
@@ -87,13 +87,13 @@ async def test_the_prompt_is_counted_on_the_responses_wire_format(client, state)
 
 
 @pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
-async def test_a_streamed_response_in_each_shape(client, state, api_schemas, prefix):
+async def test_a_streamed_response_in_each_shape(client, state, openai_api_schemas, prefix):
     response = await respond(client, prefix, stream=True)
     assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
     raw = await response.read()
     events = events_of(raw)
     for _, event in events:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     if prefix == "/api/v1":  # OpenRouter: a comment first, bare data lines, [DONE] last
         assert raw.startswith(b": OPENROUTER PROCESSING\n\n") and raw.endswith(b"data: [DONE]\n\n")
         assert b"\nevent:" not in raw and not raw.startswith(b"event:")
@@ -112,11 +112,11 @@ async def test_a_streamed_response_in_each_shape(client, state, api_schemas, pre
     )
 
 
-async def test_a_function_call_streams_its_arguments(client, api_schemas):
+async def test_a_function_call_streams_its_arguments(client, openai_api_schemas):
     raw = await (await respond(client, input="Weather in Oslo?", tools=[TOOL], stream=True)).read()
     data = [event for _, event in events_of(raw)]
     for event in data:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     arguments = "".join(e["delta"] for e in data if e["type"] == "response.function_call_arguments.delta")
     (done,) = [e for e in data if e["type"] == "response.function_call_arguments.done"]
     assert done["arguments"] == arguments == '{"city":"emulated"}' and done["name"] == "get_weather"
@@ -135,16 +135,16 @@ async def test_a_tool_result_is_answered_in_words(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_max_output_tokens_leaves_the_response_incomplete(client, api_schemas, stream):
+async def test_max_output_tokens_leaves_the_response_incomplete(client, openai_api_schemas, stream):
     response = await respond(client, max_output_tokens=3, stream=stream)
     if stream:
         last = events_of(await response.read())[-1][1]
-        check_event(api_schemas, last)
+        check_event(openai_api_schemas, last)
         assert last["type"] == "response.incomplete"
         body = last["response"]
     else:
         body = await response.json()
-        api_schemas.validate("Response", body)
+        openai_api_schemas.validate("Response", body)
     assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
     assert body["usage"]["output_tokens"] <= 3
 
@@ -166,12 +166,12 @@ async def test_an_error_status_fault(client, state):
 
 
 @pytest.mark.parametrize("prefix", ["/api/v1", "/v1"])
-async def test_a_midstream_error_ends_the_stream_and_bills_what_was_sent(client, state, api_schemas, prefix):
+async def test_a_midstream_error_ends_the_stream_and_bills_what_was_sent(client, state, openai_api_schemas, prefix):
     state.faults.set(MODEL, Fault(midstream_error=True, after_chunks=2, message="Overloaded"))
     raw = await (await respond(client, prefix, stream=True)).read()
     data = [event for _, event in events_of(raw)]
     for event in data:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     deltas = [e["delta"] for e in data if e["type"] == "response.output_text.delta"]
     assert len(deltas) == 2 and b"[DONE]" not in raw
     assert data[-1] == {

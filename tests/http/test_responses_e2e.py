@@ -51,12 +51,12 @@ async def proxy(make_proxy):
     return await make_proxy(MODELS)
 
 
-async def test_a_response_through_the_sdk(proxy, emulator, api_schemas):
+async def test_a_response_through_the_sdk(proxy, emulator, openai_api_schemas):
     raw = await proxy.client().responses.with_raw_response.create(
         model="cheap", input="Say hello in five words.", instructions="Be brief.", max_output_tokens=64
     )
     response = raw.parse()
-    api_schemas.validate("Response", response.model_dump(exclude_unset=True))
+    openai_api_schemas.validate("Response", response.model_dump(exclude_unset=True))
     assert response.model == MISTRAL and response.status == "completed"
     assert response.output_text == f"[{MISTRAL}] You said: Say hello in five words."
     assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
@@ -70,20 +70,20 @@ async def test_a_response_through_the_sdk(proxy, emulator, api_schemas):
     assert seen.body == {**expected, "max_output_tokens": 64}
 
 
-async def test_the_wire_answer_is_openai_shaped_under_both_prefixes(proxy, api_schemas):
+async def test_the_wire_answer_is_openai_shaped_under_both_prefixes(proxy, openai_api_schemas):
     for path in ("/v1/responses", "/api/v1/responses"):
         status, headers, body = await post(proxy, {"model": "quality", "input": "Hi"}, path)
         assert status == 200 and headers["Content-Type"].startswith("application/json")
         payload = orjson.loads(body)
-        api_schemas.validate("Response", payload)
+        openai_api_schemas.validate("Response", payload)
         assert payload["id"].startswith("gen-") and payload["model"] == SONNET
 
 
-async def test_a_streamed_response_through_the_sdk(proxy, api_schemas):
+async def test_a_streamed_response_through_the_sdk(proxy, openai_api_schemas):
     stream = await proxy.client().responses.create(model="quality", input="Tell me about the sea.", stream=True)
     types, text, final = [], "", None
     async for event in stream:
-        check_event(api_schemas, event.model_dump(exclude_unset=True))
+        check_event(openai_api_schemas, event.model_dump(exclude_unset=True))
         types.append(event.type)
         if event.type == "response.output_text.delta":
             text += event.delta
@@ -114,7 +114,7 @@ async def test_the_sdks_stream_helper_assembles_the_final_response(proxy):
     assert "".join(deltas) == final.output_text and final.usage.total_tokens > 0
 
 
-async def test_the_stream_on_the_wire_ends_after_the_last_event(proxy, api_schemas):
+async def test_the_stream_on_the_wire_ends_after_the_last_event(proxy, openai_api_schemas):
     """OpenRouter ends its Responses streams with `data: [DONE]`; OpenAI's have no end marker, and
     neither does the proxy's: the body ends with `response.completed`."""
     status, headers, body = await post(proxy, {"model": "cheap", "input": "Hi", "stream": True})
@@ -122,26 +122,26 @@ async def test_the_stream_on_the_wire_ends_after_the_last_event(proxy, api_schem
     assert b"[DONE]" not in body and body.startswith(b": OPENROUTER PROCESSING\n\n")
     events = [data for _, data in events_of(body)]
     for event in events:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-1]["type"] == "response.completed" and body.endswith(b"}\n\n")
 
 
-async def test_an_openai_upstream_streams_with_its_event_names(proxy, emulator, api_schemas):
+async def test_an_openai_upstream_streams_with_its_event_names(proxy, emulator, openai_api_schemas):
     status, _, body = await post(proxy, {"model": "oa", "input": "Hi", "stream": True})
     assert status == 200 and emulator.state.requests[-1].path == "/v1/responses"
     events = events_of(body)
     assert events and all(name == data["type"] for name, data in events)  # `event:` lines pass through
     for _, data in events:
-        check_event(api_schemas, data)
+        check_event(openai_api_schemas, data)
     final = events[-1][1]["response"]
     assert final["id"].startswith("resp_") and "cost" not in final["usage"]
 
 
-async def test_function_calls_pass_through(proxy, api_schemas):
+async def test_function_calls_pass_through(proxy, openai_api_schemas):
     client = proxy.client()
     response = await client.responses.create(model="quality", input="Weather in Paris?", tools=[WEATHER])
-    api_schemas.validate("Response", response.model_dump(exclude_unset=True))
+    openai_api_schemas.validate("Response", response.model_dump(exclude_unset=True))
     (call,) = response.output
     assert (call.type, call.name) == ("function_call", "get_weather")
     assert orjson.loads(call.arguments) == {"city": "emulated"}
@@ -149,7 +149,7 @@ async def test_function_calls_pass_through(proxy, api_schemas):
     stream = await client.responses.create(model="quality", input="Weather in Oslo?", tools=[WEATHER], stream=True)
     arguments, done = "", None
     async for event in stream:
-        check_event(api_schemas, event.model_dump(exclude_unset=True))
+        check_event(openai_api_schemas, event.model_dump(exclude_unset=True))
         if event.type == "response.function_call_arguments.delta":
             arguments += event.delta
         if event.type == "response.function_call_arguments.done":
@@ -181,11 +181,11 @@ async def test_falls_back_to_the_next_member_after_a_503(proxy, emulator):
     assert models == {MINI}
 
 
-async def test_the_chain_failing_is_a_502_in_openais_shape(proxy, emulator, api_schemas):
+async def test_the_chain_failing_is_a_502_in_openais_shape(proxy, emulator, openai_api_schemas):
     emulator.state.faults.set("*", Fault(status=503))
     status, headers, body = await post(proxy, {"model": "cheap", "input": "Hi"})
     assert status == 502 and headers["x-proxy-attempts"] == "4"
-    api_schemas.validate("ErrorResponse", orjson.loads(body))
+    openai_api_schemas.validate("ErrorResponse", orjson.loads(body))
 
 
 async def test_rules_route_on_what_a_responses_request_says(proxy, emulator):
@@ -223,11 +223,13 @@ async def test_rules_route_on_what_a_responses_request_says(proxy, emulator):
         ({"stream": "yes"}, "stream"),
     ],
 )
-async def test_requests_it_cannot_serve_are_refused_naming_the_parameter(proxy, emulator, api_schemas, fields, param):
+async def test_requests_it_cannot_serve_are_refused_naming_the_parameter(
+    proxy, emulator, openai_api_schemas, fields, param
+):
     status, headers, body = await post(proxy, {"model": "cheap", "input": "Hi", **fields})
     assert status == 400
     payload = orjson.loads(body)
-    api_schemas.validate("ErrorResponse", payload)
+    openai_api_schemas.validate("ErrorResponse", payload)
     assert payload["error"]["param"] == param and headers["x-proxy-attempts"] == "0"
     assert emulator.state.requests == []
 
@@ -267,7 +269,7 @@ async def test_the_readmes_example_runs_as_written(proxy):
     assert printed.getvalue() == f"[{MISTRAL}] You said: Write a haiku about retries {MISTRAL}\n"
 
 
-async def test_a_codex_style_agent_turn(proxy, emulator, api_schemas):
+async def test_a_codex_style_agent_turn(proxy, emulator, openai_api_schemas):
     """What Codex sends (shape from a captured request): typed input items with a developer message,
     an encrypted reasoning item, a function call and its output; `store: false`, `include`,
     `reasoning`, `prompt_cache_key`, `text.verbosity`. It all reaches the upstream untouched but
@@ -303,18 +305,18 @@ async def test_a_codex_style_agent_turn(proxy, emulator, api_schemas):
     assert status == 200 and headers["x-proxy-model"] == MISTRAL
     events = [data for _, data in events_of(raw)]
     for event in events:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     final = events[-1]["response"]
     assert final["output"][0]["content"][0]["text"] == f"[{MISTRAL}] The tool said: README.md proxy tests"
     assert emulator.state.requests[-1].body == {**body, "model": MISTRAL}
 
 
-async def test_a_wrong_method_or_path_names_the_responses_route(proxy, api_schemas):
+async def test_a_wrong_method_or_path_names_the_responses_route(proxy, openai_api_schemas):
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{proxy.url}/v1/responses") as response:
             assert response.status == 405 and response.headers["Allow"] == "POST"
         async with session.post(f"{proxy.url}/v1/respond", json={}) as response:
             assert response.status == 404
             payload = await response.json()
-    api_schemas.validate("ErrorResponse", payload)
+    openai_api_schemas.validate("ErrorResponse", payload)
     assert "POST /v1/responses" in payload["error"]["message"]

@@ -98,7 +98,7 @@ async def test_the_ledger_and_the_report_match_the_bill_to_the_nano_dollar(make_
     assert to_nano(group["cost_usd"]) == to_nano(report["total"]["cost_usd"]) == sum(billed.values())
 
 
-async def test_a_budget_refusal_comes_in_openais_shape(make_proxy, tmp_path, api_schemas, emulator):
+async def test_a_budget_refusal_comes_in_openais_shape(make_proxy, tmp_path, openai_api_schemas, emulator):
     ledger = tmp_path / "ledger.sqlite3"
     await seed_ledger(ledger, seed_row("earlier", 0.0049))  # $0.0049 of a $0.005 day spent
     proxy = await make_proxy(MODELS, extra="budget: {daily_usd: 0.005}\n", ledger_path=ledger)
@@ -111,7 +111,7 @@ async def test_a_budget_refusal_comes_in_openais_shape(make_proxy, tmp_path, api
     assert (exc.type, exc.code) == ("insufficient_quota", "budget_exceeded")
     assert "the daily budget" in exc.message and "of $0.005" in exc.message
     assert int(exc.response.headers["retry-after"]) >= 1
-    api_schemas.validate("ErrorResponse", exc.response.json())
+    openai_api_schemas.validate("ErrorResponse", exc.response.json())
     assert len(emulator.state.requests) == 1  # the refused request never went upstream
 
 
@@ -133,14 +133,16 @@ async def test_metrics_carry_the_responses_api_label(make_proxy, emulator):
     assert usage.input_tokens > 0
 
 
-async def test_a_cut_stream_is_estimated_then_reconciled_with_what_openrouter_billed(make_proxy, emulator, api_schemas):
+async def test_a_cut_stream_is_estimated_then_reconciled_with_what_openrouter_billed(
+    make_proxy, emulator, openai_api_schemas
+):
     emulator.state.generation_lag = 1  # OpenRouter does not know the generation at once
     proxy = await make_proxy(MODELS, reconcile_schedule=FAST)
     emulator.state.faults.set(BALANCED, Fault(drop_midstream=True, after_chunks=2))
     body = await stream_body(proxy, {"model": "balanced", "input": STORY, "stream": True})
     events = [data for _, data in events_of(body)]
     for event in events:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     # Two deltas passed, then the proxy's own error event, numbered after them.
     assert [e["type"] for e in events].count("response.output_text.delta") == 2
     error = events[-1]
@@ -162,13 +164,13 @@ async def test_a_cut_stream_is_estimated_then_reconciled_with_what_openrouter_bi
     assert proxy.book.snapshot()[0][2] == pytest.approx(bill.cost, abs=1e-12)  # the budget, corrected too
 
 
-async def test_an_upstream_error_event_reaches_the_client_and_is_reconciled(make_proxy, emulator, api_schemas):
+async def test_an_upstream_error_event_reaches_the_client_and_is_reconciled(make_proxy, emulator, openai_api_schemas):
     proxy = await make_proxy(MODELS, reconcile_schedule=FAST)
     emulator.state.faults.set(TINY, Fault(midstream_error=True, after_chunks=1, message="The model overheated"))
     body = await stream_body(proxy, {"model": "tiny", "input": STORY, "stream": True})
     events = [data for _, data in events_of(body)]
     for event in events:
-        check_event(api_schemas, event)
+        check_event(openai_api_schemas, event)
     assert events[-1]["type"] == "error" and events[-1]["message"] == "The model overheated"
     assert [e["type"] for e in events].count("error") == 1  # the upstream's, passed on; nothing added
     rows = await settled(proxy)

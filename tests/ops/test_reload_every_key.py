@@ -23,7 +23,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
-from proxy.config import Config, Upstream
+from proxy.config import Config, Upstream, VirtualModel
 from proxy.emulator import Fault
 from proxy.http.app import prune_ledger
 from proxy.http.appkeys import RELOADER, RUNTIME, STATE
@@ -40,6 +40,7 @@ ENV = {
     "SCRAPE_KEY": "scraper-secret",
 }
 MISTRAL = "mistralai/mistral-7b-instruct"
+EMBEDDER, HAIKU = "openai/text-embedding-3-small", "anthropic/claude-3-haiku"
 HELLO = [{"role": "user", "content": "hello there"}]
 RESTART = "restart"
 
@@ -127,6 +128,8 @@ class Case:
     start: dict[str, Any] = field(default_factory=dict)  # changes to the base config before start-up
     before: Probe | None = None  # traffic before the reload that the probe builds on
     realtime: str = ""  # why the probe needs the real clock (the case is then marked `realtime`)
+    also: dict[str, Any] = field(default_factory=dict)  # other keys the same edit changes (a valid config needs them)
+    remove: tuple[str, ...] = ()  # keys the same edit removes
 
 
 def route(headers: dict[str, str]) -> str:
@@ -187,6 +190,33 @@ async def credits_polled(live: Live) -> None:
 async def new_virtual_model(live: Live) -> None:
     headers = await ok(live, "extra")
     assert headers["x-proxy-model"] == "google/gemini-2.5-flash"
+
+
+async def described(live: Live) -> None:
+    listed = await (await live.http.get("/v1/models")).json()
+    assert next(m for m in listed["data"] if m["id"] == "cheap")["description"] == "reloaded"
+
+
+async def new_chain(live: Live) -> None:
+    assert (await ok(live))["x-proxy-model"] == "google/gemini-2.5-flash"
+
+
+async def routed_to_quality(live: Live) -> None:
+    headers = await ok(live)
+    assert headers["x-proxy-model"] == "anthropic/claude-sonnet-4.5" and route(headers).startswith("cheap>quality:")
+
+
+async def serves_embeddings_only(live: Live) -> None:
+    response = await live.http.post("/v1/embeddings", json={"model": "cheap", "input": "lamp"})
+    assert response.status == 200 and response.headers["x-proxy-model"] == "openai/text-embedding-3-small"
+    status, _, body = await live.chat()
+    assert status == 400 and body["error"]["code"] == "model_kind_mismatch"
+
+
+async def cache_control_added(live: Live) -> None:
+    live.emulator.state.requests.clear()
+    await ok(live)
+    assert live.recorded()[0].body["cache_control"] == {"type": "ephemeral"}
 
 
 async def three_attempts(live: Live) -> None:
@@ -502,6 +532,11 @@ CASES = [
         },
         new_virtual_model,
     ),
+    Case("models.cheap.description", "reloaded", described),
+    Case("models.cheap.chain", ["google/gemini-2.5-flash"], new_chain),
+    Case("models.cheap.route", [{"to": "quality"}], routed_to_quality, remove=("models.cheap.chain",)),
+    Case("models.cheap.kind", "embeddings", serves_embeddings_only, also={"models.cheap.chain": [EMBEDDER]}),
+    Case("models.cheap.prompt_cache", "auto", cache_control_added, also={"models.cheap.chain": [HAIKU]}),
     Case("retry.attempts_per_model", 3, three_attempts),
     Case("retry.backoff_s", 0.8, slow_backoff, realtime="the executor's backoff sleep is real and timed"),
     Case(
@@ -581,6 +616,8 @@ def leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
             keys |= leaf_keys(annotation, path + ".")
         elif name == "upstreams":
             keys |= leaf_keys(Upstream, path + ".openrouter.")
+        elif name == "models":  # the mapping as a whole (a model added), and each key of one model
+            keys |= {path} | leaf_keys(VirtualModel, path + ".cheap.")
         else:
             keys.add(path)
     return keys
@@ -623,6 +660,14 @@ async def test_a_reloaded_key_applies_or_asks_for_a_restart(
         await case.before(live)
 
     set_key(config, case.key, fill(case.value, emulator, tmp_path))
+    for key, value in case.also.items():
+        set_key(config, key, value)
+    for key in case.remove:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        del node[last]
     path.write_text(yaml.safe_dump(config))
     status = await proxy.app[RELOADER].reload("test")
     assert status.last_errors == []

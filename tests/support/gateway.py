@@ -25,6 +25,7 @@ from proxy.money.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = ROOT.parent / "shared" / "spec" / "openai-chat-schemas.json"
+API_SPEC = ROOT / "tests" / "schemas" / "openai-api-schemas.json"  # extracted here: tests/schemas/extract_openai.py
 UPSTREAM_KEY = "sk-or-test-upstream-secret-0123456789"
 # One TLS context for every SDK client the tests build. The proxy is plain HTTP, yet each client
 # would load the CA bundle into a context of its own: about 40 ms a client, seconds a run.

@@ -22,8 +22,16 @@ ModelKind = Literal["chat", "embeddings"]
 # Fields only OpenRouter understands; an OpenAI-style upstream rejects them with a 400, which would
 # turn a fallback into a client error. `models` and `fallbacks` are OpenRouter's own fallback lists:
 # the proxy runs the chain itself, so they are never stacked on it (dropped for every upstream).
-OPENROUTER_ONLY_FIELDS = frozenset(("provider", "transforms", "route", "usage", "plugins"))
+# `session_id` is OpenRouter's sticky-routing key (a conversation stays on one provider, so its prompt
+# cache stays warm); OpenAI refuses it as an unknown parameter.
+OPENROUTER_ONLY_FIELDS = frozenset(("provider", "transforms", "route", "usage", "plugins", "session_id"))
 FALLBACK_FIELDS = frozenset(("models", "fallbacks"))
+# The header form of `session_id`, passed on by every API (OpenRouter prefers the body's when both come).
+SESSION_HEADER = "x-session-id"
+# OpenRouter's automatic prompt caching: a top-level `cache_control` puts the breakpoint on the last
+# cacheable block. Anthropic-family models need it (others cache by themselves).
+AUTO_CACHE_CONTROL: dict[str, str] = {"type": "ephemeral"}
+ANTHROPIC_FAMILY = ("anthropic/",)
 
 
 class Meter(Protocol):
@@ -52,15 +60,31 @@ class Api:
     cacheable: bool = False  # the response cache applies
     done: bytes | None = b"data: [DONE]\n\n"  # what ends a stream to the client (None: nothing)
     streams: bool = True
-    # Client request headers passed on to the upstream as they are (when the client sent them).
+    # Client request headers passed on to the upstream as they are (when the client sent them),
+    # besides `x-session-id`, which every API passes on.
     forwarded_headers: tuple[str, ...] = ()
+    # The API's body takes OpenRouter's top-level `cache_control` (`prompt_cache: auto` adds it).
+    top_level_cache_control: bool = False
 
     def upstream_headers(self, headers: Mapping[str, str]) -> dict[str, str] | None:
         """The client's headers this API passes on (None: none, the common case)."""
         if not self.forwarded_headers:
-            return None
-        found = {name: headers[name] for name in self.forwarded_headers if name in headers}
+            session = headers.get(SESSION_HEADER)
+            return {SESSION_HEADER: session} if session else None
+        names = (*self.forwarded_headers, SESSION_HEADER)
+        found = {name: headers[name] for name in names if name in headers}
         return found or None
+
+    def with_prompt_cache(self, body: Mapping[str, Any], model: str, kind: str) -> Mapping[str, Any] | None:
+        """The body for `model` with OpenRouter's automatic prompt caching turned on, or None to send
+        it as it is: only for Anthropic-family models on an OpenRouter upstream, and never over the
+        client's own caching (a `cache_control` anywhere in the body: explicit breakpoints are the
+        client's choice, and Anthropic allows only four)."""
+        if not self.top_level_cache_control or kind != "openrouter" or not model.startswith(ANTHROPIC_FAMILY):
+            return None
+        if has_key(body, "cache_control"):
+            return None
+        return {**body, "cache_control": AUTO_CACHE_CONTROL}
 
     def check(self, body: dict[str, Any]) -> None:
         """Refuse a body this API cannot serve (InvalidRequest, naming the parameter)."""
@@ -124,3 +148,16 @@ def task_of(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
 
 def positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def has_key(node: Any, key: str, depth: int = 0) -> bool:
+    """Whether `key` is a key of any object in this JSON value (bodies nest at most 64 levels)."""
+    if isinstance(node, dict):
+        if key in node:
+            return True
+        values: Any = node.values()
+    elif isinstance(node, list):
+        values = node
+    else:
+        return False
+    return depth < 64 and any(isinstance(v, (dict, list)) and has_key(v, key, depth + 1) for v in values)

@@ -18,6 +18,7 @@ class ChatApi(Api):
     name = "chat"
     path = "/chat/completions"
     cacheable = True
+    top_level_cache_control = True  # OpenRouter's chat completions take it (automatic prompt caching)
 
     def check(self, body: dict[str, Any]) -> None:
         check_model(body)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -86,8 +87,17 @@ async def test_the_readme_demo_works_as_written(tmp_path):
     log = tmp_path / "serve.log"
     env = {**CLEAN_ENV, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
+        # A session of its own: `bash -c` runs orproxy as its child, and stopping the shell alone would
+        # leave the server running; the whole group is signalled below.
         server = await asyncio.create_subprocess_exec(
-            "bash", "-c", ORPROXY + as_run_here(start, port), cwd=checkout, env=env, stdout=out, stderr=out
+            "bash",
+            "-c",
+            ORPROXY + as_run_here(start, port),
+            cwd=checkout,
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
     try:
 
@@ -111,7 +121,7 @@ async def test_the_readme_demo_works_as_written(tmp_path):
             for line in expected:
                 assert line in printed, f"{command}\nexpected {line!r} in:\n{result.stdout}{result.stderr}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         await server.wait()
     started = log.read_text()
     assert f"data: ledger {checkout / 'data' / 'demo-ledger.sqlite3'}" in started

@@ -1,16 +1,18 @@
 """The spend ledger: one SQLite row per client request, durable before the answer.
 
-Durability and speed come from group commit. `record()` only enqueues; a single
-writer task takes everything queued (up to `max_batch`), inserts it in one
-transaction and commits once, then wakes every caller of that batch. A burst of
-N concurrent requests therefore costs one commit, not N, and a caller whose
-`record()` returned knows its row is in the WAL: a SIGKILL afterwards loses
-nothing. (With `synchronous="NORMAL"` an OS crash or power cut may still lose
-the last commits; `"FULL"` fsyncs every commit, which group commit amortises.)
+Durability and speed come from group commit. `record()` only enqueues; a
+dedicated writer thread with its own connection (`proxy.money.ledger_writer`)
+takes everything queued (up to `max_batch`), inserts it in one transaction and
+commits once, then wakes the event loop once to resolve every caller of that
+group. A burst of N concurrent requests therefore costs one commit, not N, and a
+caller whose `record()` returned knows its row is in the WAL: a SIGKILL
+afterwards loses nothing. (With `synchronous="NORMAL"` an OS crash or power cut
+may still lose the last commits; `"FULL"` fsyncs every commit, which group
+commit amortises.)
 
-One long-lived connection serves the writer and the queries. An asyncio lock
-keeps queries out of an open write transaction, so a query never sees rows that
-a failing batch is about to roll back.
+Queries, reconciliation updates and pruning use a second connection (aiosqlite).
+In WAL mode it sees only committed rows, never a group the writer is about to
+roll back; an asyncio lock keeps its queries out of pruning's open transaction.
 
 Money is stored as INTEGER nano-dollars, not REAL dollars: integer sums are
 exact and independent of row order and SQLite version (SQLite before 3.43 sums
@@ -37,7 +39,6 @@ from proxy.money.ledger_rows import (
     ESTIMATED_SOURCES,
     GROUP_COLUMNS,
     MIGRATIONS,
-    ROWS_PER_STATEMENT,
     SCHEMA_SQL,
     SCHEMA_VERSION,
     SELECT_ROWS,
@@ -49,11 +50,11 @@ from proxy.money.ledger_rows import (
     check_row,
     from_nano,
     from_record,
-    insert_many,
     summary_row,
     to_nano,
-    to_params,
 )
+from proxy.money.ledger_writer import LedgerWriter
+from proxy.money.ledger_writer import connect as writer_connection
 
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
@@ -70,30 +71,27 @@ class Reconciled:
     baseline_cost_usd: float
 
 
-@dataclass(slots=True)
-class _Pending:
-    row: LedgerRow | None  # None: a flush barrier, resolved with the batch it lands in
-    future: asyncio.Future[None]
-
-
 class Ledger:
     """Spend records in one SQLite file; build with `await Ledger.open(path)`, end with `close()`."""
 
     def __init__(
-        self, db: aiosqlite.Connection, path: Path, *, retention_days: int, max_batch: int, clock: Callable[[], float]
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        *,
+        retention_days: int,
+        clock: Callable[[], float],
+        writer: LedgerWriter,
     ) -> None:
-        self._db = db
+        self._db = db  # queries, reconciliation updates and pruning; the writer has its own connection
         self._path = path
         self._retention_s = retention_days * 86_400.0
-        self._max_batch = max_batch
         self._clock = clock
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
         self._lock = asyncio.Lock()  # one transaction or query at a time on the shared connection
         self._closed = False
         self._shutdown: asyncio.Task[None] | None = None
-        self.commits = 0  # batches committed; tests and metrics read it
-        self.rows_written = 0
-        self._writer = asyncio.create_task(self._write_forever(), name=f"ledger-writer:{path.name}")
+        self._writer = writer
+        self._watch = asyncio.create_task(self._watch_writer(), name=f"ledger-writer:{path.name}")
 
     @classmethod
     async def open(
@@ -122,7 +120,13 @@ class Ledger:
         except BaseException:
             await db.close()
             raise
-        ledger = cls(db, path, retention_days=retention_days, max_batch=max_batch, clock=clock)
+        try:
+            connection = await asyncio.to_thread(writer_connection, path, synchronous, busy_timeout_s)
+        except BaseException:
+            await db.close()
+            raise
+        writer = LedgerWriter(connection, path, max_batch=max_batch, loop=asyncio.get_running_loop())
+        ledger = cls(db, path, retention_days=retention_days, clock=clock, writer=writer)
         if prune:  # the proxy prunes; tools that only read (report, explain, simulate) pass prune=False
             await ledger.prune()
         return ledger
@@ -152,86 +156,47 @@ class Ledger:
         await self._enqueue(None)
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the connection. Idempotent."""
+        """Commit what is queued, stop the writer and close the connections. Idempotent."""
         if self._shutdown is None:
             self._closed = True
-            self._queue.put_nowait(None)
+            self._writer.stop()
             self._shutdown = asyncio.create_task(self._finish())
         await asyncio.shield(self._shutdown)
 
+    @property
+    def commits(self) -> int:
+        """Groups committed (one transaction each); tests and metrics read it."""
+        return self._writer.commits
+
+    @property
+    def rows_written(self) -> int:
+        return self._writer.rows_written
+
     def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
-        if self._closed or self._writer.done():
+        if self._closed:
             raise LedgerClosed(
                 f"ledger {self._path} is closed; request {row.request_id if row else '(flush)'} was not recorded"
             )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(row, future))
-        return future
+        return self._writer.submit(row)
 
     async def _finish(self) -> None:
-        await asyncio.wait([self._writer])  # wait, not await: a cancelled writer must not fail close()
+        await asyncio.wait([self._watch])  # wait, not await: a cancelled watcher must not fail close()
+        await asyncio.to_thread(self._writer.join)  # it has ended or is ending: its connection is closed
         await self._db.close()
 
-    async def _write_forever(self) -> None:
-        batch: list[_Pending] = []
+    async def _watch_writer(self) -> None:
+        """Lives as long as the writer thread. Torn down without close() (the loop's tasks are
+        cancelled), it stops the thread after what is queued and stops aiosqlite's thread, which
+        is not a daemon and would keep the process from exiting after the event loop is gone."""
         try:
-            stopping = False
-            while not stopping:
-                first = await self._queue.get()
-                stopping = first is None  # the stop marker: nothing is queued after it
-                batch = [] if first is None else [first]
-                # Linger one turn of the event loop: requests finishing in the same turn join this
-                # batch. A commit costs about as much CPU as a hundred rows, so under load this
-                # multiplies the rows per commit, for the price of one loop iteration of latency.
-                await asyncio.sleep(0)
-                while not stopping and len(batch) < self._max_batch and not self._queue.empty():
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        stopping = True
-                    else:
-                        batch.append(item)
-                if batch:
-                    await self._write_batch(batch)
-                batch = []
+            await asyncio.shield(self._writer.stopped)
         except asyncio.CancelledError:
-            # Torn down without close(): callers must not wait forever.
             self._closed = True
-            error = LedgerClosed(f"ledger {self._path} writer was cancelled")
-            for item in batch + _drain(self._queue):
-                _settle(item.future, error)
-            # aiosqlite's thread is not a daemon: left running, it would keep the
-            # process from exiting after the event loop is gone.
+            self._writer.stop()
             stopped = self._db.stop()
             if stopped is not None:
                 await stopped
             raise
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        """Commit the batch's rows as ONE multi-row INSERT: in autocommit mode a single statement
-        is its own atomic transaction, so a whole batch costs one trip to aiosqlite's thread
-        (BEGIN + executemany + COMMIT would cost four, and their wake-ups dominate at low load)."""
-        rows = [item.row for item in batch if item.row is not None]
-        error: BaseException | None = None
-        written = 0
-        try:
-            async with self._lock:
-                for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                    chunk = rows[start : start + ROWS_PER_STATEMENT]
-                    params = [value for row in chunk for value in to_params(row)]
-                    await self._db.execute_insert(insert_many(len(chunk)), params)  # one hop, cursor closed
-                    written += len(chunk)
-                    self.commits += 1
-                    self.rows_written += len(chunk)
-        except Exception as exc:  # a bad disk must not kill the writer: fail what is unwritten, keep going
-            log.error("ledger %s: could not record %d request(s): %s", self._path, len(rows) - written, exc)
-            error = exc
-        index = 0
-        for item in batch:
-            if item.row is not None:
-                _settle(item.future, error if index >= written else None)
-                index += 1
-            else:
-                _settle(item.future, None)
 
     # --- reading -------------------------------------------------------------
 
@@ -410,24 +375,6 @@ async def _rollback_quietly(db: aiosqlite.Connection) -> None:
             await db.rollback()
     except Exception as exc:  # the original error is the one worth reporting
         log.warning("ledger rollback failed: %s", exc)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # the caller gave up waiting; the row was still handled
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _drain(queue: asyncio.Queue[_Pending | None]) -> list[_Pending]:
-    items = []
-    while not queue.empty():
-        item = queue.get_nowait()
-        if item is not None:
-            items.append(item)
-    return items
 
 
 def _end(end: float | None) -> float:

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -464,3 +465,69 @@ async def test_a_row_past_the_ceiling_is_refused_alone(ledger: Ledger) -> None:
         ledger.record_nowait(row("absurd", cost=9.2e9))
     await asyncio.gather(*(ledger.record(row(f"ok-{i}")) for i in range(5)))
     assert len(await ledger.rows()) == 5
+
+
+# --- the writer thread ---------------------------------------------------------------------
+
+
+async def test_a_row_is_committed_when_record_returns(ledger: Ledger) -> None:
+    """Seen by another connection (another process would see the same) the moment each caller
+    is woken: the guarantee the proxy's answers rest on."""
+    raw = sqlite3.connect(ledger.path)
+    seen_at_wake: dict[str, int] = {}
+
+    async def one(request_id: str) -> None:
+        await ledger.record(row(request_id))
+        (count,) = raw.execute("SELECT count(*) FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        seen_at_wake[request_id] = count
+
+    try:
+        await asyncio.gather(*(one(f"c{i}") for i in range(40)))
+    finally:
+        raw.close()
+    assert seen_at_wake == {f"c{i}": 1 for i in range(40)}
+
+
+@pytest.mark.realtime  # the writer waits on SQLite's busy timeout, on the real clock
+async def test_the_loop_keeps_turning_while_the_writer_waits_on_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await open_at_t0(path, busy_timeout_s=2.0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's BEGIN IMMEDIATE now waits for the lock
+        pending = ledger.record_nowait(row("waits"))
+        turns = 0
+        for _ in range(20):  # the loop runs (and times) while the writer thread is blocked
+            await asyncio.sleep(0.01)
+            turns += 1
+        assert turns == 20 and not pending.done()
+        blocker.execute("ROLLBACK")
+        await pending
+        assert [r.request_id for r in await ledger.rows()] == ["waits"]
+    finally:
+        blocker.close()
+        await ledger.close()
+
+
+async def test_one_group_one_transaction_whatever_the_flush_barriers(ledger: Ledger) -> None:
+    """Rows and flush barriers queued in one turn of the loop land in one group: one commit,
+    one wake-up that resolves them all."""
+    commits = ledger.commits
+    futures = [ledger.record_nowait(row(f"g{i}")) for i in range(100)]
+    barrier = asyncio.ensure_future(ledger.flush())
+    await asyncio.gather(*futures, barrier)
+    assert ledger.commits - commits <= 2  # the thread may have taken the first rows before the rest came
+    assert ledger.rows_written == 100
+
+
+async def test_close_commits_what_is_queued_and_stops_the_thread(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = await open_at_t0(path)
+    threads_before = {t.name for t in threading.enumerate()}
+    assert f"ledger-writer:{path.name}" in threads_before
+    futures = [ledger.record_nowait(row(f"q{i}")) for i in range(1200)]  # more than one group (512)
+    await ledger.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert f"ledger-writer:{path.name}" not in {t.name for t in threading.enumerate()}
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM requests").fetchone() == (1200,)

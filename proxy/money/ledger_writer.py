@@ -1,0 +1,157 @@
+"""The ledger's writer: a dedicated thread with its own SQLite connection, committing rows in
+groups and waking the event loop once per group.
+
+The event loop only puts (row, future) pairs on a thread-safe queue; it never waits on the
+disk. The thread takes everything queued (up to `max_batch` rows), writes it in ONE
+transaction (`BEGIN IMMEDIATE`, one multi-row INSERT per `ROWS_PER_STATEMENT` rows, `COMMIT`),
+then makes one `call_soon_threadsafe` that resolves every future of the group: their rows are
+in the WAL, so a SIGKILL afterwards loses none of them. While a commit is in progress (SQLite
+releases the GIL), the next group gathers on the queue, so the rows per commit grow with the
+load by themselves: no timer, no linger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.money.ledger_rows import ROWS_PER_STATEMENT, LedgerRow, insert_many, to_params
+
+log = logging.getLogger("orproxy.ledger")
+
+
+@dataclass(slots=True)
+class Pending:
+    row: LedgerRow | None  # None: a flush barrier, resolved with the group it lands in
+    future: asyncio.Future[None]
+
+
+_STOP = object()  # the last item: write what came before it, close the connection, end the thread
+
+
+def connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
+    """The writer's own connection (blocking: call it off the loop). `isolation_level=None`: the
+    writer issues BEGIN/COMMIT itself; `check_same_thread=False`: opened here, used by the thread."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        db.execute(f"PRAGMA synchronous = {synchronous}")  # per connection, unlike journal_mode
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class LedgerWriter:
+    """Owns the thread and its connection. `submit` is called on the event loop; `stop` queues
+    the end, after which `stopped` resolves once everything queued before it is settled."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, *, max_batch: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._db = db
+        self._path = path
+        self._max_batch = max_batch
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
+        self.stopped: asyncio.Future[None] = loop.create_future()
+        self.commits = 0  # groups committed (one transaction each)
+        self.rows_written = 0
+        # A daemon: if the loop is dropped without close(), the process can still exit. Rows it
+        # had not committed then were never acknowledged either (their futures never resolved).
+        self._thread = threading.Thread(target=self._run, name=f"ledger-writer:{path.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: LedgerRow | None) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._jobs.put(Pending(row, future))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(_STOP)
+
+    def join(self) -> None:
+        """Blocking: wait for the thread to end (after `stop`)."""
+        self._thread.join()
+
+    # --- the thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        stopping = False
+        try:
+            while not stopping:
+                first = jobs.get()
+                group: list[Pending] = []
+                rows = 0
+                item = first
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    assert isinstance(item, Pending)
+                    group.append(item)
+                    rows += item.row is not None
+                    if rows >= self._max_batch:
+                        break
+                    try:
+                        item = jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                if group:
+                    self._wake(_settle_group, group, self._write(group))
+        finally:
+            self._db.close()
+            self._wake(_resolve, self.stopped)
+
+    def _write(self, group: list[Pending]) -> BaseException | None:
+        """Commit the group's rows in one transaction; the error that failed them, if any (the
+        whole group fails together: a transaction is all or nothing). A bad disk never ends the
+        thread: the next group is tried afresh."""
+        rows = [item.row for item in group if item.row is not None]
+        if not rows:
+            return None
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                    chunk = rows[start : start + ROWS_PER_STATEMENT]
+                    db.execute(insert_many(len(chunk)), [value for row in chunk for value in to_params(row)])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            log.error("ledger %s: could not record %d request(s): %s", self._path, len(rows), exc)
+            return exc
+        self.commits += 1
+        self.rows_written += len(rows)
+        return None
+
+    def _wake(self, callback: Callable[..., None], *args: object) -> None:
+        """One wake-up of the event loop; none when it is gone (nobody is waiting then)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop was closed without close(): the process is ending
+            pass
+
+
+def _settle_group(group: list[Pending], error: BaseException | None) -> None:
+    for item in group:
+        if item.future.done():  # the caller gave up waiting; its row was still handled
+            continue
+        if error is None or item.row is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(error)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

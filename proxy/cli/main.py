@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.cli.ops import register as register_ops
 from proxy.config import Config, ConfigError, ConfigMissing, load_config, located_error, parse_config
+from proxy.ops.logs import queued_logging
 
 if TYPE_CHECKING:
     from proxy.money.catalogue import CatalogueSource
@@ -220,13 +221,6 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
         return None
 
 
-def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.logging.level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("orproxy").setLevel(config.logging.level)  # what a reload changes
-
-
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -275,7 +269,14 @@ def _serve(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     config = loaded[0]
-    _setup_logging(config)
+    # Every line goes through a queue to a writer thread: the event loop never formats a line nor
+    # waits on stderr. Leaving the block writes out what is queued: no line is lost at shutdown.
+    with queued_logging(config.logging.level, sys.stderr):
+        logging.getLogger("orproxy").setLevel(config.logging.level)  # what a reload changes
+        return _serve_with(config, args)
+
+
+def _serve_with(config: Config, args: argparse.Namespace) -> int:
     listen = config.listen.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )

@@ -13,6 +13,7 @@ load by themselves: no timer, no linger.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -136,10 +137,8 @@ class LedgerWriter:
 
     def _wake(self, callback: Callable[..., None], *args: object) -> None:
         """One wake-up of the event loop; none when it is gone (nobody is waiting then)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop was closed without close(): the process is ending
             self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop was closed without close(): the process is ending
-            pass
 
 
 def _settle_group(group: list[Pending], error: BaseException | None) -> None:

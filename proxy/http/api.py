@@ -23,6 +23,7 @@ from proxy.core.breakers import BlockView, CircuitBreakers
 from proxy.core.budget import Reservation
 from proxy.core.errors import ModelNotFound, ProxyError
 from proxy.core.features import RequestFeatures
+from proxy.core.overhead import Overhead
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits
 from proxy.core.record import Attempt, RequestRecord
@@ -32,6 +33,7 @@ from proxy.http.body import read_body
 from proxy.http.cached import answer_hit, key_for, store
 from proxy.http.errors import header_value
 from proxy.http.inflight import InFlight
+from proxy.http.overhead import OVERHEAD
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, SharedState
@@ -85,6 +87,7 @@ class ApiHandler:
     async def _serve(self, request: web.Request, runtime: Runtime) -> web.StreamResponse:
         policy, api = runtime.policy, self._api
         started = time.monotonic()
+        overhead = request.get(OVERHEAD)  # told of the upstream waits, for x-proxy-overhead-ms
         request_id = self._request_id(request)
         try:
             client_key = policy.keys.authenticate(api.authorization(request.headers))
@@ -139,7 +142,8 @@ class ApiHandler:
             if features.stream:
                 forwarded = api.upstream_headers(request.headers)
                 open_ = self._open if forwarded is None else functools.partial(self._open, headers=forwarded)
-                opening = self._own(request, runtime.executor.run(plan, body, open_, client_key.name, api), record)
+                running = runtime.executor.run(plan, body, open_, client_key.name, api, overhead)
+                opening = self._own(request, running, record)
                 try:
                     streamed = await asyncio.shield(opening)
                 except asyncio.CancelledError:  # the client left before the stream opened
@@ -171,9 +175,10 @@ class ApiHandler:
                     record=record,
                     assembler=assembler,
                     secrets=secrets,
+                    overhead=overhead,
                 )
             forwarded = api.upstream_headers(request.headers)
-            answering = self._answer(runtime, plan, body, record, admission, reservation, started, forwarded)
+            answering = self._answer(runtime, plan, body, record, admission, reservation, started, forwarded, overhead)
             owned = True
             try:
                 raw, payload, headers = await asyncio.shield(self._own(request, answering, record))
@@ -221,13 +226,14 @@ class ApiHandler:
         reservation: Reservation | None,
         started: float,
         forwarded: dict[str, str] | None = None,
+        overhead: Overhead | None = None,
     ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
         """A non-streamed answer, booked once it is in (or has failed) whether or not the client
         is still there: the ledger row is committed before the handler may answer."""
         cancelled = False
         try:
             complete = self._complete if forwarded is None else functools.partial(self._complete, headers=forwarded)
-            answer = await runtime.executor.run(plan, body, complete, record.key_name, self._api)
+            answer = await runtime.executor.run(plan, body, complete, record.key_name, self._api, overhead)
             headers = self._answered(record, record.request_id, plan, answer.target, answer.attempts, admission)
             raw, payload = answer.result
             record.usage = self._api.usage(payload)

@@ -35,6 +35,7 @@ from proxy.http.count_tokens import ROUTE as COUNT_TOKENS
 from proxy.http.count_tokens import count_tokens
 from proxy.http.errors import openai_errors, unknown_route
 from proxy.http.inflight import InFlight
+from proxy.http.overhead import timed
 from proxy.http.routes import explain_route, healthz, list_models, retrieve_model
 from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
 from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
@@ -115,12 +116,15 @@ def create_app(
         app.cleanup_ctx.append(reload_context(RELOADER, config.watch_config))
 
     for api in APIS:
-        handler = openai_errors(ApiHandler(api, state, accountant, metrics.gauges, inflight), api.error_style)
+        handler = timed(
+            openai_errors(ApiHandler(api, state, accountant, metrics.gauges, inflight), api.error_style),
+            metrics.overhead_of(api.name),
+        )
         for route in api.routes:
             app.router.add_post(route, handler)
             app.router.add_post("/api" + route, handler)  # clients configured with OpenRouter's own paths
     for route in (COUNT_TOKENS, "/api" + COUNT_TOKENS):  # answered here: OpenRouter has no count_tokens
-        app.router.add_post(route, openai_errors(count_tokens, "anthropic"))
+        app.router.add_post(route, timed(openai_errors(count_tokens, "anthropic")))
     app.router.add_post("/v1/route/explain", openai_errors(explain_route))
     for prefix in ("/v1", "/api/v1"):
         app.router.add_get(f"{prefix}/models", openai_errors(list_models))

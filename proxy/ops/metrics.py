@@ -13,6 +13,7 @@ name (else `none`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from proxy.cache.response_cache import CacheSlot
 from proxy.core.breakers import CircuitBreakers
+from proxy.core.overhead import BUCKETS as OVERHEAD_BUCKETS
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits, Reading
 from proxy.core.record import RequestRecord
@@ -78,6 +80,13 @@ class Metrics:
         self.ttft = LatencyTally(
             "orproxy_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], LATENCY_BUCKETS
         )
+        self.overhead = LatencyTally(
+            "orproxy_overhead_seconds",
+            "Time in the proxy, excluding the waits on the upstream (x-proxy-overhead-ms; a stream's "
+            "includes the work on each relayed read)",
+            ["api"],
+            OVERHEAD_BUCKETS,
+        )
         self.attempts = Tally("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"])
         self.fallbacks = Tally(
             "orproxy_fallbacks", "Moves to the next chain member", ["virtual_model", "from_model", "reason"]
@@ -93,11 +102,16 @@ class Metrics:
                     self.duration,
                     self.upstream_duration,
                     self.ttft,
+                    self.overhead,
                     self.attempts,
                     self.fallbacks,
                 ]
             )
         )
+
+    def overhead_of(self, api: str) -> Callable[[float], None]:
+        """What tells the overhead histogram of one API's requests (its label tuple built once)."""
+        return functools.partial(self.overhead.observe, (api,))
 
     # -- the accounting sink -------------------------------------------------------------
     def observe(self, record: RequestRecord, policy: Policy) -> None:

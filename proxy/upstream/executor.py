@@ -18,6 +18,7 @@ from proxy.config import Retry
 from proxy.core.apis import CHAT, Api
 from proxy.core.breakers import CircuitBreakers, blamed
 from proxy.core.failures import Failure
+from proxy.core.overhead import Overhead
 from proxy.core.record import Attempt
 from proxy.core.retry import Call, Decision, GiveUp, RetryPolicy, ToClient, Wait
 from proxy.core.routing import Plan, Target
@@ -68,10 +69,12 @@ class Executor:
         attempt: Callable[[UpstreamClient, bytes, str], Awaitable[T]],
         key: str | None = None,
         api: Api = CHAT,
+        overhead: Overhead | None = None,
     ) -> Answer[T]:
         """Try the plan's targets as the policy says until `attempt` succeeds for one. `key`: the
         name of the request's client key, which scopes the breakers its failures open; `api`: the
-        client's API, which says what each upstream is sent."""
+        client's API, which says what each upstream is sent; `overhead`: told how long the attempts
+        and the backoff between them waited (on the real clock, whatever clock the policy reads)."""
         policy = RetryPolicy(plan, self._retry, key_envs=self._key_envs, secrets=self._secrets, jitter=self._jitter)
         failures: list[tuple[Target, Failure]] = []  # told to the breakers once the request is over
         decision: Decision = policy.start(self._wall())
@@ -83,15 +86,20 @@ class Executor:
             payload = api.prepare(body if cached is None else cached, target.model, client.kind)
             while True:
                 started = self._monotonic()
+                waiting = time.perf_counter()
                 try:
                     result = await attempt(client, payload, target.model)
                 except UpstreamError as exc:
+                    _waited(overhead, waiting)
                     failures.append((target, exc.failure))
                     decision = self._failed(policy, target, exc.failure, started, key)
                     if not isinstance(decision, Wait):
                         break
+                    waiting = time.perf_counter()
                     await self._sleep(decision.delay_s)
+                    _waited(overhead, waiting)
                     continue
+                _waited(overhead, waiting)
                 self._breakers.record_success(target)
                 self._blame(failures, True, key)
                 policy.succeeded(self._monotonic() - started)
@@ -117,6 +125,11 @@ class Executor:
         now, request = self._wall(), object()
         for target in blamed(failures, served):
             self._breakers.record_failure(self._retry.cooldown, target, now, request=request, client=client)
+
+
+def _waited(overhead: Overhead | None, since: float) -> None:
+    if overhead is not None:
+        overhead.waited_s += time.perf_counter() - since
 
 
 __all__ = ["Answer", "Attempt", "Executor"]

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.cache.replay import StreamAssembler
 from proxy.core.apis import Api, Meter
+from proxy.core.overhead import HEADER, Overhead, milliseconds
 from proxy.core.record import RequestRecord
 from proxy.core.redact import leaks, redact
 from proxy.core.sse import Batch
@@ -42,19 +43,27 @@ async def relay(
     record: RequestRecord,
     assembler: StreamAssembler | None = None,
     secrets: tuple[str, ...] = (),
+    overhead: Overhead | None = None,
 ) -> web.StreamResponse:
     """Forward the stream, `meter` filling the record from it (and `assembler`, for the cache). The
     upstream response is always closed. `secrets` (the proxy's upstream keys) never reach the
-    client: an upstream may echo one in an error event, which is forwarded with it redacted."""
+    client: an upstream may echo one in an error event, which is forwarded with it redacted.
+    `overhead`: the request's, published in the headers and added to by the work on each read."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     upstream = stream.response
     try:
+        if overhead is not None:
+            overhead.at_headers_s = overhead.until(time.perf_counter())
+            response.headers[HEADER] = milliseconds(overhead.at_headers_s)
         await response.prepare(request)
-        error = await _forward(stream, response, meter, api, record, assembler, secrets)
+        error = await _forward(stream, response, meter, api, record, assembler, secrets, overhead)
         if error and assembler is not None:
             assembler.failed = True
         upstream.close()
+        finishing = time.perf_counter()
         await finish()
+        if overhead is not None:
+            overhead.streaming_s += time.perf_counter() - finishing
         end = error + (api.done or b"")
         if end:
             await response.write(end)
@@ -78,6 +87,7 @@ async def _forward(
     record: RequestRecord,
     assembler: StreamAssembler | None,
     secrets: tuple[str, ...],
+    overhead: Overhead | None,
 ) -> bytes:
     """Copy events up to (not including) chat's [DONE]; return an error event to send if the stream
     broke. The meter writes into the record as events pass, so a client hanging up mid-way is
@@ -85,6 +95,7 @@ async def _forward(
     encoded = tuple(secret.encode() for secret in secrets if secret)
     try:
         async for batch in _batches(stream):
+            began = time.perf_counter()
             now = time.monotonic()
             dropped: list[int] = []
             for index, data in enumerate(batch.events):
@@ -94,6 +105,8 @@ async def _forward(
                 if not meter.forward(chunk):
                     dropped.append(index)
             raw = batch.without(dropped) if dropped else batch.raw
+            if overhead is not None:  # the write is left out: it may wait on the client
+                overhead.streaming_s += time.perf_counter() - began
             if raw:
                 # One substring search per key and read; a copy only when a key is really there.
                 await response.write(redact(raw, secrets) if leaks(raw, encoded) else raw)

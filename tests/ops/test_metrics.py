@@ -132,6 +132,7 @@ async def test_exposition_parses_and_promtool_reports_nothing(make_proxy, emulat
         "orproxy_request_duration_seconds": "histogram",
         "orproxy_upstream_duration_seconds": "histogram",
         "orproxy_time_to_first_token_seconds": "histogram",
+        "orproxy_overhead_seconds": "histogram",
         "orproxy_in_flight_requests": "gauge",
         "orproxy_budget_spent_usd": "gauge",
         "orproxy_budget_limit_usd": "gauge",

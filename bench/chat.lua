@@ -1,7 +1,9 @@
--- wrk script for bench/run.py: POST one chat request (body from $BENCH_BODY) on every
--- keep-alive connection, and write the summary as JSON to $BENCH_OUT when done.
+-- wrk script for bench/run.py: POST one request (the body read from the file $BENCH_BODY_FILE) on
+-- every keep-alive connection, and write the summary as JSON to $BENCH_OUT when done.
+local file = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
 wrk.method = "POST"
-wrk.body = os.getenv("BENCH_BODY")
+wrk.body = file:read("*a")
+file:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_KEY") or "bench-key")
 

@@ -1,29 +1,36 @@
-"""Proxy vs a bare aiohttp pass-through vs the emulator direct, measured in one run.
+"""Proxy vs a bare aiohttp pass-through vs the emulator direct (and the previous commit's proxy),
+measured in one run, for the request shapes real traffic has.
 
-    python bench/run.py [--duration 10] [--connections 32] [--rounds 2] [--json out.json]
+    python bench/run.py [--duration 10] [--connections 32] [--rounds 2] [--baseline-rev 2bb227c]
+                        [--shapes small,small-stream,big,long-stream] [--json out.json]
 
 Starts the OpenRouter emulator, bench/passthrough.py and the proxy (`orproxy serve`) as separate
-one-worker processes on free loopback ports, then measures them interleaved (round 1: direct,
-pass-through, proxy; round 2 in reverse order; ...) after a discarded warm-up:
+one-worker processes on free loopback ports (with --baseline-rev, also the proxy of that git
+revision, checked out in a temporary `git worktree`), then measures them interleaved (round 1:
+direct, pass-through, proxy, previous; round 2 in reverse order; ...) after a discarded warm-up,
+for each shape (bench/shapes.py): small (non-streamed and streamed), big (a 50 kB prompt with 20
+tools) and long-stream (1,000 chunks):
 
-* throughput: requests/s with --connections keep-alive connections, non-streamed and streamed;
-* latency: one connection, requests back to back: p50/p90/p99;
-* CPU: each server's own CPU time per request (from /proc), which does not depend on who the bottleneck was.
+* throughput: requests/s with --connections keep-alive connections;
+* latency (small shapes): one connection, requests back to back: p50/p90/p99;
+* CPU: each server's own CPU time per request (from /proc), which does not depend on who the
+  bottleneck was; for long streams, per relayed chunk;
+* the proxy's own overhead histogram (`orproxy_overhead_seconds`, scraped from /metrics around
+  each measurement): its p50/p90/p99 next to wrk's;
+* RSS of each server after each measurement.
 
-The bar (see bench/README.md): proxy throughput >= 70% of the pass-through's; added p50 a fraction of a ms.
-The load generator is wrk (bench/chat.lua); without wrk a small aiohttp load generator is used instead.
-Everything is bounded in time and every child is stopped in `finally`.
+The goals (issue 13, see bench/README.md) are checked at the end for the new code and the previous
+commit. The load generator is wrk (bench/chat.lua); without wrk a small aiohttp load generator is
+used instead. Everything is bounded in time and every child (and the worktree) is removed in `finally`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,21 +40,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from report import Sample, print_report, summarise
+from shapes import SHAPES, Shape, overhead_buckets, quantile
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 API_KEY = "bench-key"
 SLUG = "mistralai/mistral-7b-instruct"
-PROMPT = [{"role": "user", "content": "Say hello in one short sentence."}]
-TARGETS = ("direct", "passthrough", "proxy")
-MODES = ("non-stream", "stream")
 LOADGEN_CPU, SERVER_CPU = "0", "1"  # with --pin: wrk + emulator share CPU 0, the server under test owns CPU 1
 # Unpinned is the default: on the 2-vCPU VM this was written on, pinning made every hop a cross-CPU
 # wake-up of an idle vCPU, which raised CPU per request by ~50% and the variance with it (see README).
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def body(model: str, stream: bool) -> str:
-    return json.dumps({"model": model, "messages": PROMPT, "max_tokens": 32, "stream": stream}, separators=(",", ":"))
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def free_port() -> int:
@@ -65,6 +69,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (0 elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MB
+    except OSError:
+        return 0.0
+
+
 @dataclass
 class Server:
     name: str
@@ -72,24 +84,7 @@ class Server:
     model: str
     process: subprocess.Popen
     log: Path
-
-
-@dataclass
-class Sample:
-    target: str
-    mode: str
-    phase: str  # throughput | latency
-    round: int
-    rps: float
-    p50_us: int
-    p90_us: int
-    p99_us: int
-    errors: int
-    requests: int
-    server_cpu_us: float  # CPU time of the server under test per request
-    emulator_cpu_us: float
-    server_busy: float  # fraction of one core the server under test used
-    emulator_busy: float
+    metrics: str | None = None  # the proxy's /metrics
 
 
 @dataclass
@@ -97,28 +92,42 @@ class Bench:
     args: argparse.Namespace
     tmp: Path
     servers: dict[str, Server] = field(default_factory=dict)
+    worktree: Path | None = None
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name for name in ("direct", "passthrough", "proxy", "previous") if name in self.servers)
 
     # ------------------------------------------------------------------ processes
 
     def pinned(self, cpu: str, argv: list[str]) -> list[str]:
         return ["taskset", "-c", cpu, *argv] if self.args.pin else argv
 
-    def spawn(self, name: str, argv: list[str], url: str, model: str, env: dict[str, str] | None = None) -> None:
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        model: str,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        metrics: str | None = None,
+    ) -> None:
         log = self.tmp / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, **(env or {})},
                 stdin=subprocess.DEVNULL,
             )
-        self.servers[name] = Server(name, url, model, process, log)
+        self.servers[name] = Server(name, url, model, process, log, metrics)
 
     def start(self) -> None:
         py = sys.executable
-        emu, passthrough, proxy = free_port(), free_port(), free_port()
+        emu, passthrough = free_port(), free_port()
         upstream = f"http://127.0.0.1:{emu}/api/v1"
         self.spawn(
             "direct",
@@ -147,22 +156,49 @@ class Bench:
             f"http://127.0.0.1:{passthrough}/v1/chat/completions",
             SLUG,
         )
-        config = (BENCH / "bench-config.yaml").read_text().replace("http://127.0.0.1:9000/api/v1", upstream)
-        config += f"\nledger: {{path: {self.tmp / 'ledger.sqlite3'}}}\n"  # a fresh ledger, outside the repo
-        config_path = self.tmp / "bench-config.yaml"
-        config_path.write_text(config)
-        self.spawn(
-            "proxy",
-            self.pinned(
-                SERVER_CPU,
-                [py, "-m", "proxy", "serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(proxy)],
-            ),
-            f"http://127.0.0.1:{proxy}/v1/chat/completions",
-            "cheap",
-            {"BENCH_OPENROUTER_KEY": API_KEY},
-        )
+        self.spawn_proxy("proxy", ROOT, upstream)
+        if self.args.baseline_rev:
+            self.worktree = self.tmp / "previous"
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(self.worktree), self.args.baseline_rev],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self.spawn_proxy("previous", self.worktree, upstream)
         for server in self.servers.values():
             self.wait_ready(server)
+
+    def spawn_proxy(self, name: str, checkout: Path, upstream: str) -> None:
+        """`orproxy serve` from `checkout` (`python -m proxy` from there imports that tree's package)."""
+        port = free_port()
+        config = (BENCH / "bench-config.yaml").read_text().replace("http://127.0.0.1:9000/api/v1", upstream)
+        config += f"\nledger: {{path: {self.tmp / f'{name}-ledger.sqlite3'}}}\n"  # a fresh ledger, outside the repo
+        config_path = self.tmp / f"{name}-config.yaml"
+        config_path.write_text(config)
+        self.spawn(
+            name,
+            self.pinned(
+                SERVER_CPU,
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "serve",
+                    "--config",
+                    str(config_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+            ),
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            "cheap",
+            {"BENCH_OPENROUTER_KEY": API_KEY, "PYTHONPATH": str(checkout)},
+            cwd=checkout,
+            metrics=f"http://127.0.0.1:{port}/metrics",
+        )
 
     def wait_ready(self, server: Server, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -172,7 +208,7 @@ class Bench:
                 break
             request = urllib.request.Request(
                 server.url,
-                data=body(server.model, False).encode(),
+                data=SHAPES["small"].body(server.model).encode(),
                 method="POST",
                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
             )
@@ -195,13 +231,20 @@ class Bench:
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait(5)
+        if self.worktree is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.worktree)],
+                capture_output=True,
+                timeout=60,
+            )
 
     # ------------------------------------------------------------------ measuring
 
-    def load(self, server: Server, mode: str, connections: int, duration: float) -> dict:
+    def load(self, server: Server, shape: Shape, connections: int, duration: float) -> dict:
         out = self.tmp / "result.json"
         out.unlink(missing_ok=True)
-        payload = body(server.model, mode == "stream")
+        body_file = self.tmp / "body.json"
+        body_file.write_text(shape.body(server.model))
         if self.args.tool == "wrk":
             argv = [
                 "wrk",
@@ -215,31 +258,36 @@ class Bench:
                 server.url,
             ]
         else:
-            argv = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--_loadgen",
-                server.url,
-                str(connections),
-                str(duration),
-            ]
-        env = {**os.environ, "BENCH_BODY": payload, "BENCH_OUT": str(out), "BENCH_KEY": API_KEY}
+            argv = [sys.executable, str(BENCH / "loadgen.py"), server.url, str(connections), str(duration)]
+        env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_OUT": str(out), "BENCH_KEY": API_KEY}
         subprocess.run(
             self.pinned(LOADGEN_CPU, argv), env=env, stdout=subprocess.DEVNULL, check=True, timeout=duration + 30
         )
         return json.loads(out.read_text())
 
-    def measure(self, target: str, mode: str, phase: str, number: int, connections: int, duration: float) -> Sample:
+    def scrape(self, server: Server) -> dict[float, float]:
+        if server.metrics is None:
+            return {}
+        try:
+            with urllib.request.urlopen(server.metrics, timeout=5) as response:
+                return overhead_buckets(response.read().decode())
+        except (OSError, urllib.error.URLError):
+            return {}
+
+    def measure(self, target: str, shape: Shape, phase: str, number: int, connections: int, duration: float) -> Sample:
         server, emulator = self.servers[target], self.servers["direct"]
+        buckets = self.scrape(server)
         cpu0, emu0, wall0 = cpu_seconds(server.process.pid), cpu_seconds(emulator.process.pid), time.monotonic()
-        result = self.load(server, mode, connections, duration)
+        result = self.load(server, shape, connections, duration)
         wall = time.monotonic() - wall0
         cpu, emu = cpu_seconds(server.process.pid) - cpu0, cpu_seconds(emulator.process.pid) - emu0
+        after = self.scrape(server)
+        overhead = {f"p{q}": quantile(q / 100, buckets, after) for q in (50, 90, 99)}
         requests = max(1, result["requests"])
         lat = result["latency_us"]
         return Sample(
             target,
-            mode,
+            shape.name,
             phase,
             number,
             result["requests"] / (result["duration_us"] / 1e6),
@@ -252,175 +300,44 @@ class Bench:
             emu * 1e6 / requests,
             cpu / wall,
             emu / wall,
+            rss_mb(server.process.pid),
+            {q: None if v is None else v * 1e6 for q, v in overhead.items()},
         )
 
     def run(self) -> list[Sample]:
         a = self.args
-        say(f"warm-up: {a.warmup:g}s per target and mode (discarded)")
-        for mode in MODES:
-            for target in TARGETS:
-                self.load(self.servers[target], mode, a.connections, a.warmup)
+        shapes = [SHAPES[name] for name in a.shapes]
+        targets = self.targets
+        say(f"warm-up: {a.warmup:g}s per target and shape (discarded)")
+        for shape in shapes:
+            for target in targets:
+                self.load(self.servers[target], shape, a.connections, a.warmup)
         samples: list[Sample] = []
         for phase, connections, duration in (
             ("throughput", a.connections, a.duration),
             ("latency", 1, a.latency_duration),
         ):
             for number in range(1, a.rounds + 1):
-                order = TARGETS if number % 2 else TARGETS[::-1]  # A/B/A/B with the position bias cancelled
-                for mode in MODES:
+                order = targets if number % 2 else targets[::-1]  # A/B/A/B with the position bias cancelled
+                for shape in shapes:
+                    if phase == "latency" and not shape.latency:
+                        continue
                     for target in order:
-                        sample = self.measure(target, mode, phase, number, connections, duration)
+                        sample = self.measure(target, shape, phase, number, connections, duration)
                         samples.append(sample)
+                        p50 = sample.overhead_us["p50"]
                         say(
-                            f"  {phase:<10} round {number} {mode:<10} {target:<11} {sample.rps:8.0f} req/s  "
-                            f"p50 {sample.p50_us / 1000:6.2f} ms  cpu {sample.server_cpu_us:5.0f} us/req"
+                            f"  {phase:<10} round {number} {shape.name:<12} {target:<11} {sample.rps:8.0f} req/s  "
+                            f"p50 {sample.p50_us / 1000:6.2f} ms  cpu {sample.server_cpu_us:6.0f} us/req"
+                            + (f"  overhead p50 {p50:4.0f} us" if p50 is not None else "")
+                            + f"  rss {sample.rss_mb:5.1f} MB"
                             + (f"  ERRORS {sample.errors}" if sample.errors else "")
                         )
         return samples
 
 
-# ---------------------------------------------------------------------- report
-
-
-def summarise(samples: list[Sample]) -> dict:
-    def pick(phase: str, mode: str, target: str) -> list[Sample]:
-        return [s for s in samples if s.phase == phase and s.mode == mode and s.target == target]
-
-    summary: dict = {}
-    for mode in MODES:
-        rows = {}
-        for target in TARGETS:
-            tp, lat = pick("throughput", mode, target), pick("latency", mode, target)
-            rows[target] = {
-                "rps_mean": statistics.fmean(s.rps for s in tp),
-                "rps_min": min(s.rps for s in tp),
-                "rps_max": max(s.rps for s in tp),
-                "cpu_us_per_req": statistics.fmean(s.server_cpu_us for s in tp),
-                "latency_cpu_us_per_req": statistics.fmean(s.server_cpu_us for s in lat),
-                "server_busy": statistics.fmean(s.server_busy for s in tp),
-                "emulator_busy": statistics.fmean(s.emulator_busy for s in tp),
-                "p50_ms": statistics.median(s.p50_us for s in lat) / 1000,
-                "p90_ms": statistics.median(s.p90_us for s in lat) / 1000,
-                "p99_ms": statistics.median(s.p99_us for s in lat) / 1000,
-                "p50_ms_rounds": [s.p50_us / 1000 for s in lat],
-                "errors": sum(s.errors for s in tp + lat),
-            }
-        # the ratio per round (neighbouring measurements), then their mean and spread
-        ratios = [
-            p.rps / q.rps for p, q in zip(pick("throughput", mode, "proxy"), pick("throughput", mode, "passthrough"))
-        ]
-        proxy, passthrough, direct = rows["proxy"], rows["passthrough"], rows["direct"]
-        summary[mode] = {
-            "targets": rows,
-            "throughput_ratio": statistics.fmean(ratios),
-            "throughput_ratio_rounds": ratios,
-            "meets_70pct": statistics.fmean(ratios) >= 0.70,
-            "added_p50_ms_vs_passthrough": proxy["p50_ms"] - passthrough["p50_ms"],
-            "added_p50_ms_vs_direct": proxy["p50_ms"] - direct["p50_ms"],
-            "added_cpu_us_vs_passthrough": proxy["cpu_us_per_req"] - passthrough["cpu_us_per_req"],
-            # what the ratio would be if the server under test were the only bottleneck
-            "cpu_capacity_ratio": passthrough["cpu_us_per_req"] / proxy["cpu_us_per_req"],
-        }
-    return summary
-
-
-def print_report(summary: dict, args: argparse.Namespace) -> None:
-    print()
-    print(
-        f"{args.tool}, {args.connections} connections x {args.duration:g}s (throughput), 1 connection x "
-        f"{args.latency_duration:g}s (latency), {args.rounds} rounds, pinned: {'yes' if args.pin else 'no'}, "
-        f"load average {args.loadavg_before:.2f} before / {args.loadavg_after:.2f} after"
-    )
-    for mode, part in summary.items():
-        print(f"\n== {mode} ==")
-        print(
-            f"{'target':<12} {'req/s':>8} {'(min-max)':>13} {'cpu us/req':>10} {'busy':>5} {'emu busy':>8} "
-            f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6}"
-        )
-        for target, row in part["targets"].items():
-            print(
-                f"{target:<12} {row['rps_mean']:8.0f} {row['rps_min']:6.0f}-{row['rps_max']:<6.0f} "
-                f"{row['cpu_us_per_req']:10.0f} {row['server_busy']:5.0%} {row['emulator_busy']:8.0%} "
-                f"{row['p50_ms']:7.3f} {row['p90_ms']:7.3f} {row['p99_ms']:7.3f} {row['errors']:6d}"
-            )
-        rounds = ", ".join(f"{r:.0%}" for r in part["throughput_ratio_rounds"])
-        verdict = "meets" if part["meets_70pct"] else "MISSES"
-        print(
-            f"proxy / pass-through throughput: {part['throughput_ratio']:.0%} (rounds: {rounds})"
-            f" -> {verdict} the 70% bar"
-        )
-        print(
-            f"proxy added p50 latency: {part['added_p50_ms_vs_passthrough'] * 1000:+.0f} us vs pass-through, "
-            f"{part['added_p50_ms_vs_direct'] * 1000:+.0f} us vs direct; "
-            f"added CPU {part['added_cpu_us_vs_passthrough']:+.0f} us/request vs pass-through "
-            f"(CPU-bound capacity ratio {part['cpu_capacity_ratio']:.0%})"
-        )
-
-
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------- fallback load generator
-
-
-def loadgen(url: str, connections: int, duration: float) -> None:
-    """A small aiohttp load generator with wrk's output format, for machines without wrk."""
-    import aiohttp
-
-    payload, out = os.environ["BENCH_BODY"].encode(), os.environ["BENCH_OUT"]
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ['BENCH_KEY']}"}
-    latencies: list[float] = []
-    errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
-
-    async def worker(session: aiohttp.ClientSession, deadline: float) -> None:
-        while (start := time.perf_counter()) < deadline:
-            try:
-                async with session.post(url, data=payload, headers=headers) as response:
-                    await response.read()
-                    errors["status"] += response.status >= 400
-            except (TimeoutError, aiohttp.ClientError):
-                errors["read"] += 1
-                continue
-            latencies.append(time.perf_counter() - start)
-
-    async def main() -> float:
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections), timeout=timeout) as s:
-            began = time.perf_counter()
-            await asyncio.gather(*(worker(s, began + duration) for _ in range(connections)))
-            return time.perf_counter() - began
-
-    try:
-        import uvloop
-
-        elapsed = uvloop.run(main())
-    except ImportError:
-        elapsed = asyncio.run(main())
-    latencies.sort()
-    n = max(1, len(latencies))
-
-    def pct(p: float) -> int:
-        return int(latencies[min(n - 1, int(p / 100 * n))] * 1e6) if latencies else 0
-
-    Path(out).write_text(
-        json.dumps(
-            {
-                "requests": len(latencies),
-                "duration_us": int(elapsed * 1e6),
-                "bytes": 0,
-                "errors": errors,
-                "latency_us": {
-                    "min": pct(0),
-                    "mean": statistics.fmean(latencies) * 1e6 if latencies else 0,
-                    "p50": pct(50),
-                    "p90": pct(90),
-                    "p99": pct(99),
-                    "max": pct(100),
-                },
-            }
-        )
-    )
 
 
 # ---------------------------------------------------------------------- main
@@ -437,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput (32)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per target (default 2, min 2)")
-    parser.add_argument("--warmup", type=float, default=2, help="discarded warm-up seconds per target and mode")
+    parser.add_argument("--warmup", type=float, default=2, help="discarded warm-up seconds per target and shape")
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -450,8 +367,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="load generator (default: wrk when installed, else aiohttp)",
     )
+    parser.add_argument(
+        "--shapes",
+        default=",".join(SHAPES),
+        help=f"comma-separated request shapes to measure (default: all of {', '.join(SHAPES)})",
+    )
+    parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also run the proxy of this git revision (e.g. the previous commit), from a temporary "
+        "`git worktree`, as the target `previous`",
+    )
     parser.add_argument("--json", type=Path, help="also write every sample and the summary here")
     args = parser.parse_args(argv)
+    args.shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
+    unknown = [name for name in args.shapes if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     args.rounds = max(2, args.rounds)
     if args.latency_duration is None:
         args.latency_duration = max(2.0, args.duration / 2)
@@ -459,11 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--_loadgen":
-        loadgen(argv[1], int(argv[2]), float(argv[3]))
-        return 0
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.tool is None:
         args.tool = "wrk" if shutil.which("wrk") else "aiohttp"
         if args.tool == "aiohttp":
@@ -487,10 +415,11 @@ def main(argv: list[str] | None = None) -> int:
             bench.start()
             say(f"started: {', '.join(f'{s.name} pid {s.process.pid} {s.url}' for s in bench.servers.values())}")
             samples = bench.run()
+            targets = bench.targets
         finally:
             bench.stop()
     args.loadavg_after = os.getloadavg()[0]
-    summary = summarise(samples)
+    summary = summarise(samples, targets)
     print_report(summary, args)
     if args.json:
         args.json.write_text(

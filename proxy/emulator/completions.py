@@ -20,6 +20,10 @@ from .billing import Charge, Prices, prompt_tokens, text_tokens
 
 ECHO_WORDS = 16  # how much of the last user message the reply echoes
 WORDS_PER_CHUNK = 3  # streamed content is split into chunks of a few words
+# A request field only the emulator reads (benchmarks of long streams): the reply is that many
+# content chunks long when streamed (WORDS_PER_CHUNK words each), and as long when not.
+CHUNKS_FIELD = "emulator_chunks"
+MAX_CHUNKS = 100_000
 ARGUMENT_FRAGMENTS = 3  # tool-call arguments are streamed in this many parts
 
 # The hosting provider OpenRouter reports, by the slug's vendor prefix.
@@ -127,6 +131,9 @@ def plan_reply(body: Mapping[str, Any], model: ModelInfo, call_id: str) -> Reply
         size = len(call.name.encode()) + len(call.arguments.encode())
         return Reply("", call, "tool_calls", prompt, estimate_tokens(size))
     text = orjson.dumps({"model": model.id, "echo": echo}).decode() if _wants_json(body) else f"[{model.id}] {echo}"
+    chunks = body.get(CHUNKS_FIELD)
+    if isinstance(chunks, int) and not isinstance(chunks, bool) and 0 < chunks <= MAX_CHUNKS:
+        text = " ".join(["word"] * (WORDS_PER_CHUNK * chunks))  # streamed as exactly `chunks` content chunks
     finish = "stop"
     limit = _max_tokens(body)
     if limit is not None and estimate_tokens(len(text.encode())) > limit:

@@ -156,6 +156,20 @@ async def test_stream_framing_chunks_and_usage(client, validators):
     assert chunks[-1]["usage"] == whole["usage"]
 
 
+@pytest.mark.parametrize("count", [1, 1000])
+async def test_emulator_chunks_sets_the_length_of_a_stream(client, validators, count):
+    """`emulator_chunks` (read by the emulator only, for benchmarks): exactly that many content chunks."""
+    raw = await (await chat(client, "google/gemini-2.5-flash", stream=True, emulator_chunks=count)).read()
+    _, data = parse_sse(raw)
+    content_chunks = data[1:-3]  # after the opening chunk; before the finish and usage chunks and [DONE]
+    assert len(content_chunks) == count
+    for chunk in content_chunks:
+        validators["CreateChatCompletionStreamResponse"].validate(chunk)
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in content_chunks)
+    whole = await (await chat(client, "google/gemini-2.5-flash", emulator_chunks=count)).json()
+    assert streamed == whole["choices"][0]["message"]["content"] == " ".join(["word"] * (3 * count))
+
+
 async def test_max_tokens_truncates_with_finish_reason_length(client):
     body = await (await chat(client, max_tokens=3)).json()
     assert body["choices"][0]["finish_reason"] == "length"

@@ -120,19 +120,23 @@ class PriceBook:
         self._dearest = Price(
             max((p.prompt for p in known), default=0.0), max((p.completion for p in known), default=0.0)
         )
+        # Every model's price and its source, resolved once per config snapshot (an override wins
+        # over the catalogue): a request's lookups are one dictionary read each, no tuple built.
+        self._resolved: dict[str, tuple[Price, str]] = {
+            **{model: (price, "catalogue") for model, price in catalogue.prices.items()},
+            **{model: (price, "override") for model, price in self._overrides.items()},
+        }
+        self._baseline = self._resolved.get(self.baseline_model)
 
     def lookup(self, model: str) -> tuple[Price, str] | None:
-        if model in self._overrides:
-            return self._overrides[model], "override"
-        price = self.catalogue.prices.get(model)
-        return (price, "catalogue") if price is not None else None
+        return self._resolved.get(model)
 
     def price_or_dearest(self, model: str) -> Price:
-        found = self.lookup(model)
-        return found[0] if found else self._dearest
+        found = self._resolved.get(model)
+        return found[0] if found is not None else self._dearest
 
     def knows(self, model: str) -> bool:
-        return model in self._overrides or model in self.catalogue.prices
+        return model in self._resolved
 
     def cost(
         self,
@@ -146,14 +150,14 @@ class PriceBook:
         (cached reads and cache writes at the catalogue's cache prices)."""
         if upstream_cost is not None and math.isfinite(upstream_cost) and upstream_cost >= 0:
             return Cost(upstream_cost, "upstream")
-        found = self.lookup(model)
-        price, source = found if found else (self._dearest, "estimate")
+        found = self._resolved.get(model)
+        price, source = found if found is not None else (self._dearest, "estimate")
         return Cost(price.cost_of(tokens), "estimate" if estimated else source)
 
     def baseline(self, tokens: Tokens) -> float:
         """What the same tokens would have cost on the savings baseline model."""
-        found = self.lookup(self.baseline_model)
-        return found[0].cost_of(tokens) if found else 0.0
+        found = self._baseline
+        return found[0].cost_of(tokens) if found is not None else 0.0
 
     def worst_case(self, model: str, prompt_tokens: int, max_tokens: int | None) -> float:
         """The most a request can cost on `model`: for budget reservations. `max_tokens` None: as

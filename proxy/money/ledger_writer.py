@@ -1,13 +1,18 @@
 """The ledger's writer: a dedicated thread with its own SQLite connection, committing rows in
 groups and waking the event loop once per group.
 
-The event loop only puts (row, future) pairs on a thread-safe queue; it never waits on the
-disk. The thread takes everything queued (up to `max_batch` rows), writes it in ONE
-transaction (`BEGIN IMMEDIATE`, one multi-row INSERT per `ROWS_PER_STATEMENT` rows, `COMMIT`),
-then makes one `call_soon_threadsafe` that resolves every future of the group: their rows are
-in the WAL, so a SIGKILL afterwards loses none of them. While a commit is in progress (SQLite
-releases the GIL), the next group gathers on the queue, so the rows per commit grow with the
-load by themselves: no timer, no linger.
+The event loop never waits on the disk. Rows queued during one turn of the loop are handed to
+the thread together, at the end of that turn (one `call_soon` per turn, one queue put, one
+wake-up of the thread), so requests finishing in the same turn share a commit. The thread takes
+everything handed over (up to `max_batch` rows), writes it in ONE transaction (a single
+multi-row INSERT, atomic in autocommit mode; `BEGIN IMMEDIATE` ... `COMMIT` around several when
+the group is larger than one statement may be), then makes one `call_soon_threadsafe` that
+resolves every future of the group: their rows are in the WAL, so a SIGKILL afterwards loses none
+of them. While a commit is in progress (SQLite releases the GIL), the next hand-overs gather on
+the queue, so the rows per commit grow with the load by themselves: no timer.
+
+Each SQLite call releases the GIL and must take it back from the busy loop thread (up to the
+interpreter's switch interval, 5 ms): one statement per group keeps that to one round.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ class LedgerWriter:
         self._path = path
         self._max_batch = max_batch
         self._loop = loop
-        self._jobs: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[Pending] | object] = queue.SimpleQueue()
+        self._turn: list[Pending] = []  # queued during this turn of the loop, handed over at its end
         self.stopped: asyncio.Future[None] = loop.create_future()
         self.commits = 0  # groups committed (one transaction each)
         self.rows_written = 0
@@ -69,10 +75,19 @@ class LedgerWriter:
 
     def submit(self, row: LedgerRow | None) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._loop.create_future()
-        self._jobs.put(Pending(row, future))
+        if not self._turn:
+            self._loop.call_soon(self._hand_over)
+        self._turn.append(Pending(row, future))
         return future
 
+    def _hand_over(self) -> None:
+        turn, self._turn = self._turn, []
+        self._jobs.put(turn)
+
     def stop(self) -> None:
+        """Queue the end, after what this turn queued (the thread writes both)."""
+        if self._turn:
+            self._hand_over()
         self._jobs.put(_STOP)
 
     def join(self) -> None:
@@ -86,25 +101,25 @@ class LedgerWriter:
         stopping = False
         try:
             while not stopping:
-                first = jobs.get()
                 group: list[Pending] = []
                 rows = 0
-                item = first
+                item = jobs.get()
                 while True:
                     if item is _STOP:
                         stopping = True
                         break
-                    assert isinstance(item, Pending)
-                    group.append(item)
-                    rows += item.row is not None
+                    assert isinstance(item, list)
+                    group += item
+                    rows += sum(pending.row is not None for pending in item)
                     if rows >= self._max_batch:
                         break
                     try:
                         item = jobs.get_nowait()
                     except queue.Empty:
                         break
-                if group:
-                    self._wake(_settle_group, group, self._write(group))
+                for start in range(0, len(group), self._max_batch):  # a single turn may exceed it
+                    part = group[start : start + self._max_batch]
+                    self._wake(_settle_group, part, self._write(part))
         finally:
             self._db.close()
             self._wake(_resolve, self.stopped)
@@ -118,16 +133,19 @@ class LedgerWriter:
             return None
         db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for start in range(0, len(rows), ROWS_PER_STATEMENT):
-                    chunk = rows[start : start + ROWS_PER_STATEMENT]
-                    db.execute(insert_many(len(chunk)), [value for row in chunk for value in to_params(row)])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            if len(rows) <= ROWS_PER_STATEMENT:  # one statement: its own atomic transaction
+                db.execute(insert_many(len(rows)), [value for row in rows for value in to_params(row)])
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                        chunk = rows[start : start + ROWS_PER_STATEMENT]
+                        db.execute(insert_many(len(chunk)), [value for row in chunk for value in to_params(row)])
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
         except Exception as exc:
             log.error("ledger %s: could not record %d request(s): %s", self._path, len(rows), exc)
             return exc

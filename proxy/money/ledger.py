@@ -173,7 +173,7 @@ class Ledger:
         return self._writer.rows_written
 
     def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
-        if self._closed:
+        if self._closed or self._watch.done():
             raise LedgerClosed(
                 f"ledger {self._path} is closed; request {row.request_id if row else '(flush)'} was not recorded"
             )
@@ -190,6 +190,7 @@ class Ledger:
         is not a daemon and would keep the process from exiting after the event loop is gone."""
         try:
             await asyncio.shield(self._writer.stopped)
+            self._closed = True  # the thread has ended (after close(), or by a bug): nothing more is taken
         except asyncio.CancelledError:
             self._closed = True
             self._writer.stop()

@@ -110,18 +110,21 @@ def check_headers(headers: Mapping[str, str]) -> None:
 
 def check_depth(body: Any, raw: bytes | bytearray = b"") -> None:
     """Refuse JSON nested deeper than MAX_DEPTH. A body with fewer brackets than that cannot be so
-    deep, which spares the walk for nearly every request (bytes.count runs at memory speed)."""
+    deep, which spares the walk for most requests (bytes.count runs at memory speed). Otherwise the
+    containers are walked a level at a time, each level gathered by one list comprehension: about
+    3x cheaper than a stack of (node, depth) pairs for a big body (20 tools: ~400 containers)."""
     if raw and raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return
-    stack: list[tuple[Any, int]] = [(body, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.", code="too_deep")
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    level = [body]  # the containers at the depth being looked at (1: the body itself)
+    for _ in range(MAX_DEPTH):
+        below: list[Any] = []
+        for node in level:
+            values = node.values() if type(node) is dict else node
+            below += [value for value in values if type(value) is dict or type(value) is list]
+        if not below:
+            return
+        level = below
+    raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.", code="too_deep")
 
 
 def _clip(text: str, limit: int = 200) -> str:

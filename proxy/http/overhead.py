@@ -38,8 +38,3 @@ def timed(handler: Handler, observe: Callable[[float], None] | None = None) -> H
         return response
 
     return wrapped
-
-
-def of(request: web.Request) -> Overhead | None:
-    """The request's Overhead, when its route is timed."""
-    return request.get(OVERHEAD)

@@ -240,6 +240,40 @@ class Cache(_Frozen):
     path: str = "data/cache.sqlite3"
 
 
+class State(_Frozen):
+    """Where the shared state lives: spend and holds, breakers, rate-limit blocks, the response cache.
+    `local`: in this process (one process, the default); `redis`: shared by every replica and worker."""
+
+    backend: Literal["local", "redis"] = "local"
+    url: str | None = Field(None, description="redis://host:port/db (or rediss://); or name a variable in url_env")
+    url_env: str | None = Field(
+        None, description="an environment variable holding the Redis URL (it may hold a password)"
+    )
+    prefix: str = Field(
+        "orproxy:", min_length=1, description="prepended to every Redis key: replicas of one proxy share it"
+    )
+    # fail_closed: while Redis is unreachable, requests are answered 503 (no budget can be checked);
+    # local: each replica falls back to its own in-process state (logged once) and re-seeds when Redis is back.
+    on_state_error: Literal["fail_closed", "local"] = "fail_closed"
+    timeout_ms: int = Field(250, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _where(self) -> State:
+        if self.backend == "redis" and (self.url is None) == (self.url_env is None):
+            raise ValueError(
+                "`backend: redis` needs exactly one of `url` (redis://host:6379/0) or `url_env` "
+                "(an environment variable holding it)"
+            )
+        return self
+
+
 class Admin(_Frozen):
     key_env: str | None = None
 
@@ -289,6 +323,7 @@ class Config(_Frozen):
     pricing: Pricing = Pricing()
     ledger: Ledger = Ledger()
     cache: Cache = Cache()
+    state: State = State()
     rate_limits: RateLimitPolicy = RateLimitPolicy()
     admin: Admin = Admin()
     server: Server = Server()

@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         help="serve against the built-in OpenRouter emulator (no key, no network), "
         "with one failing model so you can watch fallback",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes on one port under a supervisor (needs `state.backend: redis`; default 1)",
+    )
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)  # set by the supervisor, for its workers
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     init = sub.add_parser("init", help="write the example config (commented) to start from")
@@ -276,6 +285,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     config = loaded[0]
     _setup_logging(config)
+    if args.workers != 1:
+        from proxy.cli.fleet import serve_fleet
+
+        return serve_fleet(args, config)
     listen = config.listen.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
@@ -299,7 +312,7 @@ def _serve(args: argparse.Namespace) -> int:
         config, env = loop.run_until_complete(start_demo(config, os.environ))
     from proxy.http.app import StartupError, create_app
 
-    app = create_app(config, env=env, config_path=None if args.demo else args.config)
+    app = create_app(config, env=env, config_path=None if args.demo else args.config, fleet=args.worker_dir)
     app.on_startup.append(_freeze_heap)
     served = config
 
@@ -319,7 +332,15 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.http.server import run
 
     try:
-        run(app, listen.host, listen.port, shutdown_timeout=config.shutdown_timeout_s, loop=loop, on_bound=announce)
+        run(
+            app,
+            listen.host,
+            listen.port,
+            shutdown_timeout=config.shutdown_timeout_s,
+            loop=loop,
+            on_bound=announce,
+            reuse_port=args.worker_dir is not None,
+        )
     except StartupError as exc:
         print(f"orproxy: {exc}", file=sys.stderr)
         return 1

@@ -41,6 +41,7 @@ from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
 from proxy.money.ledger import Ledger
 from proxy.money.reconcile import Reconciler
 from proxy.ops.credits import poll_credits
+from proxy.ops.fleet import FleetFiles
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
 from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
@@ -66,18 +67,21 @@ def create_app(
     config_path: str | Path | None = None,
     cache_path: str | Path | None = None,
     reconcile_schedule: Sequence[float] | None = None,
+    fleet: Path | None = None,
 ) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
     (default: a new one, never the process-global registry). With `config_path`, the config is
     reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes.
-    `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it)."""
+    `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it).
+    `fleet`: the metrics directory of `serve --workers N`, whose workers' metrics every scrape sums."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
     state = SharedState(
         SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
     )
-    metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    fleet_files = FleetFiles(fleet) if fleet is not None else None
+    metrics = Metrics(registry or CollectorRegistry(auto_describe=True), fleet_files)
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
     schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
@@ -86,7 +90,10 @@ def create_app(
     accountant_ref.append(accountant)
     inflight = InFlight()
     cache = CacheSlot(clock)
-    metrics.registry.register(StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock))
+    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock)
+    metrics.registry.register(collector)
+    if fleet_files is not None:
+        app.cleanup_ctx.append(_fleet_figures(collector, fleet_files))
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
@@ -212,6 +219,28 @@ async def _reconciliation(app: web.Application) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _fleet_figures(collector: StateCollector, files: FleetFiles):
+    """A worker's per-process gauges (in flight, cache hits), written out every second for the
+    worker that is scraped to sum; a last time at exit."""
+
+    async def write_out() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            collector.write_out()
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(write_out())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            collector.write_out()
+            files.close()
+
+    return context
 
 
 async def _shutdown_began(app: web.Application, timeout_s: float) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -21,14 +21,19 @@ def free_port() -> int:
 
 
 async def start_proxy(
-    config: Path, log: Path, port: int | None = None, preexec: Callable[[], None] | None = None
+    config: Path,
+    log: Path,
+    port: int | None = None,
+    preexec: Callable[[], None] | None = None,
+    extra: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
     """`python -m proxy serve` with the test upstream keys in its environment, output to `log`;
-    `preexec` runs in the child before it starts (to lower its limits)."""
+    `preexec` runs in the child before it starts (to lower its limits); `extra`: more options."""
     env = {**os.environ, "TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}
     args = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     if port is not None:
         args += ["--port", str(port)]
+    args += extra
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
             *args, cwd=ROOT, env=env, stdout=out, stderr=out, preexec_fn=preexec

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.gateway import ROOT, UPSTREAM_KEY
 
@@ -56,3 +58,16 @@ async def wait_until_up(
                 pass
             await asyncio.sleep(0.05)
     raise AssertionError(f"{url}{path} did not come up:\n{log.read_text()[-2000:]}")
+
+
+def require_tool(name: str, package: str) -> str:
+    """The binary's path; in CI (CI=true) its absence is a failure, elsewhere a skip that says how to get it."""
+    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
+    if path:
+        return path
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(
+            f"{name} is not installed, and CI must run this test: .ci/run installs Debian's "
+            f"`{package}` package when it is missing; check that step"
+        )
+    pytest.skip(f"{name} is not installed (apt-get install {package}); CI runs this test")

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import sys
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
+from tests.support.fleet import redis_prefix
 from tests.support.gateway import ROOT, proxy_config_text
 from tests.support.procs import free_port, start_proxy, wait_until_up
 from tests.support.timing import wait_for
@@ -93,7 +93,11 @@ async def test_two_workers_share_a_port_sum_their_metrics_survive_a_kill_and_dra
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     config = tmp_path / "config.yaml"
-    prefix = f"orproxy-test-{uuid.uuid4().hex}:"
+    with redis_prefix() as prefix:
+        await _run_fleet(emulator, tmp_path, config, prefix, port, url)
+
+
+async def _run_fleet(emulator, tmp_path: Path, config: Path, prefix: str, port: int, url: str) -> None:
     config.write_text(fleet_config(emulator.url, tmp_path, prefix))
     log = tmp_path / "fleet.log"
     proc = await start_proxy(config, log, port, extra=["--workers", "2"])

@@ -72,6 +72,12 @@ def postgres_dsn(config: Config, env: Mapping[str, str]) -> str:
     return dsn
 
 
+def on_file(config: Config, path: str | Path) -> Config:
+    """`config` with its ledger the SQLite file at `path` (the demo's ledger, a `--ledger FILE`)."""
+    ledger = config.ledger.model_copy(update={"backend": "sqlite", "path": str(path), "dsn": None, "dsn_env": None})
+    return config.model_copy(update={"ledger": ledger})
+
+
 def ledger_exists(config: Config, path: Path | None = None) -> bool:
     """Whether there is something to read: a postgres ledger always is (its table is made on open)."""
     return config.ledger.backend == "postgres" or (path or Path(config.ledger.path)).exists()

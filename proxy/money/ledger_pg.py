@@ -266,7 +266,7 @@ class PgLedger:
             raise ValueError(f"ledger summary by={by!r}: use one of {sorted(GROUP_COLUMNS)}")
         # COLLATE "C": ties ordered by bytes, as SQLite orders them, whatever the database's locale.
         found = await self._fetch(
-            f'SELECT coalesce({column}, \'\') COLLATE "C" AS grp, {_SUMS} FROM {TABLE} '
+            f"SELECT coalesce({column}, '') COLLATE \"C\" AS grp, {_SUMS} FROM {TABLE} "
             "WHERE ts >= $1 AND ts < $2 GROUP BY grp ORDER BY sum(cost_nusd) DESC, grp",
             start,
             end,

@@ -59,9 +59,7 @@ PG_TYPES: dict[str, tuple[str, str]] = {
 def _types() -> list[tuple[str, str, str]]:
     missing = [column for column in COLUMNS if column not in PG_TYPES]
     if missing:
-        raise LedgerSchemaError(
-            f"ledger columns {missing} have no PostgreSQL type: add them to PG_TYPES in {__name__}"
-        )
+        raise LedgerSchemaError(f"ledger columns {missing} have no PostgreSQL type: add them to PG_TYPES in {__name__}")
     return [(column, *PG_TYPES[column]) for column in COLUMNS]
 
 

@@ -110,7 +110,11 @@ class PgLedger:
             raise ValueError(f"ledger needs retention_days >= 1 and max_batch >= 1 (got {retention_days}, {max_batch})")
         where = redacted(dsn)
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, timeout=connect_timeout_s)
+            # Named, so an operator sees the proxy's connections in pg_stat_activity (unless the DSN names them).
+            settings = None if "application_name" in dsn else {"application_name": "orproxy"}
+            pool = await asyncpg.create_pool(
+                dsn, min_size=1, max_size=pool_size, timeout=connect_timeout_s, server_settings=settings
+            )
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError, ValueError) as exc:
             raise LedgerUnavailable(
                 f"cannot reach the ledger database {where} (ledger.dsn / ledger.dsn_env): {exc}"

@@ -1,85 +1,136 @@
-"""asyncpg vs psycopg 3 async: a grouped insert of 50 ledger-shaped rows, and a commit round trip."""
-import asyncio, secrets, statistics, sys, time
-import asyncpg, psycopg
+"""asyncpg against psycopg 3 (async), for the PostgreSQL ledger: a grouped insert of 50 ledger-shaped
+rows (28 columns, autocommit: one statement, one commit) and a one-row commit round trip, wall time
+and client CPU per operation. This is what chose the driver (see proxy/money/ledger_pg.py).
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-COLS = 28
-DDL = "CREATE TABLE drvbench (request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, " + ", ".join(
-    f"c{i} {'BIGINT' if i % 3 == 0 else 'TEXT' if i % 3 == 1 else 'DOUBLE PRECISION'}" for i in range(COLS - 2)) + ")"
-def row():
-    return (secrets.token_hex(16), time.time(), *[(i * 1000 if i % 3 == 0 else f"v{i}" if i % 3 == 1 else 0.25) for i in range(COLS - 2)])
+usage: pip install asyncpg 'psycopg[binary]'; python bench/ledger_pg_drivers.py [ITERATIONS] [DSN]
 
-def sql(n, style):
-    ph = []
-    for r in range(n):
-        if style == "dollar":
-            ph.append("(" + ", ".join(f"${r*COLS+c+1}" for c in range(COLS)) + ")")
-        else:
-            ph.append("(" + ", ".join(["%s"] * COLS) + ")")
-    return "INSERT INTO drvbench VALUES " + ", ".join(ph) + " ON CONFLICT DO NOTHING"
+It creates and drops a table `orproxy_driver_bench` in the database of DSN.
+"""
 
-async def bench_asyncpg(n_iter):
-    c = await asyncpg.connect(DSN)
-    await c.execute("DROP TABLE IF EXISTS drvbench"); await c.execute(DDL)
-    stmt = sql(50, "dollar")
-    ins, rt, cpu_ins, cpu_rt = [], [], 0.0, 0.0
-    for _ in range(n_iter):
-        params = [v for _ in range(50) for v in row()]
-        t0, c0 = time.perf_counter(), time.process_time()
-        await c.execute(stmt, *params)
-        ins.append(time.perf_counter() - t0); cpu_ins += time.process_time() - c0
-    one = sql(1, "dollar")
-    for _ in range(n_iter):
-        p = row()
-        t0, c0 = time.perf_counter(), time.process_time()
-        await c.execute(one, *p)
-        rt.append(time.perf_counter() - t0); cpu_rt += time.process_time() - c0
-    # copy variant
-    cp = []
-    for _ in range(n_iter):
-        recs = [row() for _ in range(50)]
-        t0 = time.perf_counter()
-        await c.copy_records_to_table("drvbench", records=recs)
-        cp.append(time.perf_counter() - t0)
-    await c.execute("DROP TABLE drvbench"); await c.close()
-    return ins, rt, cpu_ins / n_iter, cpu_rt / n_iter, cp
+from __future__ import annotations
 
-async def bench_psycopg(n_iter):
-    c = await psycopg.AsyncConnection.connect(DSN, autocommit=True)
-    await c.execute("DROP TABLE IF EXISTS drvbench"); await c.execute(DDL)
-    stmt = sql(50, "pct")
-    ins, rt, cpu_ins, cpu_rt = [], [], 0.0, 0.0
-    for _ in range(n_iter):
-        params = [v for _ in range(50) for v in row()]
-        t0, c0 = time.perf_counter(), time.process_time()
-        await c.execute(stmt, params, prepare=True)
-        ins.append(time.perf_counter() - t0); cpu_ins += time.process_time() - c0
-    one = sql(1, "pct")
-    for _ in range(n_iter):
-        p = row()
-        t0, c0 = time.perf_counter(), time.process_time()
-        await c.execute(one, p, prepare=True)
-        rt.append(time.perf_counter() - t0); cpu_rt += time.process_time() - c0
-    cp = []
-    for _ in range(n_iter):
-        recs = [row() for _ in range(50)]
-        t0 = time.perf_counter()
-        async with c.cursor() as cur:
-            async with cur.copy("COPY drvbench FROM STDIN") as copy:
-                for r in recs:
-                    await copy.write_row(r)
-        cp.append(time.perf_counter() - t0)
-    await c.execute("DROP TABLE drvbench"); await c.close()
-    return ins, rt, cpu_ins / n_iter, cpu_rt / n_iter, cp
+import asyncio
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
 
-def fmt(xs):
-    xs = sorted(xs)
-    return f"median {statistics.median(xs)*1e3:.3f} ms  p90 {xs[int(len(xs)*0.9)]*1e3:.3f} ms"
+import asyncpg
+import psycopg
 
-async def main():
+COLUMNS = 28
+ROWS = 50
+TABLE = "orproxy_driver_bench"
+KINDS = ("BIGINT", "TEXT", "DOUBLE PRECISION")
+DDL = (
+    f"CREATE TABLE {TABLE} (request_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, "
+    + ", ".join(f"c{i} {KINDS[i % 3]}" for i in range(COLUMNS - 2))
+    + ")"
+)
+
+
+def row() -> tuple:
+    values = [(i * 1000, f"v{i}", 0.25)[i % 3] for i in range(COLUMNS - 2)]
+    return (secrets.token_hex(16), time.time(), *values)
+
+
+def insert(count: int, dollar: bool) -> str:
+    groups = []
+    for r in range(count):
+        marks = [f"${r * COLUMNS + c + 1}" if dollar else "%s" for c in range(COLUMNS)]
+        groups.append(f"({', '.join(marks)})")
+    return f"INSERT INTO {TABLE} VALUES {', '.join(groups)} ON CONFLICT DO NOTHING"
+
+
+def unnest() -> str:
+    casts = ["text", "float8"] + [("bigint", "text", "float8")[i % 3] for i in range(COLUMNS - 2)]
+    arrays = ", ".join(f"${i + 1}::{kind}[]" for i, kind in enumerate(casts))
+    return f"INSERT INTO {TABLE} SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
+
+
+async def timed(times: list[float], cpu: list[float], call: Callable[[], Awaitable[object]]) -> None:
+    wall, used = time.perf_counter(), time.process_time()
+    await call()
+    times.append(time.perf_counter() - wall)
+    cpu.append(time.process_time() - used)
+
+
+def line(label: str, times: list[float], cpu: list[float]) -> str:
+    times = sorted(times)
+    p90 = times[int(len(times) * 0.9)]
+    return (
+        f"  {label:34} median {statistics.median(times) * 1e3:6.2f} ms  p90 {p90 * 1e3:6.2f} ms  "
+        f"client CPU {statistics.mean(cpu) * 1e6:6.0f} us"
+    )
+
+
+async def with_asyncpg(dsn: str, n: int) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    await conn.execute(DDL)
+    out = []
+    many, one, cols = insert(ROWS, True), insert(1, True), unnest()
+    for label, make in (
+        (f"multi-row INSERT of {ROWS}", lambda: conn.execute(many, *[v for _ in range(ROWS) for v in row()])),
+        (f"unnest() INSERT of {ROWS}", lambda: conn.execute(cols, *map(list, zip(*(row() for _ in range(ROWS)))))),
+        ("one-row commit", lambda: conn.execute(one, *row())),
+        (f"COPY of {ROWS}", lambda: conn.copy_records_to_table(TABLE, records=[row() for _ in range(ROWS)])),
+    ):
+        times: list[float] = []
+        cpu: list[float] = []
+        for _ in range(n):
+            await timed(times, cpu, make)
+        out.append(line(label, times, cpu))
+    await conn.execute(f"DROP TABLE {TABLE}")
+    await conn.close()
+    return out
+
+
+async def with_psycopg(dsn: str, n: int) -> list[str]:
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    await conn.execute(DDL)
+    many, one = insert(ROWS, False), insert(1, False)
+
+    async def pipelined() -> None:
+        async with conn.transaction(), conn.cursor() as cursor:
+            await cursor.executemany(one, [row() for _ in range(ROWS)])
+
+    async def copy() -> None:
+        async with conn.cursor() as cursor, cursor.copy(f"COPY {TABLE} FROM STDIN") as sink:
+            for values in [row() for _ in range(ROWS)]:
+                await sink.write_row(values)
+
+    out = []
+    for label, make in (
+        (
+            f"multi-row INSERT of {ROWS}",
+            lambda: conn.execute(many, [v for _ in range(ROWS) for v in row()], prepare=True),
+        ),
+        (f"executemany (pipeline) of {ROWS}", pipelined),
+        ("one-row commit", lambda: conn.execute(one, row(), prepare=True)),
+        (f"COPY of {ROWS}", copy),
+    ):
+        times: list[float] = []
+        cpu: list[float] = []
+        for _ in range(n):
+            await timed(times, cpu, make)
+        out.append(line(label, times, cpu))
+    await conn.execute(f"DROP TABLE {TABLE}")
+    await conn.close()
+    return out
+
+
+async def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-    for name, fn in (("asyncpg", bench_asyncpg), ("psycopg", bench_psycopg), ("asyncpg", bench_asyncpg), ("psycopg", bench_psycopg)):
-        ins, rt, ci, cr, cp = await fn(n)
-        print(f"{name:8} insert50 {fmt(ins)} cpu {ci*1e6:.0f}us | 1-row commit {fmt(rt)} cpu {cr*1e6:.0f}us | COPY50 {fmt(cp)}")
+    dsn = sys.argv[2] if len(sys.argv) > 2 else "postgresql://postgres@127.0.0.1:5432/test"
+    for round_ in (1, 2):  # twice, alternating, so neither always runs on a warmer server
+        print(f"round {round_}\nasyncpg {asyncpg.__version__}")
+        print("\n".join(await with_asyncpg(dsn, n)))
+        print(f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__})")
+        print("\n".join(await with_psycopg(dsn, n)))
 
-asyncio.run(main())
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,11 +1,12 @@
 """Does inserting into the PostgreSQL ledger stay flat as the table grows? Measures grouped inserts
 through `PgLedger` (the proxy's own writer: concurrent `record()` calls, committed in batches) on an
-empty table, fills it to --rows rows with server-side generated rows of the same shape (time-ordered
-request ids, a month of timestamps, a few dozen keys), and measures again.
+empty table and on one filled to --rows rows with server-side generated rows of the same shape
+(time-ordered request ids, a month of timestamps, a few dozen keys), alternating between the two
+so both see the same machine.
 
 usage: python bench/ledger_pg_growth.py [--dsn postgresql://postgres@127.0.0.1:5432/test] [--rows 3000000]
 
-It works in a schema of its own (orproxy_bench_<hex>), dropped at the end.
+It works in two schemas of its own (orproxy_bench_*_<hex>), dropped at the end.
 """
 
 from __future__ import annotations
@@ -88,42 +89,59 @@ FROM generate_series($3::bigint, $4::bigint) AS g
 """
 
 
+async def fill(dsn: str, rows: int) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        start = time.time() - 30 * 86_400
+        step = 30 * 86_400 / rows  # a month of traffic, oldest first
+        chunk = 250_000
+        began = time.perf_counter()
+        for first in range(0, rows, chunk):
+            await conn.execute(FILL, start, step, first, min(first + chunk, rows) - 1)
+        await conn.execute(f"VACUUM ANALYZE {TABLE}")
+        await conn.execute("CHECKPOINT")  # the fill's writes are on disk before anything is timed
+        count = await conn.fetchval(f"SELECT count(*) FROM {TABLE}")
+        size = await conn.fetchval(f"SELECT pg_size_pretty(pg_total_relation_size('{TABLE}'))")
+        return f"{count:,} rows ({size} with indexes), filled in {time.perf_counter() - began:.0f} s"
+    finally:
+        await conn.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--sample", type=int, default=20_000, help="rows recorded per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    schema = f"orproxy_bench_{secrets.token_hex(4)}"
+    tag = secrets.token_hex(4)
+    schemas = {"empty": f"orproxy_bench_empty_{tag}", "full": f"orproxy_bench_full_{tag}"}
     admin = await asyncpg.connect(args.dsn)
-    await admin.execute(f"CREATE SCHEMA {schema}")
-    dsn = f"{args.dsn}{'&' if '?' in args.dsn else '?'}search_path={schema}"
+    join = "&" if "?" in args.dsn else "?"
+    ledgers: dict[str, PgLedger] = {}
     try:
-        ledger = await PgLedger.open(dsn, prune=False)
-        try:
-            empty = await measure(ledger, args.sample)
-            print(f"empty table:      {empty}", flush=True)
-            conn = await asyncpg.connect(dsn)
-            try:
-                start = time.time() - 30 * 86_400
-                step = 30 * 86_400 / args.rows  # a month of traffic, oldest first
-                chunk = 250_000
-                filled = time.perf_counter()
-                for first in range(0, args.rows, chunk):
-                    await conn.execute(FILL, start, step, first, min(first + chunk, args.rows) - 1)
-                await conn.execute(f"VACUUM ANALYZE {TABLE}")
-                count = await conn.fetchval(f"SELECT count(*) FROM {TABLE}")
-                size = await conn.fetchval(f"SELECT pg_size_pretty(pg_total_relation_size('{TABLE}'))")
-                print(f"filled to {count:,} rows ({size} with indexes) in {time.perf_counter() - filled:.0f} s")
-            finally:
-                await conn.close()
-            grown = await measure(ledger, args.sample)
-            print(f"{count:,} rows: {grown}", flush=True)
-            print(f"throughput at {count:,} rows / empty: {grown['rows_per_s'] / empty['rows_per_s']:.2f}")
-        finally:
-            await ledger.close()
+        for name, schema in schemas.items():
+            await admin.execute(f"CREATE SCHEMA {schema}")
+            ledgers[name] = await PgLedger.open(f"{args.dsn}{join}search_path={schema}", prune=False)
+        filled = await fill(f"{args.dsn}{join}search_path={schemas['full']}", args.rows)
+        print(f"full: {filled}", flush=True)
+        # Interleaved, so both tables see the same machine (other load, checkpoints) over the run.
+        results: dict[str, list[dict[str, float]]] = {"empty": [], "full": []}
+        for round_ in range(args.rounds):
+            for name in ("empty", "full") if round_ % 2 == 0 else ("full", "empty"):
+                results[name].append(await measure(ledgers[name], args.sample))
+                print(f"round {round_ + 1} {name:5}: {results[name][-1]}", flush=True)
+        medians = {
+            name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()
+        }
+        for name, figures in medians.items():
+            print(f"median {name:5}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+        print(f"throughput full / empty: {medians['full']['rows_per_s'] / medians['empty']['rows_per_s']:.2f}")
     finally:
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        for ledger in ledgers.values():
+            await ledger.close()
+        for schema in schemas.values():
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()
 
 

@@ -334,7 +334,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def data_line(config: Config) -> str:
     """Where the data goes (paths resolved against the config's folder): said once at start-up."""
-    return f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
+    settings = config.ledger
+    if settings.backend == "postgres":
+        from proxy.money.ledger_api import redacted
+
+        ledger = f"postgres {redacted(settings.dsn) if settings.dsn else '$' + str(settings.dsn_env)}"
+    else:
+        ledger = settings.path
+    return f"data: ledger {ledger}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
 
 
 def kind_lines(config: Config) -> list[str]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from proxy.config import Config
 from proxy.money.ledger_rows import LedgerRow, Reconciled, SummaryRow
@@ -55,6 +56,16 @@ class LedgerStore(Protocol):
 
 class LedgerUnavailable(RuntimeError):
     """The configured ledger cannot be reached or opened; the message names the config key to fix."""
+
+
+def redacted(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def postgres_dsn(config: Config, env: Mapping[str, str]) -> str:

@@ -24,11 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.money.ledger_api import GroupBy, LedgerUnavailable
+from proxy.money.ledger_api import GroupBy, LedgerUnavailable, redacted
 from proxy.money.ledger_pg_schema import TABLE, insert_statement, migrate
 from proxy.money.ledger_rows import (
     COLUMNS,
@@ -62,16 +61,6 @@ _ROW_COLUMNS = ", ".join(COLUMNS)
 class _Pending:
     row: LedgerRow | None  # None: a flush barrier, resolved with the batch it lands in
     future: asyncio.Future[None]
-
-
-def redacted(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class PgLedger:

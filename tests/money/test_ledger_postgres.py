@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from proxy.config import ConfigError, parse_config
-from proxy.money.ledger_api import LedgerUnavailable, open_ledger
-from proxy.money.ledger_pg import PgLedger, redacted
+from proxy.money.ledger_api import LedgerUnavailable, open_ledger, redacted
+from proxy.money.ledger_pg import PgLedger
 from proxy.money.ledger_pg_schema import PG_TYPES, TABLE, VERSION_TABLE
 from proxy.money.ledger_rows import COLUMNS, SCHEMA_VERSION, LedgerSchemaError, to_nano
 from tests.money.test_ledger import T0, row

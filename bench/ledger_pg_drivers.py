@@ -56,8 +56,13 @@ async def timed(times: list[float], cpu: list[float], call: Callable[[], Awaitab
     cpu.append(time.process_time() - used)
 
 
-def line(label: str, times: list[float], cpu: list[float]) -> str:
-    times = sorted(times)
+async def each(label: str, make: Callable[[], Awaitable[object]], n: int) -> str:
+    """`make()` n times: a line of its median and p90 wall time and mean client CPU."""
+    times: list[float] = []
+    cpu: list[float] = []
+    for _ in range(n):
+        await timed(times, cpu, make)
+    times.sort()
     p90 = times[int(len(times) * 0.9)]
     return (
         f"  {label:34} median {statistics.median(times) * 1e3:6.2f} ms  p90 {p90 * 1e3:6.2f} ms  "
@@ -69,19 +74,14 @@ async def with_asyncpg(dsn: str, n: int) -> list[str]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
     await conn.execute(DDL)
-    out = []
     many, one, cols = insert(ROWS, True), insert(1, True), unnest()
-    for label, make in (
+    cases = (
         (f"multi-row INSERT of {ROWS}", lambda: conn.execute(many, *[v for _ in range(ROWS) for v in row()])),
         (f"unnest() INSERT of {ROWS}", lambda: conn.execute(cols, *map(list, zip(*(row() for _ in range(ROWS)))))),
         ("one-row commit", lambda: conn.execute(one, *row())),
         (f"COPY of {ROWS}", lambda: conn.copy_records_to_table(TABLE, records=[row() for _ in range(ROWS)])),
-    ):
-        times: list[float] = []
-        cpu: list[float] = []
-        for _ in range(n):
-            await timed(times, cpu, make)
-        out.append(line(label, times, cpu))
+    )
+    out = [await each(label, make, n) for label, make in cases]
     await conn.execute(f"DROP TABLE {TABLE}")
     await conn.close()
     return out
@@ -102,8 +102,7 @@ async def with_psycopg(dsn: str, n: int) -> list[str]:
             for values in [row() for _ in range(ROWS)]:
                 await sink.write_row(values)
 
-    out = []
-    for label, make in (
+    cases = (
         (
             f"multi-row INSERT of {ROWS}",
             lambda: conn.execute(many, [v for _ in range(ROWS) for v in row()], prepare=True),
@@ -111,12 +110,8 @@ async def with_psycopg(dsn: str, n: int) -> list[str]:
         (f"executemany (pipeline) of {ROWS}", pipelined),
         ("one-row commit", lambda: conn.execute(one, row(), prepare=True)),
         (f"COPY of {ROWS}", copy),
-    ):
-        times: list[float] = []
-        cpu: list[float] = []
-        for _ in range(n):
-            await timed(times, cpu, make)
-        out.append(line(label, times, cpu))
+    )
+    out = [await each(label, make, n) for label, make in cases]
     await conn.execute(f"DROP TABLE {TABLE}")
     await conn.close()
     return out

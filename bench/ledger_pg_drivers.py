@@ -78,6 +78,7 @@ async def with_asyncpg(dsn: str, n: int) -> list[str]:
     cases = (
         (f"multi-row INSERT of {ROWS}", lambda: conn.execute(many, *[v for _ in range(ROWS) for v in row()])),
         (f"unnest() INSERT of {ROWS}", lambda: conn.execute(cols, *map(list, zip(*(row() for _ in range(ROWS)))))),
+        (f"executemany of {ROWS} (the ledger's)", lambda: conn.executemany(one, [row() for _ in range(ROWS)])),
         ("one-row commit", lambda: conn.execute(one, *row())),
         (f"COPY of {ROWS}", lambda: conn.copy_records_to_table(TABLE, records=[row() for _ in range(ROWS)])),
     )

@@ -86,12 +86,10 @@ def create_statements() -> list[str]:
 
 
 def insert_statement() -> str:
-    """One statement for a batch of any size: a column of values per parameter, unnested into rows."""
-    arrays = ", ".join(f"${index}::{kind}[]" for index, (_, kind, _c) in enumerate(_types(), start=1))
-    return (
-        f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT * FROM unnest({arrays}) "
-        "ON CONFLICT (request_id, ts) DO NOTHING"
-    )
+    """One row's INSERT: the writer sends a batch of them with `executemany`, which asyncpg pipelines
+    (one round trip) inside one implicit transaction (all or nothing, one commit)."""
+    marks = ", ".join(f"${index}" for index in range(1, len(_types()) + 1))
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks}) ON CONFLICT (request_id, ts) DO NOTHING"
 
 
 async def migrate(conn: asyncpg.Connection, where: str) -> int:

@@ -52,7 +52,14 @@ from proxy.money.ledger_rows import (
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000
 _RETRY_DELAYS_S = (0.05, 0.25, 1.0, 2.0)  # a lost connection: the batch is sent again after each
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# InternalClientError: what asyncpg raises on a connection the server cut in the middle of a pipelined batch.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,  # the server is starting up, or shutting down (a failover)
+)
 _SUMS = (
     "count(*), sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, sum(cost_nusd)::bigint, max(cost_nusd), "
     "sum(baseline_cost_nusd)::bigint, sum(cached)::bigint, sum(saved_nusd)::bigint"

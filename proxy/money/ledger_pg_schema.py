@@ -98,10 +98,12 @@ async def migrate(conn: asyncpg.Connection, where: str) -> int:
     work. Returns the version found. A database written by a newer proxy is refused."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orproxy.ledger'), hashtext(current_schema()))")
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), "
-            "version INTEGER NOT NULL)"
-        )
+        # Looked up first: a role allowed to write rows but not to create tables starts on a set-up schema.
+        if await conn.fetchval("SELECT to_regclass($1)", VERSION_TABLE) is None:
+            await conn.execute(
+                f"CREATE TABLE {VERSION_TABLE} (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), "
+                "version INTEGER NOT NULL)"
+            )
         found = await conn.fetchval(f"SELECT version FROM {VERSION_TABLE}")
         version = int(found) if isinstance(found, int) else 0
         if version > SCHEMA_VERSION:

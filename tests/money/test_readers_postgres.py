@@ -1,19 +1,15 @@
 """The readers that are not reports, on a PostgreSQL ledger: `simulate --from-ledger`, the spend a
 proxy seeds its budget from at start-up (a restart, or another replica, starts where the ledger
-is, never at zero), and reconciliation of the estimates another replica left."""
+is, never at zero). Estimates another replica left are reconciled: test_reconcile_e2e.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from proxy.emulator import Fault
 from proxy.money.ledger_pg import PgLedger
 from proxy.money.ledger_rows import to_nano
-from tests.money.test_reconcile_e2e import BALANCED, FAST, cut_stream
 from tests.money.test_simulate import OTHER, ROWS, check_replay_figures, run_cli
-from tests.support.audit import billed_nano, booked_nano, settled
-from tests.support.money import MODELS
 
 HELLO = [{"role": "user", "content": "hello there, say something"}]
 
@@ -45,21 +41,3 @@ async def test_a_second_replica_starts_from_the_spend_in_postgres(make_proxy, pg
     second = await make_proxy(extra=extra)  # another process's view: it reads only the database
     assert to_nano(second.book.counters.scope("").day) == to_nano(spent)
     assert to_nano(second.book.counters.scope("").month) == to_nano(await second.ledger.spend_between(0))
-
-
-async def test_estimates_in_postgres_are_reconciled_by_the_next_replica(make_proxy, emulator, pg_dsn) -> None:
-    ledger = f"ledger: {{backend: postgres, dsn: '{pg_dsn}'}}\n"
-    first = await make_proxy(MODELS, extra=ledger)  # looks up after a minute: stops before that
-    emulator.state.faults.set(BALANCED, Fault(drop_midstream=True, after_chunks=2))
-    await cut_stream(first)
-    emulator.state.faults.set(BALANCED, Fault(midstream_error=True, after_chunks=1))
-    await cut_stream(first)
-    await first.ledger.flush()
-    assert [r.cost_source for r in await first.ledger.rows()] == ["estimate", "estimate"]
-    await first.server.close()
-
-    second = await make_proxy(MODELS, extra=ledger, reconcile_schedule=FAST)
-    rows = await settled(second)
-    assert [r.cost_source for r in rows] == ["reconciled", "reconciled"]
-    assert booked_nano(rows) == billed_nano(emulator)  # to the nano-dollar, in PostgreSQL
-    assert to_nano(second.book.snapshot()[0][2]) == sum(billed_nano(emulator).values())

@@ -117,7 +117,8 @@ async def test_a_batch_is_sent_again_after_the_connection_is_lost(pg_dsn: str) -
         await ledger.close()
 
 
-@pytest.mark.realtime  # three real processes race on the wall clock
+@pytest.mark.slow  # three real interpreters start (about 4 s here), so it stays out of the quick subset
+@pytest.mark.realtime  # they race on the wall clock
 async def test_three_replicas_starting_at_once_migrate_once() -> None:
     async with scratch_schema() as (_, dsn):
         start_at = time.time() + 2.0

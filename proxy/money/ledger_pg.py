@@ -73,6 +73,21 @@ _ROW_COLUMNS = ", ".join(COLUMNS)
 class _Pending:
     row: LedgerRow | None  # None: a flush barrier, resolved with the batch it lands in
     future: asyncio.Future[None]
+    error: BaseException | None = None  # this row's own failure, when its batch was written row by row
+
+
+def _storable(row: LedgerRow) -> tuple:
+    """The row's values as PostgreSQL TEXT can hold them: it refuses NUL characters and unpaired
+    surrogates, which a client can put in a model name (SQLite keeps them). Replaced, not refused:
+    the request cost money all the same."""
+    values = to_params(row)
+    if any(isinstance(v, str) and (not v.isascii() or "\x00" in v) for v in values):
+        return tuple(_clean(v) if isinstance(v, str) else v for v in values)
+    return values  # nearly always: ASCII without NUL, nothing to copy
+
+
+def _clean(text: str) -> str:
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 class PgLedger:
@@ -134,7 +149,11 @@ class PgLedger:
             raise
         ledger = cls(pool, where, retention_days=retention_days, max_batch=max_batch, clock=clock)
         if prune:
-            await ledger.prune()
+            try:
+                await ledger.prune()
+            except BaseException:
+                await ledger.close()
+                raise
         return ledger
 
     @property
@@ -211,27 +230,40 @@ class PgLedger:
         rows = [item.row for item in batch if item.row is not None]
         error: BaseException | None = None
         if rows:
-            params = [to_params(row) for row in rows]
-            for delay in (*_RETRY_DELAYS_S, None):
-                try:
-                    await self._pool.executemany(self._insert, params)
-                    self.commits += 1
-                    self.rows_written += len(rows)
-                    error = None
-                    break
-                except _CONNECTION_ERRORS as exc:  # sent again: the key makes a repeat harmless
-                    error = exc
-                    if delay is None:
-                        break
-                    log.warning("ledger %s: %s; sending %d row(s) again in %.2fs", self._where, exc, len(rows), delay)
-                    await asyncio.sleep(delay)
-                except Exception as exc:  # refused by the server: fail these callers, keep the writer going
-                    error = exc
-                    break
+            params = [_storable(row) for row in rows]
+            error = await self._insert_all(params)
+            if error is not None and not isinstance(error, _CONNECTION_ERRORS) and len(rows) > 1:
+                # Refused by the server: one row must not cost the others theirs, so each goes alone.
+                errors = [await self._insert_all([one]) for one in params]
+                for item, failure in zip((item for item in batch if item.row is not None), errors):
+                    item.error = failure
+                error = None
             if error is not None:
                 log.error("ledger %s: could not record %d request(s): %s", self._where, len(rows), error)
         for item in batch:
-            _settle(item.future, error if item.row is not None else None)
+            failure = item.error if item.error is not None else error
+            _settle(item.future, failure if item.row is not None else None)
+
+    async def _insert_all(self, params: list[tuple]) -> BaseException | None:
+        """Insert in one transaction; sent again on a new connection when the connection fails (the
+        key makes a repeat harmless). Returns the error that stopped it, or None once committed."""
+        for delay in (*_RETRY_DELAYS_S, None):
+            try:
+                await self._pool.executemany(self._insert, params)
+            except _CONNECTION_ERRORS as exc:
+                if delay is None:
+                    return exc
+                log.warning("ledger %s: %s; sending %d row(s) again in %.2fs", self._where, exc, len(params), delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # refused by the server
+                if len(params) == 1:
+                    log.error("ledger %s: could not record request %s: %s", self._where, params[0][1], exc)
+                return exc
+            else:
+                self.commits += 1
+                self.rows_written += len(params)
+                return None
+        raise AssertionError("unreachable")
 
     # --- reading -------------------------------------------------------------
 

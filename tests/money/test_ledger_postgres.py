@@ -178,3 +178,30 @@ def test_ledger_config_errors_name_file_line_and_key(ledger: str, expected: str)
     with pytest.raises(ConfigError) as caught:
         parse_config(BASE + ledger, "cfg.yaml")
     assert any(line.startswith(expected) for line in str(caught.value).splitlines()), str(caught.value)
+
+
+async def test_a_row_postgres_cannot_hold_as_sent_is_kept_and_costs_no_other_row(pg_dsn: str) -> None:
+    """A client's model name with a NUL or an unpaired surrogate (valid JSON escapes) is stored with
+    a replacement character; and a row the server refuses outright fails alone, not its batch."""
+    ledger = await PgLedger.open(pg_dsn, clock=lambda: T0)
+    try:
+        odd = row("odd", virtual=None, requested_model="m\x00odel\ud800", cost=0.002)
+        await asyncio.gather(ledger.record(odd), *(ledger.record(row(f"ok{i}")) for i in range(5)))
+        stored = {r.request_id: r for r in await ledger.rows()}
+        assert set(stored) == {"odd", *(f"ok{i}" for i in range(5))}
+        assert stored["odd"].requested_model == "m\ufffdodel?" and stored["odd"].cost_usd == 0.002
+
+        refused = row("refused", api="x" * 3000)  # past what the test's CHECK below allows
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f"ALTER TABLE {TABLE} ADD CONSTRAINT short_api CHECK (length(api) < 100)")
+        finally:
+            await conn.close()
+        results = await asyncio.gather(
+            ledger.record(refused), *(ledger.record(row(f"later{i}")) for i in range(5)), return_exceptions=True
+        )
+        assert isinstance(results[0], asyncpg.CheckViolationError)
+        assert results[1:] == [None] * 5
+        assert {f"later{i}" for i in range(5)} <= {r.request_id for r in await ledger.rows()}
+    finally:
+        await ledger.close()

@@ -207,13 +207,15 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     from proxy.core.routing import UnknownModel
     from proxy.money.accounting import recorded_spend
     from proxy.money.catalogue import load_catalogue_source
-    from proxy.money.ledger import Ledger
+    from proxy.money.ledger_api import ledger_exists, on_file, open_ledger
 
     now = time.time()
     counters = SpendCounters(config.budget.timezone, now)
     path = Path(args.ledger or config.ledger.path)
-    if path.exists():
-        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+    if args.ledger:
+        config = on_file(config, path)
+    if ledger_exists(config, path):
+        ledger = await open_ledger(config, os.environ, path=path, prune=False)
         try:
             counters.load(*await recorded_spend(ledger, counters.calendar))
         finally:
@@ -353,7 +355,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def data_line(config: Config) -> str:
     """Where the data goes (paths resolved against the config's folder): said once at start-up."""
-    return f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
+    settings = config.ledger
+    if settings.backend == "postgres":
+        from proxy.money.ledger_api import redacted
+
+        ledger = f"postgres {redacted(settings.dsn) if settings.dsn else '$' + str(settings.dsn_env)}"
+    else:
+        ledger = settings.path
+    return f"data: ledger {ledger}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
 
 
 def kind_lines(config: Config) -> list[str]:
@@ -401,10 +410,13 @@ def _report(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from proxy.money.ledger_api import LedgerUnavailable, ledger_exists, on_file
     from proxy.ops.demo import demo_path
 
     path = Path(args.ledger or (demo_path(config.ledger.path) if args.demo else config.ledger.path))
-    if not path.exists():
+    if args.demo or args.ledger:  # a file: the demo's ledger is always SQLite
+        config = on_file(config, path)
+    if not ledger_exists(config, path):
         demo = Path(demo_path(config.ledger.path))
         hint = (
             f"; only the demo has run here, and it keeps its spend apart in {demo}: `orproxy report --demo`"
@@ -413,7 +425,11 @@ def _report(args: argparse.Namespace) -> int:
         )
         print(f"orproxy: no ledger at {path} yet{hint}", file=sys.stderr)
         return 1
-    report = asyncio.run(_build_report(path, config, args.period, args.by))
+    try:
+        report = asyncio.run(_build_report(path, config, args.period, args.by))
+    except LedgerUnavailable as exc:
+        print(f"orproxy: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -427,10 +443,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
-    from proxy.money.ledger import Ledger
+    from proxy.money.ledger_api import open_ledger
     from proxy.money.reports import spend_report
 
-    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+    ledger = await open_ledger(config, os.environ, path=path, prune=False)
     try:
         return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
     finally:

@@ -225,9 +225,27 @@ class Pricing(_Frozen):
 
 
 class Ledger(_Frozen):
+    # sqlite: one file (`path`), one process. postgres: one database for every worker and replica,
+    # reached by `dsn`, or better by the environment variable `dsn_env` names (a password stays out of the file).
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "data/ledger.sqlite3"
     retention_days: int = Field(400, ge=1)
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    dsn: str | None = None  # postgresql://user@host:5432/db
+    dsn_env: str | None = None
+
+    @model_validator(mode="after")
+    def _postgres_dsn(self) -> Ledger:
+        if self.backend == "postgres" and (self.dsn is None) == (self.dsn_env is None):
+            raise ValueError(
+                "`backend: postgres` needs exactly one of `dsn` (postgresql://user@host:5432/db) "
+                "or `dsn_env` (an environment variable holding it)"
+            )
+        if self.backend == "sqlite" and (self.dsn is not None or self.dsn_env is not None):
+            raise ValueError("`dsn` and `dsn_env` are for `backend: postgres`; the sqlite ledger is `path`")
+        if self.dsn is not None and not re.match(r"^postgres(ql)?://", self.dsn):
+            raise ValueError("`dsn` must be a postgresql:// URL")
+        return self
 
 
 class Cache(_Frozen):

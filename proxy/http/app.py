@@ -38,7 +38,7 @@ from proxy.http.inflight import InFlight
 from proxy.http.routes import explain_route, healthz, list_models, retrieve_model
 from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
 from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
-from proxy.money.ledger import Ledger
+from proxy.money.ledger_api import LedgerStore, LedgerUnavailable, open_ledger
 from proxy.money.reconcile import Reconciler
 from proxy.ops.credits import poll_credits
 from proxy.ops.fleet import FleetFiles
@@ -97,7 +97,7 @@ def create_app(
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
-    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
+    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, env, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
     app.cleanup_ctx.append(_reconciliation)
@@ -139,24 +139,19 @@ def create_app(
     return app
 
 
-def _ledger(path: Path, config: Config, clock: Callable[[], float]):
+def _ledger(path: Path, config: Config, env: Mapping[str, str], clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         accountant, counters = app[ACCOUNTANT], app[STATE].counters
         try:
-            ledger = await Ledger.open(
-                path, retention_days=config.ledger.retention_days, synchronous=config.ledger.synchronous, clock=clock
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StartupError(
-                f"cannot open the ledger at {path} (ledger.path): {exc}; "
-                "check that its directory exists or can be created, and is writable"
-            ) from exc
+            ledger = await open_ledger(config, env, path=path, clock=clock)
+        except LedgerUnavailable as exc:
+            raise StartupError(str(exc)) from exc
         counters.roll(clock())
         counters.load(*await recorded_spend(ledger, counters.calendar))
         accountant.ledger = ledger
         pruner = asyncio.create_task(_prune_daily(ledger, app[RUNTIME]))
         total = counters.scope("")
-        log.info("ledger %s: spend so far today $%.4f, this month $%.4f", path, total.day, total.month)
+        log.info("ledger %s: spend so far today $%.4f, this month $%.4f", ledger.where, total.day, total.month)
         try:
             yield
         finally:
@@ -283,14 +278,14 @@ async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _prune_daily(ledger: Ledger, runtimes: RuntimeRef) -> None:
+async def _prune_daily(ledger: LedgerStore, runtimes: RuntimeRef) -> None:
     """ledger.retention_days, enforced while running too, not only at start-up."""
     while True:
         await asyncio.sleep(6 * 3600)
         await prune_ledger(ledger, runtimes)
 
 
-async def prune_ledger(ledger: Ledger, runtimes: RuntimeRef) -> int:
+async def prune_ledger(ledger: LedgerStore, runtimes: RuntimeRef) -> int:
     """One round of pruning, with the retention of the config now serving; housekeeping never raises."""
     try:
         removed = await ledger.prune(retention_days=runtimes.current.config.ledger.retention_days)

@@ -45,6 +45,7 @@ from proxy.money.ledger_rows import (
     LedgerClosed,
     LedgerRow,
     LedgerSchemaError,
+    Reconciled,
     SummaryRow,
     check_row,
     from_nano,
@@ -57,17 +58,6 @@ from proxy.money.ledger_rows import (
 
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
-
-
-@dataclass(frozen=True, slots=True)
-class Reconciled:
-    """The upstream's own figures for one generation, replacing a row's estimate."""
-
-    cost_usd: float
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    baseline_cost_usd: float
 
 
 @dataclass(slots=True)
@@ -130,6 +120,10 @@ class Ledger:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def where(self) -> str:
+        return str(self._path)
 
     # --- writing -------------------------------------------------------------
 

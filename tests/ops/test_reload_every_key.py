@@ -585,6 +585,10 @@ CASES = [
     Case("ledger.path", "{tmp}/other-ledger.sqlite3", RESTART),
     Case("ledger.retention_days", 1, shorter_retention, before=seed_old_row),
     Case("ledger.synchronous", "FULL", RESTART),
+    # Changing the ledger's engine or database needs a restart; the reload does not connect to it.
+    Case("ledger.backend", "postgres", RESTART, also={"ledger.dsn": "postgresql://postgres@127.0.0.1:5432/test"}),
+    Case("ledger.dsn", "postgresql://postgres@127.0.0.1:5432/test", RESTART, also={"ledger.backend": "postgres"}),
+    Case("ledger.dsn_env", "ORPROXY_LEDGER_DSN", RESTART, also={"ledger.backend": "postgres"}),
     Case("cache.enabled", True, cache_on),
     Case("cache.ttl_s", 1, short_ttl, start={"cache.enabled": True}),
     Case("cache.max_entries", 1, one_entry, start={"cache.enabled": True}),

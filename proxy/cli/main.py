@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         help="serve against the built-in OpenRouter emulator (no key, no network), "
         "with one failing model so you can watch fallback",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes on one port under a supervisor (needs `state.backend: redis`; default 1)",
+    )
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)  # set by the supervisor, for its workers
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     init = sub.add_parser("init", help="write the example config (commented) to start from")
@@ -199,13 +208,15 @@ async def _offline_explain(config: Config, body: dict, headers: dict, args: argp
     from proxy.core.routing import UnknownModel
     from proxy.money.accounting import recorded_spend
     from proxy.money.catalogue import load_catalogue_source
-    from proxy.money.ledger import Ledger
+    from proxy.money.ledger_api import ledger_exists, on_file, open_ledger
 
     now = time.time()
     counters = SpendCounters(config.budget.timezone, now)
     path = Path(args.ledger or config.ledger.path)
-    if path.exists():
-        ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+    if args.ledger:
+        config = on_file(config, path)
+    if ledger_exists(config, path):
+        ledger = await open_ledger(config, os.environ, path=path, prune=False)
         try:
             counters.load(*await recorded_spend(ledger, counters.calendar))
         finally:
@@ -273,6 +284,10 @@ def _serve(args: argparse.Namespace) -> int:
     # waits on stderr. Leaving the block writes out what is queued: no line is lost at shutdown.
     with queued_logging(config.logging.level, sys.stderr):
         logging.getLogger("orproxy").setLevel(config.logging.level)  # what a reload changes
+        if args.workers != 1:
+            from proxy.cli.fleet import serve_fleet
+
+            return serve_fleet(args, config)
         return _serve_with(config, args)
 
 
@@ -300,7 +315,7 @@ def _serve_with(config: Config, args: argparse.Namespace) -> int:
         config, env = loop.run_until_complete(start_demo(config, os.environ))
     from proxy.http.app import StartupError, create_app
 
-    app = create_app(config, env=env, config_path=None if args.demo else args.config)
+    app = create_app(config, env=env, config_path=None if args.demo else args.config, fleet=args.worker_dir)
     app.on_startup.append(_freeze_heap)
     served = config
 
@@ -320,7 +335,15 @@ def _serve_with(config: Config, args: argparse.Namespace) -> int:
     from proxy.http.server import run
 
     try:
-        run(app, listen.host, listen.port, shutdown_timeout=config.shutdown_timeout_s, loop=loop, on_bound=announce)
+        run(
+            app,
+            listen.host,
+            listen.port,
+            shutdown_timeout=config.shutdown_timeout_s,
+            loop=loop,
+            on_bound=announce,
+            reuse_port=args.worker_dir is not None,
+        )
     except StartupError as exc:
         print(f"orproxy: {exc}", file=sys.stderr)
         return 1
@@ -333,7 +356,14 @@ def _serve_with(config: Config, args: argparse.Namespace) -> int:
 
 def data_line(config: Config) -> str:
     """Where the data goes (paths resolved against the config's folder): said once at start-up."""
-    return f"data: ledger {config.ledger.path}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
+    settings = config.ledger
+    if settings.backend == "postgres":
+        from proxy.money.ledger_api import redacted
+
+        ledger = f"postgres {redacted(settings.dsn) if settings.dsn else '$' + str(settings.dsn_env)}"
+    else:
+        ledger = settings.path
+    return f"data: ledger {ledger}" + (f", cache {config.cache.path}" if config.cache.enabled else "")
 
 
 def kind_lines(config: Config) -> list[str]:
@@ -381,10 +411,13 @@ def _report(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from proxy.money.ledger_api import LedgerUnavailable, ledger_exists, on_file
     from proxy.ops.demo import demo_path
 
     path = Path(args.ledger or (demo_path(config.ledger.path) if args.demo else config.ledger.path))
-    if not path.exists():
+    if args.demo or args.ledger:  # a file: the demo's ledger is always SQLite
+        config = on_file(config, path)
+    if not ledger_exists(config, path):
         demo = Path(demo_path(config.ledger.path))
         hint = (
             f"; only the demo has run here, and it keeps its spend apart in {demo}: `orproxy report --demo`"
@@ -393,7 +426,11 @@ def _report(args: argparse.Namespace) -> int:
         )
         print(f"orproxy: no ledger at {path} yet{hint}", file=sys.stderr)
         return 1
-    report = asyncio.run(_build_report(path, config, args.period, args.by))
+    try:
+        report = asyncio.run(_build_report(path, config, args.period, args.by))
+    except LedgerUnavailable as exc:
+        print(f"orproxy: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -407,10 +444,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 async def _build_report(path: Path, config: Config, period: str, by: str) -> dict:
-    from proxy.money.ledger import Ledger
+    from proxy.money.ledger_api import open_ledger
     from proxy.money.reports import spend_report
 
-    ledger = await Ledger.open(path, retention_days=config.ledger.retention_days, prune=False)
+    ledger = await open_ledger(config, os.environ, path=path, prune=False)
     try:
         return await spend_report(ledger, period, by, config.budget.timezone, time.time())  # type: ignore[arg-type]
     finally:

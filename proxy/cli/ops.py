@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from proxy.money.catalogue import (
     render_models,
     write_cache,
 )
+from proxy.money.ledger_api import LedgerUnavailable, ledger_exists, on_file
 from proxy.money.simulate import (
     MixSimulation,
     Replay,
@@ -306,10 +308,18 @@ def _simulate_ledger(args: argparse.Namespace, config: Config, router: Router, b
             "--tokens-per-request (or drop --from-ledger to simulate a mix)"
         )
     path = args.ledger or config.ledger.path
-    if not Path(path).exists():
+    if args.ledger:
+        config = on_file(config, path)
+    if not ledger_exists(config, Path(path)):
         _error(f"no ledger at {path}: pass --ledger with the running proxy's ledger file")
         return 1
-    rows, start, end = asyncio.run(read_ledger(path, days=args.days, now=time.time()))
+    if config.ledger.backend == "postgres":
+        path = "ledger.backend: postgres"
+    try:
+        rows, start, end = asyncio.run(read_ledger(config, os.environ, days=args.days, now=time.time()))
+    except LedgerUnavailable as exc:
+        _error(str(exc))
+        return 1
     replay = replay_rows(rows, router, book, start=start, end=end)
     if args.json:
         _print_json(_replay_json(replay, args.config, path, args.days))

@@ -225,9 +225,27 @@ class Pricing(_Frozen):
 
 
 class Ledger(_Frozen):
+    # sqlite: one file (`path`), one process. postgres: one database for every worker and replica,
+    # reached by `dsn`, or better by the environment variable `dsn_env` names (a password stays out of the file).
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "data/ledger.sqlite3"
     retention_days: int = Field(400, ge=1)
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    dsn: str | None = None  # postgresql://user@host:5432/db
+    dsn_env: str | None = None
+
+    @model_validator(mode="after")
+    def _postgres_dsn(self) -> Ledger:
+        if self.backend == "postgres" and (self.dsn is None) == (self.dsn_env is None):
+            raise ValueError(
+                "`backend: postgres` needs exactly one of `dsn` (postgresql://user@host:5432/db) "
+                "or `dsn_env` (an environment variable holding it)"
+            )
+        if self.backend == "sqlite" and (self.dsn is not None or self.dsn_env is not None):
+            raise ValueError("`dsn` and `dsn_env` are for `backend: postgres`; the sqlite ledger is `path`")
+        if self.dsn is not None and not re.match(r"^postgres(ql)?://", self.dsn):
+            raise ValueError("`dsn` must be a postgresql:// URL")
+        return self
 
 
 class Cache(_Frozen):
@@ -238,6 +256,40 @@ class Cache(_Frozen):
     max_entries: int = Field(10_000, ge=1)
     max_entry_bytes: int = Field(1_048_576, ge=1024)
     path: str = "data/cache.sqlite3"
+
+
+class State(_Frozen):
+    """Where the shared state lives: spend and holds, breakers, rate-limit blocks, the response cache.
+    `local`: in this process (one process, the default); `redis`: shared by every replica and worker."""
+
+    backend: Literal["local", "redis"] = "local"
+    url: str | None = Field(None, description="redis://host:port/db (or rediss://); or name a variable in url_env")
+    url_env: str | None = Field(
+        None, description="an environment variable holding the Redis URL (it may hold a password)"
+    )
+    prefix: str = Field(
+        "orproxy:", min_length=1, description="prepended to every Redis key: replicas of one proxy share it"
+    )
+    # fail_closed: while Redis is unreachable, requests are answered 503 (no budget can be checked);
+    # local: each replica falls back to its own in-process state (logged once) and re-seeds when Redis is back.
+    on_state_error: Literal["fail_closed", "local"] = "fail_closed"
+    timeout_ms: int = Field(250, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _where(self) -> State:
+        if self.backend == "redis" and (self.url is None) == (self.url_env is None):
+            raise ValueError(
+                "`backend: redis` needs exactly one of `url` (redis://host:6379/0) or `url_env` "
+                "(an environment variable holding it)"
+            )
+        return self
 
 
 class Admin(_Frozen):
@@ -289,6 +341,7 @@ class Config(_Frozen):
     pricing: Pricing = Pricing()
     ledger: Ledger = Ledger()
     cache: Cache = Cache()
+    state: State = State()
     rate_limits: RateLimitPolicy = RateLimitPolicy()
     admin: Admin = Admin()
     server: Server = Server()

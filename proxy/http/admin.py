@@ -3,6 +3,7 @@ variable), compared in constant time. Off, they answer 404 like any unknown path
 
 from __future__ import annotations
 
+import os
 from typing import cast
 
 import orjson
@@ -69,6 +70,7 @@ class AdminRoutes:
             },
             "reload": reloader.status.as_dict() if reloader else None,
             "blocks": self._blocks(request),
+            "process": {"pid": os.getpid()},  # which worker answered, under `serve --workers N`
         }
         return web.Response(body=orjson.dumps(body), content_type=JSON)
 

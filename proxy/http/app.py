@@ -39,9 +39,10 @@ from proxy.http.overhead import timed
 from proxy.http.routes import explain_route, healthz, list_models, retrieve_model
 from proxy.money.accounting import Accountant, Sink, log_access, recorded_spend
 from proxy.money.catalogue import catalogue_warnings, load_catalogue_source
-from proxy.money.ledger import Ledger
+from proxy.money.ledger_api import LedgerStore, LedgerUnavailable, open_ledger
 from proxy.money.reconcile import Reconciler
 from proxy.ops.credits import poll_credits
+from proxy.ops.fleet import FleetFiles
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
 from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
@@ -67,18 +68,21 @@ def create_app(
     config_path: str | Path | None = None,
     cache_path: str | Path | None = None,
     reconcile_schedule: Sequence[float] | None = None,
+    fleet: Path | None = None,
 ) -> web.Application:
     """Build the proxy for `config`. Upstream and client keys are read from `env` (default: os.environ);
     the ledger lives at `ledger_path` (default: the config's `ledger.path`); metrics go to `registry`
     (default: a new one, never the process-global registry). With `config_path`, the config is
     reloaded on SIGHUP, POST /admin/reload and (if `watch_config`) when the file changes.
-    `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it)."""
+    `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it).
+    `fleet`: the metrics directory of `serve --workers N`, whose workers' metrics every scrape sums."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
     state = SharedState(
         SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
     )
-    metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
+    fleet_files = FleetFiles(fleet) if fleet is not None else None
+    metrics = Metrics(registry or CollectorRegistry(auto_describe=True), fleet_files)
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
     schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
@@ -87,11 +91,14 @@ def create_app(
     accountant_ref.append(accountant)
     inflight = InFlight()
     cache = CacheSlot(clock)
-    metrics.registry.register(StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock))
+    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock)
+    metrics.registry.register(collector)
+    if fleet_files is not None:
+        app.cleanup_ctx.append(_fleet_figures(collector, fleet_files))
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
-    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
+    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, env, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
     app.cleanup_ctx.append(_reconciliation)
@@ -136,24 +143,19 @@ def create_app(
     return app
 
 
-def _ledger(path: Path, config: Config, clock: Callable[[], float]):
+def _ledger(path: Path, config: Config, env: Mapping[str, str], clock: Callable[[], float]):
     async def context(app: web.Application) -> AsyncIterator[None]:
         accountant, counters = app[ACCOUNTANT], app[STATE].counters
         try:
-            ledger = await Ledger.open(
-                path, retention_days=config.ledger.retention_days, synchronous=config.ledger.synchronous, clock=clock
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StartupError(
-                f"cannot open the ledger at {path} (ledger.path): {exc}; "
-                "check that its directory exists or can be created, and is writable"
-            ) from exc
+            ledger = await open_ledger(config, env, path=path, clock=clock)
+        except LedgerUnavailable as exc:
+            raise StartupError(str(exc)) from exc
         counters.roll(clock())
         counters.load(*await recorded_spend(ledger, counters.calendar))
         accountant.ledger = ledger
         pruner = asyncio.create_task(_prune_daily(ledger, app[RUNTIME]))
         total = counters.scope("")
-        log.info("ledger %s: spend so far today $%.4f, this month $%.4f", path, total.day, total.month)
+        log.info("ledger %s: spend so far today $%.4f, this month $%.4f", ledger.where, total.day, total.month)
         try:
             yield
         finally:
@@ -218,6 +220,28 @@ async def _reconciliation(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+def _fleet_figures(collector: StateCollector, files: FleetFiles):
+    """A worker's per-process gauges (in flight, cache hits), written out every second for the
+    worker that is scraped to sum; a last time at exit."""
+
+    async def write_out() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            collector.write_out()
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(write_out())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            collector.write_out()
+            files.close()
+
+    return context
+
+
 async def _shutdown_began(app: web.Application, timeout_s: float) -> None:
     app[INFLIGHT].shutdown_began(timeout_s)
 
@@ -258,14 +282,14 @@ async def _credit_poller(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _prune_daily(ledger: Ledger, runtimes: RuntimeRef) -> None:
+async def _prune_daily(ledger: LedgerStore, runtimes: RuntimeRef) -> None:
     """ledger.retention_days, enforced while running too, not only at start-up."""
     while True:
         await asyncio.sleep(6 * 3600)
         await prune_ledger(ledger, runtimes)
 
 
-async def prune_ledger(ledger: Ledger, runtimes: RuntimeRef) -> int:
+async def prune_ledger(ledger: LedgerStore, runtimes: RuntimeRef) -> int:
     """One round of pruning, with the retention of the config now serving; housekeeping never raises."""
     try:
         removed = await ledger.prune(retention_days=runtimes.current.config.ledger.retention_days)

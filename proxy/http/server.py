@@ -345,7 +345,13 @@ class ProxyRunner(web.AppRunner):
 
 
 async def serve(
-    app: web.Application, host: str, port: int, *, shutdown_timeout: float, on_bound: Callable[[], None]
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    on_bound: Callable[[], None],
+    reuse_port: bool = False,
 ) -> None:
     """Run `app` until SIGTERM or SIGINT, then stop accepting, let requests in flight finish within
     `shutdown_timeout` and run the cleanup contexts (what `web.run_app` does, on a ProxyRunner)."""
@@ -354,7 +360,8 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        # reuse_port: the workers of `serve --workers N` bind one port, and the kernel spreads connections.
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         server = runner.server
         if isinstance(server, GuardedServer):
@@ -376,9 +383,11 @@ async def serve(
 
 
 def run(app: web.Application, host: str, port: int, *, shutdown_timeout: float, loop: asyncio.AbstractEventLoop,
-        on_bound: Callable[[], None]) -> None:  # fmt: skip
+        on_bound: Callable[[], None], reuse_port: bool = False) -> None:  # fmt: skip
     """Serve on `loop` until a signal; start-up errors (a taken port, StartupError) propagate."""
-    task = loop.create_task(serve(app, host, port, shutdown_timeout=shutdown_timeout, on_bound=on_bound))
+    task = loop.create_task(
+        serve(app, host, port, shutdown_timeout=shutdown_timeout, on_bound=on_bound, reuse_port=reuse_port)
+    )
     try:
         loop.run_until_complete(task)
     except (web.GracefulExit, KeyboardInterrupt):

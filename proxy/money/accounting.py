@@ -14,7 +14,8 @@ from proxy.core.budget import BudgetCalendar, Reservation
 from proxy.core.policy import Policy
 from proxy.core.pricing import Cost, PriceBook, Tokens
 from proxy.core.record import RequestRecord, billed_tokens
-from proxy.money.ledger import Ledger, LedgerRow
+from proxy.money.ledger_api import LedgerStore
+from proxy.money.ledger_rows import LedgerRow
 
 log = logging.getLogger("orproxy")
 CHAT_APIS = {api.name: api.model_kind == "chat" for api in APIS}  # the APIs chat models serve
@@ -31,7 +32,7 @@ class Accountant:
     comes with each call. The ledger is a resource opened at start-up and closed at shutdown."""
 
     def __init__(self, sinks: Iterable[Sink] = (), clock: Callable[[], float] = time.time) -> None:
-        self.ledger: Ledger | None = None
+        self.ledger: LedgerStore | None = None
         self._sinks = tuple(sinks)
         self._clock = clock
 
@@ -114,7 +115,7 @@ def price(prices: PriceBook, record: RequestRecord, tokens: Tokens, reserved: fl
     return prices.cost(record.model, tokens, None, estimated=True)
 
 
-async def recorded_spend(ledger: Ledger, calendar: BudgetCalendar) -> tuple[dict[str, float], dict[str, float]]:
+async def recorded_spend(ledger: LedgerStore, calendar: BudgetCalendar) -> tuple[dict[str, float], dict[str, float]]:
     """What the ledger holds per key for the calendar's current day and month: `SpendCounters.load` takes it."""
     return (
         await ledger.spend_by_key_between(calendar.day_start),

@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +45,7 @@ from proxy.money.ledger_rows import (
     LedgerClosed,
     LedgerRow,
     LedgerSchemaError,
+    Reconciled,
     SummaryRow,
     check_row,
     from_nano,
@@ -58,17 +58,6 @@ from proxy.money.ledger_writer import connect as writer_connection
 
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
-
-
-@dataclass(frozen=True, slots=True)
-class Reconciled:
-    """The upstream's own figures for one generation, replacing a row's estimate."""
-
-    cost_usd: float
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    baseline_cost_usd: float
 
 
 class Ledger:
@@ -134,6 +123,10 @@ class Ledger:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def where(self) -> str:
+        return str(self._path)
 
     # --- writing -------------------------------------------------------------
 

@@ -171,6 +171,17 @@ class LedgerRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Reconciled:
+    """The upstream's own figures for one generation, replacing a row's estimate."""
+
+    cost_usd: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    baseline_cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
 class SummaryRow:
     group: str
     requests: int

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from proxy.core.policy import Policy
 from proxy.core.reconcile import HORIZON_S, SCHEDULE, next_delay, qualifies, read_generation
 from proxy.core.record import RequestRecord
-from proxy.money.ledger import Ledger, LedgerRow, Reconciled
+from proxy.money.ledger_api import LedgerStore
+from proxy.money.ledger_rows import LedgerRow, Reconciled
 from proxy.ops.runtime import RuntimeRef
 from proxy.upstream.client import UpstreamError
 
@@ -51,7 +52,7 @@ class Reconciler:
     def __init__(
         self,
         runtimes: RuntimeRef,
-        ledger: Callable[[], Ledger | None],
+        ledger: Callable[[], LedgerStore | None],
         clock: Callable[[], float] = time.time,
         *,
         concurrency: int = 4,
@@ -86,7 +87,7 @@ class Reconciler:
             )
             self._schedule_next(lookup)
 
-    async def load_pending(self, ledger: Ledger) -> int:
+    async def load_pending(self, ledger: LedgerStore) -> int:
         """Queue the rows an earlier run left unreconciled; how many."""
         config = self._runtimes.current.config
         upstreams = [name for name, upstream in config.upstreams.items() if upstream.flavour == "openrouter"]

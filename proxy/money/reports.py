@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 from rich.table import Table
 
 from proxy.core.budget import BudgetCalendar
-from proxy.money.ledger import Ledger, SummaryRow
+from proxy.money.ledger_api import GroupBy, LedgerStore
+from proxy.money.ledger_rows import SummaryRow
 
 Period = Literal["day", "month"]
-GroupBy = Literal["model", "virtual", "key", "api"]
 PERIODS = ("day", "month")
 GROUPS = ("model", "virtual", "key", "api")
 
@@ -25,7 +25,7 @@ def period_bounds(period: Period, timezone: str, now: float) -> tuple[float, flo
     return calendar.month_start, calendar.month_end
 
 
-async def spend_report(ledger: Ledger, period: Period, by: GroupBy, timezone: str, now: float) -> dict[str, Any]:
+async def spend_report(ledger: LedgerStore, period: Period, by: GroupBy, timezone: str, now: float) -> dict[str, Any]:
     start, end = period_bounds(period, timezone, now)
     rows = await ledger.summary(start, end, by)
     total = await ledger.totals(start, end)

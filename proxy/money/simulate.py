@@ -23,7 +23,8 @@ from proxy.core.pricing import PER_MILLION, Price, PriceBook
 from proxy.core.routing import Router, UnknownModel
 
 if TYPE_CHECKING:  # the ledger module pulls in aiosqlite; the simulation itself stays pure
-    from proxy.money.ledger import LedgerRow
+    from proxy.config import Config
+    from proxy.money.ledger_rows import LedgerRow
 
 DAYS_PER_MONTH = 30
 SHARE_TOLERANCE = 1e-6
@@ -335,15 +336,17 @@ def replay_rows(rows: Iterable[LedgerRow], router: Router, book: PriceBook, *, s
     )
 
 
-async def read_ledger(path: str, *, days: float, now: float) -> tuple[list[LedgerRow], float, float]:
-    """The ledger rows of the last `days` days before `now`, with the window's bounds."""
-    from proxy.money.ledger import Ledger
+async def read_ledger(
+    config: Config, env: Mapping[str, str], *, days: float, now: float
+) -> tuple[list[LedgerRow], float, float]:
+    """The rows of the ledger `config` names (SQLite or PostgreSQL) of the last `days` days before
+    `now`, with the window's bounds."""
+    from proxy.money.ledger_api import open_ledger
 
     if days <= 0:
         raise SimulationError(f"--days must be > 0, got {days:g}")
     start = now - days * SECONDS_PER_DAY
-    # Opening a ledger prunes rows past its retention: a huge retention keeps this read-only.
-    ledger = await Ledger.open(path, retention_days=10_000_000, prune=False)
+    ledger = await open_ledger(config, env, prune=False)  # read-only: no pruning
     try:
         return await ledger.rows(start, now), start, now
     finally:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.emulator import EMULATOR_STATE, Fault, create_emulator_app
+from proxy.money.ledger_api import on_file
 
 log = logging.getLogger("orproxy.demo")
 DEMO_KEY = "demo-key-not-secret"
@@ -47,9 +48,10 @@ async def start_demo(config: Config, env: Mapping[str, str]) -> tuple[Config, di
         f"'{failing}' always answers 503, so `quality` falls back" if failing else "no fault injected",
     )
     # Emulated spend must never count against the real budget: the demo keeps its own ledger and cache.
-    ledger = config.ledger.model_copy(update={"path": demo_path(config.ledger.path)})
+    # A PostgreSQL ledger is real spend too: the demo's is always a SQLite file of its own.
+    config = on_file(config, demo_path(config.ledger.path))
     cache = config.cache.model_copy(update={"path": demo_path(config.cache.path)})
-    return config.model_copy(update={"upstreams": upstreams, "ledger": ledger, "cache": cache}), demo_env
+    return config.model_copy(update={"upstreams": upstreams, "cache": cache}), demo_env
 
 
 def demo_path(path: str) -> str:

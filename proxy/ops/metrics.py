@@ -29,11 +29,15 @@ from proxy.core.overhead import BUCKETS as OVERHEAD_BUCKETS
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits, Reading
 from proxy.core.record import RequestRecord
+from proxy.ops.fleet import FleetFiles, FleetLatencyTally, FleetTally, MultiProcessCollector
 from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 if TYPE_CHECKING:
     from proxy.ops.runtime import Runtime
 
+IN_FLIGHT_HELP = "Client requests being served"
+CACHE_HITS_HELP = "Requests answered from the response cache"
+CACHE_MISSES_HELP = "Cacheable requests that had to go upstream"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -50,64 +54,71 @@ class Metrics:
     """The per-request tallies (state only): label values come bounded by the policy of the
     snapshot each request ran on."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, fleet: FleetFiles | None = None) -> None:
         self.registry = registry
         self.gauges = Gauges()
-        self.requests = Tally(
+        self.fleet = fleet
+
+        def tally(name: str, documentation: str, labels: list[str]) -> Tally:
+            return (
+                Tally(name, documentation, labels) if fleet is None else FleetTally(name, documentation, labels, fleet)
+            )
+
+        def histogram(
+            name: str, documentation: str, labels: list[str], buckets: tuple[float, ...] = LATENCY_BUCKETS
+        ) -> LatencyTally:
+            if fleet is None:
+                return LatencyTally(name, documentation, labels, buckets)
+            return FleetLatencyTally(name, documentation, labels, buckets, fleet)
+
+        self.requests = tally(
             "orproxy_requests", "Client requests by outcome", ["virtual_model", "model", "status", "api"]
         )
-        self.cost = Tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key", "api"])
-        self.baseline = Tally(
+        self.cost = tally("orproxy_cost_usd", "Money spent upstream, USD", ["virtual_model", "model", "key", "api"])
+        self.baseline = tally(
             "orproxy_baseline_cost_usd",
             "What the savings baseline model would have cost, USD",
             ["virtual_model", "key"],
         )
-        self.cache_saved = Tally(
+        self.cache_saved = tally(
             "orproxy_cache_saved_usd",
             "What answers from the response cache saved: their cost when they were bought, USD",
             ["virtual_model", "key"],
         )
-        self.tokens = Tally("orproxy_tokens", "Tokens billed", ["model", "kind", "api"])
-        self.duration = LatencyTally(
-            "orproxy_request_duration_seconds",
-            "Whole request as the client saw it",
-            ["virtual_model", "api"],
-            LATENCY_BUCKETS,
+        self.tokens = tally("orproxy_tokens", "Tokens billed", ["model", "kind", "api"])
+        self.duration = histogram(
+            "orproxy_request_duration_seconds", "Whole request as the client saw it", ["virtual_model", "api"]
         )
-        self.upstream_duration = LatencyTally(
-            "orproxy_upstream_duration_seconds", "One upstream attempt", ["model"], LATENCY_BUCKETS
-        )
-        self.ttft = LatencyTally(
-            "orproxy_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], LATENCY_BUCKETS
-        )
-        self.overhead = LatencyTally(
+        self.upstream_duration = histogram("orproxy_upstream_duration_seconds", "One upstream attempt", ["model"])
+        self.ttft = histogram("orproxy_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"])
+        self.overhead = histogram(
             "orproxy_overhead_seconds",
             "Time in the proxy, excluding the waits on the upstream (x-proxy-overhead-ms; a stream's "
             "includes the work on each relayed read)",
             ["api"],
             OVERHEAD_BUCKETS,
         )
-        self.attempts = Tally("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"])
-        self.fallbacks = Tally(
+        self.attempts = tally("orproxy_attempts", "Upstream attempts by outcome", ["model", "outcome"])
+        self.fallbacks = tally(
             "orproxy_fallbacks", "Moves to the next chain member", ["virtual_model", "from_model", "reason"]
         )
-        registry.register(
-            TallyCollector(
-                [
-                    self.requests,
-                    self.cost,
-                    self.baseline,
-                    self.cache_saved,
-                    self.tokens,
-                    self.duration,
-                    self.upstream_duration,
-                    self.ttft,
-                    self.overhead,
-                    self.attempts,
-                    self.fallbacks,
-                ]
-            )
-        )
+        tallies: list[Tally | LatencyTally] = [
+            self.requests,
+            self.cost,
+            self.baseline,
+            self.cache_saved,
+            self.tokens,
+            self.duration,
+            self.upstream_duration,
+            self.ttft,
+            self.overhead,
+            self.attempts,
+            self.fallbacks,
+        ]
+        if fleet is None:
+            registry.register(TallyCollector(tallies))
+        else:  # every worker's files, this one's included
+            MultiProcessCollector(registry, str(fleet.directory))
 
     def overhead_of(self, api: str) -> Callable[[float], None]:
         """What tells the overhead histogram of one API's requests (its label tuple built once)."""
@@ -170,9 +181,13 @@ class StateCollector(Collector):
         gauges = self._metrics.gauges
         now = self._clock()
         policy = runtime.policy
-        in_flight = GaugeMetricFamily("orproxy_in_flight_requests", "Client requests being served")
-        in_flight.add_metric([], gauges.in_flight)
-        yield in_flight
+        fleet = self._metrics.fleet
+        if fleet is not None:  # per process: written out for MultiProcessCollector to sum
+            self._write_out(fleet)
+        else:
+            in_flight = GaugeMetricFamily("orproxy_in_flight_requests", IN_FLIGHT_HELP)
+            in_flight.add_metric([], gauges.in_flight)
+            yield in_flight
         yield from self._budget(policy, now)
         cooldown = GaugeMetricFamily(
             "orproxy_model_cooldown", "1 while a model is skipped by its circuit breaker", labels=["model"]
@@ -194,7 +209,20 @@ class StateCollector(Collector):
         for upstream, value in gauges.credits_used_today.items():
             used.add_metric([upstream], value)
         yield used
-        yield from self._cache_counters()
+        if fleet is None:
+            yield from self._cache_counters()
+
+    def _write_out(self, fleet: FleetFiles) -> None:
+        """This worker's per-process figures, into its files (the others write theirs every second)."""
+        fleet.gauge("orproxy_in_flight_requests", IN_FLIGHT_HELP, self._metrics.gauges.in_flight)
+        file = self._cache.file
+        if file is not None:
+            fleet.counter("orproxy_cache_hits", CACHE_HITS_HELP, file.hits)
+            fleet.counter("orproxy_cache_misses", CACHE_MISSES_HELP, file.misses)
+
+    def write_out(self) -> None:
+        if self._metrics.fleet is not None:
+            self._write_out(self._metrics.fleet)
 
     def _budget(self, policy: Policy, now: float) -> Iterator[Metric]:
         book = policy.book
@@ -230,10 +258,10 @@ class StateCollector(Collector):
         file = self._cache.file
         if file is None:
             return
-        hits = CounterMetricFamily("orproxy_cache_hits", "Requests answered from the response cache")
+        hits = CounterMetricFamily("orproxy_cache_hits", CACHE_HITS_HELP)
         hits.add_metric([], file.hits)
         yield hits
-        misses = CounterMetricFamily("orproxy_cache_misses", "Cacheable requests that had to go upstream")
+        misses = CounterMetricFamily("orproxy_cache_misses", CACHE_MISSES_HELP)
         misses.add_metric([], file.misses)
         yield misses
 

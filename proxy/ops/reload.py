@@ -34,7 +34,17 @@ from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_poli
 
 log = logging.getLogger("orproxy")
 # Read once at start: a change to one of these (or anything under it) is reported, not applied.
-RESTART_ONLY = ("listen", "ledger.path", "ledger.synchronous", "shutdown_timeout_s", "watch_config")
+RESTART_ONLY = (
+    "listen",
+    "ledger.backend",
+    "ledger.path",
+    "ledger.dsn",
+    "ledger.dsn_env",
+    "ledger.synchronous",
+    "shutdown_timeout_s",
+    "watch_config",
+    "state",
+)
 RESULTS = ("success", "restart_required", "failure")
 
 

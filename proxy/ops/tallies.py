@@ -59,6 +59,10 @@ class LatencyTally:
         slots[bisect_left(self.bounds, value)] += 1
         slots[-1] += value
 
+    def bounds_index(self, value: float) -> int:
+        """The bucket `value` falls in (the last one: above every bound)."""
+        return bisect_left(self.bounds, value)
+
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         edges = [*(repr(float(b)) if b != int(b) else f"{float(b)}" for b in self.bounds), "+Inf"]

@@ -34,6 +34,11 @@ def test_minimal_config_gets_defaults():
     assert config.upstreams["openrouter"].api_key_env == "OPENROUTER_API_KEY"
     assert config.retry.attempts_per_model == 2
     assert config.allow_direct_models is True
+    assert (config.state.backend, config.state.prefix, config.state.on_state_error) == (
+        "local",
+        "orproxy:",
+        "fail_closed",
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,6 +108,18 @@ def test_broken_models_are_refused_with_line_and_path(extra, line, expected):
         ),
         (BASE + "listen: {port: 99999}\n", "cfg.yaml:5: listen.port: Input should be less than or equal to 65535"),
         (BASE + "direct_upstream: elsewhere\n", "cfg.yaml:5: direct_upstream: names upstream 'elsewhere'"),
+        (
+            BASE + "state:\n  backend: redis\n",
+            "cfg.yaml:5: state: `backend: redis` needs exactly one of `url`",
+        ),
+        (
+            BASE + "state:\n  backend: redis\n  url: http://127.0.0.1:6379\n",
+            "cfg.yaml:7: state.url: must be a redis://, rediss:// or unix:// URL",
+        ),
+        (
+            BASE + "state:\n  on_state_error: open\n",
+            "cfg.yaml:6: state.on_state_error: Input should be 'fail_closed' or 'local'",
+        ),
         ("models: [a\n", "cfg.yaml:2: <root>: invalid YAML"),
         ("- just\n- a list\n", "cfg.yaml:1: <root>: the config must be a YAML mapping"),
     ],

@@ -5,6 +5,7 @@ from their text, which is all an OpenAI upstream lets anyone know."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 from proxy.emulator import Fault
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.money import CHAIN_MODEL, MODELS
+from tests.support.postgres import scratch_schema
 from tests.support.timing import wait_for
 
 FAST = (0.02, 0.05, 0.1, 0.2, 0.5)  # the lookup schedule of these tests: the production one, sped up
@@ -88,9 +90,22 @@ async def test_a_client_gone_before_the_stream_opened_is_booked(make_proxy, emul
     assert booked_nano(rows) == billed_nano(emulator)
 
 
-async def test_estimates_left_by_a_stopped_proxy_are_reconciled_at_start_up(make_proxy, emulator, tmp_path):
-    ledger = tmp_path / "restart.sqlite3"
-    first = await make_proxy(MODELS, ledger_path=ledger)  # looks up after a minute: stops before that
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger_config(request) -> AsyncIterator[str]:
+    """The config's ledger lines: the SQLite file `ledger_path` names, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    async with scratch_schema() as (_, dsn):
+        yield f"ledger: {{backend: postgres, dsn: '{dsn}'}}\n"
+
+
+async def test_estimates_left_by_a_stopped_proxy_are_reconciled_at_start_up(
+    make_proxy, emulator, tmp_path, ledger_config
+):
+    """On PostgreSQL the second proxy stands for another replica too: it knows only the database."""
+    ledger, extra = tmp_path / "restart.sqlite3", ledger_config
+    first = await make_proxy(MODELS, ledger_path=ledger, extra=extra)  # looks up after a minute: stops before that
     emulator.state.faults.set(BALANCED, Fault(drop_midstream=True, after_chunks=2))
     await cut_stream(first)
     emulator.state.faults.set(BALANCED, Fault(midstream_error=True, after_chunks=1))
@@ -99,7 +114,7 @@ async def test_estimates_left_by_a_stopped_proxy_are_reconciled_at_start_up(make
     assert [r.cost_source for r in await first.ledger.rows()] == ["estimate", "estimate"]
     await first.server.close()
 
-    second = await make_proxy(MODELS, ledger_path=ledger, reconcile_schedule=FAST)
+    second = await make_proxy(MODELS, ledger_path=ledger, reconcile_schedule=FAST, extra=extra)
     rows = await settled(second)
     assert [r.cost_source for r in rows] == ["reconciled", "reconciled"]
     assert booked_nano(rows) == billed_nano(emulator)

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -26,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import Fault
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
-from tests.support.procs import free_port
+from tests.support.procs import free_port, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DASHBOARDS = {
@@ -43,16 +42,7 @@ SCRAPES_WITH_TRAFFIC = 5
 
 
 def tool(name: str) -> str:
-    """The binary's path; in CI (CI=true) its absence is a failure, elsewhere a skip that says how to get it."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(
-            f"{name} is not installed, and CI must run this test: .ci/run installs Debian's "
-            "`prometheus` package when it is missing; check that step"
-        )
-    pytest.skip(f"{name} is not installed (apt-get install prometheus); CI runs this test")
+    return require_tool(name, "prometheus")
 
 
 def load_yaml(name: str) -> Any:

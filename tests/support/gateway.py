@@ -21,7 +21,7 @@ from proxy.core.budget import SpendBook
 from proxy.emulator import EMULATOR_STATE
 from proxy.http.appkeys import ACCOUNTANT, RUNTIME
 from proxy.http.server import ProxyRunner
-from proxy.money.ledger import Ledger
+from proxy.money.ledger_api import LedgerStore
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SPEC = ROOT.parent / "shared" / "spec" / "openai-chat-schemas.json"
@@ -130,7 +130,7 @@ class Proxy:
         return self.app[RUNTIME].current.policy.book
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> LedgerStore:
         ledger = self.app[ACCOUNTANT].ledger
         assert ledger is not None, "the ledger is not open"
         return ledger

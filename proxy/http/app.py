@@ -22,11 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.cache.response_cache import CacheSlot
 from proxy.config import Config
 from proxy.core.apis import APIS
-from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendCounters
 from proxy.core.errors import Unauthorized
 from proxy.core.keys import bearer_matches
-from proxy.core.ratelimits import RateLimits
 from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
@@ -43,7 +40,8 @@ from proxy.money.reconcile import Reconciler
 from proxy.ops.credits import poll_credits
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
-from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
+from proxy.ops.runtime import RuntimeRef, build_runtime, cache_policy, snapshot_warnings
+from proxy.state.backend import StateConfigError, open_state
 
 log = logging.getLogger("orproxy")
 # aiohttp's own cap on a request body; the config's `max_body_bytes` is enforced per request
@@ -74,25 +72,30 @@ def create_app(
     `reconcile_schedule`: the seconds before each lookup of an estimated cost (tests shorten it)."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
-    state = SharedState(
-        SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
-    )
+    try:
+        state = open_state(config.state, env, config.budget.timezone, clock)
+    except StateConfigError as exc:
+        raise StartupError(str(exc)) from exc
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
     schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
-    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule)
-    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock)
+    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule, spend=state.spend)
+    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock, state.spend)
     accountant_ref.append(accountant)
     inflight = InFlight()
-    cache = CacheSlot(clock)
-    metrics.registry.register(StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock))
+    cache = CacheSlot(clock, state.cache_opener())
+    metrics.registry.register(
+        StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock, state.redis)
+    )
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
+    if state.redis is not None:
+        app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_reconciliation)
     # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
     # while the upstream clients and the ledger are still open.
@@ -198,6 +201,27 @@ def _first_runtime(config: Config, env: Mapping[str, str]):
             await app[RUNTIME].close()
 
     return context
+
+
+async def _shared_state(app: web.Application) -> AsyncIterator[None]:
+    """Redis seeded from the ledger (max, never added) and kept in step until shutdown; closed after
+    the requests in flight have settled (their contexts close first)."""
+    redis, counters = app[STATE].redis, app[STATE].counters
+    assert redis is not None
+    ledger = app[ACCOUNTANT].ledger
+
+    async def ledger_spend() -> tuple[dict[str, float], dict[str, float]]:
+        if ledger is None:
+            return {}, {}
+        counters.roll(app[STATE].clock())
+        return await recorded_spend(ledger, counters.calendar)
+
+    runtimes = app[RUNTIME]
+    await redis.start(ledger_spend, lambda: runtime.policy if (runtime := runtimes.peek()) else None)
+    try:
+        yield
+    finally:
+        await redis.close()
 
 
 async def _reconciliation(app: web.Application) -> AsyncIterator[None]:

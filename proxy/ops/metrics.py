@@ -31,6 +31,7 @@ from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 if TYPE_CHECKING:
     from proxy.ops.runtime import Runtime
+    from proxy.state.backend import RedisState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -141,7 +142,9 @@ class StateCollector(Collector):
         ratelimits: RateLimits,
         cache: CacheSlot,
         clock: Callable[[], float] = time.time,
+        shared: RedisState | None = None,
     ) -> None:
+        self._shared = shared  # None: the state is in this process
         self._metrics = metrics
         self._current = current
         self._cache = cache
@@ -181,6 +184,18 @@ class StateCollector(Collector):
             used.add_metric([upstream], value)
         yield used
         yield from self._cache_counters()
+        yield from self._state_health()
+
+    def _state_health(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "orproxy_state_backend_up", "1 while the shared state backend answers (local: always)", labels=["backend"]
+        )
+        errors = CounterMetricFamily("orproxy_state_errors", "Calls to the shared state backend that failed")
+        shared = self._shared
+        up.add_metric(["local" if shared is None else "redis"], 1.0 if shared is None or shared.health.up else 0.0)
+        errors.add_metric([], 0 if shared is None else shared.health.errors)
+        yield up
+        yield errors
 
     def _budget(self, policy: Policy, now: float) -> Iterator[Metric]:
         book = policy.book

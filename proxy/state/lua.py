@@ -60,7 +60,7 @@ return out
 )
 
 # KEYS: 4 per scope, then the hold's own key. ARGV: member ('' for none), amount, cost (may be negative),
-# book in the day (1/0), book in the month (1/0), the day's and the month's expiry (epoch s), scopes.
+# book in the day (1/0), book in the month (1/0), how long the day's and the month's counters are kept (s), scopes.
 # The hold is released only if still there (a lapsed one was subtracted already): never twice.
 SETTLE = (
     _READ
@@ -77,7 +77,7 @@ for i = 0, n - 1 do
       if ARGV[3 + w] == '1' then
         local key = KEYS[i*4 + w]
         if tonumber(redis.call('INCRBY', key, ARGV[3])) < 0 then redis.call('SET', key, '0') end
-        redis.call('EXPIREAT', key, ARGV[5 + w])
+        redis.call('EXPIRE', key, ARGV[5 + w])
       end
     end
   end
@@ -104,7 +104,7 @@ return out
 """
 )
 
-# KEYS: counters (day and month keys). ARGV: per key its ledger figure, then its expiry (epoch s).
+# KEYS: counters (day and month keys). ARGV: per key its ledger figure, then how long it is kept (s).
 # max(redis, ledger): set only where the ledger says more; never added to, so N replicas seeding
 # at once, or a Redis restored from an old snapshot, can neither double nor undercount.
 SEED = """
@@ -112,7 +112,7 @@ local n = #KEYS
 for i = 1, n do
   local current = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tonumber(ARGV[i]) > current then redis.call('SET', KEYS[i], ARGV[i]) end
-  redis.call('EXPIREAT', KEYS[i], ARGV[n + i])
+  redis.call('EXPIRE', KEYS[i], ARGV[n + i])
 end
 return n
 """

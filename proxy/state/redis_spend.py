@@ -31,16 +31,17 @@ from proxy.state.spend import settle_locally
 log = logging.getLogger("orproxy")
 NANO = 1_000_000_000
 KEEP_AFTER_WINDOW_S = 3 * 86400  # a closed window's counter stays readable this long
+HOLD_MARGIN_S = 5.0  # a hold outlives the longest its request can take by this much
 
 
 def hold_ttl_s(config: Config) -> float:
     """How long a hold may outlive its request before it lapses: the longest a request can take
-    (every attempt of the longest chain timing out, with its waits), and a minute more."""
+    (every attempt of the longest chain timing out, with its waits), and a few seconds more."""
     timeout = max(u.timeout_s + u.connect_timeout_s for u in config.upstreams.values())
     longest = max((len(m.chain or ()) for m in config.models.values()), default=1) or 1
     retry = config.retry
     per_attempt = timeout + max(retry.max_retry_after_s, retry.backoff_max_s)
-    return per_attempt * retry.attempts_per_model * longest + 60.0
+    return per_attempt * retry.attempts_per_model * longest + HOLD_MARGIN_S
 
 
 class _PolicyFacts:
@@ -249,8 +250,8 @@ class RedisSpend:
             round(cost * NANO),
             int(started >= calendar.day_start),
             int(started >= calendar.month_start),
-            int(calendar.day_end) + KEEP_AFTER_WINDOW_S,
-            int(calendar.month_end) + KEEP_AFTER_WINDOW_S,
+            _kept(calendar.day_end, now),
+            _kept(calendar.month_end, now),
             len(scopes),
         ]
         self._note(scopes, await self._settle(keys, args))
@@ -300,9 +301,15 @@ class RedisSpend:
             day_key, month_key = self._scope_keys(scope, calendar)[:2]
             keys += [day_key, month_key]
             values += [round(spent_day * NANO), round(spent_month * NANO)]
-            expiries += [int(calendar.day_end) + KEEP_AFTER_WINDOW_S, int(calendar.month_end) + KEEP_AFTER_WINDOW_S]
+            now = self._clock()
+            expiries += [_kept(calendar.day_end, now), _kept(calendar.month_end, now)]
         await self._seed(keys, [*values, *expiries])
         await self.read(tuple(totals), self._clock())
+
+
+def _kept(window_end: float, now: float) -> int:
+    """Seconds a window's counter is kept: to its end on the proxy's clock, and a few days more."""
+    return max(1, int(window_end - now)) + KEEP_AFTER_WINDOW_S
 
 
 def _nanos_or_none(usd: float | None) -> int:

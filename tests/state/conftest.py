@@ -25,7 +25,7 @@ async def redis_prefix() -> AsyncIterator[str]:
         await client.aclose()
 
 
-def state_block(prefix: str, url: str = REDIS_URL, on_state_error: str = "fail_closed", timeout_ms: int = 250) -> str:
+def state_block(prefix: str, url: str = REDIS_URL, on_state_error: str = "fail_closed", timeout_ms: int = 2000) -> str:
     return (
         f"state: {{backend: redis, url: '{url}', prefix: '{prefix}', on_state_error: {on_state_error}, "
         f"timeout_ms: {timeout_ms}}}\n"

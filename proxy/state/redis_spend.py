@@ -25,6 +25,7 @@ from proxy.core.features import RequestFeatures
 from proxy.core.policy import Policy
 from proxy.core.routing import BlockLookup
 from proxy.state import lua
+from proxy.state.batch import ScriptBatcher
 from proxy.state.health import StateHealth
 from proxy.state.spend import settle_locally
 
@@ -75,8 +76,7 @@ class RedisSpend:
         self._counters = counters
         self._health = health
         self._clock = clock
-        self._reserve = redis.register_script(lua.RESERVE)
-        self._settle = redis.register_script(lua.SETTLE)
+        self._batch = ScriptBatcher(redis, (lua.RESERVE, lua.SETTLE))
         self._figures = redis.register_script(lua.FIGURES)
         self._seed = redis.register_script(lua.SEED)
         self._facts: _PolicyFacts | None = None
@@ -182,7 +182,7 @@ class RedisSpend:
             keys += self._scope_keys(scope, calendar)
             args += facts.limits.get(scope, (-1, -1))
         keys.append(f"{self._prefix}hold:{hold}")
-        reply = await self._reserve(keys, args)
+        reply = await self._batch.call(lua.RESERVE, keys, args)
         refused = int(reply[0])
         self._note(scopes, reply[1:])
         if refused == 0:
@@ -254,7 +254,7 @@ class RedisSpend:
             _kept(calendar.month_end, now),
             len(scopes),
         ]
-        self._note(scopes, await self._settle(keys, args))
+        self._note(scopes, await self._batch.call(lua.SETTLE, keys, args))
 
     async def adjust(self, policy: Policy, key: str | None, delta: float, started: float, now: float) -> None:
         if self._health.up:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import aiohttp
 from redis import Redis
-
 from run import API_KEY, BENCH, PROMPT, cpu_seconds, free_port, say
 
 BUDGET = "\nbudget: {daily_usd: 1000000}\n"

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.cache.response_cache import CacheSlot
-from proxy.config import Config
+from proxy.config import Config, State
 from proxy.core.apis import APIS
 from proxy.core.errors import Unauthorized
 from proxy.core.keys import bearer_matches
@@ -74,8 +74,9 @@ def create_app(
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
     try:
         state = open_state(config.state, env, config.budget.timezone, clock)
-    except StateConfigError as exc:
-        raise StartupError(str(exc)) from exc
+    except StateConfigError as exc:  # refused at start-up, where the other resources are refused
+        state = open_state(State(), env, config.budget.timezone, clock)
+        app.cleanup_ctx.append(_refuse(str(exc)))
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True))
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
@@ -199,6 +200,14 @@ def _first_runtime(config: Config, env: Mapping[str, str]):
             yield
         finally:
             await app[RUNTIME].close()
+
+    return context
+
+
+def _refuse(problem: str):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        raise StartupError(problem)
+        yield
 
     return context
 

@@ -27,7 +27,7 @@ from proxy.cache.policy import CachePolicy
 from proxy.cache.response_cache import CacheStore, StoreOpener
 from proxy.config import State
 from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendCounters
+from proxy.core.budget import BudgetCalendar, SpendCounters
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits
 from proxy.state.blocks import BlockSync, SharedBreakers, SharedRateLimits
@@ -157,6 +157,16 @@ class RedisState:
             self.health.failed(exc, now)
         except Exception:
             log.exception("shared state: background sync failed")
+
+    async def seed(
+        self, day: Mapping[str, float], month: Mapping[str, float], calendar: BudgetCalendar | None = None
+    ) -> None:
+        """Counters of `calendar`'s windows seeded from the ledger (a reload to another time zone);
+        Redis away is an outage like any other, re-seeded when it is back."""
+        try:
+            await self.spend.seed(day, month, calendar)
+        except RedisError as exc:
+            self.health.failed(exc, self._clock())
 
     async def close(self) -> None:
         if self._task is not None:

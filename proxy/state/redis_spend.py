@@ -287,9 +287,13 @@ class RedisSpend:
             keys += self._scope_keys(scope, counters.calendar)
         self._note(scopes, await self._figures(keys, [f"{now:.3f}", len(scopes)]))
 
-    async def seed(self, day: Mapping[str, float], month: Mapping[str, float]) -> None:
-        """max(redis, ledger) for every scope the ledger knows and the proxy-wide total. Raises RedisError."""
-        calendar = self._counters.calendar
+    async def seed(
+        self, day: Mapping[str, float], month: Mapping[str, float], calendar: BudgetCalendar | None = None
+    ) -> None:
+        """max(redis, ledger) for every scope the ledger knows and the proxy-wide total, in the
+        counters' calendar (or `calendar`: a time zone about to be reloaded). Raises RedisError."""
+        new_calendar = calendar is not None
+        calendar = calendar or self._counters.calendar
         totals = {GLOBAL: (sum(day.values()), sum(month.values()))}
         for name in set(day) | set(month):
             if name != GLOBAL:
@@ -304,7 +308,8 @@ class RedisSpend:
             now = self._clock()
             expiries += [_kept(calendar.day_end, now), _kept(calendar.month_end, now)]
         await self._seed(keys, [*values, *expiries])
-        await self.read(tuple(totals), self._clock())
+        if not new_calendar:
+            await self.read(tuple(totals), self._clock())
 
 
 def _kept(window_end: float, now: float) -> int:

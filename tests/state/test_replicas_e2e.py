@@ -10,16 +10,19 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.config import parse_config
 from proxy.core.admission import worst_case
 from proxy.core.budget import GLOBAL
 from proxy.core.features import extract_features
 from proxy.emulator import Fault
+from proxy.http.app import StartupError, create_app
 from proxy.http.appkeys import METRICS, RUNTIME, STATE
 from tests.state.conftest import state_block
 from tests.support.audit import billed_nano, booked_nano, settled
-from tests.support.gateway import UPSTREAM_KEY
+from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 from tests.support.money import MODELS, usage_cost
 from tests.support.timing import cache_writes_settled, wait_for
 
@@ -159,3 +162,12 @@ async def test_redis_unreachable_with_local_fallback_serves_and_books(
     assert totals.day == pytest.approx(sum(r.cost_usd for r in rows)) and totals.reserved == 0.0
     said = [r for r in caplog.records if "is unreachable" in r.getMessage()]
     assert len(said) == 1, "logged once, not per request"
+
+
+async def test_an_unset_url_env_is_refused_at_start_up_naming_it(emulator, tmp_path):
+    text = proxy_config_text(emulator.url) + "state: {backend: redis, url_env: NO_SUCH_REDIS_URL}\n"
+    app = create_app(parse_config(text), env={}, ledger_path=tmp_path / "ledger.sqlite3")
+    runner = web.AppRunner(app)
+    with pytest.raises(StartupError, match=r"state\.url_env names NO_SUCH_REDIS_URL, which is not set"):
+        await runner.setup()
+    assert not (tmp_path / "ledger.sqlite3").exists()  # refused before anything was opened

@@ -151,6 +151,7 @@ class RedisState:
                 await self.spend.seed(*await ledger_spend())
                 self.health.recovered()
             await self.blocks.sync(now)
+            await self.spend.renew(now)
             if policy is not None:
                 await self.spend.read(self.spend.scopes_of(policy), now)
         except RedisError as exc:

@@ -81,6 +81,9 @@ class RedisSpend:
         self._seed = redis.register_script(lua.SEED)
         self._facts: _PolicyFacts | None = None
         self._ids = random.Random()
+        # Holds of requests still running here, renewed while they run (a stream may outlive its
+        # TTL: only a replica that died stops renewing): hold -> (its keys, member, ttl_ms, renew at).
+        self._live: dict[str, tuple[list[str], str, int, float]] = {}
         self.restarts = 0  # admissions redone because the fresh figures called for a higher step
 
     # -- keys ---------------------------------------------------------------------------------
@@ -186,6 +189,8 @@ class RedisSpend:
         refused = int(reply[0])
         self._note(scopes, reply[1:])
         if refused == 0:
+            holds = [keys[i * 4 + 3] for i in range(len(scopes))] + [keys[-1]]
+            self._live[hold] = (holds, args[4], facts.ttl_ms, now + facts.ttl_ms / 2000)
             return Reservation(key or GLOBAL, amount, hold=hold)
         index, monthly = divmod(refused - 1, 2)
         scope = scopes[index]
@@ -205,6 +210,7 @@ class RedisSpend:
     ) -> None:
         held = reservation is not None and bool(reservation.hold)
         if reservation is not None:
+            self._live.pop(reservation.hold, None)
             if not held:  # a hold of the local fallback: released here, the cost is booked below
                 settle_locally(policy, reservation, key, 0.0, now, started)
             elif reservation.settled:
@@ -224,6 +230,7 @@ class RedisSpend:
             policy.book.add_spend(key, cost, now, started)
 
     async def _release(self, reservation: Reservation, key: str | None, now: float) -> None:
+        self._live.pop(reservation.hold, None)
         await self._book(reservation, key, 0.0, now, now)
         reservation.settled = True
 
@@ -266,6 +273,19 @@ class RedisSpend:
         policy.book.adjust(key, delta, started, now)
 
     # -- figures and seeding ------------------------------------------------------------------
+    async def renew(self, now: float) -> None:
+        """Push back the lapse of holds past half their TTL whose requests still run here."""
+        due = [(hold, live) for hold, live in self._live.items() if live[3] <= now]
+        if not due:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for hold, (keys, member, ttl_ms, _) in due:
+                for zset in keys[:-1]:
+                    pipe.zadd(zset, {member: now + ttl_ms / 1000}, xx=True)
+                pipe.pexpire(keys[-1], ttl_ms)
+                self._live[hold] = (keys, member, ttl_ms, now + ttl_ms / 2000)
+            await pipe.execute()
+
     def scopes_of(self, policy: Policy) -> tuple[str, ...]:
         return self._facts_of(policy).scopes
 

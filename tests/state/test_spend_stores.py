@@ -178,6 +178,22 @@ async def test_a_hold_nobody_settles_lapses_after_its_ttl(redis_book, redis_pref
     assert (counters.scope(GLOBAL).reserved, counters.scope(GLOBAL).day) == (0.0, pytest.approx(0.01))
 
 
+async def test_the_hold_of_a_request_still_running_is_renewed_past_its_ttl(redis_book) -> None:
+    """A long stream outlives its hold's TTL: the replica serving it keeps it alive (the background
+    sync renews it), so the budget goes on counting it; only a replica that died stops renewing."""
+    store, counters, policy, clock = redis_book
+    admitted = await admit(store, policy, None, clock())
+    ttl = hold_ttl_s(policy.config)
+    for _ in range(4):  # two TTLs, renewed every half of one
+        clock.advance(ttl / 2)
+        await store.renew(clock())
+    await store.refresh(policy)
+    assert counters.scope(GLOBAL).reserved == pytest.approx(admitted.reservation.amount)
+    await store.settle(policy, admitted.reservation, None, 0.01, clock(), clock())
+    await store.renew(clock() + ttl)  # settled: nothing left to renew
+    assert (counters.scope(GLOBAL).reserved, counters.scope(GLOBAL).day) == (0.0, pytest.approx(0.01))
+
+
 @pytest.mark.parametrize(
     "in_redis, in_ledger, expected",
     [

@@ -173,4 +173,5 @@ class RedisState:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.spend.drain()  # settlements still queued
         await self.client.aclose()

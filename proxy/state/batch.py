@@ -1,10 +1,12 @@
-"""Calls of the request path, sent together: every script call made while the event loop runs one
-round of ready callbacks goes to Redis in one pipeline (one write, one read), after that round.
+"""Calls of the request path, sent together: script calls are queued and go to Redis in one
+pipeline (one write, one read). A call that a request waits on (a reservation) is sent after the
+current round of the event loop's callbacks, with everything queued by then; one that nobody waits
+on (a settlement, once the answer is complete) waits up to `wait_s` for company, and nearly always
+rides along with the next reservation.
 
-On this kind of machine a round trip's cost is mostly its system calls (a loopback send wakes Redis
-up), not Redis's work; under load, requests arrive in batches per loop iteration, so sending their
-reservations (and, after their answers, their settlements) together keeps the Redis backend's CPU
-per request close to the local one's, at no cost in latency (nothing waits for a timer).
+On this kind of machine a round trip's cost is mostly its system calls (a loopback send that
+wakes Redis), not Redis's work; so under load a request costs about one round trip, not two.
+Calls keep their order: a settlement queued before a reservation is applied before it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+_Call = tuple[str, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
 
 class ScriptBatcher:
     def __init__(self, redis: Redis, scripts: Sequence[str]) -> None:
         self._redis = redis
         self._scripts = {text: redis.register_script(text) for text in scripts}
-        self._queue: list[tuple[str, Sequence[Any], Sequence[Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Call] = []
+        self._soon = False  # a flush is due after the current round of callbacks
+        self._timer: asyncio.TimerHandle | None = None  # a flush is due when a deferred call's wait ends
         self._flushing: set[asyncio.Task[None]] = set()
 
     def sha(self, text: str) -> str:
@@ -29,19 +35,40 @@ class ScriptBatcher:
         assert isinstance(sha, str)
         return sha
 
-    def call(self, script: str, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Run `script` (one of those given at construction) with the next batch; await the result."""
+    def call(self, script: str, keys: Sequence[Any], args: Sequence[Any], wait_s: float = 0.0) -> asyncio.Future[Any]:
+        """Run `script` (one of those given at construction) with a coming batch: after this round
+        of the loop, or with `wait_s`, at the latest that much later."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            task = loop.create_task(self._flush())  # runs after the callbacks of this loop round
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
         self._queue.append((script, keys, args, future))
+        if not wait_s:
+            if not self._soon:
+                self._soon = True
+                loop.call_soon(self._start)
+        elif self._timer is None and not self._soon:
+            self._timer = loop.call_later(wait_s, self._start)
         return future
 
-    async def _flush(self) -> None:
+    def _start(self) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._queue:
+            return
         batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def drain(self) -> None:
+        """Send what is queued now and wait for every batch on its way (shutdown)."""
+        if self._queue:
+            self._start()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
+    async def _flush(self, batch: list[_Call]) -> None:
         try:
             results = await self._send(batch)
             missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -59,7 +86,7 @@ class ScriptBatcher:
             else:
                 future.set_result(result)
 
-    async def _send(self, batch: Sequence[tuple[str, Sequence[Any], Sequence[Any], Any]]) -> list[Any]:
+    async def _send(self, batch: Sequence[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
                 pipe.evalsha(self.sha(script), len(keys), *keys, *args)

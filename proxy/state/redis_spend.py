@@ -10,6 +10,8 @@ figures (`restarts` counts how often: rarely, only when another replica's spend 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +34,7 @@ from proxy.state.spend import settle_locally
 log = logging.getLogger("orproxy")
 NANO = 1_000_000_000
 KEEP_AFTER_WINDOW_S = 3 * 86400  # a closed window's counter stays readable this long
+SETTLE_WAIT_S = 0.005  # a settlement waits at most this long for a reservation to ride along with
 HOLD_MARGIN_S = 5.0  # a hold outlives the longest its request can take by this much
 
 
@@ -76,9 +79,7 @@ class RedisSpend:
         self._counters = counters
         self._health = health
         self._clock = clock
-        self._batch = ScriptBatcher(redis, (lua.RESERVE, lua.SETTLE))
-        self._figures = redis.register_script(lua.FIGURES)
-        self._seed = redis.register_script(lua.SEED)
+        self._batch = ScriptBatcher(redis, (lua.RESERVE, lua.SETTLE, lua.FIGURES, lua.SEED))
         self._facts: _PolicyFacts | None = None
         self._ids = random.Random()
         # Holds of requests still running here, renewed while they run (a stream may outlive its
@@ -208,6 +209,8 @@ class RedisSpend:
     async def settle(
         self, policy: Policy, reservation: Reservation | None, key: str | None, cost: float, now: float, started: float
     ) -> None:
+        """Queued, not awaited: it goes to Redis with the next reservation (or within SETTLE_WAIT_S),
+        so a request costs about one round trip. `drain` sends what is queued (shutdown)."""
         held = reservation is not None and bool(reservation.hold)
         if reservation is not None:
             self._live.pop(reservation.hold, None)
@@ -219,24 +222,53 @@ class RedisSpend:
         if not held and not cost:
             return
         if self._health.up:
-            try:
-                await self._book(reservation if held else None, key, cost, now, started)
-                return
-            except RedisError as exc:
-                self._health.failed(exc, now)
+            scopes, sent = self._book(reservation if held else None, key, cost, now, started, SETTLE_WAIT_S)
+            sent.add_done_callback(functools.partial(self._booked, scopes, policy, key, cost, now, started))
+            return
+        self._book_locally(policy, key, cost, now, started)
+
+    def _booked(
+        self,
+        scopes: Sequence[str],
+        policy: Policy,
+        key: str | None,
+        cost: float,
+        now: float,
+        started: float,
+        sent: asyncio.Future[Any],
+    ) -> None:
+        exc = sent.exception()
+        if exc is None:
+            self._note(scopes, sent.result())
+            return
+        self._health.failed(exc, now)
+        self._book_locally(policy, key, cost, now, started)
+
+    @staticmethod
+    def _book_locally(policy: Policy, key: str | None, cost: float, now: float, started: float) -> None:
         # Redis is away: a hold there lapses on its own; the cost is in the ledger and reaches the
         # shared counters when they are re-seeded from it. Meanwhile this process counts it.
         if cost:
             policy.book.add_spend(key, cost, now, started)
 
+    async def drain(self) -> None:
+        await self._batch.drain()
+
     async def _release(self, reservation: Reservation, key: str | None, now: float) -> None:
         self._live.pop(reservation.hold, None)
-        await self._book(reservation, key, 0.0, now, now)
+        scopes, sent = self._book(reservation, key, 0.0, now, now)
+        self._note(scopes, await sent)
         reservation.settled = True
 
-    async def _book(
-        self, reservation: Reservation | None, key: str | None, cost: float, now: float, started: float
-    ) -> None:
+    def _book(
+        self,
+        reservation: Reservation | None,
+        key: str | None,
+        cost: float,
+        now: float,
+        started: float,
+        wait_s: float = 0.0,
+    ) -> tuple[tuple[str, ...], asyncio.Future[Any]]:
         counters = self._counters
         counters.roll(now)
         calendar = counters.calendar
@@ -261,12 +293,13 @@ class RedisSpend:
             _kept(calendar.month_end, now),
             len(scopes),
         ]
-        self._note(scopes, await self._batch.call(lua.SETTLE, keys, args))
+        return scopes, self._batch.call(lua.SETTLE, keys, args, wait_s)
 
     async def adjust(self, policy: Policy, key: str | None, delta: float, started: float, now: float) -> None:
         if self._health.up:
             try:
-                await self._book(None, key, delta, now, started)
+                scopes, sent = self._book(None, key, delta, now, started)
+                self._note(scopes, await sent)
                 return
             except RedisError as exc:
                 self._health.failed(exc, now)
@@ -305,7 +338,8 @@ class RedisSpend:
         keys: list[str] = []
         for scope in scopes:
             keys += self._scope_keys(scope, counters.calendar)
-        self._note(scopes, await self._figures(keys, [f"{now:.3f}", len(scopes)]))
+        # Through the batch: settlements still queued are applied first.
+        self._note(scopes, await self._batch.call(lua.FIGURES, keys, [f"{now:.3f}", len(scopes)]))
 
     async def seed(
         self, day: Mapping[str, float], month: Mapping[str, float], calendar: BudgetCalendar | None = None
@@ -327,7 +361,7 @@ class RedisSpend:
             values += [round(spent_day * NANO), round(spent_month * NANO)]
             now = self._clock()
             expiries += [_kept(calendar.day_end, now), _kept(calendar.month_end, now)]
-        await self._seed(keys, [*values, *expiries])
+        await self._batch.call(lua.SEED, keys, [*values, *expiries])  # after the settlements queued
         if not new_calendar:
             await self.read(tuple(totals), self._clock())
 

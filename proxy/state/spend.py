@@ -42,6 +42,10 @@ class SpendStore(Protocol):
         """Bring the book's figures (policy.book over the shared counters) up to date, for reports."""
         ...
 
+    async def drain(self) -> None:
+        """Settlements this process queued are applied (a shared book may send them a moment later)."""
+        ...
+
     async def seed(self, day: Mapping[str, float], month: Mapping[str, float]) -> None:
         """What the ledger holds for this day and month, per key name ("" = no key)."""
         ...
@@ -70,6 +74,9 @@ class LocalSpend:
         policy.book.adjust(key, delta, started, now)
 
     async def refresh(self, policy: Policy) -> None:
+        return None
+
+    async def drain(self) -> None:
         return None
 
     async def seed(self, day: Mapping[str, float], month: Mapping[str, float]) -> None:

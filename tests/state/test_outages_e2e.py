@@ -102,6 +102,7 @@ async def test_redis_restarted_mid_load_falls_back_and_is_reseeded_from_the_ledg
     await wait_for(reseeded, 5.0, interval=0.1, message="the proxy never saw Redis back")
     await client.chat.completions.create(model="cheap", messages=HELLO)
     rows = await settled(proxy)
+    await proxy.app[STATE].spend.drain()
     spent = sum(r.cost_usd for r in rows)
     counters = SpendCounters("UTC", time.time())
     reader = Redis.from_url(own_redis.url)

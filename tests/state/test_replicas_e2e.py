@@ -71,6 +71,8 @@ async def test_100_clients_on_two_replicas_hold_one_budget(make_proxy, emulator,
     assert sum(max(0.0, cost - reserved) for cost in costs) == 0.0
     assert sum(costs) <= limit
     rows = await settled(a) + await settled(b)
+    for proxy in (a, b):
+        await proxy.app[STATE].spend.drain()
     assert {r.request_id for r in rows} == {r.request_id for r in rows if r.cost_usd >= 0}
     assert booked_nano(rows) == billed_nano(emulator)  # both ledgers together: every billed cent, once
     await a.app[STATE].spend.refresh(a.app[RUNTIME].current.policy)

@@ -28,7 +28,7 @@ import aiohttp
 from redis import Redis
 from run import API_KEY, BENCH, PROMPT, cpu_seconds, free_port, say
 
-BUDGET = "\nbudget: {daily_usd: 1000000}\n"
+BUDGET = "\nbudget: {daily_usd: 1000000}\nadmin: {key_env: BENCH_ADMIN_KEY}\n"
 
 
 def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -77,6 +77,13 @@ async def load(url: str, requests: int, connections: int) -> tuple[float, int]:
         return time.perf_counter() - began, errors[0]
 
 
+async def admin_status(url: str) -> dict:
+    """How the Redis proxy batched its calls to Redis (GET /admin/status)."""
+    headers = {"Authorization": "Bearer bench"}
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/admin/status", headers=headers) as response:
+        return (await response.json())["state"]["spend_book"]
+
+
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="orproxy-state-bench-"))
     prefix = f"orproxy-bench:{uuid.uuid4().hex[:8]}:"
@@ -96,7 +103,7 @@ async def main(args: argparse.Namespace) -> dict:
             path = tmp / f"{backend}.yaml"
             path.write_text(config)
             argv = [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)]
-            proc = start(argv, tmp / f"{backend}.log", {"BENCH_OPENROUTER_KEY": API_KEY})
+            proc = start(argv, tmp / f"{backend}.log", {"BENCH_OPENROUTER_KEY": API_KEY, "BENCH_ADMIN_KEY": "bench"})
             procs.append(proc)
             proxies[backend] = (f"http://127.0.0.1:{port}", proc)
         await wait_ready(f"http://127.0.0.1:{emu}/api/v1/models")
@@ -122,6 +129,7 @@ async def main(args: argparse.Namespace) -> dict:
         summary = {
             name: {key: statistics.median(s[key] for s in rows) for key in rows[0]} for name, rows in samples.items()
         }
+        summary["redis"]["spend_book"] = await admin_status(proxies["redis"][0])
         local, shared = summary["local"]["cpu_us_per_req"], summary["redis"]["cpu_us_per_req"]
         summary["redis_over_local"] = {"proxy_cpu": shared / local - 1}
         return {"requests": args.requests, "connections": args.connections, "rounds": args.rounds, **summary}

@@ -30,6 +30,7 @@ from proxy.core.breakers import CircuitBreakers
 from proxy.core.budget import BudgetCalendar, SpendCounters
 from proxy.core.policy import Policy
 from proxy.core.ratelimits import RateLimits
+from proxy.state.batch import PackedInC
 from proxy.state.blocks import BlockSync, SharedBreakers, SharedRateLimits
 from proxy.state.cache import RedisCache
 from proxy.state.health import StateHealth
@@ -65,7 +66,9 @@ class SharedState:
         return None if self.redis is None else self.redis.open_cache
 
     def status(self) -> dict[str, object]:
-        return {"backend": "local"} if self.redis is None else {"backend": "redis", **self.redis.health.as_dict()}
+        if self.redis is None:
+            return {"backend": "local"}
+        return {"backend": "redis", **self.redis.health.as_dict(), "spend_book": self.redis.spend.batching()}
 
 
 def open_state(config: State, env: Mapping[str, str], tz: str, clock: Callable[[], float]) -> SharedState:
@@ -112,8 +115,13 @@ class RedisState:
         timeout = config.timeout_ms / 1000
         # One retry on a fresh connection (a pooled one may have died with a restarted Redis), no
         # waiting between: a request never waits on Redis for more than twice the timeout.
+        # Commands packed in C (hiredis); a rediss:// or unix:// URL picks redis-py's own connection.
         self.client = Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+            connection_class=PackedInC,
         )
         self.prefix = config.prefix
         self.health = StateHealth(_without_password(url), config.on_state_error)

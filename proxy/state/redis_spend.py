@@ -254,6 +254,15 @@ class RedisSpend:
     async def drain(self) -> None:
         await self._batch.drain()
 
+    def batching(self) -> dict[str, float]:
+        batch = self._batch
+        return {
+            "calls": batch.calls,
+            "round_trips": batch.round_trips,
+            "calls_per_round_trip": round(batch.calls / batch.round_trips, 3) if batch.round_trips else 0.0,
+            "admissions_redone": self.restarts,
+        }
+
     async def _release(self, reservation: Reservation, key: str | None, now: float) -> None:
         self._live.pop(reservation.hold, None)
         scopes, sent = self._book(reservation, key, 0.0, now, now)

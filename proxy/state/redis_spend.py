@@ -237,6 +237,8 @@ class RedisSpend:
         started: float,
         sent: asyncio.Future[Any],
     ) -> None:
+        if sent.cancelled():  # the loop ended with it unsent: the ledger has the cost, the hold lapses
+            return
         exc = sent.exception()
         if exc is None:
             self._note(scopes, sent.result())

@@ -3,11 +3,16 @@ its keys deleted afterwards (other tests and helpers share the server: never FLU
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import openai
 import pytest
 from redis.asyncio import Redis
+
+from tests.support.gateway import Proxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -30,3 +35,16 @@ def state_block(prefix: str, url: str = REDIS_URL, on_state_error: str = "fail_c
         f"state: {{backend: redis, url: '{url}', prefix: '{prefix}', on_state_error: {on_state_error}, "
         f"timeout_ms: {timeout_ms}}}\n"
     )
+
+
+async def burst(replicas: Sequence[Proxy], body: dict[str, Any], count: int = 100) -> list[Any]:
+    """`count` clients at once, spread over the replicas in turn: each answer, or the budget's 429."""
+    clients = [proxy.client(timeout=10) for proxy in replicas]
+
+    async def one(index: int) -> Any:
+        try:
+            return await clients[index % len(clients)].chat.completions.create(**body)
+        except openai.RateLimitError as exc:
+            return exc
+
+    return await asyncio.gather(*(one(i) for i in range(count)))

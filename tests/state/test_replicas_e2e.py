@@ -3,7 +3,6 @@ budget, one set of breakers, one response cache; and what happens when Redis is 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from proxy.core.features import extract_features
 from proxy.emulator import Fault
 from proxy.http.app import StartupError, create_app
 from proxy.http.appkeys import METRICS, RUNTIME, STATE
-from tests.state.conftest import state_block
+from tests.state.conftest import burst, state_block
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 from tests.support.money import MODELS, usage_cost
@@ -55,15 +54,7 @@ async def test_100_clients_on_two_replicas_hold_one_budget(make_proxy, emulator,
         make_proxy, tmp_path, redis_prefix, f"budget: {{daily_usd: {limit}, on_exhausted: reject}}\n", MODELS
     )
     emulator.state.faults.set("*", Fault(latency_s=0.3))
-    clients = [a.client(timeout=10), b.client(timeout=10)]
-
-    async def one(index: int) -> Any:
-        try:
-            return await clients[index % 2].chat.completions.create(**body)
-        except openai.RateLimitError as exc:
-            return exc
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(100)))
+    outcomes = await burst((a, b), body)
     answered = [o for o in outcomes if not isinstance(o, Exception)]
     assert 10 <= len(answered) < 100
     assert all(isinstance(o, openai.RateLimitError) for o in outcomes if o not in answered)

@@ -4,19 +4,17 @@ both have reserved."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import aiohttp
-import openai
 import pytest
 
 from proxy.core.admission import worst_case
 from proxy.core.features import extract_features
 from proxy.emulator import Fault
 from proxy.http.appkeys import RUNTIME, STATE
-from tests.state.conftest import state_block
+from tests.state.conftest import burst, state_block
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 from tests.support.money import CHAIN_MODEL, MODELS, budget_block, usage_cost
@@ -128,15 +126,7 @@ async def test_downgrade_steps_count_both_replicas_reservations(make_proxy, emul
         for name in "ab"
     ]
     emulator.state.faults.set("*", Fault(latency_s=0.3))
-    clients = [a.client(timeout=10), b.client(timeout=10)]
-
-    async def one(index: int) -> Any:
-        try:
-            return await clients[index % 2].chat.completions.create(**body)
-        except openai.RateLimitError as exc:
-            return exc
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(100)))
+    outcomes = await burst((a, b), body)
     answered = [o for o in outcomes if not isinstance(o, Exception)]
     by_model: dict[str, float] = {}
     for completion in answered:

@@ -106,6 +106,9 @@ async def test_a_cache_entry_written_by_one_replica_is_served_by_the_other(
     assert len(emulator.state.requests) == 1  # B answered without going upstream
     rows = await settled(b)
     assert [(r.cached, r.cost_usd) for r in rows] == [(True, 0.0)]
+    assert await metric(b, "orproxy_state_backend_up", {"backend": "redis"}) == 1.0
+    assert await metric(b, "orproxy_state_errors_total") == 0.0
+    assert await metric(b, "orproxy_cache_hits_total") == 1.0
 
 
 async def metric(proxy, name: str, labels: dict[str, str] | None = None) -> float | None:

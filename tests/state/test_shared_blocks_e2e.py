@@ -13,12 +13,12 @@ import pytest
 from proxy.core.admission import worst_case
 from proxy.core.features import extract_features
 from proxy.emulator import Fault
-from proxy.http.appkeys import RUNTIME, STATE
+from proxy.http.appkeys import RELOADER, RUNTIME, STATE
 from tests.state.conftest import burst, state_block
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.gateway import UPSTREAM_KEY, proxy_config_text
 from tests.support.money import CHAIN_MODEL, MODELS, budget_block, usage_cost
-from tests.support.timing import wait_for
+from tests.support.timing import Clock, wait_for
 
 MISTRAL = "mistralai/mistral-7b-instruct"
 TENANTS = f"""
@@ -137,3 +137,23 @@ async def test_downgrade_steps_count_both_replicas_reservations(make_proxy, emul
     assert booked_nano(await settled(a) + await settled(b)) == billed_nano(emulator)
     restarts = sum(proxy.app[STATE].spend.restarts for proxy in (a, b))  # type: ignore[attr-defined]
     print(f"admissions redone on fresher figures: {restarts} of {len(outcomes)}")
+
+
+async def test_a_reload_to_another_time_zone_seeds_the_shared_counters_of_its_day(
+    make_proxy, emulator, tmp_path, redis_prefix
+):
+    """The counters are named by the window's start: another time zone's day starts from what the
+    ledger holds for it, in Redis too (not from zero), and the next figures read back say so."""
+    path = tmp_path / "config.yaml"
+    text = proxy_config_text(emulator.url, TENANTS, RETRY) + state_block(redis_prefix) + "budget: {daily_usd: 10}\n"
+    clock = Clock.at(2026, 3, 10, 18)  # 18:00 UTC: 03:00 of the next day in Tokyo, whose day began at 15:00 UTC
+    proxy = await make_proxy(config_text=text, env=ENV, config_path=path, clock=clock)
+    assert (await chat(proxy, "calm", HELLO))[0] == 200
+    spent = sum(row.cost_usd for row in await settled(proxy))
+    path.write_text(text.replace("budget: {daily_usd: 10}", "budget: {daily_usd: 10, timezone: Asia/Tokyo}"))
+    status = await proxy.app[RELOADER].reload("test")
+    assert status.last_result == "success", status.last_errors
+    state = proxy.app[STATE]
+    await state.spend.refresh(proxy.app[RUNTIME].current.policy)  # what Redis holds for Tokyo's day
+    assert state.counters.calendar.tz.key == "Asia/Tokyo"
+    assert state.counters.scope("").day == pytest.approx(spent) and spent > 0

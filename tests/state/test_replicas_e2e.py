@@ -64,7 +64,7 @@ async def test_100_clients_on_two_replicas_hold_one_budget(make_proxy, emulator,
     rows = await settled(a) + await settled(b)
     for proxy in (a, b):
         await proxy.app[STATE].spend.drain()
-    assert {r.request_id for r in rows} == {r.request_id for r in rows if r.cost_usd >= 0}
+    assert len({r.request_id for r in rows}) == len(rows) == 100  # every request booked once, on one replica
     assert booked_nano(rows) == billed_nano(emulator)  # both ledgers together: every billed cent, once
     await a.app[STATE].spend.refresh(a.app[RUNTIME].current.policy)
     totals = a.app[STATE].counters.scope(GLOBAL)

@@ -273,7 +273,7 @@ class State(_Frozen):
     # fail_closed: while Redis is unreachable, requests are answered 503 (no budget can be checked);
     # local: each replica falls back to its own in-process state (logged once) and re-seeds when Redis is back.
     on_state_error: Literal["fail_closed", "local"] = "fail_closed"
-    timeout_ms: int = Field(250, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
+    timeout_ms: int = Field(500, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
 
     @field_validator("url")
     @classmethod

@@ -20,13 +20,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.cache.response_cache import CacheSlot
-from proxy.config import Config
+from proxy.config import Config, State
 from proxy.core.apis import APIS
-from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendCounters
 from proxy.core.errors import Unauthorized
 from proxy.core.keys import bearer_matches
-from proxy.core.ratelimits import RateLimits
 from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
@@ -44,7 +41,8 @@ from proxy.ops.credits import poll_credits
 from proxy.ops.fleet import FleetFiles
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
-from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
+from proxy.ops.runtime import RuntimeRef, build_runtime, cache_policy, snapshot_warnings
+from proxy.state.backend import StateConfigError, open_state
 
 log = logging.getLogger("orproxy")
 # aiohttp's own cap on a request body; the config's `max_body_bytes` is enforced per request
@@ -77,20 +75,22 @@ def create_app(
     `fleet`: the metrics directory of `serve --workers N`, whose workers' metrics every scrape sums."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
-    state = SharedState(
-        SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
-    )
+    try:
+        state = open_state(config.state, env, config.budget.timezone, clock)
+    except StateConfigError as exc:  # refused at start-up, where the other resources are refused
+        state = open_state(State(), env, config.budget.timezone, clock)
+        app.cleanup_ctx.append(_refuse(str(exc)))
     fleet_files = FleetFiles(fleet) if fleet is not None else None
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True), fleet_files)
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
     schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
-    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule)
-    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock)
+    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule, spend=state.spend)
+    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock, state.spend)
     accountant_ref.append(accountant)
     inflight = InFlight()
-    cache = CacheSlot(clock)
-    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock)
+    cache = CacheSlot(clock, state.cache_opener())
+    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock, state.redis)
     metrics.registry.register(collector)
     if fleet_files is not None:
         app.cleanup_ctx.append(_fleet_figures(collector, fleet_files))
@@ -100,6 +100,8 @@ def create_app(
     app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, env, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
+    if state.redis is not None:
+        app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_reconciliation)
     # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
     # while the upstream clients and the ledger are still open.
@@ -200,6 +202,35 @@ def _first_runtime(config: Config, env: Mapping[str, str]):
             await app[RUNTIME].close()
 
     return context
+
+
+def _refuse(problem: str):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        raise StartupError(problem)
+        yield
+
+    return context
+
+
+async def _shared_state(app: web.Application) -> AsyncIterator[None]:
+    """Redis seeded from the ledger (max, never added) and kept in step until shutdown; closed after
+    the requests in flight have settled (their contexts close first)."""
+    redis, counters = app[STATE].redis, app[STATE].counters
+    assert redis is not None
+    ledger = app[ACCOUNTANT].ledger
+
+    async def ledger_spend() -> tuple[dict[str, float], dict[str, float]]:
+        if ledger is None:
+            return {}, {}
+        counters.roll(app[STATE].clock())
+        return await recorded_spend(ledger, counters.calendar)
+
+    runtimes = app[RUNTIME]
+    await redis.start(ledger_spend, lambda: runtime.policy if (runtime := runtimes.peek()) else None)
+    try:
+        yield
+    finally:
+        await redis.close()
 
 
 async def _reconciliation(app: web.Application) -> AsyncIterator[None]:

@@ -599,7 +599,7 @@ CASES = [
     Case("state.url_env", "REDIS_URL", RESTART),
     Case("state.prefix", "other:", RESTART),
     Case("state.on_state_error", "local", RESTART),
-    Case("state.timeout_ms", 500, RESTART),
+    Case("state.timeout_ms", 1000, RESTART),
     Case("rate_limits.warn_below", 0.9, early_warning),
     Case("admin.key_env", "OTHER_ADMIN_KEY", other_admin_key),
     Case("server.header_timeout_s", 0.2, slow_headers_cut_off, realtime="a deadline on a real socket"),

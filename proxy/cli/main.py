@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="what was spent and saved, from the ledger")
     report.add_argument("--config", default="config.yaml")
     report.add_argument("--period", choices=("day", "month"), default="day")
-    report.add_argument("--by", choices=("model", "virtual", "key", "api"), default="model")
+    report.add_argument("--by", choices=("model", "virtual", "key", "api", "batch"), default="model")
     report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument(

@@ -13,9 +13,9 @@ from proxy.core.budget import BudgetCalendar
 from proxy.money.ledger import Ledger, SummaryRow
 
 Period = Literal["day", "month"]
-GroupBy = Literal["model", "virtual", "key", "api"]
+GroupBy = Literal["model", "virtual", "key", "api", "batch"]
 PERIODS = ("day", "month")
-GROUPS = ("model", "virtual", "key", "api")
+GROUPS = ("model", "virtual", "key", "api", "batch")
 
 
 def period_bounds(period: Period, timezone: str, now: float) -> tuple[float, float]:

@@ -55,8 +55,6 @@ class FileRecord:
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "status_details": None,
-            "expires_at": None,
         }
 
 
@@ -108,9 +106,10 @@ class BatchRecord:
     upstream: str = "proxy"  # proxy | openrouter: where its lines run
 
     def to_object(self, cost_usd: float | None = None) -> dict[str, Any]:
-        """OpenAI's Batch object; `cost_usd` (what its lines cost so far) as the proxy's own extra."""
+        """OpenAI's Batch object (fields not reached yet are left out, as its schema has them
+        optional, not nullable); `cost_usd` (what its lines cost so far) as the proxy's own extra."""
         errors = {"object": "list", "data": [e.to_object() for e in self.errors]} if self.errors else None
-        out: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "id": self.id,
             "object": "batch",
             "endpoint": self.endpoint,
@@ -132,6 +131,7 @@ class BatchRecord:
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "metadata": dict(self.metadata) if self.metadata is not None else None,
         }
+        out = {name: value for name, value in fields.items() if value is not None}
         if cost_usd is not None:
             out["x_proxy"] = {"cost_usd": cost_usd, "paused_until": self.paused_until, "upstream": self.upstream}
         return out

@@ -75,7 +75,8 @@ def main(path: str) -> None:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$comment": "Extracted by tests/schemas/extract_openai.py from openai/openai-openapi openapi.json (commit "
         "f85dbe2): the Responses API object and stream events, embeddings, legacy completions, models, "
-        "errors, and the Batch API's batch and file objects, refs rewritten to $defs and `nullable: true` rewritten as anyOf with null.",
+        "errors, and the Batch API's batch and file objects, refs rewritten to $defs and `nullable: true` "
+        "rewritten as anyOf with null.",
         "$defs": {name: rewrite(schemas[name]) for name in sorted(wanted)},
     }
     json.dump(document, sys.stdout, indent=1, sort_keys=True)

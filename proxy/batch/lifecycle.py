@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from proxy.core.batch import (
     CANCELLED,
@@ -14,6 +15,7 @@ from proxy.core.batch import (
     EXPIRED,
     FINALIZING,
     IN_PROGRESS,
+    TERMINAL,
     VALIDATING,
     BatchRecord,
     FileRecord,
@@ -24,7 +26,9 @@ from proxy.core.batch import (
     result_line,
 )
 from proxy.money.batch_store import BatchStore
-from proxy.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxy.ops.metrics import Metrics
 
 UNRUN = {
     EXPIRED: ("batch_expired", "This request could not be executed before the completion window expired."),
@@ -103,3 +107,14 @@ async def cancel(store: BatchStore, batch: BatchRecord, now: float) -> BatchReco
         return cancelling
     current = await store.batch(batch.id)
     return await cancel(store, current, now) if current is not None else None
+
+
+async def render(store: BatchStore, batch: BatchRecord) -> dict[str, Any]:
+    """The batch object with its progress and cost so far read live (GET /v1/batches/{id}, and
+    `orproxy batches`): the proxy's own figures under `x_proxy`."""
+    done, succeeded, left = await store.line_counts(batch.id)
+    if batch.status not in TERMINAL:
+        batch = replace(batch, completed=succeeded, failed=done - succeeded)
+    view = batch.to_object(await store.batch_cost(batch.id))
+    view["x_proxy"]["lines_left"] = left if batch.status not in TERMINAL else 0
+    return view

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from proxy.cli.batches import register as register_batches
 from proxy.cli.ops import register as register_ops
 from proxy.config import Config, ConfigError, ConfigMissing, load_config, located_error, parse_config
 
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     emulator_arguments(emulator)
     emulator.set_defaults(run=_emulator)
     register_ops(sub)
+    register_batches(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from proxy.batch.lifecycle import cancel, new_id
+from proxy.batch.lifecycle import cancel, new_id, render
 from proxy.batch.runner import APIS_BY_NAME, BatchRunner
 from proxy.core.apis import Api
 from proxy.core.batch import (
@@ -25,7 +25,6 @@ from proxy.core.batch import (
     FAILED,
     IN_PROGRESS,
     MAX_ERRORS_SHOWN,
-    TERMINAL,
     VALIDATING,
     BatchRecord,
     FileRecord,
@@ -213,7 +212,7 @@ async def create_batch(request: web.Request) -> web.Response:
         batch = replace(batch, status=IN_PROGRESS, in_progress_at=int(now), total=len(lines))
         await store.create_batch(batch, lines)
         runner.wake()
-    return _json(await _render(store, batch))
+    return _json(await render(store, batch))
 
 
 def _check_line(api: Api, client: ClientKey, runtime: Runtime, body: dict[str, Any]) -> None:
@@ -236,17 +235,9 @@ async def _batch(request: web.Request) -> tuple[BatchStore, BatchRunner, BatchRe
     return store, runner, batch
 
 
-async def _render(store: BatchStore, batch: BatchRecord) -> dict[str, Any]:
-    """The batch object with its progress and its cost so far read live."""
-    if batch.status not in TERMINAL:
-        done, succeeded, _ = await store.line_counts(batch.id)
-        batch = replace(batch, completed=succeeded, failed=done - succeeded)
-    return batch.to_object(await store.batch_cost(batch.id))
-
-
 async def retrieve_batch(request: web.Request) -> web.Response:
     store, _, batch = await _batch(request)
-    return _json(await _render(store, batch))
+    return _json(await render(store, batch))
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -265,7 +256,7 @@ async def list_batches(request: web.Request) -> web.Response:
         if len(page) <= limit:
             break
         cursor = page[-1].id
-    data = [await _render(store, b) for b in found[:limit]]
+    data = [await render(store, b) for b in found[:limit]]
     return _json(
         {
             "object": "list",
@@ -284,7 +275,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if cancelling is None:
         raise Conflict(f"Cannot cancel a batch with status {batch.status}.", param="batch_id")
     runner.wake()
-    return _json(await _render(store, cancelling))
+    return _json(await render(store, cancelling))
 
 
 def batch_context(ledger_path: Path, shutdown_timeout_s: float):

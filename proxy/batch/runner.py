@@ -2,10 +2,11 @@
 interactive requests (in-process, not over HTTP), at `batches.concurrency` lines at once, after
 live traffic, within `batches.budget_share` of the day's budget; finalizes output and error files.
 
-Durability: a line's request id is stored before it is sent; its ledger row is committed, then its
-result. A line found `running` at start-up was cut off by a crash: it is never sent again (the
-upstream may have billed it, and a non-streamed request cannot be looked up before its answer), and
-is reported in the error file as `interrupted`; its ledger row, when it was written, is its bill.
+Durability: a line's request id is stored before it is sent, its answer as soon as it is in, then
+its ledger row is committed, then it is done. At start-up, a line found `answered` is booked (unless
+its ledger row made it) and done; a line found `running` was cut off in flight by a crash: it is
+never sent again (the upstream may have billed it, and a non-streamed request cannot be looked up
+before its answer), and is reported in the error file as `interrupted`.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class BatchRunner:
 
     # --- the loop ----------------------------------------------------------------------
     async def _recover(self) -> None:
-        """Lines left `running` by a crash: billed or not, they are not sent twice."""
+        """Lines a crash left `answered` are booked once; those left `running` are not sent twice."""
         for batch in await self._store.active_batches():
+            await self._book_answered(batch)
             cut = await self._store.lines(batch.id, "running", 1_000_000)
             if not cut:
                 continue
@@ -119,6 +121,39 @@ class BatchRunner:
                 self._metrics.batch_lines.add(("interrupted",))
             await self._store.finish_lines(batch.id, done)
             log.warning("batch %s: %d line(s) in flight at the last stop reported as interrupted", batch.id, len(done))
+
+    async def _book_answered(self, batch: BatchRecord) -> None:
+        answered = await self._store.answered(batch.id)
+        if not answered:
+            return
+        billed = await self._store.billed(result.request_id for _, result in answered if result.request_id)
+        runtime = self._runtimes.current
+        api = APIS_BY_NAME[ENDPOINTS[batch.endpoint]]
+        for _, result in answered:
+            if result.request_id in billed:
+                continue
+            extra = result.extra
+            record = RequestRecord(
+                result.request_id or "",
+                float(extra.get("started_at") or self._accountant.now()),
+                str(extra.get("requested_model") or ""),
+                extra.get("virtual_model"),
+                False,
+                key_name=batch.key_name,
+                status=result.status_code or 0,
+                model=extra.get("model"),
+                upstream=extra.get("upstream"),
+                error=extra.get("error"),
+                api=api.name,
+                batch_id=batch.id,
+                custom_id=result.custom_id,
+            )
+            if result.succeeded and result.body is not None:
+                record.usage = api.usage(result.body)
+                record.note_origin(result.body)
+            await self._accountant.settle(record, None, runtime.policy)
+        await self._store.finish_lines(batch.id, answered)
+        log.warning("batch %s: %d answered line(s) booked after the last stop", batch.id, len(answered))
 
     async def _step(self) -> None:
         runtime = self._runtimes.current
@@ -139,7 +174,7 @@ class BatchRunner:
 
     async def _drained(self, batch: BatchRecord) -> bool:
         """No line of it runs or waits on an upstream batch (pending lines of a stopped batch stay)."""
-        for state in ("running", "submitted"):
+        for state in ("running", "answered", "submitted"):
             if await self._store.lines(batch.id, state, 1):
                 return False
         if batch.status == CANCELLING or self._clock() >= batch.expires_at:
@@ -278,6 +313,15 @@ class BatchRunner:
             raise
         record.route = route_header(plan, record.attempts)
         record.latency_s = time.monotonic() - started
+        result.extra = {
+            "started_at": record.started_at,
+            "requested_model": model,
+            "virtual_model": record.virtual_model,
+            "model": record.model,
+            "upstream": record.upstream,
+            "error": record.error,
+        }
+        await self._store.answer_line(batch.id, line.line, result)
         await self._yield_to_live(runtime)
         await self._accountant.settle(record, admission.reservation, policy)
         return result

@@ -1,9 +1,10 @@
 """Batch storage: uploaded files, batches and each line's progress, in the ledger's SQLite file.
 
 Behind a small interface (`BatchStore`), so another database can hold them once the ledger moves
-there. A line moves pending -> running (its request id noted before it is sent) -> done (its result
-kept); an OpenRouter-path line moves pending -> submitted (the upstream batch id noted) -> done.
-The ledger's own `requests` table is read (never written) to know which lines were billed.
+there. A line run by the proxy moves pending -> running (its request id noted before it is sent)
+-> answered (its answer kept) -> done (once its ledger row is written); a line sent in an OpenRouter
+batch moves pending -> submitted (the upstream batch noted) -> done. The ledger's own `requests`
+table is read (never written) to know which lines were booked.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     line           INTEGER NOT NULL,  -- 1-based line of the input file
     custom_id      TEXT    NOT NULL,
     body           BLOB    NOT NULL,
-    state          TEXT    NOT NULL,  -- pending | running | submitted | done
+    state          TEXT    NOT NULL,  -- pending | running | answered | submitted | done
     request_id     TEXT,              -- the ledger row's request id, noted before the line is sent
     upstream_batch TEXT,              -- the OpenRouter batch it was submitted in
     result         BLOB,              -- LineResult as JSON, once done
@@ -67,6 +68,8 @@ class BatchStore(Protocol):
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(self, batch_id: str, lines: Sequence[int], upstream_batch: str) -> None: ...
     async def submitted(self, batch_id: str) -> dict[str, list[InputLine]]: ...
+    async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None: ...
+    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None: ...
     async def results(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def billed(self, request_ids: Iterable[str]) -> set[str]: ...
@@ -251,6 +254,24 @@ class SqliteBatchStore:
         for upstream, line, custom_id, body in found:
             groups.setdefault(upstream, []).append(InputLine(line, custom_id, orjson.loads(body)))
         return groups
+
+    async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None:
+        """Keep a line's answer before it is booked: a crash between the two leaves it `answered`,
+        and the next start books it (unless its ledger row was written) instead of losing it."""
+        await self._write(
+            [
+                (
+                    "UPDATE batch_lines SET state = 'answered', result = ? WHERE batch_id = ? AND line = ?",
+                    (orjson.dumps(_result_json(result)), batch_id, line),
+                )
+            ]
+        )
+
+    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]:
+        found = await self._all(
+            "SELECT line, result FROM batch_lines WHERE batch_id = ? AND state = 'answered' ORDER BY line", (batch_id,)
+        )
+        return [(line, LineResult(**orjson.loads(result))) for line, result in found]
 
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None:
         """Keep the lines' results and count them on the batch, in one transaction. A line already

@@ -62,8 +62,13 @@ async def test_a_batch_past_its_budget_share_pauses_without_failing_lines_then_r
         return current.request_counts.completed > done_today
 
     await wait_for(more, 10, interval=0.02, message="the batch did not resume the next day")
+    await wait_for(paused, 10, interval=0.02, message="the second day's share did not pause it again")
     assert (await raw(proxy, f"/v1/batches/{batch.id}"))["request_counts"]["failed"] == 0
-    assert booked_nano(await batch_rows(proxy, batch.id)) == billed_nano(emulator)
+
+    async def audited() -> bool:  # once the lines in flight at the second pause are booked
+        return booked_nano(await batch_rows(proxy, batch.id)) == billed_nano(emulator)
+
+    await wait_for(audited, 5, interval=0.02)
 
 
 async def test_an_expired_batch_keeps_what_finished(make_proxy, emulator) -> None:

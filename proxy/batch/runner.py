@@ -47,7 +47,8 @@ from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("orproxy.batch")
 APIS_BY_NAME: Mapping[str, Api] = {api.name: api for api in APIS}
-YIELD_POLL_S = 0.02  # while live traffic is high, how often a finished line looks again
+YIELD_POLL_S = 0.02
+COALESCE_S = 0.02  # while live traffic is high, how often a finished line looks again
 
 
 class BatchRunner:
@@ -91,6 +92,7 @@ class BatchRunner:
                 log.exception("batch runner step failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._tick_s)
+            await asyncio.sleep(COALESCE_S)  # lines finishing together are replaced in one step
             self._wake.clear()
 
     async def stop(self, timeout_s: float) -> None:
@@ -211,9 +213,10 @@ class BatchRunner:
             return True
         self.waiting.pop(batch.id, None)
         pending = await self._store.lines(batch.id, "pending", free)
+        if pending:
+            await self._store.mark_running(batch.id, [line.line for line, _ in pending])
         for line, _ in pending:
-            request_id = f"{batch.id}-{line.line}"
-            await self._store.mark_running(batch.id, line.line, request_id)
+            request_id = f"{batch.id}-{line.line}"  # as mark_running noted it
             task = asyncio.create_task(self._line(batch, line, request_id), name=f"batch-line:{request_id}")
             self._tasks[task] = batch.id
             task.add_done_callback(self._line_done)

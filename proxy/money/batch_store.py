@@ -63,7 +63,7 @@ class BatchStore(Protocol):
     async def active_batches(self) -> list[BatchRecord]: ...
     async def save_batch(self, batch: BatchRecord, expect: str | None = None) -> bool: ...
     async def lines(self, batch_id: str, state: str, limit: int) -> list[tuple[InputLine, str | None]]: ...
-    async def mark_running(self, batch_id: str, line: int, request_id: str) -> None: ...
+    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(self, batch_id: str, lines: Sequence[int], upstream_batch: str) -> None: ...
@@ -111,7 +111,12 @@ class SqliteBatchStore:
         return found[0] if found else None
 
     async def _write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
-        """Run the statements in one transaction; the rows each changed."""
+        """Run the statements in one transaction; the rows each changed. One statement is its own
+        transaction (autocommit): one trip to the connection's thread, the write lock held only
+        for it, so the ledger's writer (another connection to the file) hardly ever waits on it."""
+        if len(statements) == 1:
+            async with self._lock, self._db.execute(*statements[0]) as cursor:
+                return [cursor.rowcount]
         changed = []
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
@@ -212,12 +217,15 @@ class SqliteBatchStore:
             (InputLine(line, custom_id, orjson.loads(body)), request_id) for line, custom_id, body, request_id in found
         ]
 
-    async def mark_running(self, batch_id: str, line: int, request_id: str) -> None:
+    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None:
+        """Note the lines as sent, each under the request id `{batch_id}-{line}`, in one statement."""
+        marks = ", ".join("?" * len(lines))
         await self._write(
             [
                 (
-                    "UPDATE batch_lines SET state = 'running', request_id = ? WHERE batch_id = ? AND line = ?",
-                    (request_id, batch_id, line),
+                    "UPDATE batch_lines SET state = 'running', request_id = batch_id || '-' || line "
+                    f"WHERE batch_id = ? AND line IN ({marks})",
+                    (batch_id, *lines),
                 )
             ]
         )

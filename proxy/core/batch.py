@@ -181,7 +181,8 @@ def parse_input(
     for number, raw in _numbered(content):
         count += 1
         if count > max_lines:
-            errors.append(LineError(number, "too_many_lines", f"the file has more than {max_lines} lines (limit)"))
+            message = f"line {number}: the file has more than {max_lines} lines (batches.max_lines)"
+            errors.append(LineError(number, "too_many_lines", message))
             break
         parsed = _line(number, raw, endpoint, seen, check)
         if isinstance(parsed, LineError):

@@ -48,13 +48,17 @@ class UpstreamBatches:
         self._clock = clock
         self._local: set[str] = set()
         self._polled: dict[str, float] = {}  # monotonic seconds
+        self._retry_at: dict[str, float] = {}  # batch id -> when a failed submission may be tried again
 
     def runs_locally(self, batch_id: str) -> bool:
         return batch_id in self._local
 
     # --- submitting ----------------------------------------------------------------------
     async def submit(self, batch: BatchRecord, runtime: Runtime) -> None:
-        """Send the batch's pending lines upstream, one upstream batch per model."""
+        """Send the batch's pending lines upstream, one upstream batch per model; after a failed
+        submission (OpenRouter unreachable), again `batches.poll_s` later."""
+        if time.monotonic() < self._retry_at.get(batch.id, -math.inf):
+            return
         pending = [line for line, _ in await self._store.lines(batch.id, "pending", MAX_SUBMIT)]
         groups: dict[Target, list[InputLine]] = {}
         api = _api(batch)
@@ -91,6 +95,7 @@ class UpstreamBatches:
             status, answer = await client.call("POST", "/batches", payload=orjson.dumps(body))
         except UpstreamError as exc:
             log.warning("batch %s: OpenRouter batch submission failed (%s); retrying later", batch.id, exc)
+            self._retry_at[batch.id] = time.monotonic() + runtime.config.batches.poll_s
             return True
         upstream_id = answer.get("id") if isinstance(answer, dict) else None
         if status >= 300 or not isinstance(upstream_id, str):

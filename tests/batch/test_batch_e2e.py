@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
@@ -20,7 +21,7 @@ from proxy.emulator.batches import BATCH_DESK
 from proxy.http.batches import BATCHES
 from proxy.money.ledger_rows import to_nano
 from tests.support.audit import billed_nano, booked_nano
-from tests.support.gateway import Proxy
+from tests.support.gateway import UPSTREAM_KEY, Proxy
 from tests.support.timing import wait_for
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -179,8 +180,6 @@ async def test_too_many_lines_and_a_too_large_file_are_refused(make_proxy, emula
     )
     assert batch.status == "failed" and batch.errors is not None
     assert (batch.errors.data[0].line, batch.errors.data[0].code) == (3, "too_many_lines")
-    import openai
-
     with pytest.raises(openai.APIStatusError) as refused:
         await client.files.create(file=("big.jsonl", b"x" * 4096), purpose="batch")
     assert refused.value.status_code == 413
@@ -245,3 +244,52 @@ async def test_the_openrouter_path_books_the_discounted_cost(make_proxy, emulato
         full = row.prompt_tokens * model.prices.prompt + row.completion_tokens * model.prices.completion
         assert to_nano(row.cost_usd) == to_nano(full * 0.5) and row.cost_source == "upstream"
     assert proxy.app[BATCHES].store is not None
+
+
+async def test_an_openrouter_batch_survives_a_restart_of_the_proxy(make_proxy, emulator, tmp_path) -> None:
+    """Submitted upstream, then the proxy stops: the next one polls the same upstream batch to its end
+    and books each line once."""
+    desk = emulator.app[BATCH_DESK]
+    desk.delay_s = 0.5
+    ledger = tmp_path / "shared-ledger.sqlite3"
+    extra = "batches: {upstream: openrouter, poll_s: 0.05}\n"
+    first = await make_proxy(extra=extra, ledger_path=ledger)
+    client = first.client()
+    uploaded = await client.files.create(file=("or.jsonl", jsonl(chat_lines(5))), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await wait_for(lambda: len(desk.batches) == 1, 5, interval=0.02)
+    await first.server.close()  # stops its runner and closes the ledger before the upstream batch ends
+    assert emulator.state.bills == {}
+
+    second = await make_proxy(extra=extra, ledger_path=ledger)
+    done = await until_done(second.client(), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 5
+    assert len(desk.batches) == 1  # polled again, never submitted twice
+    rows = await batch_rows(second, batch.id)
+    assert len(rows) == 5 and booked_nano(rows) == billed_nano(emulator)
+
+
+async def test_a_client_key_sees_only_its_own_files_and_batches(make_proxy, emulator) -> None:
+    keys = "keys: [{name: alpha, key_env: ALPHA_KEY}, {name: beta, key_env: BETA_KEY}]\n"
+    env = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY, "ALPHA_KEY": "a-1", "BETA_KEY": "b-2"}
+    proxy = await make_proxy(extra=keys, env=env)
+    alpha, beta = proxy.client(api_key="a-1"), proxy.client(api_key="b-2")
+    uploaded = await alpha.files.create(file=("mine.jsonl", jsonl(chat_lines(2))), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        await beta.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        await beta.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = await alpha.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(openai.NotFoundError):
+        await beta.batches.retrieve(batch.id)
+    assert [b.id async for b in beta.batches.list()] == []
+    assert [b.id async for b in alpha.batches.list()] == [batch.id]
+    await until_done(alpha, batch.id)
+    rows = await batch_rows(proxy, batch.id)
+    assert {row.key_name for row in rows} == {"alpha"}  # its lines ran under its key: its budget
+    with pytest.raises(openai.AuthenticationError):
+        await proxy.client(api_key="wrong").batches.list()

@@ -11,7 +11,7 @@ import orjson
 
 from proxy.emulator import Fault
 from proxy.money.ledger_rows import to_nano
-from tests.batch.test_batch_e2e import MISTRAL, batch_rows, chat_lines, jsonl, raw
+from tests.batch.test_batch_e2e import MISTRAL, batch_rows, chat_lines, jsonl, raw, until_done
 from tests.support.audit import billed_nano, booked_nano
 from tests.support.timing import Clock, wait_for
 
@@ -86,15 +86,10 @@ async def test_an_expired_batch_keeps_what_finished(make_proxy, emulator) -> Non
 
     await wait_for(some_done, 10, interval=0.02)
     clock.advance(86_400)
-    done = await wait_for(lambda: _ended(client, batch.id), 10, interval=0.02, message="the batch did not expire")
+    done = await until_done(client, batch.id)
     assert done.status == "expired" and done.expired_at is not None
     kept = [orjson.loads(x) for x in (await client.files.content(done.output_file_id)).content.splitlines()]
     unrun = [orjson.loads(x) for x in (await client.files.content(done.error_file_id)).content.splitlines()]
     assert len(kept) == done.request_counts.completed >= 3 and len(kept) + len(unrun) == 100
     assert {line["error"]["code"] for line in unrun} == {"batch_expired"}
     assert booked_nano(await batch_rows(proxy, batch.id)) == billed_nano(emulator)
-
-
-async def _ended(client, batch_id: str):
-    batch = await client.batches.retrieve(batch_id)
-    return batch if batch.status in ("completed", "expired", "cancelled", "failed") else None

@@ -78,7 +78,6 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._upstream = UpstreamBatches(store, accountant, metrics, self._clock)
-        self.waiting: dict[str, str] = {}  # batch id -> why its lines are not dispatching now
 
     def wake(self) -> None:
         self._wake.set()
@@ -95,10 +94,15 @@ class BatchRunner:
             await asyncio.sleep(COALESCE_S)  # lines finishing together are replaced in one step
             self._wake.clear()
 
+    def halt(self) -> None:
+        """Start no new line (shutdown began); lines in flight go on."""
+        self._stopping = True
+        self._wake.set()
+
     async def stop(self, timeout_s: float) -> None:
         """Start no line; let those in flight finish within `timeout_s`, then cancel them (each
         is booked at its reservation, as interactive requests are at shutdown)."""
-        self._stopping = True
+        self.halt()
         tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -188,7 +192,6 @@ class BatchRunner:
         settings = runtime.config.batches
         if batch.paused_until is not None:
             if now < batch.paused_until:
-                self.waiting[batch.id] = "budget_share"
                 return True
             batch = replace(batch, paused_until=None)
             await self._store.save_batch(batch, expect=batch.status)
@@ -209,9 +212,7 @@ class BatchRunner:
             rate_limited=bool(self._state.ratelimits.active(now)),
         )
         if wait is not None or free <= 0:
-            self.waiting[batch.id] = wait or "concurrency"
             return True
-        self.waiting.pop(batch.id, None)
         pending = await self._store.lines(batch.id, "pending", free)
         if pending:
             await self._store.mark_running(batch.id, [line.line for line, _ in pending])

@@ -31,7 +31,7 @@ from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
 from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
-from proxy.http.batches import BATCHES, BatchSlot, batch_context
+from proxy.http.batches import BATCHES, BatchSlot, batch_context, halt_batches
 from proxy.http.batches import register as register_batch_routes
 from proxy.http.count_tokens import ROUTE as COUNT_TOKENS
 from proxy.http.count_tokens import count_tokens
@@ -103,6 +103,7 @@ def create_app(
     # while the upstream clients and the ledger are still open.
     app.cleanup_ctx.append(_in_flight_work(config.shutdown_timeout_s))
     app.on_shutdown.append(lambda app: _shutdown_began(app, config.shutdown_timeout_s))
+    app.on_shutdown.append(halt_batches)  # no new batch line once shutdown begins
     app.cleanup_ctx.append(_credit_poller)
     if config_path is not None:
         app[RELOADER] = Reloader(

@@ -278,6 +278,12 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return _json(await render(store, cancelling))
 
 
+async def halt_batches(app: web.Application) -> None:
+    runner = app[BATCHES].runner
+    if runner is not None:
+        runner.halt()
+
+
 def batch_context(ledger_path: Path, shutdown_timeout_s: float):
     """The batch store (in the ledger's file, opened after the ledger made its tables) and the
     runner, for the app's lifetime; at shutdown the runner lets lines in flight finish first."""

@@ -8,6 +8,11 @@ Lines whose first member is not on an OpenRouter upstream, or a batch OpenRouter
 does not batch), run on the proxy instead. Each booked line's request id is its batch's and line's,
 and the ledger is asked before booking, so a restart between a booking and its result never books
 a line twice.
+
+Never submitted twice: lines are noted `submitting` (with the upstream, the model and the time)
+before the upstream batch is created. A crash before its id is noted leaves them so; the next start
+looks for that batch in OpenRouter's list (same model, as many requests, created since) and claims
+it, or, when there is none, sends them again.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from proxy.upstream.client import UpstreamError
 log = logging.getLogger("orproxy.batch")
 RESULTS_PAGE = 1000  # OpenRouter's largest page of results
 MAX_SUBMIT = 50_000  # lines per upstream batch
+CLOCK_SKEW_S = 300.0  # how far OpenRouter's clock may be behind ours when a lost submission is looked for
 
 
 class UpstreamBatches:
@@ -85,6 +91,9 @@ class UpstreamBatches:
 
     async def _submit_group(self, batch: BatchRecord, runtime: Runtime, target: Target, lines: list[InputLine]) -> bool:
         client, api = runtime.clients[target.upstream], _api(batch)
+        numbers = [line.line for line in lines]
+        marker = f"{target.upstream}:?{target.model}@{self._clock():.0f}"
+        await self._store.mark_submitted(batch.id, numbers, marker, state="submitting")
         requests = [
             {"custom_id": line.custom_id, "body": orjson.loads(api.prepare(line.body, target.model, client.kind))}
             for line in lines
@@ -93,8 +102,8 @@ class UpstreamBatches:
         body = {"endpoint": batch.endpoint, "model": target.model, "completion_window": "24h", "requests": requests}
         try:
             status, answer = await client.call("POST", "/batches", payload=orjson.dumps(body))
-        except UpstreamError as exc:
-            log.warning("batch %s: OpenRouter batch submission failed (%s); retrying later", batch.id, exc)
+        except UpstreamError as exc:  # it may have been created all the same: resolved like a crash's
+            log.warning("batch %s: OpenRouter batch submission failed (%s); looked for later", batch.id, exc)
             self._retry_at[batch.id] = time.monotonic() + runtime.config.batches.poll_s
             return True
         upstream_id = answer.get("id") if isinstance(answer, dict) else None
@@ -106,13 +115,45 @@ class UpstreamBatches:
                 target.model,
                 status,
             )
+            await self._store.mark_submitted(batch.id, numbers, "", state="pending")
             return False
-        await self._store.mark_submitted(batch.id, [line.line for line in lines], f"{target.upstream}:{upstream_id}")
+        await self._store.mark_submitted(batch.id, numbers, f"{target.upstream}:{upstream_id}")
         log.info("batch %s: %d line(s) submitted to OpenRouter as %s", batch.id, len(lines), upstream_id)
         return True
 
     # --- polling -------------------------------------------------------------------------
+    async def resolve(self, batch: BatchRecord, runtime: Runtime) -> None:
+        """Lines left `submitting` (a crash, or a submission whose answer was lost): claim the upstream
+        batch created for them, else put them back to be sent again."""
+        groups = await self._store.submitted(batch.id, state="submitting")
+        if not groups or time.monotonic() < self._retry_at.get(batch.id, -math.inf):
+            return
+        known = await self._store.known_upstream_batches()
+        for marker, lines in groups.items():
+            upstream, _, rest = marker.partition(":?")
+            model, _, since = rest.rpartition("@")
+            client = runtime.clients.get(upstream)
+            if client is None:
+                continue
+            try:
+                status, listed = await client.call("GET", "/batches", params={"limit": "100"})
+            except UpstreamError as exc:
+                log.warning("batch %s: cannot list OpenRouter batches (%s); looked for later", batch.id, exc)
+                return
+            if status != 200 or not isinstance(listed, dict):
+                return
+            found = _claim(listed.get("data") or (), model, len(lines), float(since or 0), upstream, known)
+            numbers = [line.line for line in lines]
+            if found is None:
+                await self._store.mark_submitted(batch.id, numbers, "", state="pending")
+                log.info("batch %s: %d line(s) were not submitted after all; sending them again", batch.id, len(lines))
+            else:
+                await self._store.mark_submitted(batch.id, numbers, f"{upstream}:{found}")
+                known.add(f"{upstream}:{found}")
+                log.info("batch %s: %d line(s) found in OpenRouter batch %s", batch.id, len(lines), found)
+
     async def poll(self, batch: BatchRecord, runtime: Runtime) -> None:
+        await self.resolve(batch, runtime)
         now = time.monotonic()  # a pace, not a date: the injected wall clock of budgets does not drive it
         for where, lines in (await self._store.submitted(batch.id)).items():
             if now - self._polled.get(where, -math.inf) < runtime.config.batches.poll_s:
@@ -192,6 +233,26 @@ class UpstreamBatches:
             done.append((line.line, result))
             self._metrics.batch_lines.add(("completed" if result.succeeded else "failed",))
         await self._store.finish_lines(batch.id, done)
+
+
+def _claim(listed: Any, model: str, count: int, since: float, upstream: str, known: set[str]) -> str | None:
+    """The id of the listed upstream batch made for a group: its model, as many requests, created
+    since it was noted (to the second), and not already another group's."""
+    for item in listed:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        counts = item.get("request_counts")
+        total = counts.get("total") if isinstance(counts, dict) else None
+        created = item.get("created_at")
+        if (
+            item.get("model") == model
+            and total == count
+            and isinstance(created, (int, float))
+            and created >= since - CLOCK_SKEW_S
+            and f"{upstream}:{item['id']}" not in known
+        ):
+            return item["id"]
+    return None
 
 
 def _result(line: InputLine, request_id: str, item: dict[str, Any] | None) -> LineResult:

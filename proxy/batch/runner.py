@@ -180,7 +180,7 @@ class BatchRunner:
 
     async def _drained(self, batch: BatchRecord) -> bool:
         """No line of it runs or waits on an upstream batch (pending lines of a stopped batch stay)."""
-        for state in ("running", "answered", "submitted"):
+        for state in ("running", "answered", "submitting", "submitted"):
             if await self._store.lines(batch.id, state, 1):
                 return False
         if batch.status == CANCELLING or self._clock() >= batch.expires_at:

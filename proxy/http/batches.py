@@ -300,7 +300,10 @@ def batch_context(ledger_path: Path, shutdown_timeout_s: float):
             yield
         finally:
             await runner.stop(shutdown_timeout_s)
-            task.cancel()
+            # The loop ends after its current step (a submission to OpenRouter is noted, not cut).
+            done, _ = await asyncio.wait([task], timeout=shutdown_timeout_s)
+            if not done:
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             slot.store = slot.runner = None
             await store.close()

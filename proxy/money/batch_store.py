@@ -3,8 +3,9 @@
 Behind a small interface (`BatchStore`), so another database can hold them once the ledger moves
 there. A line run by the proxy moves pending -> running (its request id noted before it is sent)
 -> answered (its answer kept) -> done (once its ledger row is written); a line sent in an OpenRouter
-batch moves pending -> submitted (the upstream batch noted) -> done. The ledger's own `requests`
-table is read (never written) to know which lines were booked.
+batch moves pending -> submitting (noted before the upstream batch is created) -> submitted (its id
+noted) -> done. The ledger's own `requests` table is read (never written) to know which lines were
+booked.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     line           INTEGER NOT NULL,  -- 1-based line of the input file
     custom_id      TEXT    NOT NULL,
     body           BLOB    NOT NULL,
-    state          TEXT    NOT NULL,  -- pending | running | answered | submitted | done
+    state          TEXT    NOT NULL,  -- pending | running | answered | submitting | submitted | done
     request_id     TEXT,              -- the ledger row's request id, noted before the line is sent
     upstream_batch TEXT,              -- the OpenRouter batch it was submitted in
     result         BLOB,              -- LineResult as JSON, once done
@@ -66,8 +67,11 @@ class BatchStore(Protocol):
     async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
-    async def mark_submitted(self, batch_id: str, lines: Sequence[int], upstream_batch: str) -> None: ...
-    async def submitted(self, batch_id: str) -> dict[str, list[InputLine]]: ...
+    async def mark_submitted(
+        self, batch_id: str, lines: Sequence[int], upstream_batch: str, state: str = "submitted"
+    ) -> None: ...
+    async def submitted(self, batch_id: str, state: str = "submitted") -> dict[str, list[InputLine]]: ...
+    async def known_upstream_batches(self) -> set[str]: ...
     async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None: ...
     async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None: ...
@@ -241,27 +245,36 @@ class SqliteBatchStore:
             ]
         )
 
-    async def mark_submitted(self, batch_id: str, lines: Sequence[int], upstream_batch: str) -> None:
+    async def mark_submitted(
+        self, batch_id: str, lines: Sequence[int], upstream_batch: str, state: str = "submitted"
+    ) -> None:
+        """Lines in an upstream batch (`submitted`), or about to be sent in one (`submitting`,
+        `upstream_batch` then says where and when), in one statement."""
+        marks = ", ".join("?" * len(lines))
         await self._write(
             [
                 (
-                    "UPDATE batch_lines SET state = 'submitted', upstream_batch = ? WHERE batch_id = ? AND line = ?",
-                    (upstream_batch, batch_id, line),
+                    f"UPDATE batch_lines SET state = ?, upstream_batch = ? WHERE batch_id = ? AND line IN ({marks})",
+                    (state, upstream_batch, batch_id, *lines),
                 )
-                for line in lines
             ]
         )
 
-    async def submitted(self, batch_id: str) -> dict[str, list[InputLine]]:
+    async def submitted(self, batch_id: str, state: str = "submitted") -> dict[str, list[InputLine]]:
         found = await self._all(
             "SELECT upstream_batch, line, custom_id, body FROM batch_lines "
-            "WHERE batch_id = ? AND state = 'submitted' ORDER BY line",
-            (batch_id,),
+            "WHERE batch_id = ? AND state = ? ORDER BY line",
+            (batch_id, state),
         )
         groups: dict[str, list[InputLine]] = {}
         for upstream, line, custom_id, body in found:
             groups.setdefault(upstream, []).append(InputLine(line, custom_id, orjson.loads(body)))
         return groups
+
+    async def known_upstream_batches(self) -> set[str]:
+        """Every upstream batch some line was submitted in (`upstream:id`)."""
+        found = await self._all("SELECT DISTINCT upstream_batch FROM batch_lines WHERE state IN ('submitted', 'done')")
+        return {row[0] for row in found if row[0]}
 
     async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None:
         """Keep a line's answer before it is booked: a crash between the two leaves it `answered`,

@@ -9,6 +9,7 @@ field by field."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import aiohttp
@@ -246,9 +247,12 @@ async def test_the_openrouter_path_books_the_discounted_cost(make_proxy, emulato
     assert proxy.app[BATCHES].store is not None
 
 
-async def test_an_openrouter_batch_survives_a_restart_of_the_proxy(make_proxy, emulator, tmp_path) -> None:
+@pytest.mark.parametrize("crash", ["id-noted", "id-lost", "never-created"])
+async def test_an_openrouter_batch_survives_a_restart_of_the_proxy(make_proxy, emulator, tmp_path, crash) -> None:
     """Submitted upstream, then the proxy stops: the next one polls the same upstream batch to its end
-    and books each line once."""
+    and books each line once. `id-lost`: as if the proxy died between creating the upstream batch and
+    noting its id; the next one finds it in OpenRouter's list instead of submitting the lines again.
+    `never-created`: as if it died before OpenRouter created it; the next one sends the lines."""
     desk = emulator.app[BATCH_DESK]
     desk.delay_s = 0.5
     ledger = tmp_path / "shared-ledger.sqlite3"
@@ -262,6 +266,16 @@ async def test_an_openrouter_batch_survives_a_restart_of_the_proxy(make_proxy, e
     await wait_for(lambda: len(desk.batches) == 1, 5, interval=0.02)
     await first.server.close()  # stops its runner and closes the ledger before the upstream batch ends
     assert emulator.state.bills == {}
+    if crash != "id-noted":
+        (upstream,) = desk.batches.values()
+        if crash == "never-created":
+            desk.batches.clear()
+            emulator.state.requests.clear()
+        with sqlite3.connect(ledger) as raw:
+            raw.execute(
+                "UPDATE batch_lines SET state = 'submitting', upstream_batch = ? WHERE batch_id = ?",
+                (f"openrouter:?{MISTRAL}@{upstream.created_at - 1:.0f}", batch.id),
+            )
 
     second = await make_proxy(extra=extra, ledger_path=ledger)
     done = await until_done(second.client(), batch.id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -47,8 +48,9 @@ from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("orproxy.batch")
 APIS_BY_NAME: Mapping[str, Api] = {api.name: api for api in APIS}
-YIELD_POLL_S = 0.02
-COALESCE_S = 0.02  # while live traffic is high, how often a finished line looks again
+YIELD_POLL_S = 0.02  # while live traffic is high, how often a finished line looks again
+COALESCE_S = 0.02  # lines finishing together are replaced in one step
+PRUNE_EVERY_S = 6 * 3600.0  # how often batches and files past ledger.retention_days are forgotten
 
 
 class BatchRunner:
@@ -84,8 +86,12 @@ class BatchRunner:
 
     async def run(self) -> None:
         await self._recover()
+        pruned = -math.inf
         while not self._stopping:
             try:
+                if time.monotonic() - pruned >= PRUNE_EVERY_S:
+                    pruned = time.monotonic()
+                    await self._prune()
                 await self._step()
             except Exception:
                 log.exception("batch runner step failed; retrying")
@@ -109,6 +115,13 @@ class BatchRunner:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _prune(self) -> None:
+        """ledger.retention_days applies to what batches keep as it does to ledger rows."""
+        retention_s = self._runtimes.current.config.ledger.retention_days * 86_400.0
+        removed = await self._store.prune(self._clock() - retention_s)
+        if removed:
+            log.info("batches: forgot %d batch(es) that ended before the retention period", removed)
 
     # --- the loop ----------------------------------------------------------------------
     async def _recover(self) -> None:

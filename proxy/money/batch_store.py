@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from proxy.core.batch import ACTIVE, BatchRecord, FileRecord, InputLine, LineError, LineResult
+from proxy.core.batch import ACTIVE, TERMINAL, BatchRecord, FileRecord, InputLine, LineError, LineResult
 from proxy.money.ledger_rows import from_nano
 
 SCHEMA = """
@@ -79,6 +79,7 @@ class BatchStore(Protocol):
     async def billed(self, request_ids: Iterable[str]) -> set[str]: ...
     async def batch_cost(self, batch_id: str) -> float: ...
     async def batch_spend_since(self, start: float) -> float: ...
+    async def prune(self, before: float) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -323,6 +324,21 @@ class SqliteBatchStore:
             (batch_id,),
         )
         return (row[0] or 0, row[1] or 0, row[2] or 0) if row else (0, 0, 0)
+
+    async def prune(self, before: float) -> int:
+        """Forget batches that ended and were created before `before` (their lines too), and files
+        uploaded before it that no running batch reads; how many batches went."""
+        terminal = ", ".join("?" * len(TERMINAL))
+        old = f"SELECT id FROM batches WHERE status IN ({terminal}) AND json_extract(record, '$.created_at') < ?"
+        running = f"SELECT json_extract(record, '$.input_file_id') FROM batches WHERE status NOT IN ({terminal})"
+        changed = await self._write(
+            [
+                (f"DELETE FROM batch_lines WHERE batch_id IN ({old})", (*TERMINAL, before)),
+                (f"DELETE FROM batches WHERE id IN ({old})", (*TERMINAL, before)),
+                (f"DELETE FROM batch_files WHERE created_at < ? AND id NOT IN ({running})", (before, *TERMINAL)),
+            ]
+        )
+        return changed[1]
 
     # --- what the ledger says ----------------------------------------------------------
     async def billed(self, request_ids: Iterable[str]) -> set[str]:

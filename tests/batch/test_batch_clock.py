@@ -93,3 +93,25 @@ async def test_an_expired_batch_keeps_what_finished(make_proxy, emulator) -> Non
     assert len(kept) == done.request_counts.completed >= 3 and len(kept) + len(unrun) == 100
     assert {line["error"]["code"] for line in unrun} == {"batch_expired"}
     assert booked_nano(await batch_rows(proxy, batch.id)) == billed_nano(emulator)
+
+
+async def test_lines_the_budget_refuses_wait_with_their_batch_instead_of_failing(make_proxy, emulator) -> None:
+    """The day's budget itself (not the batch share) cannot take a line: the line is not sent, the
+    batch pauses until the budget resets, and nothing fails."""
+    clock = Clock.at(2026, 3, 10, hour=12)
+    proxy = await make_proxy(extra="budget: {daily_usd: 0.000000001}\n", clock=clock)
+    client = proxy.client()
+    uploaded = await client.files.create(file=("broke.jsonl", jsonl(chat_lines(3, model=MISTRAL))), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def paused() -> dict | None:
+        view = await raw(proxy, f"/v1/batches/{batch.id}")
+        return view if view["x_proxy"]["paused_until"] else None
+
+    view = await wait_for(paused, 10, interval=0.02, message="the batch never paused")
+    assert view["status"] == "in_progress" and view["x_proxy"]["lines_left"] == 3
+    assert view["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert emulator.state.requests == [] and await batch_rows(proxy, batch.id) == []
+    assert clock.now < view["x_proxy"]["paused_until"] <= clock.now - clock.now % 86400 + 86400

@@ -36,7 +36,7 @@ from proxy.core.keys import ClientKey
 from proxy.core.routing import UnknownModel
 from proxy.http.api import model_not_found
 from proxy.http.appkeys import ACCOUNTANT, METRICS, RUNTIME, STATE
-from proxy.http.body import read_body
+from proxy.http.body import RequestTimeout, read_body
 from proxy.http.errors import openai_errors
 from proxy.money.batch_store import BatchStore, SqliteBatchStore
 from proxy.ops.runtime import Runtime
@@ -107,6 +107,24 @@ async def upload_file(request: web.Request) -> web.Response:
     limit = runtime.config.batches.max_file_bytes
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequest("Upload the file as multipart/form-data with `file` and `purpose`.", param="file")
+    timeout_s = runtime.config.server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            purpose, filename, content = await _read_upload(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"The upload did not arrive within {timeout_s:g} s (server.body_timeout_s).") from None
+    if purpose != "batch":
+        raise InvalidRequest("This proxy stores files for batches only: set purpose to 'batch'.", param="purpose")
+    if content is None:
+        raise InvalidRequest("The upload has no `file` part.", param="file")
+    now = request.app[ACCOUNTANT].now()
+    record = FileRecord(new_id("file-", now), purpose, filename, len(content), int(now), client.name)
+    await store.add_file(record, bytes(content))
+    return _json(record.to_object())
+
+
+async def _read_upload(request: web.Request, limit: int) -> tuple[str | None, str, bytearray | None]:
+    """The multipart form's `purpose` and `file` (its name and bytes), the file at most `limit` bytes."""
     reader = await request.multipart()
     purpose: str | None = None
     filename, content = "upload.jsonl", None
@@ -122,14 +140,7 @@ async def upload_file(request: web.Request) -> web.Response:
                 content.extend(chunk)
                 if len(content) > limit:
                     raise BodyTooLarge(f"The file is larger than {limit} bytes (batches.max_file_bytes).", param="file")
-    if purpose != "batch":
-        raise InvalidRequest("This proxy stores files for batches only: set purpose to 'batch'.", param="purpose")
-    if content is None:
-        raise InvalidRequest("The upload has no `file` part.", param="file")
-    now = request.app[ACCOUNTANT].now()
-    record = FileRecord(new_id("file-", now), purpose, filename, len(content), int(now), client.name)
-    await store.add_file(record, bytes(content))
-    return _json(record.to_object())
+    return purpose, filename, content
 
 
 async def _file(request: web.Request) -> tuple[BatchStore, FileRecord]:

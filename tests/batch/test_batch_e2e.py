@@ -307,3 +307,26 @@ async def test_a_client_key_sees_only_its_own_files_and_batches(make_proxy, emul
     assert {row.key_name for row in rows} == {"alpha"}  # its lines ran under its key: its budget
     with pytest.raises(openai.AuthenticationError):
         await proxy.client(api_key="wrong").batches.list()
+
+
+@pytest.mark.realtime  # a body that stalls for longer than server.body_timeout_s on a real socket
+async def test_an_upload_slower_than_the_body_timeout_is_a_408(make_proxy, emulator) -> None:
+    proxy = await make_proxy(extra="server: {body_timeout_s: 0.3}\n")
+    boundary = "orproxy-test-boundary"
+
+    async def stalling():
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        ).encode()
+        await asyncio.sleep(2)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {**AUTH, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.post(f"{proxy.url}/v1/files", data=stalling(), headers=headers) as response:
+                status, body = response.status, await response.json()
+        except aiohttp.ClientError:  # the proxy may close the socket under the rest of the upload
+            pytest.fail("the proxy closed the connection instead of answering 408")
+    assert status == 408 and body["error"]["code"] == "request_timeout"

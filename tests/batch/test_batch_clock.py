@@ -19,6 +19,16 @@ DAILY_USD, SHARE = 1.0, 5e-6  # batch work may spend $0.000005 a day: a handful 
 CONCURRENCY = 2
 
 
+async def paused(proxy, batch_id: str) -> dict:
+    """The batch's object once it is paused (`x_proxy.paused_until` set)."""
+
+    async def seen() -> dict | None:
+        view = await raw(proxy, f"/v1/batches/{batch_id}")
+        return view if view["x_proxy"]["paused_until"] else None
+
+    return await wait_for(seen, 10, interval=0.02, message=f"batch {batch_id} never paused")
+
+
 async def test_a_batch_past_its_budget_share_pauses_without_failing_lines_then_resumes_the_next_day(
     make_proxy, emulator
 ) -> None:
@@ -36,11 +46,7 @@ async def test_a_batch_past_its_budget_share_pauses_without_failing_lines_then_r
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
 
-    async def paused() -> dict | None:
-        view = await raw(proxy, f"/v1/batches/{batch.id}")
-        return view if view["x_proxy"]["paused_until"] else None
-
-    view = await wait_for(paused, 10, interval=0.02, message="the batch never paused")
+    view = await paused(proxy, batch.id)
     await asyncio.sleep(0.5)  # several runner steps: nothing more may start while it is paused
     after = await raw(proxy, f"/v1/batches/{batch.id}")
     assert after["status"] == "in_progress" and after["request_counts"]["failed"] == 0
@@ -62,7 +68,7 @@ async def test_a_batch_past_its_budget_share_pauses_without_failing_lines_then_r
         return current.request_counts.completed > done_today
 
     await wait_for(more, 10, interval=0.02, message="the batch did not resume the next day")
-    await wait_for(paused, 10, interval=0.02, message="the second day's share did not pause it again")
+    await paused(proxy, batch.id)  # the second day's share
     assert (await raw(proxy, f"/v1/batches/{batch.id}"))["request_counts"]["failed"] == 0
 
     async def audited() -> bool:  # once the lines in flight at the second pause are booked
@@ -106,11 +112,7 @@ async def test_lines_the_budget_refuses_wait_with_their_batch_instead_of_failing
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
 
-    async def paused() -> dict | None:
-        view = await raw(proxy, f"/v1/batches/{batch.id}")
-        return view if view["x_proxy"]["paused_until"] else None
-
-    view = await wait_for(paused, 10, interval=0.02, message="the batch never paused")
+    view = await paused(proxy, batch.id)
     assert view["status"] == "in_progress" and view["x_proxy"]["lines_left"] == 3
     assert view["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert emulator.state.requests == [] and await batch_rows(proxy, batch.id) == []

@@ -8,12 +8,18 @@ import asyncio
 import json
 import sys
 
+import pytest
+
 from proxy.emulator import Fault
 from proxy.money.ledger_rows import to_nano
 from tests.batch.test_batch_e2e import MISTRAL, chat_lines, jsonl, until_done
 from tests.support.audit import billed_nano
 from tests.support.gateway import ROOT
 from tests.support.timing import wait_for
+
+
+# Real `orproxy` processes, an interpreter start-up each (seconds on a busy 2-core machine).
+pytestmark = pytest.mark.slow
 
 
 async def orproxy(*args: str) -> tuple[int, str, str]:

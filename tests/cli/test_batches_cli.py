@@ -17,7 +17,6 @@ from tests.support.audit import billed_nano
 from tests.support.gateway import ROOT
 from tests.support.timing import wait_for
 
-
 # Real `orproxy` processes, an interpreter start-up each (seconds on a busy 2-core machine).
 pytestmark = pytest.mark.slow
 

@@ -28,6 +28,8 @@ from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
 from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
+from proxy.http.batches import BATCHES, BatchSlot, batch_context, halt_batches
+from proxy.http.batches import register as register_batch_routes
 from proxy.http.count_tokens import ROUTE as COUNT_TOKENS
 from proxy.http.count_tokens import count_tokens
 from proxy.http.errors import openai_errors, unknown_route
@@ -97,16 +99,26 @@ def create_app(
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
-    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, env, clock))
+    ledger_file = Path(ledger_path or config.ledger.path)
+    app[BATCHES] = BatchSlot()
+    app.cleanup_ctx.append(_ledger(ledger_file, config, env, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
     if state.redis is not None:
         app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_reconciliation)
+    if config.ledger.backend == "sqlite":
+        app.cleanup_ctx.append(batch_context(ledger_file, config.shutdown_timeout_s))
+    else:
+        app[BATCHES].off = (
+            "The Batch API keeps its files and batches in the ledger's SQLite file; with `ledger.backend: "
+            f"{config.ledger.backend}` it is not available in this version."
+        )
     # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
     # while the upstream clients and the ledger are still open.
     app.cleanup_ctx.append(_in_flight_work(config.shutdown_timeout_s))
     app.on_shutdown.append(lambda app: _shutdown_began(app, config.shutdown_timeout_s))
+    app.on_shutdown.append(halt_batches)  # no new batch line once shutdown begins
     app.cleanup_ctx.append(_credit_poller)
     if config_path is not None:
         app[RELOADER] = Reloader(
@@ -137,6 +149,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", openai_errors(metrics_endpoint))
     AdminRoutes().register(app.router)
+    register_batch_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", unknown_route)  # last: only what nothing else matched
     return app
 

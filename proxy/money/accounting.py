@@ -153,6 +153,8 @@ def _row(record: RequestRecord, tokens: Tokens) -> LedgerRow:
         cache_write_tokens=tokens.cache_write,
         flags=record.flags,
         api=record.api,
+        batch_id=record.batch_id,
+        custom_id=record.custom_id,
     )
 
 

@@ -93,7 +93,11 @@ class Metrics:
         self.fallbacks = tally(
             "orproxy_fallbacks", "Moves to the next chain member", ["virtual_model", "from_model", "reason"]
         )
+        self.batch_lines = tally("orproxy_batch_lines", "Batch lines by what became of them", ["outcome"])
+        self.batch_cost = tally("orproxy_batch_cost_usd", "Money spent upstream on batch lines, USD", ["key"])
         tallies: list[Tally | LatencyTally] = [
+            self.batch_lines,
+            self.batch_cost,
             self.requests,
             self.cost,
             self.baseline,
@@ -121,6 +125,8 @@ class Metrics:
         self.duration.observe((virtual, api), record.latency_s)
         if record.cost is not None and record.cost.usd:
             self.cost.add((virtual, model, key, api), record.cost.usd)
+            if record.batch_id is not None:
+                self.batch_cost.add((key,), record.cost.usd)
         if record.baseline_usd:
             self.baseline.add((virtual, key), record.baseline_usd)
         if record.cached and record.saved_usd:

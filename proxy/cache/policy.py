@@ -92,6 +92,18 @@ def cacheable(completion: Any) -> bool:
     return all(isinstance(choice, dict) and choice.get("finish_reason") != "error" for choice in choices)
 
 
+def storable(answer: CachedAnswer, policy: CachePolicy) -> tuple[bytes | None, str]:
+    """The stored form of an answer, or None and why it may not be stored."""
+    if not cacheable(answer.completion):
+        return None, "not a successful completion"
+    if not (math.isfinite(answer.cost_usd) and answer.cost_usd >= 0):
+        return None, f"cost_usd {answer.cost_usd!r} is not a finite number >= 0"
+    payload = encode_answer(answer)
+    if len(payload) > policy.max_entry_bytes:
+        return None, f"{len(payload)} bytes exceed max_entry_bytes {policy.max_entry_bytes}"
+    return payload, ""
+
+
 def encode_answer(answer: CachedAnswer) -> bytes:
     return orjson.dumps(
         {

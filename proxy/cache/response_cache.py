@@ -5,11 +5,35 @@ enables the cache (`CacheSlot`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 from proxy.cache.policy import CachedAnswer, CachePolicy
 from proxy.cache.store import CacheFile
+
+
+class CacheStore(Protocol):
+    """Where answers are kept: a SQLite file (`CacheFile`, one process) or Redis
+    (`proxy.state.cache.RedisCache`, shared by replicas). Every call takes the caller's policy."""
+
+    hits: int
+    misses: int
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def entries(self) -> int: ...
+    async def get(self, key: str, policy: CachePolicy) -> CachedAnswer | None: ...
+    async def put(self, key: str, answer: CachedAnswer, policy: CachePolicy) -> bool: ...
+    async def evict(self, policy: CachePolicy) -> None: ...
+    async def purge_expired(self, policy: CachePolicy) -> int: ...
+    async def clear(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+# Opens the store at a path under a policy (a shared store ignores the path).
+StoreOpener = Callable[[Path, CachePolicy], Awaitable[CacheStore]]
 
 
 class ResponseCache:
@@ -19,7 +43,7 @@ class ResponseCache:
 
     __slots__ = ("file", "policy")
 
-    def __init__(self, file: CacheFile, policy: CachePolicy) -> None:
+    def __init__(self, file: CacheStore, policy: CachePolicy) -> None:
         self.file = file
         self.policy = policy
 
@@ -81,14 +105,18 @@ class CacheSlot:
     by a reload) and closed at shutdown. `cache.path` is read when it opens; a later change of
     the path needs a restart (the reload says so)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.file: CacheFile | None = None
+    def __init__(self, clock: Callable[[], float] = time.time, opener: StoreOpener | None = None) -> None:
+        self.file: CacheStore | None = None
         self._clock = clock
+        self._opener = opener  # None: the SQLite file at cache.path
 
     async def open(self, path: str | Path, policy: CachePolicy) -> None:
-        """Open the file at `path` unless one is open already."""
+        """Open the file at `path` (or the shared store) unless one is open already."""
         if self.file is None:
-            self.file = (await ResponseCache.open(path, policy, clock=self._clock)).file
+            if self._opener is not None:
+                self.file = await self._opener(Path(path), policy)
+            else:
+                self.file = (await ResponseCache.open(path, policy, clock=self._clock)).file
 
     async def view(self, policy: CachePolicy) -> ResponseCache | None:
         """The open file under `policy` (None when no file is open or the policy turns the cache off)."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +54,7 @@ from pathlib import Path
 import aiosqlite
 import orjson
 
-from proxy.cache.policy import CachedAnswer, CachePolicy, cacheable, decode_answer, encode_answer
+from proxy.cache.policy import CachedAnswer, CachePolicy, decode_answer, storable
 
 log = logging.getLogger("orproxy.cache")
 
@@ -181,26 +180,9 @@ class CacheFile:
         """Store a successful answer under `key`; return False when it was refused or not stored."""
         if self._closed or not policy.enabled:
             return False
-        if not cacheable(answer.completion):
-            log.debug("cache %s: not storing %s: not a successful completion", self._path, key[:12])
-            return False
-        if not (math.isfinite(answer.cost_usd) and answer.cost_usd >= 0):
-            log.warning(
-                "cache %s: not storing %s: cost_usd %r is not a finite number >= 0",
-                self._path,
-                key[:12],
-                answer.cost_usd,
-            )
-            return False
-        payload = encode_answer(answer)
-        if len(payload) > policy.max_entry_bytes:
-            log.debug(
-                "cache %s: not storing %s: %d bytes exceed max_entry_bytes %d",
-                self._path,
-                key[:12],
-                len(payload),
-                policy.max_entry_bytes,
-            )
+        payload, why = storable(answer, policy)
+        if payload is None:
+            log.debug("cache %s: not storing %s: %s", self._path, key[:12], why)
             return False
         now = self._clock()
         row = (now, now, len(payload), payload, key)

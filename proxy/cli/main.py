@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from proxy.cli.batches import register as register_batches
 from proxy.cli.ops import register as register_ops
 from proxy.config import Config, ConfigError, ConfigMissing, load_config, located_error, parse_config
 from proxy.ops.logs import queued_logging
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="what was spent and saved, from the ledger")
     report.add_argument("--config", default="config.yaml")
     report.add_argument("--period", choices=("day", "month"), default="day")
-    report.add_argument("--by", choices=("model", "virtual", "key", "api"), default="model")
+    report.add_argument("--by", choices=("model", "virtual", "key", "api", "batch"), default="model")
     report.add_argument("--ledger", help="ledger file (default: the config's ledger.path)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument(
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     emulator_arguments(emulator)
     emulator.set_defaults(run=_emulator)
     register_ops(sub)
+    register_batches(sub)
     return parser
 
 

@@ -273,7 +273,7 @@ class State(_Frozen):
     # fail_closed: while Redis is unreachable, requests are answered 503 (no budget can be checked);
     # local: each replica falls back to its own in-process state (logged once) and re-seeds when Redis is back.
     on_state_error: Literal["fail_closed", "local"] = "fail_closed"
-    timeout_ms: int = Field(250, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
+    timeout_ms: int = Field(500, ge=10, le=10_000, description="socket timeout of one Redis call, milliseconds")
 
     @field_validator("url")
     @classmethod
@@ -325,6 +325,22 @@ class Logging(_Frozen):
     access_log: bool = True
 
 
+class Batches(_Frozen):
+    """OpenAI's Batch API on the proxy (`proxy.batch`): how batch lines run beside live traffic."""
+
+    concurrency: int = Field(10, ge=1, le=1000)  # batch lines in flight at once, over every batch
+    # The share of each day's budget (budget.daily_usd, and a key's daily_usd) batch work may spend;
+    # past it, batches pause until the next day (or until they expire). 1.0: no cap of their own.
+    budget_share: float = Field(1.0, gt=0, le=1)
+    prefer: Literal["chain", "cheapest"] = "chain"  # cheapest: each line tries its chain's cheapest member first
+    upstream: Literal["proxy", "openrouter"] = "proxy"  # openrouter: OpenRouter's own Batch API where it takes them
+    # Interactive requests in flight at or above which batch lines stop dispatching ("high load").
+    busy_in_flight: int = Field(8, ge=1)
+    poll_s: float = Field(30.0, gt=0)  # how often an OpenRouter batch is polled
+    max_lines: int = Field(50_000, ge=1)  # lines per input file (OpenAI's limit)
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)  # an uploaded file's size (OpenAI's limit)
+
+
 class Config(_Frozen):
     listen: Listen = Listen()
     upstreams: dict[str, Upstream] = Field(min_length=1)
@@ -346,6 +362,7 @@ class Config(_Frozen):
     admin: Admin = Admin()
     server: Server = Server()
     metrics: MetricsEndpoint = MetricsEndpoint()
+    batches: Batches = Batches()
 
     @field_validator("keys")
     @classmethod

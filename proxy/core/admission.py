@@ -8,6 +8,7 @@ No IO: the only state touched is the in-memory spend book.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, replace
 
 from proxy.config import DowngradeStep
@@ -55,16 +56,36 @@ def admit(
     blocked: BlockLookup | None,
     now: float,
 ) -> Admission:
+    """Admission against the in-process spend book: `admission` driven by `SpendBook.try_reserve`."""
+    steps = admission(policy, key, model, features, blocked, now)
+    amount = next(steps)
+    try:
+        while True:
+            amount = steps.send(policy.book.try_reserve(key, amount, now))
+    except StopIteration as done:
+        return done.value
+
+
+def admission(
+    policy: Policy,
+    key: str | None,
+    model: str,
+    features: RequestFeatures,
+    blocked: BlockLookup | None,
+    now: float,
+) -> Generator[float, Reservation | Refusal, Admission]:
+    """The admission decision without the reserving (sans-IO): yields each amount to reserve and is
+    sent what the spend store said (a Reservation or a Refusal); returns the Admission or raises
+    BudgetExceeded. The in-process book answers at once (`admit`), a shared one over the network."""
     plan, step, estimate = budgeted_plan(policy, key, model, features, blocked, now)
-    book = policy.book
-    outcome, needed = book.try_reserve(key, estimate, now), estimate
+    outcome, needed = (yield estimate), estimate
     if isinstance(outcome, Reservation):
         return Admission(plan, outcome, _describe(plan, f"step {step[0]} at {step[1].at:.0%}" if step else ""))
     if policy.config.budget.on_exhausted == "cheapest":
         cheaper = _cheapest_plan(policy.router, policy.prices, features, blocked, plan)
         if cheaper is not None:
             cheap_plan, cheap_estimate = cheaper
-            second = book.try_reserve(key, cheap_estimate, now)
+            second = yield cheap_estimate
             if isinstance(second, Reservation):
                 return Admission(cheap_plan, second, _describe(cheap_plan, "budget exhausted: cheapest"))
             outcome, needed = second, cheap_estimate  # quote what was tried last, not the dearer plan

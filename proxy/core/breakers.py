@@ -90,6 +90,22 @@ class CircuitBreakers:
             for target in list(itertools.islice(self._failures, MAX_TRACKED // 8)):
                 del self._failures[target]
 
+    def adopt(self, target: Target, block: Block, owners: frozenset[str] | None) -> None:
+        """A breaker another process opened (shared state): open here too, until the later of the
+        two, and applying to the union of the keys (everyone's once more than one key is involved,
+        as when failures of several keys open it here)."""
+        current = self._open.get(target)
+        if current is not None:
+            mine = self._owners.get(target)
+            owners = None if owners is None or mine is None or len(owners | mine) > 1 else owners | mine
+            if (current.until or 0.0) >= (block.until or 0.0):
+                block = current
+        self._open[target] = block
+        if owners:
+            self._owners[target] = owners
+        else:
+            self._owners.pop(target, None)
+
     def record_success(self, target: Target) -> None:
         if target in self._failures:
             del self._failures[target]

@@ -46,6 +46,7 @@ class Reservation:
     scope: str
     amount: float
     settled: bool = False
+    hold: str = ""  # the hold's id in a shared store ("": held in this process's book)
 
 
 @dataclass(slots=True)

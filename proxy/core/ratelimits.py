@@ -146,6 +146,12 @@ class RateLimits:
         if current is None or (current.until or 0) < until:
             self._blocked[target] = Block("rate_limited", until, f"{detail} until reset")
 
+    def adopt(self, target: Target, block: Block) -> None:
+        """A block another process saw (shared state): kept until the later of the two."""
+        current = self._blocked.get(target)
+        if current is None or (current.until or 0.0) < (block.until or 0.0):
+            self._blocked[target] = block
+
     def active(self, now: float) -> dict[Target, Block]:
         if self._blocked:
             for target in [t for t, b in self._blocked.items() if b.until is not None and b.until <= now]:

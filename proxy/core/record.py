@@ -82,6 +82,8 @@ class RequestRecord:
     abandoned: bool = False  # the proxy gave up before the upstream answered (shutdown): booked at the reservation
     flags: str | None = None  # figures clamped by `proxy.core.bounds`, e.g. "clamped:cost_usd"
     api: str = "chat"  # the client API it came in by (`proxy.core.apis`)
+    batch_id: str | None = None  # a batch line (`proxy.batch`): its batch and custom_id
+    custom_id: str | None = None
     settled: bool = False
 
     def note_origin(self, answer: dict[str, Any]) -> None:

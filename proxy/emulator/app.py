@@ -176,6 +176,7 @@ def create_emulator_app(
     app = web.Application()
     app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock)
     # Here, not at the top: these modules build on this one's helpers.
+    from .batches import add_batch_routes
     from .embeddings import add_embedding_routes
     from .legacy import add_completion_routes
     from .messages import register as register_messages
@@ -190,6 +191,7 @@ def create_emulator_app(
         add_embedding_routes(app.router, prefix)
         add_completion_routes(app.router, prefix)
     register_messages(app)  # POST /api/v1/messages
+    add_batch_routes(app)  # OpenRouter's Batch API
     app.router.add_routes(
         [
             web.get("/_emulator/faults", get_faults),

@@ -53,6 +53,7 @@ class AdminRoutes:
             ledger, cast(Period, period), cast(GroupBy, by), runtime.config.budget.timezone, now
         )
         book = runtime.policy.book
+        await request.app[STATE].spend.refresh(runtime.policy)  # the shared figures, on Redis
         book.roll(now)  # after midnight with no request since, the book still holds yesterday's figures
         report["budget"] = [
             {"scope": scope or "global", "window": window, "spent_usd": spent, "limit_usd": limit}
@@ -71,6 +72,7 @@ class AdminRoutes:
             "reload": reloader.status.as_dict() if reloader else None,
             "blocks": self._blocks(request),
             "process": {"pid": os.getpid()},  # which worker answered, under `serve --workers N`
+            "state": request.app[STATE].status(),
         }
         return web.Response(body=orjson.dumps(body), content_type=JSON)
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.cache.replay import StreamAssembler
-from proxy.core.admission import Admission, admit
+from proxy.core.admission import Admission
 from proxy.core.apis import Api
 from proxy.core.breakers import BlockView, CircuitBreakers
 from proxy.core.budget import Reservation
@@ -63,6 +63,7 @@ class ApiHandler:
         self._open = functools.partial(open_stream, path=api.path)
         self._breakers = state.breakers
         self._ratelimits = state.ratelimits
+        self._spend = state.spend
         self._accountant = accountant
         self._gauges = gauges
         self._inflight = inflight if inflight is not None else InFlight()
@@ -126,7 +127,7 @@ class ApiHandler:
         downgrade: str | None = None
         try:
             client_key.check_model(model_name)
-            admission = self._admit(runtime, client_key.name, model_name, features)
+            admission = await self._admit(runtime, client_key.name, model_name, features)
             plan, reservation, downgrade = admission.plan, admission.reservation, admission.downgrade
             record.virtual_model, record.downgrade = plan.chain_owner, admission.downgrade
             cache = runtime.cache if api.cacheable else None
@@ -309,10 +310,10 @@ class ApiHandler:
     def _blocked(self, runtime: Runtime, now: float, client: str | None) -> BlockView | None:
         return blocked(self._breakers, self._ratelimits, runtime, self._api, now, client)
 
-    def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
+    async def _admit(self, runtime: Runtime, key: str | None, model: str, features: RequestFeatures) -> Admission:
         now = self._accountant.now()
         try:
-            return admit(runtime.policy, key, model, features, self._blocked(runtime, now, key), now)
+            return await self._spend.admit(runtime.policy, key, model, features, self._blocked(runtime, now, key), now)
         except UnknownModel as exc:
             raise model_not_found(exc, runtime) from None
 

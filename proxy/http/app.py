@@ -20,17 +20,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.cache.response_cache import CacheSlot
-from proxy.config import Config
+from proxy.config import Config, State
 from proxy.core.apis import APIS
-from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendCounters
 from proxy.core.errors import Unauthorized
 from proxy.core.keys import bearer_matches
-from proxy.core.ratelimits import RateLimits
 from proxy.core.reconcile import SCHEDULE
 from proxy.http.admin import AdminRoutes
 from proxy.http.api import ApiHandler
 from proxy.http.appkeys import ACCOUNTANT, CACHE, INFLIGHT, METRICS, RECONCILER, RELOADER, RUNTIME, STATE
+from proxy.http.batches import BATCHES, BatchSlot, batch_context, halt_batches
+from proxy.http.batches import register as register_batch_routes
 from proxy.http.count_tokens import ROUTE as COUNT_TOKENS
 from proxy.http.count_tokens import count_tokens
 from proxy.http.errors import openai_errors, unknown_route
@@ -45,7 +44,8 @@ from proxy.ops.credits import poll_credits
 from proxy.ops.fleet import FleetFiles
 from proxy.ops.metrics import Metrics, StateCollector
 from proxy.ops.reload import Reloader, reload_context
-from proxy.ops.runtime import RuntimeRef, SharedState, build_runtime, cache_policy, snapshot_warnings
+from proxy.ops.runtime import RuntimeRef, build_runtime, cache_policy, snapshot_warnings
+from proxy.state.backend import StateConfigError, open_state
 
 log = logging.getLogger("orproxy")
 # aiohttp's own cap on a request body; the config's `max_body_bytes` is enforced per request
@@ -78,34 +78,48 @@ def create_app(
     `fleet`: the metrics directory of `serve --workers N`, whose workers' metrics every scrape sums."""
     env = os.environ if env is None else env
     app = web.Application(client_max_size=HARD_BODY_LIMIT)
-    state = SharedState(
-        SpendCounters(config.budget.timezone, clock()), CircuitBreakers(), RateLimits(clock=clock), clock
-    )
+    try:
+        state = open_state(config.state, env, config.budget.timezone, clock)
+    except StateConfigError as exc:  # refused at start-up, where the other resources are refused
+        state = open_state(State(), env, config.budget.timezone, clock)
+        app.cleanup_ctx.append(_refuse(str(exc)))
     fleet_files = FleetFiles(fleet) if fleet is not None else None
     metrics = Metrics(registry or CollectorRegistry(auto_describe=True), fleet_files)
     runtimes = RuntimeRef()
     accountant_ref: list[Accountant] = []  # the reconciler reads the ledger the accountant has open
     schedule = tuple(reconcile_schedule) if reconcile_schedule is not None else SCHEDULE
-    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule)
-    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock)
+    reconciler = Reconciler(runtimes, lambda: accountant_ref[0].ledger, clock, schedule=schedule, spend=state.spend)
+    accountant = Accountant((metrics.observe, log_access, reconciler.observe, *sinks), clock, state.spend)
     accountant_ref.append(accountant)
     inflight = InFlight()
-    cache = CacheSlot(clock)
-    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock)
+    cache = CacheSlot(clock, state.cache_opener())
+    collector = StateCollector(metrics, runtimes.peek, state.breakers, state.ratelimits, cache, clock, state.redis)
     metrics.registry.register(collector)
     if fleet_files is not None:
         app.cleanup_ctx.append(_fleet_figures(collector, fleet_files))
     app[STATE], app[METRICS], app[ACCOUNTANT], app[RUNTIME], app[CACHE] = state, metrics, accountant, runtimes, cache
     app[RECONCILER], app[INFLIGHT] = reconciler, inflight
     cache_file = Path(cache_path) if cache_path is not None else None
-    app.cleanup_ctx.append(_ledger(Path(ledger_path or config.ledger.path), config, env, clock))
+    ledger_file = Path(ledger_path or config.ledger.path)
+    app[BATCHES] = BatchSlot()
+    app.cleanup_ctx.append(_ledger(ledger_file, config, env, clock))
     app.cleanup_ctx.append(_response_cache(config, cache_file))
     app.cleanup_ctx.append(_first_runtime(config, env))
+    if state.redis is not None:
+        app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_reconciliation)
+    if config.ledger.backend == "sqlite":
+        app.cleanup_ctx.append(batch_context(ledger_file, config.shutdown_timeout_s))
+    else:
+        app[BATCHES].off = (
+            "The Batch API keeps its files and batches in the ledger's SQLite file; with `ledger.backend: "
+            f"{config.ledger.backend}` it is not available in this version."
+        )
     # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
     # while the upstream clients and the ledger are still open.
     app.cleanup_ctx.append(_in_flight_work(config.shutdown_timeout_s))
     app.on_shutdown.append(lambda app: _shutdown_began(app, config.shutdown_timeout_s))
+    app.on_shutdown.append(halt_batches)  # no new batch line once shutdown begins
     app.cleanup_ctx.append(_credit_poller)
     if config_path is not None:
         app[RELOADER] = Reloader(
@@ -139,6 +153,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", openai_errors(metrics_endpoint))
     AdminRoutes().register(app.router)
+    register_batch_routes(app.router)
     app.router.add_route("*", "/{tail:.*}", unknown_route)  # last: only what nothing else matched
     return app
 
@@ -204,6 +219,35 @@ def _first_runtime(config: Config, env: Mapping[str, str]):
             await app[RUNTIME].close()
 
     return context
+
+
+def _refuse(problem: str):
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        raise StartupError(problem)
+        yield
+
+    return context
+
+
+async def _shared_state(app: web.Application) -> AsyncIterator[None]:
+    """Redis seeded from the ledger (max, never added) and kept in step until shutdown; closed after
+    the requests in flight have settled (their contexts close first)."""
+    redis, counters = app[STATE].redis, app[STATE].counters
+    assert redis is not None
+    ledger = app[ACCOUNTANT].ledger
+
+    async def ledger_spend() -> tuple[dict[str, float], dict[str, float]]:
+        if ledger is None:
+            return {}, {}
+        counters.roll(app[STATE].clock())
+        return await recorded_spend(ledger, counters.calendar)
+
+    runtimes = app[RUNTIME]
+    await redis.start(ledger_spend, lambda: runtime.policy if (runtime := runtimes.peek()) else None)
+    try:
+        yield
+    finally:
+        await redis.close()
 
 
 async def _reconciliation(app: web.Application) -> AsyncIterator[None]:

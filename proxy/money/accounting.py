@@ -16,6 +16,7 @@ from proxy.core.pricing import Cost, PriceBook, Tokens
 from proxy.core.record import RequestRecord, billed_tokens
 from proxy.money.ledger_api import LedgerStore
 from proxy.money.ledger_rows import LedgerRow
+from proxy.state.spend import LocalSpend, SpendStore
 
 log = logging.getLogger("orproxy")
 CHAT_APIS = {api.name: api.model_kind == "chat" for api in APIS}  # the APIs chat models serve
@@ -31,10 +32,13 @@ class Accountant:
     snapshot's budget, writes the ledger row and tells the sinks. Holds no config: the policy
     comes with each call. The ledger is a resource opened at start-up and closed at shutdown."""
 
-    def __init__(self, sinks: Iterable[Sink] = (), clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, sinks: Iterable[Sink] = (), clock: Callable[[], float] = time.time, spend: SpendStore | None = None
+    ) -> None:
         self.ledger: LedgerStore | None = None
         self._sinks = tuple(sinks)
         self._clock = clock
+        self._spend = spend if spend is not None else LocalSpend()  # where the budget's book is kept
 
     def now(self) -> float:
         """The clock the spend book runs on (injected in tests)."""
@@ -81,10 +85,7 @@ class Accountant:
                 ", ".join(clamped),
             )
         # Booked in the day the request started, like its ledger row (`ts` is `started_at`).
-        if reservation is not None:
-            policy.book.settle(reservation, cost.usd, now, record.started_at)
-        elif cost.usd:
-            policy.book.add_spend(record.key_name, cost.usd, now, record.started_at)
+        await self._spend.settle(policy, reservation, record.key_name, cost.usd, now, record.started_at)
         self._notify(record, policy)
         if self.ledger is None:
             return
@@ -152,6 +153,8 @@ def _row(record: RequestRecord, tokens: Tokens) -> LedgerRow:
         cache_write_tokens=tokens.cache_write,
         flags=record.flags,
         api=record.api,
+        batch_id=record.batch_id,
+        custom_id=record.custom_id,
     )
 
 

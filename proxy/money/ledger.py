@@ -223,7 +223,7 @@ class Ledger:
         return {key: from_nano(total) for key, total in found}
 
     async def summary(
-        self, start: float, end: float, by: Literal["model", "virtual", "key", "api"]
+        self, start: float, end: float, by: Literal["model", "virtual", "key", "api", "batch"]
     ) -> list[SummaryRow]:
         """Per-group figures for [start, end), largest cost first; a missing group value is ""."""
         column = GROUP_COLUMNS.get(by)

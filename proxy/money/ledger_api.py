@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from proxy.config import Config
 from proxy.money.ledger_rows import LedgerRow, Reconciled, SummaryRow
 
-GroupBy = Literal["model", "virtual", "key", "api"]
+GroupBy = Literal["model", "virtual", "key", "api", "batch"]
 
 
 class LedgerStore(Protocol):

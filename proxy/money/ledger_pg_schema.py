@@ -53,6 +53,8 @@ PG_TYPES: dict[str, tuple[str, str]] = {
     "flags": ("TEXT", ""),
     "reconcile_tries": ("INTEGER", "NOT NULL DEFAULT 0"),
     "api": ("TEXT", "NOT NULL DEFAULT 'chat'"),
+    "batch_id": ("TEXT", ""),  # a batch line's batch (POST /v1/batches), else NULL
+    "custom_id": ("TEXT", ""),  # and its custom_id
 }
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass, fields
 
 from proxy.core.reconcile import ESTIMATED_SOURCES as ESTIMATED
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 COST_SOURCES = frozenset({"upstream", "catalogue", "override", "estimate", "cached", "reserved", "reconciled"})
 # Rows whose cost is not the upstream's own figure yet: reconciliation looks them up.
 ESTIMATED_SOURCES = tuple(sorted(ESTIMATED))
 NANO_PER_USD = 1_000_000_000
 
 SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
-GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name", "api": "api"}
+GROUP_COLUMNS = {"model": "model", "virtual": "virtual_model", "key": "key_name", "api": "api", "batch": "batch_id"}
 
 SCHEMA_SQL = (
     """
@@ -54,12 +54,15 @@ CREATE TABLE IF NOT EXISTS requests (
     estimate_nusd      INTEGER,                     -- a reconciled row: the estimate it was booked at first
     flags              TEXT,                        -- e.g. clamped:cost_usd (see proxy.core.bounds)
     reconcile_tries    INTEGER NOT NULL DEFAULT 0,  -- lookups of an estimated cost made so far
-    api                TEXT    NOT NULL DEFAULT 'chat'  -- chat | responses | messages | embeddings | completions
+    api                TEXT    NOT NULL DEFAULT 'chat',  -- chat | responses | messages | embeddings | completions
+    batch_id           TEXT,                        -- a batch line's batch (proxy.batch), else NULL
+    custom_id          TEXT                         -- and its custom_id
 );
 -- Covering indexes: period spend, per-key spend and pruning never touch the table.
 CREATE INDEX IF NOT EXISTS requests_ts_key_cost ON requests (ts, key_name, cost_nusd);
 CREATE INDEX IF NOT EXISTS requests_key_ts_cost ON requests (key_name, ts, cost_nusd);
 CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
+CREATE INDEX IF NOT EXISTS requests_batch ON requests (batch_id) WHERE batch_id IS NOT NULL;
 """
     + """
 -- The rows reconciliation still has to look up: a handful, so a partial index finds them at start-up.
@@ -97,6 +100,8 @@ COLUMNS = (
     "flags",
     "reconcile_tries",
     "api",
+    "batch_id",
+    "custom_id",
 )
 # Schema migrations: version -> the statements that take a file from it to the next version.
 MIGRATIONS = {
@@ -111,6 +116,11 @@ CREATE INDEX IF NOT EXISTS requests_unreconciled ON requests (ts)
     WHERE cost_source IN ('estimate', 'reserved') AND generation_id IS NOT NULL;
 """,
     3: "ALTER TABLE requests ADD COLUMN api TEXT NOT NULL DEFAULT 'chat';",
+    4: """
+ALTER TABLE requests ADD COLUMN batch_id TEXT;
+ALTER TABLE requests ADD COLUMN custom_id TEXT;
+CREATE INDEX IF NOT EXISTS requests_batch ON requests (batch_id) WHERE batch_id IS NOT NULL;
+""",
 }
 INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # SQLite caps the host parameters of one statement (32766 since 3.32, 999 before).
@@ -168,6 +178,8 @@ class LedgerRow:
     flags: str | None = None  # figures clamped when the row was built
     reconcile_tries: int = 0
     api: str = "chat"  # the client API the request came in by
+    batch_id: str | None = None  # a batch line: its batch and custom_id
+    custom_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +269,8 @@ def to_params(row: LedgerRow) -> tuple:
         row.flags,
         row.reconcile_tries,
         row.api,
+        row.batch_id,
+        row.custom_id,
     )
 
 

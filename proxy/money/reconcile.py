@@ -27,6 +27,7 @@ from proxy.core.record import RequestRecord
 from proxy.money.ledger_api import LedgerStore
 from proxy.money.ledger_rows import LedgerRow, Reconciled
 from proxy.ops.runtime import RuntimeRef
+from proxy.state.spend import LocalSpend, SpendStore
 from proxy.upstream.client import UpstreamError
 
 log = logging.getLogger("orproxy.reconcile")
@@ -57,7 +58,9 @@ class Reconciler:
         *,
         concurrency: int = 4,
         schedule: tuple[float, ...] = SCHEDULE,
+        spend: SpendStore | None = None,
     ) -> None:
+        self._spend = spend if spend is not None else LocalSpend()
         self._runtimes = runtimes
         self._ledger = ledger
         self._clock = clock
@@ -175,7 +178,7 @@ class Reconciler:
         if not await ledger.reconcile(lookup.request_id, lookup.generation_id, correction):
             return  # reconciled already (another process, or a row that was pruned)
         delta = generation.cost_usd - lookup.booked_usd
-        policy.book.adjust(lookup.key_name, delta, lookup.started_at, self._clock())
+        await self._spend.adjust(policy, lookup.key_name, delta, lookup.started_at, self._clock())
         self.reconciled += 1
         log.info(
             "reconciled request %s (generation %s): $%.9f estimated, $%.9f billed",

@@ -15,7 +15,7 @@ from proxy.money.ledger_rows import SummaryRow
 
 Period = Literal["day", "month"]
 PERIODS = ("day", "month")
-GROUPS = ("model", "virtual", "key", "api")
+GROUPS = ("model", "virtual", "key", "api", "batch")
 
 
 def period_bounds(period: Period, timezone: str, now: float) -> tuple[float, float]:

@@ -34,10 +34,12 @@ from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 if TYPE_CHECKING:
     from proxy.ops.runtime import Runtime
+    from proxy.state.backend import RedisState
 
 IN_FLIGHT_HELP = "Client requests being served"
 CACHE_HITS_HELP = "Requests answered from the response cache"
 CACHE_MISSES_HELP = "Cacheable requests that had to go upstream"
+STATE_ERRORS_HELP = "Calls to the shared state backend that failed"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -102,7 +104,11 @@ class Metrics:
         self.fallbacks = tally(
             "orproxy_fallbacks", "Moves to the next chain member", ["virtual_model", "from_model", "reason"]
         )
+        self.batch_lines = tally("orproxy_batch_lines", "Batch lines by what became of them", ["outcome"])
+        self.batch_cost = tally("orproxy_batch_cost_usd", "Money spent upstream on batch lines, USD", ["key"])
         tallies: list[Tally | LatencyTally] = [
+            self.batch_lines,
+            self.batch_cost,
             self.requests,
             self.cost,
             self.baseline,
@@ -135,6 +141,8 @@ class Metrics:
         self.duration.observe((virtual, api), record.latency_s)
         if record.cost is not None and record.cost.usd:
             self.cost.add((virtual, model, key, api), record.cost.usd)
+            if record.batch_id is not None:
+                self.batch_cost.add((key,), record.cost.usd)
         if record.baseline_usd:
             self.baseline.add((virtual, key), record.baseline_usd)
         if record.cached and record.saved_usd:
@@ -166,7 +174,9 @@ class StateCollector(Collector):
         ratelimits: RateLimits,
         cache: CacheSlot,
         clock: Callable[[], float] = time.time,
+        shared: RedisState | None = None,
     ) -> None:
+        self._shared = shared  # None: the state is in this process
         self._metrics = metrics
         self._current = current
         self._cache = cache
@@ -211,6 +221,7 @@ class StateCollector(Collector):
         yield used
         if fleet is None:
             yield from self._cache_counters()
+        yield from self._state_health(fleet is None)
 
     def _write_out(self, fleet: FleetFiles) -> None:
         """This worker's per-process figures, into its files (the others write theirs every second)."""
@@ -219,10 +230,25 @@ class StateCollector(Collector):
         if file is not None:
             fleet.counter("orproxy_cache_hits", CACHE_HITS_HELP, file.hits)
             fleet.counter("orproxy_cache_misses", CACHE_MISSES_HELP, file.misses)
+        if self._shared is not None:
+            fleet.counter("orproxy_state_errors", STATE_ERRORS_HELP, self._shared.health.errors)
 
     def write_out(self) -> None:
         if self._metrics.fleet is not None:
             self._write_out(self._metrics.fleet)
+
+    def _state_health(self, with_errors: bool) -> Iterator[Metric]:
+        """Whether the shared state answers, as this process sees it (each worker connects on its own)."""
+        up = GaugeMetricFamily(
+            "orproxy_state_backend_up", "1 while the shared state backend answers (local: always)", labels=["backend"]
+        )
+        shared = self._shared
+        up.add_metric(["local" if shared is None else "redis"], 1.0 if shared is None or shared.health.up else 0.0)
+        yield up
+        if with_errors:  # in a fleet, the count is every worker's, through the files
+            errors = CounterMetricFamily("orproxy_state_errors", STATE_ERRORS_HELP)
+            errors.add_metric([], 0 if shared is None else shared.health.errors)
+            yield errors
 
     def _budget(self, policy: Policy, now: float) -> Iterator[Metric]:
         book = policy.book

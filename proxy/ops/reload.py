@@ -159,6 +159,8 @@ class Reloader:
             calendar = BudgetCalendar.at(ZoneInfo(config.budget.timezone), now)
             await ledger.flush()  # rows settled a moment ago count too
             rebase = (calendar, *await recorded_spend(ledger, calendar))
+            if self._state.redis is not None:  # the shared counters of the new zone's day and month
+                await self._state.redis.seed(*rebase[1:], calendar=calendar)
         dumped = config.model_dump(mode="json")
         applied = [
             key

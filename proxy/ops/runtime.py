@@ -13,34 +13,22 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.cache.policy import CachePolicy
 from proxy.cache.response_cache import ResponseCache
 from proxy.config import Config
 from proxy.core.apis import APIS, Api
-from proxy.core.breakers import CircuitBreakers
-from proxy.core.budget import SpendCounters
 from proxy.core.models import model_index, render_models
 from proxy.core.policy import Policy
 from proxy.core.pricing import Catalogue
-from proxy.core.ratelimits import RateLimits
 from proxy.core.routing import Block
+from proxy.state.backend import SharedState
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.executor import Executor
 
 log = logging.getLogger("orproxy")
-
-
-@dataclass(frozen=True, slots=True)
-class SharedState:
-    """The long-lived state every snapshot reads: spend, breakers, rate-limit readings."""
-
-    counters: SpendCounters
-    breakers: CircuitBreakers
-    ratelimits: RateLimits
-    clock: Callable[[], float] = time.time  # the wall clock of budgets, breakers and blocks (injected in tests)
 
 
 @dataclass(slots=True, eq=False)

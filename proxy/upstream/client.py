@@ -103,6 +103,24 @@ class UpstreamClient:
             raise UpstreamError(dropped_failure("the generation lookup answered with invalid JSON")) from None
         return payload if isinstance(payload, dict) else None
 
+    async def call(
+        self, method: str, path: str, *, payload: bytes | None = None, params: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """A JSON call to the upstream's own API (OpenRouter's `/batches`): the status and the parsed
+        body (None when it is not JSON). Timeouts and connection failures raise UpstreamError."""
+        try:
+            async with self._session.request(method, self.base_url + path, data=payload, params=params) as response:
+                raw = await response.read()
+                status = response.status
+        except TimeoutError:
+            raise UpstreamError(timeout_failure(f"{method} {path} on upstream {self.name}")) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(connection_failure(f"{type(exc).__name__}: {exc}")) from None
+        try:
+            return status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return status, None
+
     async def post(
         self,
         payload: bytes,

@@ -433,9 +433,36 @@ async def test_a_version_2_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         await ledger.close()
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
         indexes = {name for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "requests_unreconciled" in indexes
+
+
+async def test_a_version_4_file_gains_the_batch_columns(tmp_path) -> None:
+    """Files written before the Batch API keep their rows (no batch), and take batch lines' rows."""
+    path = tmp_path / "v4.db"
+    ledger = await Ledger.open(path, prune=False)
+    await ledger.record(row("before"))
+    await ledger.close()
+    with sqlite3.connect(path) as raw:  # back to version 4's shape, as a proxy of that version left it
+        raw.executescript("""
+            DROP INDEX requests_batch;
+            ALTER TABLE requests DROP COLUMN batch_id;
+            ALTER TABLE requests DROP COLUMN custom_id;
+            PRAGMA user_version = 4;
+        """)
+    ledger = await Ledger.open(path, prune=False)
+    try:
+        await ledger.record(row("line", batch_id="batch_1", custom_id="item-7"))
+        old, line = await ledger.rows()
+        assert (old.request_id, old.batch_id, old.custom_id) == ("before", None, None)
+        assert (line.batch_id, line.custom_id) == ("batch_1", "item-7")
+        (grouped,) = [g for g in await ledger.summary(0, 1e12, "batch") if g.group == "batch_1"]
+        assert grouped.requests == 1
+    finally:
+        await ledger.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (5,)
 
 
 async def test_reconciling_a_row_keeps_its_estimate(ledger: Ledger) -> None:

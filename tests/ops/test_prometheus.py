@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -294,8 +295,8 @@ def shows_something(result: list[dict[str, Any]]) -> bool:
 
 async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], within_s: float) -> int:
     """Each dashboard needs its kind of traffic: costs, a failing primary (fallbacks, retries, a
-    cooldown), a rate-limit reading, streams (time to first token), some client errors, and the
-    same cacheable request again and again (what the response cache saved)."""
+    cooldown), a rate-limit reading, streams (time to first token), some client errors, the
+    same cacheable request again and again (what the response cache saved), and batches."""
     emulator.state.faults.set("anthropic/claude-sonnet-4.5", Fault(status=503))  # quality's primary
     emulator.state.faults.set("mistralai/mistral-7b-instruct", Fault(rate_limit=(100, 5, 4_000_000_000_000)))
     client = proxy.client(api_key=APP_KEY)
@@ -309,6 +310,19 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
         with contextlib.suppress(Exception):
             await client.chat.completions.create(model="no-such-model", messages=HELLO)
 
+    async def batch() -> None:  # the batch panels: a small batch each round, its lines run by the proxy
+        lines = [
+            {
+                "custom_id": f"{sent}-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "cheap", "messages": HELLO},
+            }
+            for i in range(2)
+        ]
+        uploaded = await client.files.create(file=("b.jsonl", b"\n".join(map(orjson.dumps, lines))), purpose="batch")
+        await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         await asyncio.gather(
@@ -319,6 +333,7 @@ async def drive_traffic(proxy, emulator, until: Callable[[], Awaitable[bool]], w
             stream("balanced"),
             bogus(),
             client.chat.completions.create(model="balanced", messages=HELLO, temperature=0),
+            batch(),
         )
         sent += 7
         if await until():

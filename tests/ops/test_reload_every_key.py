@@ -28,6 +28,7 @@ from proxy.emulator import Fault
 from proxy.http.app import prune_ledger
 from proxy.http.appkeys import RELOADER, RUNTIME, STATE
 from proxy.money.ledger import LedgerRow
+from tests.support import batch_probes as batch
 from tests.support.gateway import UPSTREAM_KEY, Emulator, Proxy
 from tests.support.timing import Clock, cache_writes_settled, wait_for
 
@@ -599,7 +600,7 @@ CASES = [
     Case("state.url_env", "REDIS_URL", RESTART),
     Case("state.prefix", "other:", RESTART),
     Case("state.on_state_error", "local", RESTART),
-    Case("state.timeout_ms", 500, RESTART),
+    Case("state.timeout_ms", 1000, RESTART),
     Case("rate_limits.warn_below", 0.9, early_warning),
     Case("admin.key_env", "OTHER_ADMIN_KEY", other_admin_key),
     Case("server.header_timeout_s", 0.2, slow_headers_cut_off, realtime="a deadline on a real socket"),
@@ -613,6 +614,31 @@ CASES = [
         scraped_with_its_own_key,
         start={"keys": [{"name": "bot", "key_env": "BOT_PROXY_KEY"}]},
     ),
+    Case("batches.concurrency", 1, batch.one_line_at_a_time, realtime="batch lines held 0.1 s at the emulator"),
+    Case(
+        "batches.budget_share",
+        1e-9,
+        batch.paused_by_the_share,
+        start={"budget.daily_usd": 10},
+        before=batch.spend_a_batch,
+    ),
+    Case(
+        "batches.prefer",
+        "cheapest",
+        batch.cheapest_member_first,
+        start={"models.cheap": {"chain": [{"model": "gpt-4o-mini", "upstream": "openai"}, MISTRAL]}},
+    ),
+    Case("batches.upstream", "openrouter", batch.sent_to_openrouter_batches),
+    Case("batches.busy_in_flight", 1, batch.waits_for_live_traffic, realtime="an interactive request held 0.4 s"),
+    Case(
+        "batches.poll_s",
+        0.05,
+        batch.slow_openrouter_batch,
+        start={"batches.upstream": "openrouter"},
+        realtime="an OpenRouter batch that takes 0.3 s",
+    ),
+    Case("batches.max_lines", 2, batch.two_lines_at_most),
+    Case("batches.max_file_bytes", 2048, batch.small_files_only),
 ]
 
 

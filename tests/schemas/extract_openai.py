@@ -24,6 +24,11 @@ ROOTS = (
     "Model",
     "ListModelsResponse",
     "ErrorResponse",
+    # The Batch API (issue 14): the batch and file objects, a list of batches, a deleted file.
+    "Batch",
+    "ListBatchesResponse",
+    "OpenAIFile",
+    "DeleteFileResponse",
 )
 PREFIX = "#/components/schemas/"
 
@@ -69,8 +74,9 @@ def main(path: str) -> None:
     document = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$comment": "Extracted by tests/schemas/extract_openai.py from openai/openai-openapi openapi.json (commit "
-        "f85dbe2): the Responses API object and stream events, embeddings, legacy completions, models and "
-        "errors, refs rewritten to $defs and `nullable: true` rewritten as anyOf with null.",
+        "f85dbe2): the Responses API object and stream events, embeddings, legacy completions, models, "
+        "errors, and the Batch API's batch and file objects, refs rewritten to $defs and `nullable: true` "
+        "rewritten as anyOf with null.",
         "$defs": {name: rewrite(schemas[name]) for name in sorted(wanted)},
     }
     json.dump(document, sys.stdout, indent=1, sort_keys=True)

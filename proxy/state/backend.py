@@ -113,14 +113,15 @@ class RedisState:
     ) -> None:
         url = redis_url(config, env)
         timeout = config.timeout_ms / 1000
-        # One retry on a fresh connection (a pooled one may have died with a restarted Redis), no
-        # waiting between: a request never waits on Redis for more than twice the timeout.
+        # No retry: a script whose reply was lost may have run, and running a settlement twice would
+        # count its cost twice. A failed call is an outage (on_state_error), over within SYNC_S when
+        # Redis answers again (a restarted Redis costs one failed batch on the dead connection).
         # Commands packed in C (hiredis); a rediss:// or unix:// URL picks redis-py's own connection.
         self.client = Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 0),
             connection_class=PackedInC,
         )
         self.prefix = config.prefix

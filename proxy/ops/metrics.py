@@ -31,7 +31,7 @@ from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 if TYPE_CHECKING:
     from proxy.ops.runtime import Runtime
-    from proxy.state.backend import RedisState
+    from proxy.state.redis_backend import RedisState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

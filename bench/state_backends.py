@@ -26,7 +26,8 @@ from pathlib import Path
 
 import aiohttp
 from redis import Redis
-from run import API_KEY, BENCH, PROMPT, cpu_seconds, free_port, say
+from run import API_KEY, BENCH, cpu_seconds, free_port, say
+from shapes import PROMPT
 
 BUDGET = "\nbudget: {daily_usd: 1000000}\nadmin: {key_env: BENCH_ADMIN_KEY}\n"
 

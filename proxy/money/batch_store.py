@@ -1,24 +1,34 @@
-"""Batch storage: uploaded files, batches and each line's progress, in the ledger's SQLite file.
+"""Batch storage: uploaded files, batches and each line's progress, in the ledger's database: the
+SQLite file here, PostgreSQL in `proxy.money.batch_store_pg` (`open_batch_store` picks by
+`ledger.backend`).
 
-Behind a small interface (`BatchStore`), so another database can hold them once the ledger moves
-there. A line run by the proxy moves pending -> running (its request id noted before it is sent)
+Behind a small interface (`BatchStore`). A line run by the proxy moves pending -> running (claimed
+by one runner, its owner, and its request id noted, in one statement, before it is sent)
 -> answered (its answer kept) -> done (once its ledger row is written); a line sent in an OpenRouter
 batch moves pending -> submitting (noted before the upstream batch is created) -> submitted (its id
 noted) -> done. The ledger's own `requests` table is read (never written) to know which lines were
 booked.
+
+Ownership: a runner claims the lines it runs under its own id, with a lease it renews while it
+lives. Lines `running` or `answered` whose owner died are adopted by another runner (`adopt`): on
+PostgreSQL once their lease has lapsed (any number of replicas share the database), on SQLite at
+once (one proxy process per file: a line another process owns was left by a dead one).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aiosqlite
 import orjson
 
+from proxy.config import Config
 from proxy.core.batch import ACTIVE, TERMINAL, BatchRecord, FileRecord, InputLine, LineError, LineResult
+from proxy.money.ledger_api import postgres_dsn
 from proxy.money.ledger_rows import from_nano
 
 SCHEMA = """
@@ -47,10 +57,25 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     upstream_batch TEXT,              -- the OpenRouter batch it was submitted in
     result         BLOB,              -- LineResult as JSON, once done
     succeeded      INTEGER,
+    owner          TEXT,              -- the runner that claimed it (running / answered)
+    lease_until    REAL,              -- epoch seconds; renewed by its owner while it lives
     PRIMARY KEY (batch_id, line)
 );
 CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state);
 """
+
+
+# Columns added since the table was first shipped (a file made by an older proxy gets them on open).
+ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"))
+LEASE_S = 30.0  # a claimed line's lease: its owner renews it every third of this
+
+
+class Adopted(NamedTuple):
+    """A line taken over from a runner that died: its request id and, once answered, its answer."""
+
+    line: InputLine
+    request_id: str | None
+    result: LineResult | None
 
 
 class BatchStore(Protocol):
@@ -64,7 +89,9 @@ class BatchStore(Protocol):
     async def active_batches(self) -> list[BatchRecord]: ...
     async def save_batch(self, batch: BatchRecord, expect: str | None = None) -> bool: ...
     async def lines(self, batch_id: str, state: str, limit: int) -> list[tuple[InputLine, str | None]]: ...
-    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None: ...
+    async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]: ...
+    async def renew(self, owner: str) -> int: ...
+    async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(
@@ -73,7 +100,6 @@ class BatchStore(Protocol):
     async def submitted(self, batch_id: str, state: str = "submitted") -> dict[str, list[InputLine]]: ...
     async def known_upstream_batches(self) -> set[str]: ...
     async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None: ...
-    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None: ...
     async def results(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def billed(self, request_ids: Iterable[str]) -> set[str]: ...
@@ -81,6 +107,16 @@ class BatchStore(Protocol):
     async def batch_spend_since(self, start: float) -> float: ...
     async def prune(self, before: float) -> int: ...
     async def close(self) -> None: ...
+
+
+async def open_batch_store(config: Config, env: Mapping[str, str], path: Path | None = None) -> BatchStore:
+    """The store in the database of the ledger `config.ledger` describes (`path` overrides
+    `ledger.path` for sqlite). Raises LedgerUnavailable (postgres) or OSError / sqlite3.Error."""
+    if config.ledger.backend == "postgres":
+        from proxy.money.batch_store_pg import PgBatchStore
+
+        return await PgBatchStore.open(postgres_dsn(config, env))
+    return await SqliteBatchStore.open(path or Path(config.ledger.path))
 
 
 class SqliteBatchStore:
@@ -99,6 +135,10 @@ class SqliteBatchStore:
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.executescript(SCHEMA)
+            have = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(batch_lines)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in have:
+                    await db.execute(f"ALTER TABLE batch_lines ADD COLUMN {name} {kind}")
         except BaseException:
             await db.close()
             raise
@@ -172,7 +212,7 @@ class SqliteBatchStore:
     # --- batches -----------------------------------------------------------------------
     async def create_batch(self, batch: BatchRecord, lines: Sequence[InputLine]) -> None:
         statements: list[tuple[str, Sequence[Any]]] = [
-            ("INSERT INTO batches (id, status, record) VALUES (?, ?, ?)", (batch.id, batch.status, _dump(batch)))
+            ("INSERT INTO batches (id, status, record) VALUES (?, ?, ?)", (batch.id, batch.status, dump_batch(batch)))
         ]
         statements += [
             (
@@ -185,7 +225,7 @@ class SqliteBatchStore:
 
     async def batch(self, batch_id: str) -> BatchRecord | None:
         row = await self._one("SELECT record FROM batches WHERE id = ?", (batch_id,))
-        return _load(row[0]) if row else None
+        return load_batch(row[0]) if row else None
 
     async def batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
         """Newest first; `after`: the last id of the previous page."""
@@ -193,17 +233,20 @@ class SqliteBatchStore:
             found = await self._all("SELECT record FROM batches ORDER BY id DESC LIMIT ?", (limit,))
         else:
             found = await self._all("SELECT record FROM batches WHERE id < ? ORDER BY id DESC LIMIT ?", (after, limit))
-        return [_load(row[0]) for row in found]
+        return [load_batch(row[0]) for row in found]
 
     async def active_batches(self) -> list[BatchRecord]:
         marks = ", ".join("?" * len(ACTIVE))
         found = await self._all(f"SELECT record FROM batches WHERE status IN ({marks}) ORDER BY id", ACTIVE)
-        return [_load(row[0]) for row in found]
+        return [load_batch(row[0]) for row in found]
 
     async def save_batch(self, batch: BatchRecord, expect: str | None = None) -> bool:
         """Write the batch; with `expect`, only if its stored status is still that one (a cancel
         from another process or request is never overwritten by a stale copy)."""
-        sql, params = "UPDATE batches SET status = ?, record = ? WHERE id = ?", [batch.status, _dump(batch), batch.id]
+        sql, params = (
+            "UPDATE batches SET status = ?, record = ? WHERE id = ?",
+            [batch.status, dump_batch(batch), batch.id],
+        )
         if expect is not None:
             sql += " AND status = ?"
             params.append(expect)
@@ -222,25 +265,46 @@ class SqliteBatchStore:
             (InputLine(line, custom_id, orjson.loads(body)), request_id) for line, custom_id, body, request_id in found
         ]
 
-    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None:
-        """Note the lines as sent, each under the request id `{batch_id}-{line}`, in one statement."""
-        marks = ", ".join("?" * len(lines))
-        await self._write(
+    async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]:
+        """Take up to `limit` pending lines, in file order, for `owner`: each is noted running under
+        the request id `{batch_id}-{line}`, in one statement (a line is claimed once)."""
+        found = await self._all(
+            "UPDATE batch_lines SET state = 'running', request_id = batch_id || '-' || line, owner = ?, "
+            "lease_until = ? WHERE batch_id = ? AND state = 'pending' AND line IN (SELECT line FROM batch_lines "
+            "WHERE batch_id = ? AND state = 'pending' ORDER BY line LIMIT ?) RETURNING line, custom_id, body",
+            (owner, time.time() + LEASE_S, batch_id, batch_id, limit),
+        )
+        return sorted((InputLine(line, custom_id, orjson.loads(body)) for line, custom_id, body in found), key=_number)
+
+    async def renew(self, owner: str) -> int:
+        """Extend the lease of every line `owner` runs; how many."""
+        (changed,) = await self._write(
             [
                 (
-                    "UPDATE batch_lines SET state = 'running', request_id = batch_id || '-' || line "
-                    f"WHERE batch_id = ? AND line IN ({marks})",
-                    (batch_id, *lines),
+                    "UPDATE batch_lines SET lease_until = ? WHERE owner = ? AND state IN ('running', 'answered')",
+                    (time.time() + LEASE_S, owner),
                 )
             ]
         )
+        return changed
+
+    async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]:
+        """Lines in `state` (running / answered) another process left behind, now `owner`'s. One
+        proxy process uses the file: every other owner is a process that stopped."""
+        found = await self._all(
+            "UPDATE batch_lines SET owner = ?, lease_until = ? WHERE batch_id = ? AND state = ? "
+            "AND (owner IS NULL OR owner != ?) RETURNING line, custom_id, body, request_id, result",
+            (owner, time.time() + LEASE_S, batch_id, state, owner),
+        )
+        return adopted(found)
 
     async def release_line(self, batch_id: str, line: int) -> None:
         """A line that was not sent after all (refused by the budget before any upstream call)."""
         await self._write(
             [
                 (
-                    "UPDATE batch_lines SET state = 'pending', request_id = NULL WHERE batch_id = ? AND line = ?",
+                    "UPDATE batch_lines SET state = 'pending', request_id = NULL, owner = NULL "
+                    "WHERE batch_id = ? AND line = ?",
                     (batch_id, line),
                 )
             ]
@@ -279,21 +343,17 @@ class SqliteBatchStore:
 
     async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None:
         """Keep a line's answer before it is booked: a crash between the two leaves it `answered`,
-        and the next start books it (unless its ledger row was written) instead of losing it."""
+        and the next start books it (unless its ledger row was written) instead of losing it. Only
+        a running line: one adopted meanwhile (reported interrupted) stays as it is."""
         await self._write(
             [
                 (
-                    "UPDATE batch_lines SET state = 'answered', result = ? WHERE batch_id = ? AND line = ?",
-                    (orjson.dumps(_result_json(result)), batch_id, line),
+                    "UPDATE batch_lines SET state = 'answered', result = ? "
+                    "WHERE batch_id = ? AND line = ? AND state = 'running'",
+                    (orjson.dumps(result_json(result)), batch_id, line),
                 )
             ]
         )
-
-    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]:
-        found = await self._all(
-            "SELECT line, result FROM batch_lines WHERE batch_id = ? AND state = 'answered' ORDER BY line", (batch_id,)
-        )
-        return [(line, LineResult(**orjson.loads(result))) for line, result in found]
 
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None:
         """Keep the lines' results and count them on the batch, in one transaction. A line already
@@ -304,7 +364,7 @@ class SqliteBatchStore:
             (
                 "UPDATE batch_lines SET state = 'done', result = ?, succeeded = ?, "
                 "request_id = coalesce(?, request_id) WHERE batch_id = ? AND line = ? AND state != 'done'",
-                (orjson.dumps(_result_json(result)), int(result.succeeded), result.request_id, batch_id, line),
+                (orjson.dumps(result_json(result)), int(result.succeeded), result.request_id, batch_id, line),
             )
             for line, result in done
         ]
@@ -358,7 +418,26 @@ class SqliteBatchStore:
         return from_nano(row[0] if row else None)
 
 
-def _result_json(result: LineResult) -> dict[str, Any]:
+def _number(line: InputLine) -> int:
+    return line.line
+
+
+def adopted(found: Iterable[Sequence[Any]]) -> list[Adopted]:
+    """Rows of (line, custom_id, body, request_id, result) as Adopted, in file order."""
+    return sorted(
+        (
+            Adopted(
+                InputLine(line, custom_id, orjson.loads(body)),
+                request_id,
+                LineResult(**orjson.loads(result)) if result is not None else None,
+            )
+            for line, custom_id, body, request_id, result in found
+        ),
+        key=lambda taken: taken.line.line,
+    )
+
+
+def result_json(result: LineResult) -> dict[str, Any]:
     return {
         "custom_id": result.custom_id,
         "request_id": result.request_id,
@@ -370,14 +449,14 @@ def _result_json(result: LineResult) -> dict[str, Any]:
     }
 
 
-def _dump(batch: BatchRecord) -> bytes:
+def dump_batch(batch: BatchRecord) -> bytes:
     fields = {name: getattr(batch, name) for name in BatchRecord.__slots__}
     fields["errors"] = [error.to_object() for error in batch.errors]
     fields["metadata"] = dict(batch.metadata) if batch.metadata is not None else None
     return orjson.dumps(fields)
 
 
-def _load(raw: bytes) -> BatchRecord:
+def load_batch(raw: bytes) -> BatchRecord:
     fields = orjson.loads(raw)
     fields["errors"] = tuple(
         LineError(e["line"], e["code"], e["message"], e.get("param")) for e in fields.get("errors") or ()

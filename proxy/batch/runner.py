@@ -13,7 +13,9 @@ its own id (`claim_lines`: a line is claimed by one runner), renews its claims' 
 lives, and adopts only lines whose owner stopped (`adopt`: on PostgreSQL, once their lease has
 lapsed): what `answered` and `running` mean above applies to those, at start-up and every
 `RECOVER_EVERY_S` after (a replica that died is recovered by those that live on). Finishing a
-batch is a compare-and-set on its status, so one replica moves it to `finalizing`.
+batch is a compare-and-set on its status, so one replica moves it to `finalizing`. A batch sent to
+OpenRouter's Batch API (`batches.upstream: openrouter`) is held by one replica at a time (`hold`,
+the same lease): only it submits, resolves and polls its upstream batches, so none is sent twice.
 """
 
 from __future__ import annotations
@@ -133,11 +135,10 @@ class BatchRunner:
         """Apart from the loop (a slow step never lets a lease lapse), while lines may run."""
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
-            if self._tasks:
-                try:
-                    await self._store.renew(self.owner)
-                except Exception:
-                    log.exception("batch runner: renewing its lines' lease failed; retrying")
+            try:
+                await self._store.renew(self.owner)
+            except Exception:
+                log.exception("batch runner: renewing its leases failed; retrying")
 
     async def stop(self, timeout_s: float) -> None:
         """Start no line; let those in flight finish within `timeout_s`, then cancel them (each
@@ -222,6 +223,8 @@ class BatchRunner:
                 continue
             stopping = batch.status == CANCELLING or now >= batch.expires_at
             if batch.upstream == "openrouter":
+                if not await self._store.hold(batch.id, self.owner):
+                    continue  # another replica submits, polls and runs it (never two: no double submission)
                 await self._upstream.poll(batch, runtime)
             started = not stopping and await self._dispatch(batch, runtime, now)
             if not started and in_flight == 0 and await self._drained(batch):

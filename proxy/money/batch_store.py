@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS batch_files (
 CREATE TABLE IF NOT EXISTS batches (
     id     TEXT PRIMARY KEY,
     status TEXT NOT NULL,
-    record BLOB NOT NULL              -- the BatchRecord as JSON
+    record BLOB NOT NULL,             -- the BatchRecord as JSON
+    owner       TEXT,                 -- the runner that submits and polls its OpenRouter batches
+    lease_until REAL
 );
 CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
 CREATE TABLE IF NOT EXISTS batch_lines (
@@ -65,8 +67,8 @@ CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state);
 """
 
 
-# Columns added since the table was first shipped (a file made by an older proxy gets them on open).
-ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"))
+# Columns added since the tables were first shipped (a file made by an older proxy gets them on open).
+ADDED_COLUMNS = (("owner", "TEXT"), ("lease_until", "REAL"))  # to batch_lines and batches
 LEASE_S = 30.0  # a claimed line's lease: its owner renews it every third of this
 
 
@@ -92,6 +94,7 @@ class BatchStore(Protocol):
     async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]: ...
     async def renew(self, owner: str) -> int: ...
     async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]: ...
+    async def hold(self, batch_id: str, owner: str) -> bool: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(
@@ -135,10 +138,11 @@ class SqliteBatchStore:
             await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.executescript(SCHEMA)
-            have = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(batch_lines)")}
-            for name, kind in ADDED_COLUMNS:
-                if name not in have:
-                    await db.execute(f"ALTER TABLE batch_lines ADD COLUMN {name} {kind}")
+            for table in ("batch_lines", "batches"):
+                have = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+                for name, kind in ADDED_COLUMNS:
+                    if name not in have:
+                        await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         except BaseException:
             await db.close()
             raise
@@ -277,16 +281,26 @@ class SqliteBatchStore:
         return sorted((InputLine(line, custom_id, orjson.loads(body)) for line, custom_id, body in found), key=_number)
 
     async def renew(self, owner: str) -> int:
-        """Extend the lease of every line `owner` runs; how many."""
-        (changed,) = await self._write(
+        """Extend the lease of every line `owner` runs (and of the batches it holds); how many lines."""
+        lease = time.time() + LEASE_S
+        changed = await self._write(
             [
                 (
                     "UPDATE batch_lines SET lease_until = ? WHERE owner = ? AND state IN ('running', 'answered')",
-                    (time.time() + LEASE_S, owner),
-                )
+                    (lease, owner),
+                ),
+                ("UPDATE batches SET lease_until = ? WHERE owner = ?", (lease, owner)),
             ]
         )
-        return changed
+        return changed[0]
+
+    async def hold(self, batch_id: str, owner: str) -> bool:
+        """Whether `owner` is the one runner that submits and polls this batch's OpenRouter batches
+        (one process per file: it always is)."""
+        (changed,) = await self._write(
+            [("UPDATE batches SET owner = ?, lease_until = ? WHERE id = ?", (owner, time.time() + LEASE_S, batch_id))]
+        )
+        return changed > 0
 
     async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]:
         """Lines in `state` (running / answered) another process left behind, now `owner`'s. One

@@ -39,7 +39,9 @@ SCHEMA = (
     status        TEXT   NOT NULL,
     created_at    BIGINT NOT NULL,
     input_file_id TEXT   NOT NULL,
-    record        BYTEA  NOT NULL       -- the BatchRecord as JSON
+    record        BYTEA  NOT NULL,      -- the BatchRecord as JSON
+    owner         TEXT,                 -- the replica that submits and polls its OpenRouter batches
+    lease_until   DOUBLE PRECISION
 )""",
     f"CREATE INDEX IF NOT EXISTS {BATCHES}_status ON {BATCHES} (status)",
     f"""CREATE TABLE IF NOT EXISTS {LINES} (
@@ -214,11 +216,25 @@ class PgBatchStore:
         return sorted((InputLine(r[0], r[1], orjson.loads(r[2])) for r in found), key=lambda x: x.line)
 
     async def renew(self, owner: str) -> int:
+        """Extend the lease of every line `owner` runs (and of the batches it holds); how many lines."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                f"UPDATE {LINES} SET lease_until = {self._lease} WHERE owner = $1 AND state IN ('running', 'answered')",
+                owner,
+            )
+            await conn.execute(f"UPDATE {BATCHES} SET lease_until = {self._lease} WHERE owner = $1", owner)
+        return _changed(status)
+
+    async def hold(self, batch_id: str, owner: str) -> bool:
+        """Whether `owner` is the one replica that submits and polls this batch's OpenRouter batches:
+        it held it already, or nobody did, or its holder let the lease lapse."""
         status = await self._pool.execute(
-            f"UPDATE {LINES} SET lease_until = {self._lease} WHERE owner = $1 AND state IN ('running', 'answered')",
+            f"UPDATE {BATCHES} SET owner = $2, lease_until = {self._lease} WHERE id = $1 "
+            f"AND (owner IS NULL OR owner = $2 OR lease_until < {_NOW})",
+            batch_id,
             owner,
         )
-        return _changed(status)
+        return _changed(status) > 0
 
     async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]:
         """Lines in `state` whose owner let its lease lapse (it died, or lost the database), now

@@ -185,6 +185,7 @@ async def test_two_runners_claiming_at_once_never_take_the_same_line(stores: Sto
         await two.close()
 
 
+@pytest.mark.realtime  # PostgreSQL's lease runs on the database's own clock: a 0.6 s lease lapses for real
 async def test_lines_are_adopted_only_from_a_runner_that_stopped(stores: Stores) -> None:
     """SQLite (one proxy process per file): another owner's lines are a stopped process's, adopted at
     once. PostgreSQL (replicas): only once the owner's lease has lapsed; renewing keeps them."""
@@ -198,13 +199,17 @@ async def test_lines_are_adopted_only_from_a_runner_that_stopped(stores: Stores)
         await one.create_batch(record("batch_1", "in_progress", NOW, "file-1", 3), lines(3))
         await one.claim_lines("batch_1", 2, "dead")  # lines 1, 3
         await one.answer_line("batch_1", 1, LineResult("c0", "batch_1-1", 200, {"id": "gen"}))
+        assert await one.hold("batch_1", "dead")  # it submits and polls the batch's OpenRouter batches
         if stores.backend == "postgres":
             assert await two.adopt("batch_1", "running", "alive") == []  # the owner's lease holds
+            assert not await two.hold("batch_1", "alive")
             await asyncio.sleep(lease * 0.6)
             assert await one.renew("dead") == 2
             await asyncio.sleep(lease * 0.6)
             assert await two.adopt("batch_1", "running", "alive") == []  # renewed: still held
+            assert not await two.hold("batch_1", "alive")
             await asyncio.sleep(lease * 1.2)  # the owner stopped renewing: its lease lapses
+        assert await two.hold("batch_1", "alive")
         running = await two.adopt("batch_1", "running", "alive")
         assert [(x.line.line, x.request_id, x.result) for x in running] == [(3, "batch_1-3", None)]
         (answered,) = await two.adopt("batch_1", "answered", "alive")
@@ -213,6 +218,7 @@ async def test_lines_are_adopted_only_from_a_runner_that_stopped(stores: Stores)
         assert await two.renew("alive") == 2
         if stores.backend == "postgres":  # and a third runner does not take them from a live one
             assert await one.adopt("batch_1", "running", "third") == []
+            assert not await one.hold("batch_1", "third")
     finally:
         await one.close()
         await two.close()

@@ -186,15 +186,7 @@ class SqliteBatchStore:
                 (
                     "INSERT INTO batch_files (id, purpose, filename, bytes, created_at, key_name, content) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.purpose,
-                        record.filename,
-                        record.bytes,
-                        record.created_at,
-                        record.key_name,
-                        content,
-                    ),
+                    file_row(record, content),
                 )
             ]
         )
@@ -449,6 +441,11 @@ def adopted(found: Iterable[Sequence[Any]]) -> list[Adopted]:
         ),
         key=lambda taken: taken.line.line,
     )
+
+
+def file_row(record: FileRecord, content: bytes) -> tuple[Any, ...]:
+    """A file's columns: id, purpose, filename, bytes, created_at, key_name, content."""
+    return (record.id, record.purpose, record.filename, record.bytes, record.created_at, record.key_name, content)
 
 
 def result_json(result: LineResult) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from proxy.core.batch import ACTIVE, TERMINAL, BatchRecord, FileRecord, InputLine, LineResult
-from proxy.money.batch_store import LEASE_S, Adopted, adopted, dump_batch, load_batch, result_json
+from proxy.money.batch_store import LEASE_S, Adopted, adopted, dump_batch, file_row, load_batch, result_json
 from proxy.money.ledger_api import LedgerUnavailable, redacted
 from proxy.money.ledger_pg_schema import TABLE, migrate
 from proxy.money.ledger_rows import from_nano
@@ -120,13 +120,7 @@ class PgBatchStore:
         await self._pool.execute(
             f"INSERT INTO {FILES} (id, purpose, filename, bytes, created_at, key_name, content) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-            record.id,
-            record.purpose,
-            record.filename,
-            record.bytes,
-            record.created_at,
-            record.key_name,
-            content,
+            *file_row(record, content),
         )
 
     async def file(self, file_id: str) -> FileRecord | None:

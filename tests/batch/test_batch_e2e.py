@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,7 +23,6 @@ from proxy.http.batches import BATCHES
 from proxy.money.ledger_rows import to_nano
 from tests.support.audit import billed_nano, booked_nano
 from tests.support.gateway import UPSTREAM_KEY, Proxy
-from tests.support.postgres import scratch_schema
 from tests.support.timing import wait_for
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -71,20 +69,10 @@ async def batch_rows(proxy: Proxy, batch_id: str) -> list[Any]:
     return [row for row in await proxy.ledger.rows() if row.batch_id == batch_id]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def ledger_backend(request) -> AsyncIterator[str]:
-    """The ledger (and so the batch store) on SQLite (the default), or in a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    async with scratch_schema() as (_, dsn):
-        yield f"ledger: {{backend: postgres, dsn: '{dsn}'}}\n"
-
-
 async def test_the_whole_flow_through_the_openai_sdk(
-    make_proxy, emulator, schemas, openai_api_schemas, ledger_backend
+    make_proxy, emulator, schemas, openai_api_schemas, ledger_config
 ) -> None:
-    proxy = await make_proxy(extra="batches: {concurrency: 4}\n" + ledger_backend)
+    proxy = await make_proxy(extra="batches: {concurrency: 4}\n" + ledger_config)
     client = proxy.client()
     lines = chat_lines(24) + chat_lines(6, model=MISTRAL, prefix="direct")
     uploaded = await client.files.create(file=("catalogue.jsonl", jsonl(lines)), purpose="batch")

@@ -9,15 +9,19 @@ batch moves pending -> submitting (noted before the upstream batch is created) -
 noted) -> done. The ledger's own `requests` table is read (never written) to know which lines were
 booked.
 
-Ownership: a runner claims the lines it runs under its own id, with a lease it renews while it
-lives. Lines `running` or `answered` whose owner died are adopted by another runner (`adopt`): on
-PostgreSQL once their lease has lapsed (any number of replicas share the database), on SQLite at
-once (one proxy process per file: a line another process owns was left by a dead one).
+Ownership: a runner claims the lines it runs under its own id (`host:pid:token`), with a lease it
+renews while it lives. Lines `running` or `answered` whose owner died are adopted by another runner
+(`adopt`): on PostgreSQL once their lease has lapsed (any number of replicas share the database);
+on SQLite (one machine: `serve --workers N` shares the file) as soon as the owner's process is gone,
+or its lease has lapsed, so a restart after a crash recovers at once and a live worker's lines are
+never taken.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -287,20 +291,41 @@ class SqliteBatchStore:
         return changed[0]
 
     async def hold(self, batch_id: str, owner: str) -> bool:
-        """Whether `owner` is the one runner that submits and polls this batch's OpenRouter batches
-        (one process per file: it always is)."""
+        """Whether `owner` is the one runner that submits and polls this batch's OpenRouter batches:
+        it held it already, or nobody did, or its holder stopped."""
+        now = time.time()
+        row = await self._one("SELECT owner, lease_until FROM batches WHERE id = ?", (batch_id,))
+        if row is None:
+            return False
+        holder, lease = row
+        free = holder is None or holder == owner or (lease or 0.0) < now or not _alive(holder)
+        if not free:
+            return False
         (changed,) = await self._write(
-            [("UPDATE batches SET owner = ?, lease_until = ? WHERE id = ?", (owner, time.time() + LEASE_S, batch_id))]
+            [
+                (
+                    "UPDATE batches SET owner = ?, lease_until = ? WHERE id = ? AND owner IS ?",
+                    (owner, now + LEASE_S, batch_id, holder),
+                )
+            ]
         )
         return changed > 0
 
     async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]:
-        """Lines in `state` (running / answered) another process left behind, now `owner`'s. One
-        proxy process uses the file: every other owner is a process that stopped."""
+        """Lines in `state` (running / answered) a stopped runner left behind (its process is gone,
+        or its lease lapsed; or an older proxy's, with no owner), now `owner`'s."""
+        now = time.time()
+        others = await self._all(
+            "SELECT owner, max(lease_until) FROM batch_lines WHERE batch_id = ? AND state = ? AND owner != ? "
+            "GROUP BY owner",
+            (batch_id, state, owner),
+        )
+        dead = [other for other, lease in others if (lease or 0.0) < now or not _alive(other)]
+        marks = ", ".join("?" * len(dead))
         found = await self._all(
             "UPDATE batch_lines SET owner = ?, lease_until = ? WHERE batch_id = ? AND state = ? "
-            "AND (owner IS NULL OR owner != ?) RETURNING line, custom_id, body, request_id, result",
-            (owner, time.time() + LEASE_S, batch_id, state, owner),
+            f"AND (owner IS NULL OR owner IN ({marks})) RETURNING line, custom_id, body, request_id, result",
+            (owner, now + LEASE_S, batch_id, state, *dead),
         )
         return adopted(found)
 
@@ -422,6 +447,22 @@ class SqliteBatchStore:
     async def batch_spend_since(self, start: float) -> float:
         row = await self._one("SELECT sum(cost_nusd) FROM requests WHERE batch_id IS NOT NULL AND ts >= ?", (start,))
         return from_nano(row[0] if row else None)
+
+
+def _alive(owner: str) -> bool:
+    """Whether a runner's process may still run: False only for a process of this machine that is
+    gone (another machine's, or one this process cannot see, counts as alive: its lease decides)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _number(line: InputLine) -> int:

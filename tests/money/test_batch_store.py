@@ -7,6 +7,10 @@ stopped."""
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -185,40 +189,53 @@ async def test_two_runners_claiming_at_once_never_take_the_same_line(stores: Sto
         await two.close()
 
 
+async def gone_process_owner() -> str:
+    """A runner id of this machine whose process has exited (and been reaped)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    return f"{socket.gethostname()}:{proc.pid}:{secrets.token_hex(4)}"
+
+
 @pytest.mark.realtime  # PostgreSQL's lease runs on the database's own clock: a 0.6 s lease lapses for real
 async def test_lines_are_adopted_only_from_a_runner_that_stopped(stores: Stores) -> None:
-    """SQLite (one proxy process per file): another owner's lines are a stopped process's, adopted at
-    once. PostgreSQL (replicas): only once the owner's lease has lapsed; renewing keeps them."""
+    """PostgreSQL (replicas): a runner's lines are adopted only once its lease has lapsed; renewing
+    keeps them. SQLite (one machine, `--workers` share the file): as soon as its process is gone;
+    a live process's lines (a worker's, this process's) never."""
     lease = 0.6
     opener = stores.open
     if stores.backend == "postgres":
         one, two = await opener(lease_s=lease), await opener(lease_s=lease)  # type: ignore[operator]
+        dead = "replica-a:1:cafe"
     else:
         one, two = await opener(), await opener()  # type: ignore[operator]
+        dead = await gone_process_owner()
+    live = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     try:
-        await one.create_batch(record("batch_1", "in_progress", NOW, "file-1", 3), lines(3))
-        await one.claim_lines("batch_1", 2, "dead")  # lines 1, 3
+        await one.create_batch(record("batch_1", "in_progress", NOW, "file-1", 4), lines(4))
+        await one.claim_lines("batch_1", 2, dead)  # lines 1, 3
         await one.answer_line("batch_1", 1, LineResult("c0", "batch_1-1", 200, {"id": "gen"}))
-        assert await one.hold("batch_1", "dead")  # it submits and polls the batch's OpenRouter batches
+        await one.claim_lines("batch_1", 1, live)  # line 5: a live runner's
+        assert await one.hold("batch_1", dead)  # it submits and polls the batch's OpenRouter batches
         if stores.backend == "postgres":
             assert await two.adopt("batch_1", "running", "alive") == []  # the owner's lease holds
             assert not await two.hold("batch_1", "alive")
             await asyncio.sleep(lease * 0.6)
-            assert await one.renew("dead") == 2
+            assert await one.renew(dead) == 2 and await one.renew(live) == 1
             await asyncio.sleep(lease * 0.6)
             assert await two.adopt("batch_1", "running", "alive") == []  # renewed: still held
             assert not await two.hold("batch_1", "alive")
-            await asyncio.sleep(lease * 1.2)  # the owner stopped renewing: its lease lapses
+            await asyncio.sleep(lease * 0.7)
+            assert await one.renew(live) == 1  # the live one renews; `dead` stopped: its lease lapses
+            await asyncio.sleep(lease * 0.6)
         assert await two.hold("batch_1", "alive")
         running = await two.adopt("batch_1", "running", "alive")
         assert [(x.line.line, x.request_id, x.result) for x in running] == [(3, "batch_1-3", None)]
         (answered,) = await two.adopt("batch_1", "answered", "alive")
         assert answered.line.line == 1 and answered.result == LineResult("c0", "batch_1-1", 200, {"id": "gen"})
-        assert await one.adopt("batch_1", "running", "alive") == []  # its own: nothing to adopt
+        assert await two.adopt("batch_1", "running", "alive") == []  # its own, and the live one's: not adopted
         assert await two.renew("alive") == 2
-        if stores.backend == "postgres":  # and a third runner does not take them from a live one
-            assert await one.adopt("batch_1", "running", "third") == []
-            assert not await one.hold("batch_1", "third")
+        assert await one.adopt("batch_1", "running", live) == []  # nor the other way round
+        assert not await one.hold("batch_1", live)
     finally:
         await one.close()
         await two.close()

@@ -107,6 +107,10 @@ class BatchRunner:
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
+        try:
+            await self._store.retire(self.owner)  # stopped cleanly: what it left is adopted at once
+        except Exception:
+            log.exception("batch runner: ending its leases failed; they lapse within %.0f s", LEASE_S)
 
     async def _loop(self) -> None:
         pruned = recovered = -math.inf

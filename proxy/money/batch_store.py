@@ -99,6 +99,7 @@ class BatchStore(Protocol):
     async def renew(self, owner: str) -> int: ...
     async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]: ...
     async def hold(self, batch_id: str, owner: str) -> bool: ...
+    async def retire(self, owner: str) -> None: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(
@@ -289,6 +290,15 @@ class SqliteBatchStore:
             ]
         )
         return changed[0]
+
+    async def retire(self, owner: str) -> None:
+        """A runner that stopped cleanly ends its leases: what it left is adopted at once."""
+        await self._write(
+            [
+                ("UPDATE batch_lines SET lease_until = 0 WHERE owner = ?", (owner,)),
+                ("UPDATE batches SET lease_until = 0 WHERE owner = ?", (owner,)),
+            ]
+        )
 
     async def hold(self, batch_id: str, owner: str) -> bool:
         """Whether `owner` is the one runner that submits and polls this batch's OpenRouter batches:

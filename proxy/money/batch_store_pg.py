@@ -219,6 +219,12 @@ class PgBatchStore:
             await conn.execute(f"UPDATE {BATCHES} SET lease_until = {self._lease} WHERE owner = $1", owner)
         return _changed(status)
 
+    async def retire(self, owner: str) -> None:
+        """A runner that stopped cleanly ends its leases: what it left is adopted at once."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"UPDATE {LINES} SET lease_until = 0 WHERE owner = $1", owner)
+            await conn.execute(f"UPDATE {BATCHES} SET lease_until = 0 WHERE owner = $1", owner)
+
     async def hold(self, batch_id: str, owner: str) -> bool:
         """Whether `owner` is the one replica that submits and polls this batch's OpenRouter batches:
         it held it already, or nobody did, or its holder let the lease lapse."""

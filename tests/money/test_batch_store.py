@@ -236,6 +236,9 @@ async def test_lines_are_adopted_only_from_a_runner_that_stopped(stores: Stores)
         assert await two.renew("alive") == 2
         assert await one.adopt("batch_1", "running", live) == []  # nor the other way round
         assert not await one.hold("batch_1", live)
+        await two.retire("alive")  # stopped cleanly: what it held is taken at once, by anyone
+        assert [x.line.line for x in await one.adopt("batch_1", "running", live)] == [3]
+        assert await one.hold("batch_1", live)
     finally:
         await one.close()
         await two.close()

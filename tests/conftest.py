@@ -53,7 +53,9 @@ async def emulator(aiohttp_server) -> Emulator:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def ledger_config(request) -> AsyncIterator[str]:
-    """The config's ledger lines: the SQLite file `ledger_path` names, or a PostgreSQL schema of its own."""
+    """The config's ledger lines: the SQLite file `ledger_path` names, or a PostgreSQL schema of its own.
+    Ask for it before `make_proxy`: the schema is dropped after the proxies stop (a proxy's batch
+    runner queries its database until it stops; dropping the schema under it can deadlock)."""
     if request.param == "sqlite":
         yield ""
         return

@@ -70,7 +70,11 @@ async def batch_rows(proxy: Proxy, batch_id: str) -> list[Any]:
 
 
 async def test_the_whole_flow_through_the_openai_sdk(
-    make_proxy, emulator, schemas, openai_api_schemas, ledger_config
+    ledger_config,
+    make_proxy,
+    emulator,
+    schemas,
+    openai_api_schemas,  # the schema outlives the proxy
 ) -> None:
     proxy = await make_proxy(extra="batches: {concurrency: 4}\n" + ledger_config)
     client = proxy.client()

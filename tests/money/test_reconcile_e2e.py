@@ -89,7 +89,10 @@ async def test_a_client_gone_before_the_stream_opened_is_booked(make_proxy, emul
 
 
 async def test_estimates_left_by_a_stopped_proxy_are_reconciled_at_start_up(
-    make_proxy, emulator, tmp_path, ledger_config
+    ledger_config,
+    make_proxy,
+    emulator,
+    tmp_path,  # the schema (first set up) outlives the proxies
 ):
     """On PostgreSQL the second proxy stands for another replica too: it knows only the database."""
     ledger, extra = tmp_path / "restart.sqlite3", ledger_config

@@ -17,7 +17,8 @@ import orjson
 
 from proxy.batch.lifecycle import cancel, render
 from proxy.config import Config, ConfigError, ConfigMissing, load_config
-from proxy.money.batch_store import SqliteBatchStore, open_batch_store
+from proxy.money.batch_store import open_batch_store
+from proxy.money.batch_store_sqlite import SqliteBatchStore
 from proxy.money.ledger_api import LedgerUnavailable
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from proxy.core.batch import BatchRecord, FileRecord, InputLine, LineResult
-from proxy.money.batch_store import BatchStore, SqliteBatchStore
+from proxy.money.batch_store import BatchStore
 from proxy.money.batch_store_pg import PgBatchStore
+from proxy.money.batch_store_sqlite import SqliteBatchStore
 from proxy.money.ledger import Ledger
 from proxy.money.ledger_api import LedgerStore
 from proxy.money.ledger_pg import PgLedger

@@ -32,7 +32,7 @@ from proxy.ops.tallies import LatencyTally, Tally, TallyCollector
 
 if TYPE_CHECKING:
     from proxy.ops.runtime import Runtime
-    from proxy.state.backend import RedisState
+    from proxy.state.redis_backend import RedisState
 
 IN_FLIGHT_HELP = "Client requests being served"
 CACHE_HITS_HELP = "Requests answered from the response cache"

@@ -87,14 +87,23 @@ def mixed_rows(count: int, seed: int) -> list[LedgerRow]:
                 ttft_s=None if rng.random() < 0.3 else 0.25,
                 api=rng.choice(["chat", "responses", "messages"]),
                 status=rng.choice([200, 200, 200, 502, 499]),
+                **_batch_line(rng, i),
             )
         )
     return rows
 
 
+def _batch_line(rng: random.Random, i: int) -> dict[str, str | None]:
+    """A third of the rows are batch lines (two batches), the rest interactive."""
+    batch = rng.choice([None, None, "batch_a", "batch_b"])
+    return {"batch_id": batch, "custom_id": None if batch is None else f"line-{i}"}
+
+
 def expected_sums(rows: list[LedgerRow], start: float, end: float, column: str) -> dict[str, tuple[int, int, int]]:
     """Requests, cost and baseline in nano-dollars per group, summed here in Python."""
-    field = {"key_name": "key_name", "model": "model", "virtual_model": "virtual_model", "api": "api"}[column]
+    field = {"key_name": "key_name", "model": "model", "virtual_model": "virtual_model", "api": "api"}.get(
+        column, column
+    )
     sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for r in rows:
         if start <= r.ts < end:

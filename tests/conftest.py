@@ -21,6 +21,7 @@ from tests.support.gateway import (
     Schemas,
     proxy_config_text,
 )
+from tests.support.postgres import scratch_schema
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,18 @@ async def emulator(aiohttp_server) -> Emulator:
     app = create_emulator_app(api_key=UPSTREAM_KEY)
     server = await aiohttp_server(app)
     return Emulator(server, app)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger_config(request) -> AsyncIterator[str]:
+    """The config's ledger lines: the SQLite file `ledger_path` names, or a PostgreSQL schema of its own.
+    Ask for it before `make_proxy`: the schema is dropped after the proxies stop (a proxy's batch
+    runner queries its database until it stops; dropping the schema under it can deadlock)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    async with scratch_schema() as (_, dsn):
+        yield f"ledger: {{backend: postgres, dsn: '{dsn}'}}\n"
 
 
 @pytest.fixture

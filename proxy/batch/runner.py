@@ -7,6 +7,15 @@ its ledger row is committed, then it is done. At start-up, a line found `answere
 its ledger row made it) and done; a line found `running` was cut off in flight by a crash: it is
 never sent again (the upstream may have billed it, and a non-streamed request cannot be looked up
 before its answer), and is reported in the error file as `interrupted`.
+
+Replicas: several runners may share one store (PostgreSQL). Each claims the lines it runs under
+its own id (`claim_lines`: a line is claimed by one runner), renews its claims' lease while it
+lives, and adopts only lines whose owner stopped (`adopt`: on PostgreSQL, once their lease has
+lapsed): what `answered` and `running` mean above applies to those, at start-up and every
+`RECOVER_EVERY_S` after (a replica that died is recovered by those that live on). Finishing a
+batch is a compare-and-set on its status, so one replica moves it to `finalizing`. A batch sent to
+OpenRouter's Batch API (`batches.upstream: openrouter`) is held by one replica at a time (`hold`,
+the same lease): only it submits, resolves and polls its upstream batches, so none is sent twice.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -41,7 +53,7 @@ from proxy.core.record import RequestRecord
 from proxy.core.routing import UnknownModel
 from proxy.http.api import blocked, model_not_found, route_header
 from proxy.money.accounting import Accountant
-from proxy.money.batch_store import BatchStore
+from proxy.money.batch_store import LEASE_S, BatchStore
 from proxy.ops.metrics import Gauges, Metrics
 from proxy.ops.runtime import Runtime, RuntimeRef, SharedState
 from proxy.upstream.client import UpstreamClient
@@ -51,6 +63,8 @@ APIS_BY_NAME: Mapping[str, Api] = {api.name: api for api in APIS}
 YIELD_POLL_S = 0.02  # while live traffic is high, how often a finished line looks again
 COALESCE_S = 0.02  # lines finishing together are replaced in one step
 PRUNE_EVERY_S = 6 * 3600.0  # how often batches and files past ledger.retention_days are forgotten
+RENEW_EVERY_S = LEASE_S / 3  # how often a runner renews the lease of the lines it runs
+RECOVER_EVERY_S = LEASE_S / 2  # how often lines of a runner that stopped are looked for
 
 
 class BatchRunner:
@@ -80,15 +94,31 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._upstream = UpstreamBatches(store, accountant, metrics, self._clock)
+        # This runner's claims: the host and process, and a token (a restarted process is another owner).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        await self._recover()
-        pruned = -math.inf
+        renewer = asyncio.create_task(self._renew_forever(), name="batch-leases")
+        try:
+            await self._loop()
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        try:
+            await self._store.retire(self.owner)  # stopped cleanly: what it left is adopted at once
+        except Exception:
+            log.exception("batch runner: ending its leases failed; they lapse within %.0f s", LEASE_S)
+
+    async def _loop(self) -> None:
+        pruned = recovered = -math.inf
         while not self._stopping:
             try:
+                if time.monotonic() - recovered >= RECOVER_EVERY_S:
+                    await self._recover()
+                    recovered = time.monotonic()
                 if time.monotonic() - pruned >= PRUNE_EVERY_S:
                     pruned = time.monotonic()
                     await self._prune()
@@ -104,6 +134,15 @@ class BatchRunner:
         """Start no new line (shutdown began); lines in flight go on."""
         self._stopping = True
         self._wake.set()
+
+    async def _renew_forever(self) -> None:
+        """Apart from the loop (a slow step never lets a lease lapse), while lines may run."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await self._store.renew(self.owner)
+            except Exception:
+                log.exception("batch runner: renewing its leases failed; retrying")
 
     async def stop(self, timeout_s: float) -> None:
         """Start no line; let those in flight finish within `timeout_s`, then cancel them (each
@@ -125,24 +164,28 @@ class BatchRunner:
 
     # --- the loop ----------------------------------------------------------------------
     async def _recover(self) -> None:
-        """Lines a crash left `answered` are booked once; those left `running` are not sent twice."""
+        """Lines a stopped runner left `answered` are booked once; those it left `running` are not
+        sent twice. Only lines adopted from a runner that stopped: never another live one's."""
         for batch in await self._store.active_batches():
             await self._book_answered(batch)
-            cut = await self._store.lines(batch.id, "running", 1_000_000)
+            cut = await self._store.adopt(batch.id, "running", self.owner)
             if not cut:
                 continue
-            billed = await self._store.billed(rid for _, rid in cut if rid)
+            billed = await self._store.billed(taken.request_id for taken in cut if taken.request_id)
             done = []
-            for line, request_id in cut:
+            for line, request_id, _ in cut:
                 was = "was billed (see its ledger row)" if request_id in billed else "may have been billed upstream"
                 message = f"the proxy stopped while this request was in flight; it {was}, so it was not sent again"
                 done.append((line.line, LineResult(line.custom_id, request_id, None, None, "interrupted", message)))
                 self._metrics.batch_lines.add(("interrupted",))
             await self._store.finish_lines(batch.id, done)
-            log.warning("batch %s: %d line(s) in flight at the last stop reported as interrupted", batch.id, len(done))
+            log.warning(
+                "batch %s: %d line(s) in flight when their runner stopped reported as interrupted", batch.id, len(done)
+            )
 
     async def _book_answered(self, batch: BatchRecord) -> None:
-        answered = await self._store.answered(batch.id)
+        adopted = await self._store.adopt(batch.id, "answered", self.owner)
+        answered = [(taken.line.line, taken.result) for taken in adopted if taken.result is not None]
         if not answered:
             return
         billed = await self._store.billed(result.request_id for _, result in answered if result.request_id)
@@ -184,6 +227,8 @@ class BatchRunner:
                 continue
             stopping = batch.status == CANCELLING or now >= batch.expires_at
             if batch.upstream == "openrouter":
+                if not await self._store.hold(batch.id, self.owner):
+                    continue  # another replica submits, polls and runs it (never two: no double submission)
                 await self._upstream.poll(batch, runtime)
             started = not stopping and await self._dispatch(batch, runtime, now)
             if not started and in_flight == 0 and await self._drained(batch):
@@ -226,11 +271,9 @@ class BatchRunner:
         )
         if wait is not None or free <= 0:
             return True
-        pending = await self._store.lines(batch.id, "pending", free)
-        if pending:
-            await self._store.mark_running(batch.id, [line.line for line, _ in pending])
-        for line, _ in pending:
-            request_id = f"{batch.id}-{line.line}"  # as mark_running noted it
+        pending = await self._store.claim_lines(batch.id, free, self.owner)
+        for line in pending:
+            request_id = f"{batch.id}-{line.line}"  # as claim_lines noted it
             task = asyncio.create_task(self._line(batch, line, request_id), name=f"batch-line:{request_id}")
             self._tasks[task] = batch.id
             task.add_done_callback(self._line_done)

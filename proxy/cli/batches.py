@@ -1,11 +1,13 @@
-"""`orproxy batches [list|show ID|cancel ID]`: the batches kept in the ledger's file, read (and a
-cancel written) there directly, so it works whether the proxy runs or not; a running proxy picks
-a cancel up on its next step (within a second) and starts no new line of that batch."""
+"""`orproxy batches [list|show ID|cancel ID]`: the batches kept in the ledger's database (the SQLite
+file, or PostgreSQL with `ledger.backend: postgres`), read (and a cancel written) there directly,
+so it works whether the proxy runs or not; a running proxy (any replica) picks a cancel up on its
+next step (within a second) and starts no new line of that batch."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,8 +16,10 @@ from typing import Any
 import orjson
 
 from proxy.batch.lifecycle import cancel, render
-from proxy.config import ConfigError, ConfigMissing, load_config
-from proxy.money.batch_store import SqliteBatchStore
+from proxy.config import Config, ConfigError, ConfigMissing, load_config
+from proxy.money.batch_store import open_batch_store
+from proxy.money.batch_store_sqlite import SqliteBatchStore
+from proxy.money.ledger_api import LedgerUnavailable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,21 +37,27 @@ def run(args: argparse.Namespace) -> int:
     if args.action in ("show", "cancel") and not args.batch_id:
         print(f"orproxy batches {args.action}: give the batch's id", file=sys.stderr)
         return 2
-    path = args.ledger
-    if path is None:
+    config: Config | None = None
+    if args.ledger is None:
         try:
-            path = load_config(args.config).ledger.path
+            config = load_config(args.config)
         except (ConfigMissing, ConfigError) as exc:
             print(f"orproxy batches: cannot read {args.config}: {exc}; or pass --ledger", file=sys.stderr)
             return 1
-    if not Path(path).exists():
+    path = Path(args.ledger or (config.ledger.path if config is not None else ""))
+    if (config is None or config.ledger.backend == "sqlite") and not path.exists():
         print(f"orproxy batches: no ledger at {path} yet (it is created when the proxy first serves)", file=sys.stderr)
         return 1
-    return asyncio.run(_run(Path(path), args))
+    return asyncio.run(_run(config, path, args))
 
 
-async def _run(path: Path, args: argparse.Namespace) -> int:
-    store = await SqliteBatchStore.open(path)
+async def _run(config: Config | None, path: Path, args: argparse.Namespace) -> int:
+    try:
+        store = await (open_batch_store(config, os.environ) if config is not None else SqliteBatchStore.open(path))
+    except LedgerUnavailable as exc:
+        print(f"orproxy batches: {exc}", file=sys.stderr)
+        return 1
+    where = path if config is None or config.ledger.backend == "sqlite" else "the ledger database"
     try:
         if args.action == "list":
             found = await store.batches(max(1, args.limit))
@@ -56,7 +66,7 @@ async def _run(path: Path, args: argparse.Namespace) -> int:
             return 0
         batch = await store.batch(args.batch_id)
         if batch is None:
-            print(f"orproxy batches: no batch {args.batch_id} in {path}", file=sys.stderr)
+            print(f"orproxy batches: no batch {args.batch_id} in {where}", file=sys.stderr)
             return 1
         if args.action == "cancel":
             cancelled = await cancel(store, batch, time.time())

@@ -108,13 +108,7 @@ def create_app(
     if state.redis is not None:
         app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_reconciliation)
-    if config.ledger.backend == "sqlite":
-        app.cleanup_ctx.append(batch_context(ledger_file, config.shutdown_timeout_s))
-    else:
-        app[BATCHES].off = (
-            "The Batch API keeps its files and batches in the ledger's SQLite file; with `ledger.backend: "
-            f"{config.ledger.backend}` it is not available in this version."
-        )
+    app.cleanup_ctx.append(batch_context(config, env, ledger_file))
     # Last in, so first out: upstream work still running is waited for (or cancelled, and booked)
     # while the upstream clients and the ledger are still open.
     app.cleanup_ctx.append(_in_flight_work(config.shutdown_timeout_s))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from aiohttp import BodyPartReader, web
 
 from proxy.batch.lifecycle import cancel, new_id, render
 from proxy.batch.runner import APIS_BY_NAME, BatchRunner
+from proxy.config import Config
 from proxy.core.apis import Api
 from proxy.core.batch import (
     COMPLETION_WINDOWS,
@@ -38,7 +39,7 @@ from proxy.http.api import model_not_found
 from proxy.http.appkeys import ACCOUNTANT, METRICS, RUNTIME, STATE
 from proxy.http.body import RequestTimeout, read_body
 from proxy.http.errors import openai_errors
-from proxy.money.batch_store import BatchStore, SqliteBatchStore
+from proxy.money.batch_store import BatchStore, open_batch_store
 from proxy.ops.runtime import Runtime
 
 JSON = "application/json"
@@ -63,11 +64,8 @@ class BatchSlot:
 
     store: BatchStore | None = None
     runner: BatchRunner | None = None
-    off: str | None = None  # why this proxy has no batch store at all
 
     def parts(self) -> tuple[BatchStore, BatchRunner]:
-        if self.off is not None:
-            raise ServiceUnavailable(self.off)
         if self.store is None or self.runner is None:
             raise ServiceUnavailable("The batch store is not open (the proxy is starting or stopping).")
         return self.store, self.runner
@@ -298,12 +296,14 @@ async def halt_batches(app: web.Application) -> None:
         runner.halt()
 
 
-def batch_context(ledger_path: Path, shutdown_timeout_s: float):
-    """The batch store (in the ledger's file, opened after the ledger made its tables) and the
-    runner, for the app's lifetime; at shutdown the runner lets lines in flight finish first."""
+def batch_context(config: Config, env: Mapping[str, str], ledger_path: Path):
+    """The batch store (in the ledger's database, `ledger.backend`'s, opened after the ledger made
+    its tables) and the runner, for the app's lifetime; at shutdown the runner lets lines in flight
+    finish first."""
+    shutdown_timeout_s = config.shutdown_timeout_s
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        store = await SqliteBatchStore.open(ledger_path)
+        store = await open_batch_store(config, env, ledger_path)
         state = app[STATE]
         metrics = app[METRICS]
         runner = BatchRunner(store, app[ACCOUNTANT], app[RUNTIME], state, metrics.gauges, metrics)

@@ -1,56 +1,42 @@
-"""Batch storage: uploaded files, batches and each line's progress, in the ledger's SQLite file.
+"""Batch storage: uploaded files, batches and each line's progress, in the ledger's database: its
+SQLite file (`proxy.money.batch_store_sqlite`) or PostgreSQL (`proxy.money.batch_store_pg`);
+`open_batch_store` picks by `ledger.backend`.
 
-Behind a small interface (`BatchStore`), so another database can hold them once the ledger moves
-there. A line run by the proxy moves pending -> running (its request id noted before it is sent)
+Behind a small interface (`BatchStore`). A line run by the proxy moves pending -> running (claimed
+by one runner, its owner, and its request id noted, in one statement, before it is sent)
 -> answered (its answer kept) -> done (once its ledger row is written); a line sent in an OpenRouter
 batch moves pending -> submitting (noted before the upstream batch is created) -> submitted (its id
-noted) -> done. The ledger's own `requests` table is read (never written) to know which lines were
-booked.
+noted) -> done. The ledger's own table is read (never written) to know which lines were booked.
+
+Ownership: a runner claims the lines it runs under its own id (`host:pid:token`), with a lease it
+renews while it lives. Lines `running` or `answered` whose owner died are adopted by another runner
+(`adopt`): on PostgreSQL once their lease has lapsed (any number of replicas share the database);
+on SQLite (one machine: `serve --workers N` shares the file) as soon as the owner's process is gone,
+or its lease has lapsed, so a restart after a crash recovers at once and a live worker's lines are
+never taken.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-import aiosqlite
 import orjson
 
-from proxy.core.batch import ACTIVE, TERMINAL, BatchRecord, FileRecord, InputLine, LineError, LineResult
-from proxy.money.ledger_rows import from_nano
+from proxy.config import Config
+from proxy.core.batch import BatchRecord, FileRecord, InputLine, LineError, LineResult
+from proxy.money.ledger_api import postgres_dsn
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS batch_files (
-    id         TEXT PRIMARY KEY,
-    purpose    TEXT    NOT NULL,
-    filename   TEXT    NOT NULL,
-    bytes      INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    key_name   TEXT,
-    content    BLOB    NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    id     TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    record BLOB NOT NULL              -- the BatchRecord as JSON
-);
-CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
-CREATE TABLE IF NOT EXISTS batch_lines (
-    batch_id       TEXT    NOT NULL,
-    line           INTEGER NOT NULL,  -- 1-based line of the input file
-    custom_id      TEXT    NOT NULL,
-    body           BLOB    NOT NULL,
-    state          TEXT    NOT NULL,  -- pending | running | answered | submitting | submitted | done
-    request_id     TEXT,              -- the ledger row's request id, noted before the line is sent
-    upstream_batch TEXT,              -- the OpenRouter batch it was submitted in
-    result         BLOB,              -- LineResult as JSON, once done
-    succeeded      INTEGER,
-    PRIMARY KEY (batch_id, line)
-);
-CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state);
-"""
+LEASE_S = 30.0  # a claimed line's lease: its owner renews it every third of this
+
+
+class Adopted(NamedTuple):
+    """A line taken over from a runner that died: its request id and, once answered, its answer."""
+
+    line: InputLine
+    request_id: str | None
+    result: LineResult | None
 
 
 class BatchStore(Protocol):
@@ -64,7 +50,11 @@ class BatchStore(Protocol):
     async def active_batches(self) -> list[BatchRecord]: ...
     async def save_batch(self, batch: BatchRecord, expect: str | None = None) -> bool: ...
     async def lines(self, batch_id: str, state: str, limit: int) -> list[tuple[InputLine, str | None]]: ...
-    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None: ...
+    async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]: ...
+    async def renew(self, owner: str) -> int: ...
+    async def adopt(self, batch_id: str, state: str, owner: str) -> list[Adopted]: ...
+    async def hold(self, batch_id: str, owner: str) -> bool: ...
+    async def retire(self, owner: str) -> None: ...
     async def release_line(self, batch_id: str, line: int) -> None: ...
     async def line_counts(self, batch_id: str) -> tuple[int, int, int]: ...
     async def mark_submitted(
@@ -73,7 +63,6 @@ class BatchStore(Protocol):
     async def submitted(self, batch_id: str, state: str = "submitted") -> dict[str, list[InputLine]]: ...
     async def known_upstream_batches(self) -> set[str]: ...
     async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None: ...
-    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None: ...
     async def results(self, batch_id: str) -> list[tuple[int, LineResult]]: ...
     async def billed(self, request_ids: Iterable[str]) -> set[str]: ...
@@ -83,282 +72,39 @@ class BatchStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SqliteBatchStore:
-    """The store on its own connection to the ledger's file (WAL: the ledger's writer and this one
-    take turns; neither blocks the other's readers)."""
+async def open_batch_store(config: Config, env: Mapping[str, str], path: Path | None = None) -> BatchStore:
+    """The store in the database of the ledger `config.ledger` describes (`path` overrides
+    `ledger.path` for sqlite). Raises LedgerUnavailable (postgres) or OSError / sqlite3.Error."""
+    if config.ledger.backend == "postgres":
+        from proxy.money.batch_store_pg import PgBatchStore
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = asyncio.Lock()
+        return await PgBatchStore.open(postgres_dsn(config, env))
+    from proxy.money.batch_store_sqlite import SqliteBatchStore
 
-    @classmethod
-    async def open(cls, path: str | Path, busy_timeout_s: float = 10.0) -> SqliteBatchStore:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.executescript(SCHEMA)
-        except BaseException:
-            await db.close()
-            raise
-        return cls(db)
+    return await SqliteBatchStore.open(path or Path(config.ledger.path))
 
-    async def close(self) -> None:
-        await self._db.close()
 
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
-
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        found = await self._all(sql, params)
-        return found[0] if found else None
-
-    async def _write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
-        """Run the statements in one transaction; the rows each changed. One statement is its own
-        transaction (autocommit): one trip to the connection's thread, the write lock held only
-        for it, so the ledger's writer (another connection to the file) hardly ever waits on it."""
-        if len(statements) == 1:
-            async with self._lock, self._db.execute(*statements[0]) as cursor:
-                return [cursor.rowcount]
-        changed = []
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    async with self._db.execute(sql, params) as cursor:
-                        changed.append(cursor.rowcount)
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-        return changed
-
-    # --- files -------------------------------------------------------------------------
-    async def add_file(self, record: FileRecord, content: bytes) -> None:
-        await self._write(
-            [
-                (
-                    "INSERT INTO batch_files (id, purpose, filename, bytes, created_at, key_name, content) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.purpose,
-                        record.filename,
-                        record.bytes,
-                        record.created_at,
-                        record.key_name,
-                        content,
-                    ),
-                )
-            ]
-        )
-
-    async def file(self, file_id: str) -> FileRecord | None:
-        row = await self._one(
-            "SELECT id, purpose, filename, bytes, created_at, key_name FROM batch_files WHERE id = ?", (file_id,)
-        )
-        return FileRecord(*row) if row else None
-
-    async def file_content(self, file_id: str) -> bytes | None:
-        row = await self._one("SELECT content FROM batch_files WHERE id = ?", (file_id,))
-        return bytes(row[0]) if row else None
-
-    async def delete_file(self, file_id: str) -> bool:
-        (changed,) = await self._write([("DELETE FROM batch_files WHERE id = ?", (file_id,))])
-        return changed > 0
-
-    # --- batches -----------------------------------------------------------------------
-    async def create_batch(self, batch: BatchRecord, lines: Sequence[InputLine]) -> None:
-        statements: list[tuple[str, Sequence[Any]]] = [
-            ("INSERT INTO batches (id, status, record) VALUES (?, ?, ?)", (batch.id, batch.status, _dump(batch)))
-        ]
-        statements += [
-            (
-                "INSERT INTO batch_lines (batch_id, line, custom_id, body, state) VALUES (?, ?, ?, ?, 'pending')",
-                (batch.id, line.line, line.custom_id, orjson.dumps(line.body)),
+def adopted(found: Iterable[Sequence[Any]]) -> list[Adopted]:
+    """Rows of (line, custom_id, body, request_id, result) as Adopted, in file order."""
+    return sorted(
+        (
+            Adopted(
+                InputLine(line, custom_id, orjson.loads(body)),
+                request_id,
+                LineResult(**orjson.loads(result)) if result is not None else None,
             )
-            for line in lines
-        ]
-        await self._write(statements)
-
-    async def batch(self, batch_id: str) -> BatchRecord | None:
-        row = await self._one("SELECT record FROM batches WHERE id = ?", (batch_id,))
-        return _load(row[0]) if row else None
-
-    async def batches(self, limit: int, after: str | None = None) -> list[BatchRecord]:
-        """Newest first; `after`: the last id of the previous page."""
-        if after is None:
-            found = await self._all("SELECT record FROM batches ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            found = await self._all("SELECT record FROM batches WHERE id < ? ORDER BY id DESC LIMIT ?", (after, limit))
-        return [_load(row[0]) for row in found]
-
-    async def active_batches(self) -> list[BatchRecord]:
-        marks = ", ".join("?" * len(ACTIVE))
-        found = await self._all(f"SELECT record FROM batches WHERE status IN ({marks}) ORDER BY id", ACTIVE)
-        return [_load(row[0]) for row in found]
-
-    async def save_batch(self, batch: BatchRecord, expect: str | None = None) -> bool:
-        """Write the batch; with `expect`, only if its stored status is still that one (a cancel
-        from another process or request is never overwritten by a stale copy)."""
-        sql, params = "UPDATE batches SET status = ?, record = ? WHERE id = ?", [batch.status, _dump(batch), batch.id]
-        if expect is not None:
-            sql += " AND status = ?"
-            params.append(expect)
-        (changed,) = await self._write([(sql, params)])
-        return changed > 0
-
-    # --- lines -------------------------------------------------------------------------
-    async def lines(self, batch_id: str, state: str, limit: int) -> list[tuple[InputLine, str | None]]:
-        """Lines in `state`, in file order, with the request id noted for each (None: none yet)."""
-        found = await self._all(
-            "SELECT line, custom_id, body, request_id FROM batch_lines WHERE batch_id = ? AND state = ? "
-            "ORDER BY line LIMIT ?",
-            (batch_id, state, limit),
-        )
-        return [
-            (InputLine(line, custom_id, orjson.loads(body)), request_id) for line, custom_id, body, request_id in found
-        ]
-
-    async def mark_running(self, batch_id: str, lines: Sequence[int]) -> None:
-        """Note the lines as sent, each under the request id `{batch_id}-{line}`, in one statement."""
-        marks = ", ".join("?" * len(lines))
-        await self._write(
-            [
-                (
-                    "UPDATE batch_lines SET state = 'running', request_id = batch_id || '-' || line "
-                    f"WHERE batch_id = ? AND line IN ({marks})",
-                    (batch_id, *lines),
-                )
-            ]
-        )
-
-    async def release_line(self, batch_id: str, line: int) -> None:
-        """A line that was not sent after all (refused by the budget before any upstream call)."""
-        await self._write(
-            [
-                (
-                    "UPDATE batch_lines SET state = 'pending', request_id = NULL WHERE batch_id = ? AND line = ?",
-                    (batch_id, line),
-                )
-            ]
-        )
-
-    async def mark_submitted(
-        self, batch_id: str, lines: Sequence[int], upstream_batch: str, state: str = "submitted"
-    ) -> None:
-        """Lines in an upstream batch (`submitted`), or about to be sent in one (`submitting`,
-        `upstream_batch` then says where and when), in one statement."""
-        marks = ", ".join("?" * len(lines))
-        await self._write(
-            [
-                (
-                    f"UPDATE batch_lines SET state = ?, upstream_batch = ? WHERE batch_id = ? AND line IN ({marks})",
-                    (state, upstream_batch, batch_id, *lines),
-                )
-            ]
-        )
-
-    async def submitted(self, batch_id: str, state: str = "submitted") -> dict[str, list[InputLine]]:
-        found = await self._all(
-            "SELECT upstream_batch, line, custom_id, body FROM batch_lines "
-            "WHERE batch_id = ? AND state = ? ORDER BY line",
-            (batch_id, state),
-        )
-        groups: dict[str, list[InputLine]] = {}
-        for upstream, line, custom_id, body in found:
-            groups.setdefault(upstream, []).append(InputLine(line, custom_id, orjson.loads(body)))
-        return groups
-
-    async def known_upstream_batches(self) -> set[str]:
-        """Every upstream batch some line was submitted in (`upstream:id`)."""
-        found = await self._all("SELECT DISTINCT upstream_batch FROM batch_lines WHERE state IN ('submitted', 'done')")
-        return {row[0] for row in found if row[0]}
-
-    async def answer_line(self, batch_id: str, line: int, result: LineResult) -> None:
-        """Keep a line's answer before it is booked: a crash between the two leaves it `answered`,
-        and the next start books it (unless its ledger row was written) instead of losing it."""
-        await self._write(
-            [
-                (
-                    "UPDATE batch_lines SET state = 'answered', result = ? WHERE batch_id = ? AND line = ?",
-                    (orjson.dumps(_result_json(result)), batch_id, line),
-                )
-            ]
-        )
-
-    async def answered(self, batch_id: str) -> list[tuple[int, LineResult]]:
-        found = await self._all(
-            "SELECT line, result FROM batch_lines WHERE batch_id = ? AND state = 'answered' ORDER BY line", (batch_id,)
-        )
-        return [(line, LineResult(**orjson.loads(result))) for line, result in found]
-
-    async def finish_lines(self, batch_id: str, done: Sequence[tuple[int, LineResult]]) -> None:
-        """Keep the lines' results and count them on the batch, in one transaction. A line already
-        done is left as it is (and not counted again)."""
-        if not done:
-            return
-        statements = [
-            (
-                "UPDATE batch_lines SET state = 'done', result = ?, succeeded = ?, "
-                "request_id = coalesce(?, request_id) WHERE batch_id = ? AND line = ? AND state != 'done'",
-                (orjson.dumps(_result_json(result)), int(result.succeeded), result.request_id, batch_id, line),
-            )
-            for line, result in done
-        ]
-        await self._write(statements)
-
-    async def results(self, batch_id: str) -> list[tuple[int, LineResult]]:
-        found = await self._all(
-            "SELECT line, result FROM batch_lines WHERE batch_id = ? AND state = 'done' ORDER BY line", (batch_id,)
-        )
-        return [(line, LineResult(**orjson.loads(result))) for line, result in found]
-
-    async def line_counts(self, batch_id: str) -> tuple[int, int, int]:
-        """(lines done, of which succeeded, lines not done)."""
-        row = await self._one(
-            "SELECT sum(state = 'done'), sum(coalesce(succeeded, 0)), sum(state != 'done') FROM batch_lines "
-            "WHERE batch_id = ?",
-            (batch_id,),
-        )
-        return (row[0] or 0, row[1] or 0, row[2] or 0) if row else (0, 0, 0)
-
-    async def prune(self, before: float) -> int:
-        """Forget batches that ended and were created before `before` (their lines too), and files
-        uploaded before it that no running batch reads; how many batches went."""
-        terminal = ", ".join("?" * len(TERMINAL))
-        old = f"SELECT id FROM batches WHERE status IN ({terminal}) AND json_extract(record, '$.created_at') < ?"
-        running = f"SELECT json_extract(record, '$.input_file_id') FROM batches WHERE status NOT IN ({terminal})"
-        changed = await self._write(
-            [
-                (f"DELETE FROM batch_lines WHERE batch_id IN ({old})", (*TERMINAL, before)),
-                (f"DELETE FROM batches WHERE id IN ({old})", (*TERMINAL, before)),
-                (f"DELETE FROM batch_files WHERE created_at < ? AND id NOT IN ({running})", (before, *TERMINAL)),
-            ]
-        )
-        return changed[1]
-
-    # --- what the ledger says ----------------------------------------------------------
-    async def billed(self, request_ids: Iterable[str]) -> set[str]:
-        ids = list(request_ids)
-        if not ids:
-            return set()
-        marks = ", ".join("?" * len(ids))
-        found = await self._all(f"SELECT request_id FROM requests WHERE request_id IN ({marks})", ids)
-        return {row[0] for row in found}
-
-    async def batch_cost(self, batch_id: str) -> float:
-        row = await self._one("SELECT sum(cost_nusd) FROM requests WHERE batch_id = ?", (batch_id,))
-        return from_nano(row[0] if row else None)
-
-    async def batch_spend_since(self, start: float) -> float:
-        row = await self._one("SELECT sum(cost_nusd) FROM requests WHERE batch_id IS NOT NULL AND ts >= ?", (start,))
-        return from_nano(row[0] if row else None)
+            for line, custom_id, body, request_id, result in found
+        ),
+        key=lambda taken: taken.line.line,
+    )
 
 
-def _result_json(result: LineResult) -> dict[str, Any]:
+def file_row(record: FileRecord, content: bytes) -> tuple[Any, ...]:
+    """A file's columns: id, purpose, filename, bytes, created_at, key_name, content."""
+    return (record.id, record.purpose, record.filename, record.bytes, record.created_at, record.key_name, content)
+
+
+def result_json(result: LineResult) -> dict[str, Any]:
     return {
         "custom_id": result.custom_id,
         "request_id": result.request_id,
@@ -370,14 +116,14 @@ def _result_json(result: LineResult) -> dict[str, Any]:
     }
 
 
-def _dump(batch: BatchRecord) -> bytes:
+def dump_batch(batch: BatchRecord) -> bytes:
     fields = {name: getattr(batch, name) for name in BatchRecord.__slots__}
     fields["errors"] = [error.to_object() for error in batch.errors]
     fields["metadata"] = dict(batch.metadata) if batch.metadata is not None else None
     return orjson.dumps(fields)
 
 
-def _load(raw: bytes) -> BatchRecord:
+def load_batch(raw: bytes) -> BatchRecord:
     fields = orjson.loads(raw)
     fields["errors"] = tuple(
         LineError(e["line"], e["code"], e["message"], e.get("param")) for e in fields.get("errors") or ()

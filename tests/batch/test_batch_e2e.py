@@ -69,8 +69,14 @@ async def batch_rows(proxy: Proxy, batch_id: str) -> list[Any]:
     return [row for row in await proxy.ledger.rows() if row.batch_id == batch_id]
 
 
-async def test_the_whole_flow_through_the_openai_sdk(make_proxy, emulator, schemas, openai_api_schemas) -> None:
-    proxy = await make_proxy(extra="batches: {concurrency: 4}\n")
+async def test_the_whole_flow_through_the_openai_sdk(
+    ledger_config,
+    make_proxy,
+    emulator,
+    schemas,
+    openai_api_schemas,  # the schema outlives the proxy
+) -> None:
+    proxy = await make_proxy(extra="batches: {concurrency: 4}\n" + ledger_config)
     client = proxy.client()
     lines = chat_lines(24) + chat_lines(6, model=MISTRAL, prefix="direct")
     uploaded = await client.files.create(file=("catalogue.jsonl", jsonl(lines)), purpose="batch")

@@ -31,7 +31,7 @@ async def test_simulate_replays_a_postgres_ledger(tmp_path, capsys, pg_dsn) -> N
     check_replay_figures({g["requested_model"]: g for g in payload["groups"]}, payload)
 
 
-async def test_a_second_replica_starts_from_the_spend_in_postgres(make_proxy, pg_dsn) -> None:
+async def test_a_second_replica_starts_from_the_spend_in_postgres(pg_dsn, make_proxy) -> None:
     extra = f"budget: {{daily_usd: 100.0}}\nledger: {{backend: postgres, dsn: '{pg_dsn}'}}\n"
     first = await make_proxy(extra=extra)
     for _ in range(3):

@@ -5,7 +5,6 @@ from their text, which is all an OpenAI upstream lets anyone know."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,7 +14,6 @@ import pytest
 from proxy.emulator import Fault
 from tests.support.audit import billed_nano, booked_nano, settled
 from tests.support.money import CHAIN_MODEL, MODELS
-from tests.support.postgres import scratch_schema
 from tests.support.timing import wait_for
 
 FAST = (0.02, 0.05, 0.1, 0.2, 0.5)  # the lookup schedule of these tests: the production one, sped up
@@ -90,18 +88,11 @@ async def test_a_client_gone_before_the_stream_opened_is_booked(make_proxy, emul
     assert booked_nano(rows) == billed_nano(emulator)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def ledger_config(request) -> AsyncIterator[str]:
-    """The config's ledger lines: the SQLite file `ledger_path` names, or a PostgreSQL schema of its own."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    async with scratch_schema() as (_, dsn):
-        yield f"ledger: {{backend: postgres, dsn: '{dsn}'}}\n"
-
-
 async def test_estimates_left_by_a_stopped_proxy_are_reconciled_at_start_up(
-    make_proxy, emulator, tmp_path, ledger_config
+    ledger_config,
+    make_proxy,
+    emulator,
+    tmp_path,  # the schema (first set up) outlives the proxies
 ):
     """On PostgreSQL the second proxy stands for another replica too: it knows only the database."""
     ledger, extra = tmp_path / "restart.sqlite3", ledger_config

@@ -55,7 +55,7 @@ def as_report_row(group: str, values: asyncpg.Record) -> dict:
 
 
 @pytest.fixture
-async def served_on_postgres(make_proxy, emulator, tmp_path, pg_dsn):
+async def served_on_postgres(pg_dsn, make_proxy, emulator, tmp_path):  # the schema outlives the proxy
     ledger = f"ledger: {{backend: postgres, dsn: '{pg_dsn}'}}\n"
     proxy = await make_proxy(extra=EXTRA + ledger, env=ENV)
     billed = await send_mix(proxy.client())

@@ -24,9 +24,11 @@ never as a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
 import secrets
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -393,6 +395,7 @@ def run(app: web.Application, host: str, port: int, *, shutdown_timeout: float, 
     except (web.GracefulExit, KeyboardInterrupt):
         pass
     finally:
+        _stopping_already(loop, shutdown_timeout)
         # The serving task first: its cleanup lets requests in flight finish. Then whatever is left.
         for batch in ([task], [t for t in asyncio.all_tasks(loop) if not t.done()]):
             for leftover in batch:
@@ -400,3 +403,18 @@ def run(app: web.Application, host: str, port: int, *, shutdown_timeout: float, 
             loop.run_until_complete(asyncio.gather(*batch, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def _stopping_already(loop: asyncio.AbstractEventLoop, shutdown_timeout: float) -> None:
+    """While draining, another SIGTERM or SIGINT (a supervisor and an operator both asking, Ctrl-C
+    pressed twice) is said, not obeyed: raised inside the drain, it would cut the ledger's flush
+    short and leave the process hanging at exit on a thread nobody stopped."""
+
+    def again(name: str) -> None:
+        log.warning(
+            "%s: already stopping; requests in flight get up to %g s (shutdown_timeout_s)", name, shutdown_timeout
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals here (a thread)
+            loop.add_signal_handler(signum, again, signal.Signals(signum).name)

@@ -149,3 +149,38 @@ def test_start_up_failures_are_one_clear_line(tmp_path, problem):
     )
     assert last.startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.realtime  # a real server process and real signals
+async def test_a_second_sigterm_while_draining_does_not_cut_the_drain_short(emulator, tmp_path):
+    """A supervisor and an operator both asking (or Ctrl-C twice): the second signal is said, not
+    obeyed. Obeyed, it cut the ledger's close short and the process hung at exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ledger_path = tmp_path / "ledger.sqlite3"
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(emulator.url, "mistralai/mistral-7b-instruct", ledger_path))
+    log = tmp_path / "proxy.log"
+    proc = await start_proxy(config, log, port)
+    try:
+        async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+            await wait_until_up(url, proc, log)
+            status, _, request_id = await ask(session, url)
+            assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        for pause in (0.002, 0.005, 0.01):  # apart, so the kernel does not merge them into one
+            await asyncio.sleep(pause)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert "orproxy stopped" in log.read_text()
+        ledger = await Ledger.open(ledger_path)
+        try:
+            assert [row.request_id for row in await ledger.rows()] == [request_id]
+        finally:
+            await ledger.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

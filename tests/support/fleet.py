@@ -108,12 +108,19 @@ class Replica:
 
 async def start_replicas(config: Path, directory: Path, count: int) -> list[Replica]:
     """`count` proxy processes on one config (each its own port), all answering /healthz."""
-    replicas = []
-    for index in range(count):
-        port = free_port()
-        log = directory / f"replica-{index}.log"
-        replicas.append(Replica(port, await start_proxy(config, log, port), log))
-    await asyncio.gather(*(wait_until_up(r.url, r.process, r.log) for r in replicas))
+    replicas: list[Replica] = []
+    try:
+        for index in range(count):
+            port = free_port()
+            log = directory / f"replica-{index}.log"
+            replicas.append(Replica(port, await start_proxy(config, log, port), log))
+        await asyncio.gather(*(wait_until_up(r.url, r.process, r.log) for r in replicas))
+    except BaseException:  # none left running when one does not come up
+        for replica in replicas:
+            if replica.process.returncode is None:
+                replica.process.kill()
+                await replica.process.wait()
+        raise
     return replicas
 
 

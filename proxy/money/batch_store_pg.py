@@ -192,6 +192,13 @@ class PgBatchStore:
         )
         return [(InputLine(r[0], r[1], orjson.loads(r[2])), r[3]) for r in found]
 
+    async def unfinished(self, batch_id: str, states: Sequence[str]) -> bool:
+        """Whether any line is in one of `states`, read in one statement (see the SQLite store)."""
+        found = await self._pool.fetchval(
+            f"SELECT 1 FROM {LINES} WHERE batch_id = $1 AND state = ANY($2::text[]) LIMIT 1", batch_id, list(states)
+        )
+        return found is not None
+
     async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]:
         """Up to `limit` pending lines, in file order, now `owner`'s and running under the request
         id `{batch_id}-{line}`. Lines another replica is claiming at the same moment are skipped."""

@@ -208,6 +208,15 @@ class SqliteBatchStore:
             (InputLine(line, custom_id, orjson.loads(body)), request_id) for line, custom_id, body, request_id in found
         ]
 
+    async def unfinished(self, batch_id: str, states: Sequence[str]) -> bool:
+        """Whether any line is in one of `states`, read in one statement: asked state by state, a line
+        moving between two of them (claimed, released, adopted) could be missed by both questions."""
+        marks = ", ".join("?" * len(states))
+        found = await self._all(
+            f"SELECT 1 FROM batch_lines WHERE batch_id = ? AND state IN ({marks}) LIMIT 1", (batch_id, *states)
+        )
+        return bool(found)
+
     async def claim_lines(self, batch_id: str, limit: int, owner: str) -> list[InputLine]:
         """Take up to `limit` pending lines, in file order, for `owner`: each is noted running under
         the request id `{batch_id}-{line}`, in one statement (a line is claimed once)."""

@@ -100,6 +100,22 @@ async def test_a_line_goes_pending_running_answered_done(store: BatchStore) -> N
     assert await store.billed(["batch_1-1"]) == set()  # no ledger row yet
 
 
+async def test_whether_lines_are_unfinished_is_one_question_over_every_state_asked(store: BatchStore) -> None:
+    await store.create_batch(record("batch_1", "in_progress", NOW, "file-1"), lines())
+    live = ["running", "answered", "submitting", "submitted"]
+    assert await store.unfinished("batch_1", [*live, "pending"])
+    assert not await store.unfinished("batch_1", live)  # both pending: none claimed yet
+    await store.claim_lines("batch_1", 1, "me")  # what another replica does between two questions
+    assert await store.unfinished("batch_1", live)
+    answer = LineResult("c0", "batch_1-1", 200, {"id": "gen-1"})
+    await store.answer_line("batch_1", 1, answer)
+    assert await store.unfinished("batch_1", ["answered"]) and not await store.unfinished("batch_1", ["running"])
+    await store.finish_lines("batch_1", [(1, answer)])
+    assert not await store.unfinished("batch_1", live)
+    assert await store.unfinished("batch_1", ["pending"])
+    assert not await store.unfinished("batch_2", [*live, "pending"])  # another batch's lines are not asked
+
+
 async def test_a_released_line_is_pending_again_and_claimed_again(store: BatchStore) -> None:
     await store.create_batch(record("batch_1", "in_progress", NOW, "file-1"), lines())
     assert [x.line for x in await store.claim_lines("batch_1", 5, "me")] == [1, 3]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import openai
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.support.gateway import Proxy
@@ -17,9 +18,26 @@ from tests.support.gateway import Proxy
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.fixture(scope="session")
+def _used_prefixes() -> Iterator[list[str]]:
+    """Every prefix handed out, swept once more at the end: a proxy a test stopped after its
+    prefix's own clean-up (fixtures end in reverse order) may still write a last settlement."""
+    used: list[str] = []
+    yield used
+    client = SyncRedis.from_url(REDIS_URL)
+    try:
+        for prefix in used:
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            if keys:
+                client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
+async def redis_prefix(_used_prefixes: list[str]) -> AsyncIterator[str]:
     prefix = f"orproxy-test:{uuid.uuid4().hex[:12]}:"
+    _used_prefixes.append(prefix)
     yield prefix
     client = Redis.from_url(REDIS_URL)
     try:

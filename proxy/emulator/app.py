@@ -292,6 +292,37 @@ async def _failure(request: web.Request, state: EmulatorState, fault: Fault, mod
     return web.Response(body=payload, status=status, headers=headers, content_type=_JSON)
 
 
+async def _accept(
+    request: web.Request,
+    validate: Callable[[EmulatorState, dict[str, Any], str | None], ModelInfo | web.Response],
+) -> tuple[EmulatorState, dict[str, Any], ModelInfo] | web.Response:
+    """What the embeddings and legacy completions endpoints do first: count the request, check its
+    key, read a JSON object, record it, validate it with the endpoint's own rules and count it per
+    model; else the error to answer (counted)."""
+    state = request.app[EMULATOR_STATE]
+    state.stats["requests"] += 1
+    denied = _authorized(state, request)
+    if denied is not None:
+        state.stats["errors"] += 1
+        return denied
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        state.stats["errors"] += 1
+        return _error(400, "Request body must be a JSON object")
+    model_id = body.get("model") if isinstance(body.get("model"), str) else None
+    state.record(request, body, model_id)
+    model = validate(state, body, model_id)
+    if isinstance(model, web.Response):
+        state.stats["errors"] += 1
+        return model
+    per_model = state.stats["per_model"]
+    per_model[model.id] = per_model.get(model.id, 0) + 1
+    return state, body, model
+
+
 def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
     """The model asked for, or OpenRouter's 400."""
     if not model_id:

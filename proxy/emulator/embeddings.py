@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import EMULATOR_STATE, EmulatorState, _authorized, _error, _failure, _json
+from .app import EMULATOR_STATE, EmulatorState, _accept, _error, _failure, _json
 from .billing import IMAGE_PART_TYPES, IMAGE_TOKENS, Charge, text_tokens
 from .completions import ModelInfo, is_embedding_model, usage_for
 
@@ -43,27 +43,10 @@ async def embedding_models(request: web.Request) -> web.Response:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    state = request.app[EMULATOR_STATE]
-    state.stats["requests"] += 1
-    denied = _authorized(state, request)
-    if denied is not None:
-        state.stats["errors"] += 1
-        return denied
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
-        state.stats["errors"] += 1
-        return _error(400, "Request body must be a JSON object")
-    model_id = body.get("model") if isinstance(body.get("model"), str) else None
-    state.record(request, body, model_id)
-    model = _validate(state, body, model_id)
-    if isinstance(model, web.Response):
-        state.stats["errors"] += 1
-        return model
-    per_model = state.stats["per_model"]
-    per_model[model.id] = per_model.get(model.id, 0) + 1
+    accepted = await _accept(request, _validate)
+    if isinstance(accepted, web.Response):
+        return accepted
+    state, body, model = accepted
     fault = state.faults.take(model.id, body)
     if fault is not None and not fault.streams_normally:
         failed = await _failure(request, state, fault, model)

@@ -23,9 +23,8 @@ from aiohttp import web
 
 from .app import (
     _SSE_HEADERS,
-    EMULATOR_STATE,
     EmulatorState,
-    _authorized,
+    _accept,
     _bill_partly,
     _break_stream,
     _error,
@@ -43,27 +42,10 @@ def add_completion_routes(router: web.UrlDispatcher, prefix: str) -> None:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[EMULATOR_STATE]
-    state.stats["requests"] += 1
-    denied = _authorized(state, request)
-    if denied is not None:
-        state.stats["errors"] += 1
-        return denied
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
-        state.stats["errors"] += 1
-        return _error(400, "Request body must be a JSON object")
-    model_id = body.get("model") if isinstance(body.get("model"), str) else None
-    state.record(request, body, model_id)
-    model = _validate(state, body, model_id)
-    if isinstance(model, web.Response):
-        state.stats["errors"] += 1
-        return model
-    per_model = state.stats["per_model"]
-    per_model[model.id] = per_model.get(model.id, 0) + 1
+    accepted = await _accept(request, _validate)
+    if isinstance(accepted, web.Response):
+        return accepted
+    state, body, model = accepted
     fault = state.faults.take(model.id, body)
     reply = plan_text(body, model)
     if body.get("stream") is True and (fault is None or fault.streams_normally):

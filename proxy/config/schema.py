@@ -231,6 +231,9 @@ class Ledger(_Frozen):
     path: str = "data/ledger.sqlite3"
     retention_days: int = Field(400, ge=1)
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # sqlite: under load, a commit waits up to this long for other requests in flight to join its
+    # group (one commit for many rows); with nothing else in flight it never waits. 0: never.
+    commit_delay_ms: float = Field(2.0, ge=0, le=100)
     dsn: str | None = None  # postgresql://user@host:5432/db
     dsn_env: str | None = None
 

@@ -156,7 +156,8 @@ def _ledger(path: Path, config: Config, env: Mapping[str, str], clock: Callable[
     async def context(app: web.Application) -> AsyncIterator[None]:
         accountant, counters = app[ACCOUNTANT], app[STATE].counters
         try:
-            ledger = await open_ledger(config, env, path=path, clock=clock)
+            gauges = app[METRICS].gauges
+            ledger = await open_ledger(config, env, path=path, clock=clock, busy=lambda: gauges.in_flight)
         except LedgerUnavailable as exc:
             raise StartupError(str(exc)) from exc
         counters.roll(clock())

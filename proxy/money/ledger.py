@@ -93,6 +93,8 @@ class Ledger:
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 5.0,
         prune: bool = True,
+        commit_delay_s: float = 0.0,
+        busy: Callable[[], int] | None = None,
     ) -> Ledger:
         path = Path(path)
         synchronous = synchronous.upper()
@@ -114,7 +116,14 @@ class Ledger:
         except BaseException:
             await db.close()
             raise
-        writer = LedgerWriter(connection, path, max_batch=max_batch, loop=asyncio.get_running_loop())
+        writer = LedgerWriter(
+            connection,
+            path,
+            max_batch=max_batch,
+            loop=asyncio.get_running_loop(),
+            commit_delay_s=commit_delay_s,
+            busy=busy,
+        )
         ledger = cls(db, path, retention_days=retention_days, clock=clock, writer=writer)
         if prune:  # the proxy prunes; tools that only read (report, explain, simulate) pass prune=False
             await ledger.prune()

@@ -101,9 +101,12 @@ async def open_ledger(
     path: Path | None = None,
     clock: Callable[[], float] = time.time,
     prune: bool = True,
+    busy: Callable[[], int] | None = None,
 ) -> LedgerStore:
     """Open the ledger `config.ledger` describes (`path` overrides `ledger.path` for sqlite).
-    Tools that only read pass prune=False. Raises LedgerUnavailable naming the key to fix."""
+    Tools that only read pass prune=False. `busy`: how many requests the process is serving (the
+    sqlite writer's group commit waits `ledger.commit_delay_ms` for them only when there are
+    others). Raises LedgerUnavailable naming the key to fix."""
     settings = config.ledger
     if settings.backend == "postgres":
         from proxy.money.ledger_pg import PgLedger
@@ -118,7 +121,13 @@ async def open_ledger(
     where = path or Path(settings.path)
     try:
         return await Ledger.open(
-            where, retention_days=settings.retention_days, synchronous=settings.synchronous, clock=clock, prune=prune
+            where,
+            retention_days=settings.retention_days,
+            synchronous=settings.synchronous,
+            clock=clock,
+            prune=prune,
+            commit_delay_s=settings.commit_delay_ms / 1000.0,
+            busy=busy,
         )
     except (OSError, sqlite3.Error) as exc:
         raise LedgerUnavailable(

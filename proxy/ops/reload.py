@@ -41,6 +41,7 @@ RESTART_ONLY = (
     "ledger.dsn",
     "ledger.dsn_env",
     "ledger.synchronous",
+    "ledger.commit_delay_ms",
     "shutdown_timeout_s",
     "watch_config",
     "state",

@@ -558,3 +558,35 @@ async def test_close_commits_what_is_queued_and_stops_the_thread(tmp_path: Path)
     assert f"ledger-writer:{path.name}" not in {t.name for t in threading.enumerate()}
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT count(*) FROM requests").fetchone() == (1200,)
+
+
+@pytest.mark.realtime  # the group waits on the real clock
+@pytest.mark.parametrize("delay_s, commits", [(0.3, 1), (0.0, 2)])
+async def test_under_load_a_commit_waits_for_the_requests_in_flight(
+    tmp_path: Path, delay_s: float, commits: int
+) -> None:
+    """commit_delay_s, with other requests in flight: a row that comes while the first waits joins
+    its commit; with no delay it gets a commit of its own (the contrast shows the wait did it)."""
+    in_flight = 10  # what the proxy would say: nine others besides the first row's request
+    ledger = await open_at_t0(tmp_path / "ledger.db", commit_delay_s=delay_s, busy=lambda: in_flight)
+    try:
+        first = ledger.record_nowait(row("first"))
+        await asyncio.sleep(0.1)  # the thread has the first row by now
+        second = ledger.record_nowait(row("second"))
+        await asyncio.gather(first, second)
+        assert (ledger.commits, ledger.rows_written) == (commits, 2)
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.realtime
+async def test_with_nothing_else_in_flight_a_commit_does_not_wait(tmp_path: Path) -> None:
+    """One client, requests back to back: the delay (here absurdly long) is never waited."""
+    in_flight = 1
+    ledger = await open_at_t0(tmp_path / "ledger.db", commit_delay_s=30.0, busy=lambda: in_flight)
+    try:
+        for i in range(3):
+            await asyncio.wait_for(ledger.record(row(f"alone{i}")), timeout=10.0)
+        assert (ledger.commits, ledger.rows_written) == (3, 3)
+    finally:
+        await ledger.close()

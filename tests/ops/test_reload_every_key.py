@@ -586,6 +586,7 @@ CASES = [
     Case("ledger.path", "{tmp}/other-ledger.sqlite3", RESTART),
     Case("ledger.retention_days", 1, shorter_retention, before=seed_old_row),
     Case("ledger.synchronous", "FULL", RESTART),
+    Case("ledger.commit_delay_ms", 5, RESTART),
     # Changing the ledger's engine or database needs a restart; the reload does not connect to it.
     Case("ledger.backend", "postgres", RESTART, also={"ledger.dsn": "postgresql://postgres@127.0.0.1:5432/test"}),
     Case("ledger.dsn", "postgresql://postgres@127.0.0.1:5432/test", RESTART, also={"ledger.backend": "postgres"}),

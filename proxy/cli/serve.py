@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy.config import Config
 
 log = logging.getLogger("orproxy")
+YOUNG_COLLECTION_THRESHOLD = 20_000  # net allocations between collections of the youngest generation (default 700)
 
 
 def serve_one(config: Config, args: argparse.Namespace) -> int:
@@ -129,9 +130,17 @@ def _is_loopback(host: str) -> bool:
 
 async def _freeze_heap(app: web.Application) -> None:
     """Everything built so far lives as long as the process: keep it out of the garbage
-    collector's scans, which per-request allocations would otherwise trigger over and over."""
+    collector's scans, which per-request allocations would otherwise trigger over and over.
+
+    And collect the youngest generation after 20,000 net allocations instead of 700: a request's
+    objects die by reference counting, but the ones in flight (hundreds per request) tripped the
+    default threshold about once per 9 requests, each collection walking all of them (~200 µs;
+    measured 22 µs per request under 32 connections, none at 20,000). Cyclic garbage still goes,
+    a little later: at most 20,000 objects wait for it."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

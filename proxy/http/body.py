@@ -67,12 +67,19 @@ async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if not coding and request.content_length is not None and request.content_length > limit:
         _abandon(request)
         raise too_large
-    raw = bytearray()
+    content = request.content
     try:
+        if content.is_eof():  # the whole body came with the headers (most do): no waiting, no timer
+            raw = content.read_nowait()
+            if len(raw) > limit:
+                _abandon(request)
+                raise too_large
+            return raw
+        collected = bytearray()
         async with asyncio.timeout(timeout_s):
-            while chunk := await request.content.readany():
-                raw += chunk
-                if len(raw) > limit:
+            while chunk := await content.readany():
+                collected += chunk
+                if len(collected) > limit:
                     _abandon(request)
                     raise too_large
     except TimeoutError:
@@ -86,7 +93,7 @@ async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:
         cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
         reason = getattr(cause, "message", "") or str(cause)
         raise InvalidRequest(f"The request body could not be read: {_clip(reason)}", code="invalid_body") from None
-    return bytes(raw)
+    return bytes(collected)
 
 
 def _abandon(request: web.Request) -> None:

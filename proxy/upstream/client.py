@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from proxy.config import Upstream
 from proxy.core.failures import Failure, classify_status, connection_failure, dropped_failure, timeout_failure
@@ -61,6 +62,7 @@ class UpstreamClient:
         )
         # Told of every response's status and headers (rate-limit tracking).
         self.observe = observe
+        self._urls: dict[str, URL] = {}  # per API path, parsed once (aiohttp would parse a str per request)
         # A stream may run long; what must not happen is a silence longer than timeout_s.
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
@@ -133,7 +135,9 @@ class UpstreamClient:
         """Send a request to `path` (under the base URL), with `headers` on top of the session's
         (the client headers an API forwards); return a 2xx response (the caller closes it) or raise
         UpstreamError."""
-        url = self.base_url + path
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
         try:
             if stream:
                 response = await self._session.post(url, data=payload, headers=headers, timeout=self._stream_timeout)

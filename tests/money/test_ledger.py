@@ -621,3 +621,23 @@ async def test_with_nothing_else_in_flight_a_commit_does_not_wait(tmp_path: Path
         assert (ledger.commits, ledger.rows_written) == (3, 3)
     finally:
         await ledger.close()
+
+
+@pytest.mark.realtime
+async def test_under_steady_load_the_writer_collects_hand_overs_without_being_woken(tmp_path: Path) -> None:
+    """While others are in flight, the thread sleeps the delay and takes what came meanwhile: rows
+    handed over one at a time, a few ms apart, are committed in fewer groups than rows, each
+    acknowledged only once committed."""
+    in_flight = 10
+    ledger = await open_at_t0(tmp_path / "ledger.db", commit_delay_s=0.02, busy=lambda: in_flight)
+    try:
+        pending = []
+        for i in range(30):
+            pending.append(ledger.record_nowait(row(f"steady{i}")))
+            await asyncio.sleep(0.002)  # one row per turn of the loop, as requests finishing one by one
+        await asyncio.gather(*pending)
+        assert ledger.rows_written == 30
+        assert ledger.commits <= 10, f"{ledger.commits} commits for 30 rows 2 ms apart with a 20 ms delay"
+        assert len(await ledger.rows()) == 30
+    finally:
+        await ledger.close()

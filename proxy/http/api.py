@@ -182,10 +182,12 @@ class ApiHandler:
             answering = self._answer(runtime, plan, body, record, admission, reservation, started, forwarded, overhead)
             owned = True
             try:
-                raw, payload, headers = await asyncio.shield(self._own(request, answering, record))
+                raw, payload, headers, commit = await asyncio.shield(self._own(request, answering, record))
             except asyncio.CancelledError:  # the client left: the task still books what the answer costs
                 record.client_gone = True
                 raise
+            if commit is not None:  # its ledger row is committed before the answer goes out
+                await self._accountant.committed(record, commit)
             if cache_key is not None:
                 headers["x-proxy-cache"] = "miss"
             if cache_key is not None and cache is not None:
@@ -228,9 +230,11 @@ class ApiHandler:
         started: float,
         forwarded: dict[str, str] | None = None,
         overhead: Overhead | None = None,
-    ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
+    ) -> tuple[bytes, dict[str, Any], dict[str, str], asyncio.Future[None] | None]:
         """A non-streamed answer, booked once it is in (or has failed) whether or not the client
-        is still there: the ledger row is committed before the handler may answer."""
+        is still there. An answer comes with its ledger row's commit, which the handler waits for
+        before it answers (awaited there, not here: one hand-over between tasks less); a failure's
+        row is committed here, before the error is raised."""
         cancelled = False
         try:
             complete = self._complete if forwarded is None else functools.partial(self._complete, headers=forwarded)
@@ -239,7 +243,8 @@ class ApiHandler:
             raw, payload = answer.result
             record.usage = self._api.usage(payload)
             record.note_origin(payload)
-            return raw, payload, headers
+            commit = await self._queue_booking(record, reservation, runtime.policy, started)
+            return raw, payload, headers, commit
         except ProxyError as exc:
             _failed(record, exc, plan, admission.downgrade)  # before the booking below: its row lists the attempts
             raise
@@ -284,12 +289,20 @@ class ApiHandler:
     async def _book(
         self, record: RequestRecord, reservation: Reservation | None, policy: Policy, started: float, *, wait: bool
     ) -> None:
+        commit = await self._queue_booking(record, reservation, policy, started)
+        if wait and commit is not None:
+            await self._accountant.committed(record, commit)
+
+    async def _queue_booking(
+        self, record: RequestRecord, reservation: Reservation | None, policy: Policy, started: float
+    ) -> asyncio.Future[None] | None:
+        """Book the request (once); the future of its ledger row's commit."""
         if record.client_gone:
             record.status, record.error = 499, "client_disconnected"
         elif record.abandoned:
             record.status, record.error = 503, "shutdown"
         record.latency_s = time.monotonic() - started
-        await self._accountant.settle(record, reservation, policy, wait=wait)
+        return await self._accountant.book(record, reservation, policy)
 
     @staticmethod
     def _answered(

@@ -4,6 +4,7 @@ completes), the access log and the metrics read the same record."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -60,9 +61,30 @@ class Accountant:
     async def settle(
         self, record: RequestRecord, reservation: Reservation | None, policy: Policy, *, wait: bool = True
     ) -> None:
-        """Book the request once: idempotent, and never raises into the request."""
+        """Book the request once: idempotent, and never raises into the request. `wait`: return
+        once its ledger row is committed (else it is only queued)."""
+        committed = await self.book(record, reservation, policy)
+        if wait and committed is not None:
+            await self.committed(record, committed)
+
+    async def committed(self, record: RequestRecord, commit: asyncio.Future[None]) -> None:
+        """Wait for the commit `book` queued; a failed one is logged, never raised. Cancelling
+        the wait does not withdraw the row."""
+        try:
+            await commit
+        except Exception:
+            cost = record.cost.usd if record.cost is not None else 0.0
+            log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost)
+
+    async def book(
+        self, record: RequestRecord, reservation: Reservation | None, policy: Policy
+    ) -> asyncio.Future[None] | None:
+        """Book the request once (idempotent; never raises): price it, settle its budget, tell the
+        sinks and queue its ledger row. Returns the future of that row's commit (None: no ledger,
+        already booked, or the row could not be queued), for whoever must wait for it
+        (`committed`) before the answer completes."""
         if record.settled:
-            return
+            return None
         record.settled = True
         now = self._clock()
         clamped: list[str] = []
@@ -88,15 +110,12 @@ class Accountant:
         await self._spend.settle(policy, reservation, record.key_name, cost.usd, now, record.started_at)
         self._notify(record, policy)
         if self.ledger is None:
-            return
+            return None
         try:
-            row = _row(record, tokens)
-            if wait:
-                await self.ledger.record(row)
-            else:
-                self.ledger.record_nowait(row)
+            return self.ledger.record_nowait(_row(record, tokens))
         except Exception:
             log.exception("could not write ledger row for request %s (cost $%.6f)", record.request_id, cost.usd)
+            return None
 
 
 def price(prices: PriceBook, record: RequestRecord, tokens: Tokens, reserved: float = 0.0) -> Cost:

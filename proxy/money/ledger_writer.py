@@ -1,15 +1,15 @@
 """The ledger's writer: a dedicated thread with its own SQLite connection, committing rows in
 groups and waking the event loop once per group.
 
-The event loop never waits on the disk. Rows queued during one turn of the loop are handed to
-the thread together, at the end of that turn (one `call_soon` per turn, one queue put, one
-wake-up of the thread), so requests finishing in the same turn share a commit. The thread takes
-everything handed over (up to `max_batch` rows), writes it in ONE transaction (a single
-multi-row INSERT, atomic in autocommit mode; `BEGIN IMMEDIATE` ... `COMMIT` around several when
-the group is larger than one statement may be), then makes one `call_soon_threadsafe` that
-resolves every future of the group: their rows are in the WAL, so a SIGKILL afterwards loses none
-of them. While a commit is in progress (SQLite releases the GIL), the next hand-overs gather on
-the queue, so the rows per commit grow with the load by themselves: no timer.
+The event loop never waits on the disk. Each row is put on the thread's queue as it comes (a
+put wakes the thread only when it is waiting there). The thread takes everything queued (up to
+`max_batch` rows), writes it in ONE transaction (a single multi-row INSERT, atomic in autocommit
+mode; `BEGIN IMMEDIATE` ... `COMMIT` around several when the group is larger than one statement
+may be), then makes one `call_soon_threadsafe` that resolves every future of the group: their
+rows are in the WAL, so a SIGKILL afterwards loses none of them. While a commit is in progress
+(SQLite releases the GIL), the next rows gather on the queue, so the rows per commit grow with
+the load by themselves. (Rows were once handed over at the end of each turn of the loop, with a
+`call_soon`: a turn of the loop more for every request, for grouping the delay below does better.)
 
 Each SQLite call releases the GIL and must take it back from the busy loop thread (up to the
 interpreter's switch interval, 5 ms): one statement per group keeps that to one round.
@@ -21,7 +21,7 @@ says how many requests the process is serving, the rows' own included), the thre
 `commit_delay_s` for them to join the group before it commits. With nothing else in flight (one
 client, requests back to back) it commits at once: the delay never adds to an idle proxy's latency.
 While the load lasts, the thread does not wait to be woken for the next group either: it sleeps the
-delay and takes what was handed over meanwhile, so a hand-over finds nobody waiting and costs the
+delay and takes the rows queued meanwhile, so a put finds nobody waiting and costs the
 loop no wake-up of the thread.
 """
 
@@ -85,8 +85,7 @@ class LedgerWriter:
         self._loop = loop
         self._delay_s = commit_delay_s if busy is not None else 0.0
         self._busy = busy  # read on the thread: how many requests the process is serving
-        self._jobs: queue.SimpleQueue[list[Pending] | object] = queue.SimpleQueue()
-        self._turn: list[Pending] = []  # queued during this turn of the loop, handed over at its end
+        self._jobs: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
         self.stopped: asyncio.Future[None] = loop.create_future()
         self.commits = 0  # groups committed (one transaction each)
         self.rows_written = 0
@@ -97,19 +96,11 @@ class LedgerWriter:
 
     def submit(self, row: LedgerRow | None) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self._loop.create_future()
-        if not self._turn:
-            self._loop.call_soon(self._hand_over)
-        self._turn.append(Pending(row, future))
+        self._jobs.put(Pending(row, future))
         return future
 
-    def _hand_over(self) -> None:
-        turn, self._turn = self._turn, []
-        self._jobs.put(turn)
-
     def stop(self) -> None:
-        """Queue the end, after what this turn queued (the thread writes both)."""
-        if self._turn:
-            self._hand_over()
+        """Queue the end, after the rows queued before it (the thread writes them first)."""
         self._jobs.put(_STOP)
 
     def join(self) -> None:
@@ -132,9 +123,9 @@ class LedgerWriter:
                     if item is _STOP:
                         stopping = True
                         break
-                    assert isinstance(item, list)
-                    group += item
-                    rows += sum(pending.row is not None for pending in item)
+                    assert isinstance(item, Pending)
+                    group.append(item)
+                    rows += item.row is not None
                     if rows >= self._max_batch:
                         break
                     try:
@@ -156,10 +147,10 @@ class LedgerWriter:
             self._db.close()
             self._wake(_resolve, self.stopped)
 
-    def _next(self, keep_up: bool) -> list[Pending] | object:
-        """The next hand-over. Under load (`keep_up`) the thread sleeps the delay and takes what came
-        meanwhile: the loop's hand-overs find nobody waiting, so they wake no thread (a futex call
-        and a context switch each). When nothing came, or nothing else is in flight, it waits."""
+    def _next(self, keep_up: bool) -> Pending | object:
+        """The next row. Under load (`keep_up`) the thread sleeps the delay and takes what came
+        meanwhile: the loop's puts find nobody waiting, so they wake no thread (a futex call and a
+        context switch each). When nothing came, or nothing else is in flight, it waits."""
         if keep_up:
             time.sleep(self._delay_s)
             try:

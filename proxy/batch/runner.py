@@ -51,7 +51,8 @@ from proxy.core.batch import (
 from proxy.core.errors import BudgetExceeded, ProxyError
 from proxy.core.record import RequestRecord
 from proxy.core.routing import UnknownModel
-from proxy.http.api import blocked, model_not_found, route_header
+from proxy.http.api import blocked, model_not_found
+from proxy.http.proxy_headers import route_header
 from proxy.money.accounting import Accountant
 from proxy.money.batch_store import LEASE_S, BatchStore
 from proxy.ops.metrics import Gauges, Metrics

@@ -31,9 +31,9 @@ from proxy.core.routing import Plan, Target, UnknownModel
 from proxy.http.appkeys import RUNTIME
 from proxy.http.body import read_body
 from proxy.http.cached import answer_hit, key_for, store
-from proxy.http.errors import header_value
 from proxy.http.inflight import InFlight
 from proxy.http.overhead import OVERHEAD
+from proxy.http.proxy_headers import failed, proxy_headers
 from proxy.money.accounting import Accountant
 from proxy.ops.metrics import Gauges
 from proxy.ops.runtime import Runtime, SharedState
@@ -135,7 +135,7 @@ class ApiHandler:
             if cache_key is not None and cache is not None:
                 hit = await cache.get(cache_key)
                 if hit is not None:
-                    headers = _proxy_headers(request_id, plan, [], admission.downgrade)
+                    headers = proxy_headers(request_id, plan, [], admission.downgrade)
                     response = answer_hit(request, hit, record, headers, features.stream)
                     record.latency_s = time.monotonic() - started
                     await self._accountant.settle(record, reservation, policy)
@@ -195,7 +195,7 @@ class ApiHandler:
             return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
         except ProxyError as exc:
             if plan is not None:
-                _failed(record, exc, plan, downgrade)
+                failed(record, exc, plan, downgrade)
             else:
                 record.status, record.error = exc.status, exc.code
                 exc.request_id = request_id
@@ -246,7 +246,7 @@ class ApiHandler:
             commit = await self._queue_booking(record, reservation, runtime.policy, started)
             return raw, payload, headers, commit
         except ProxyError as exc:
-            _failed(record, exc, plan, admission.downgrade)  # before the booking below: its row lists the attempts
+            failed(record, exc, plan, admission.downgrade)  # before the booking below: its row lists the attempts
             raise
         except asyncio.CancelledError:  # shutdown gave up on it: booked at the reservation's worst case
             cancelled = record.abandoned = True
@@ -315,7 +315,7 @@ class ApiHandler:
     ) -> dict[str, str]:
         """Note who answered on the record; the proxy headers of the answer."""
         record.model, record.upstream, record.attempts = target.model, target.upstream, attempts
-        headers = _proxy_headers(request_id, plan, attempts, admission.downgrade)
+        headers = proxy_headers(request_id, plan, attempts, admission.downgrade)
         record.route = headers["x-proxy-route"]
         record.status = 200
         return headers
@@ -373,38 +373,3 @@ async def _complete(
 ) -> tuple[bytes, dict[str, Any]]:
     response = await client.post(payload, stream=False, model=model, path=path, headers=headers)
     return await client.read_json(response, content_key)
-
-
-def _failed(record: RequestRecord, exc: ProxyError, plan: Plan, downgrade: str | None) -> None:
-    """A request that got no answer: the record and the error say what was tried, as a success's do."""
-    record.status, record.error = exc.status, exc.code
-    exc.request_id = record.request_id
-    record.attempts = list(exc.attempts)
-    exc.proxy_headers = _proxy_headers(record.request_id, plan, record.attempts, downgrade)
-    exc.proxy_headers.pop("x-proxy-model", None)  # nobody answered
-    record.route = exc.proxy_headers["x-proxy-route"]
-
-
-def _proxy_headers(request_id: str, plan: Plan, attempts: list[Attempt], downgrade: str | None) -> dict[str, str]:
-    headers = {
-        "x-request-id": request_id,
-        "x-proxy-virtual-model": header_value(plan.requested),
-        "x-proxy-attempts": str(len(attempts)),
-        "x-proxy-route": header_value(route_header(plan, attempts), 2048),
-    }
-    if attempts:
-        headers["x-proxy-model"] = attempts[-1].target.model
-    if downgrade:
-        headers["x-proxy-downgrade"] = downgrade
-    return headers
-
-
-def route_header(plan: Plan, attempts: list[Attempt]) -> str:
-    """e.g. `auto>cheap: mistralai/mistral-7b-instruct=http_503,http_503 meta-llama/llama-3.1-8b-instruct=ok`."""
-    outcomes: dict[str, list[str]] = {}
-    for attempt in attempts:
-        outcomes.setdefault(str(attempt.target), []).append(attempt.outcome)
-    head = plan.head()
-    tried = " ".join(f"{target}={','.join(results)}" for target, results in outcomes.items())
-    skipped = "".join(f" {target}=skipped:{block.reason}" for target, block in plan.skipped)
-    return f"{head}: {tried}{skipped}"

@@ -14,7 +14,7 @@ from aiohttp import web
 from .completions import ModelInfo, completion_body, plan_reply, usage_for
 from .faults import Fault, rate_limit_headers
 from .frames import Frames, OpenAIStreamFrames, StreamFrames
-from .replies import JSON, error_response, fault_response, unauthorized
+from .replies import JSON, error_response, fault_response, text_model, unauthorized
 from .state import EMULATOR_STATE, EmulatorState
 from .streaming import SSE_HEADERS, StreamTally, break_stream, keep_alive
 
@@ -63,13 +63,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def validate_chat(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
     """The model asked for, or OpenRouter's 400."""
-    if not model_id:
-        return error_response(400, "No model specified: set `model` to a model ID from /api/v1/models")
-    model = state.models.get(model_id)
-    if model is None:
-        return error_response(400, f"{model_id} is not a valid model ID")
-    if model.embeddings:
-        return error_response(400, f"{model_id} is an embeddings model: send it to /embeddings")
+    model = text_model(state, model_id)
+    if isinstance(model, web.Response):
+        return model
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return error_response(400, "Input required: `messages` must be a non-empty array")
@@ -122,7 +118,7 @@ async def _stream(
             tally.sent += 1
         if broken is not None:
             tally.cut()
-            return await break_stream(request, state, response, frames, broken)
+            return await break_stream(request, state, response, broken, frames.error)
         await response.write_eof()
         tally.completed(reply.finish_reason)
     return response

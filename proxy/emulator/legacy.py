@@ -25,7 +25,7 @@ from .billing import Charge, text_tokens
 from .completions import ModelInfo, Reply, plan_reply, split_words, usage_for
 from .faults import Fault, rate_limit_headers
 from .frames import Frames, openai_usage
-from .replies import accept, error_response, fault_response
+from .replies import accept, error_response, fault_response, text_model
 from .state import EmulatorState
 from .streaming import SSE_HEADERS, StreamTally, break_stream, keep_alive
 
@@ -62,13 +62,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
-    if not model_id:
-        return error_response(400, "No model specified: set `model` to a model ID from /api/v1/models")
-    model = state.models.get(model_id)
-    if model is None:
-        return error_response(400, f"{model_id} is not a valid model ID")
-    if model.embeddings:
-        return error_response(400, f"{model_id} is an embeddings model: send it to /embeddings")
+    model = text_model(state, model_id)
+    if isinstance(model, web.Response):
+        return model
     if body.get("prompt") is None:
         return error_response(400, "Input required: `prompt` must be a string or an array")
     return model
@@ -128,7 +124,7 @@ async def _stream(
             tally.sent += 1
         if broken is not None:
             tally.cut()
-            return await break_stream(request, state, response, frames, broken)
+            return await break_stream(request, state, response, broken, frames.error)
         await response.write_eof()
         tally.completed(reply.finish_reason)
     return response

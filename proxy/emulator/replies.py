@@ -45,6 +45,18 @@ def drop_connection(request: web.Request) -> web.Response:
     return web.Response(status=500)
 
 
+def text_model(state: EmulatorState, model_id: str | None) -> ModelInfo | web.Response:
+    """The text model asked for (chat, legacy completions), or OpenRouter's 400."""
+    if not model_id:
+        return error_response(400, "No model specified: set `model` to a model ID from /api/v1/models")
+    model = state.models.get(model_id)
+    if model is None:
+        return error_response(400, f"{model_id} is not a valid model ID")
+    if model.embeddings:
+        return error_response(400, f"{model_id} is an embeddings model: send it to /embeddings")
+    return model
+
+
 async def accept(
     request: web.Request,
     validate: Callable[[EmulatorState, dict[str, Any], str | None], ModelInfo | web.Response],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from typing import Any
 
 import orjson
@@ -14,10 +15,10 @@ from aiohttp import web
 
 from .completions import ModelInfo, Reply, plan_reply
 from .faults import Fault, rate_limit_headers
-from .replies import JSON, drop_connection, error_response, fault_response, unauthorized
+from .replies import JSON, error_response, fault_response, unauthorized
 from .response_events import ResponseEvents, Shape, chat_view, items_of, prompt_tokens, response_object, usage_object
 from .state import EMULATOR_STATE, EmulatorState
-from .streaming import SSE_HEADERS, StreamTally, keep_alive
+from .streaming import SSE_HEADERS, StreamTally, break_stream, keep_alive
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
@@ -145,28 +146,11 @@ async def _stream(
             tally.sent += 1
         if broken is not None:
             tally.cut()
-            return await _break(request, state, response, events, broken, tally.sent)
+            return await break_stream(
+                request, state, response, broken, functools.partial(events.error, sent=tally.sent)
+            )
         for frame in events.closing(usage_object(charge, model, openrouter=shape.openrouter)):
             await response.write(frame)
         await response.write_eof()
         tally.completed(reply.finish_reason)
-    return response
-
-
-async def _break(
-    request: web.Request,
-    state: EmulatorState,
-    response: web.StreamResponse,
-    events: ResponseEvents,
-    fault: Fault,
-    sent: int,
-) -> web.StreamResponse:
-    state.stats["streams_failed"] += 1
-    if fault.drop_midstream:
-        drop_connection(request)
-        return response
-    message = fault.message or "Provider disconnected unexpectedly"
-    await response.write(events.error(fault.code if fault.code is not None else "server_error", message, sent))
-    # The stream ends right after the error event: no completed response, no [DONE].
-    await response.write_eof()
     return response

@@ -1,11 +1,12 @@
 """What every emulated stream (chat, Responses, Messages, legacy completions) does alike: its
-headers, the keep-alive comments while the model "thinks", and its bill (`StreamTally`); and the
-break of a chat-shaped stream under a mid-stream fault.
+headers, the keep-alive comments while the model "thinks" and its bill (`StreamTally`); and, but
+for Messages (Anthropic's error event), its break under a mid-stream fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 
 from aiohttp import web
@@ -13,7 +14,6 @@ from aiohttp import web
 from .billing import Charge, text_tokens
 from .completions import ModelInfo
 from .faults import Fault
-from .frames import Frames
 from .replies import drop_connection
 from .state import EmulatorState
 
@@ -84,15 +84,19 @@ async def keep_alive(response: web.StreamResponse, latency_s: float, comment: by
 
 
 async def break_stream(
-    request: web.Request, state: EmulatorState, response: web.StreamResponse, frames: Frames, fault: Fault
+    request: web.Request,
+    state: EmulatorState,
+    response: web.StreamResponse,
+    fault: Fault,
+    error_event: Callable[[int | str, str], bytes],
 ) -> web.StreamResponse:
-    """End a chat-shaped stream as a mid-stream fault says: the connection dropped, or an error event."""
+    """End a stream as a mid-stream fault says: the connection dropped, or `error_event(code, message)`
+    and nothing after it (no usage chunk, no completed response, no [DONE])."""
     state.stats["streams_failed"] += 1
     if fault.drop_midstream:
         drop_connection(request)
         return response
     message = fault.message or "Provider disconnected unexpectedly"
-    await response.write(frames.error(fault.code if fault.code is not None else "server_error", message))
-    # Both end the stream right after the error event: no usage chunk, no [DONE].
+    await response.write(error_event(fault.code if fault.code is not None else "server_error", message))
     await response.write_eof()
     return response

@@ -3,17 +3,14 @@ interactive requests (in-process, not over HTTP), at `batches.concurrency` lines
 live traffic, within `batches.budget_share` of the day's budget; finalizes output and error files.
 
 Durability: a line's request id is stored before it is sent, its answer as soon as it is in, then
-its ledger row is committed, then it is done. At start-up, a line found `answered` is booked (unless
-its ledger row made it) and done; a line found `running` was cut off in flight by a crash: it is
-never sent again (the upstream may have billed it, and a non-streamed request cannot be looked up
-before its answer), and is reported in the error file as `interrupted`.
+its ledger row is committed, then it is done; what a crash leaves in between is taken over by
+`recovery` (at start-up and every `RECOVER_EVERY_S` after).
 
 Replicas: several runners may share one store (PostgreSQL). Each claims the lines it runs under
 its own id (`claim_lines`: a line is claimed by one runner), renews its claims' lease while it
 lives, and adopts only lines whose owner stopped (`adopt`: on PostgreSQL, once their lease has
-lapsed): what `answered` and `running` mean above applies to those, at start-up and every
-`RECOVER_EVERY_S` after (a replica that died is recovered by those that live on). Finishing a
-batch is a compare-and-set on its status, so one replica moves it to `finalizing`. A batch sent to
+lapsed; a replica that died is recovered by those that live on). Finishing a batch is a
+compare-and-set on its status, so one replica moves it to `finalizing`. A batch sent to
 OpenRouter's Batch API (`batches.upstream: openrouter`) is held by one replica at a time (`hold`,
 the same lease): only it submits, resolves and polls its upstream batches, so none is sent twice.
 """
@@ -34,6 +31,7 @@ from typing import Any
 
 from proxy.batch.lifecycle import finalize
 from proxy.batch.openrouter import UpstreamBatches
+from proxy.batch.recovery import Recovery
 from proxy.core.admission import admit
 from proxy.core.apis import APIS, Api
 from proxy.core.batch import (
@@ -97,6 +95,7 @@ class BatchRunner:
         self._upstream = UpstreamBatches(store, accountant, metrics, self._clock)
         # This runner's claims: the host and process, and a token (a restarted process is another owner).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._recovery = Recovery(store, accountant, runtimes, metrics, self.owner, APIS_BY_NAME)
 
     def wake(self) -> None:
         self._wake.set()
@@ -118,7 +117,7 @@ class BatchRunner:
         while not self._stopping:
             try:
                 if time.monotonic() - recovered >= RECOVER_EVERY_S:
-                    await self._recover()
+                    await self._recovery.run()
                     recovered = time.monotonic()
                 if time.monotonic() - pruned >= PRUNE_EVERY_S:
                     pruned = time.monotonic()
@@ -164,60 +163,6 @@ class BatchRunner:
             log.info("batches: forgot %d batch(es) that ended before the retention period", removed)
 
     # --- the loop ----------------------------------------------------------------------
-    async def _recover(self) -> None:
-        """Lines a stopped runner left `answered` are booked once; those it left `running` are not
-        sent twice. Only lines adopted from a runner that stopped: never another live one's."""
-        for batch in await self._store.active_batches():
-            await self._book_answered(batch)
-            cut = await self._store.adopt(batch.id, "running", self.owner)
-            if not cut:
-                continue
-            billed = await self._store.billed(taken.request_id for taken in cut if taken.request_id)
-            done = []
-            for line, request_id, _ in cut:
-                was = "was billed (see its ledger row)" if request_id in billed else "may have been billed upstream"
-                message = f"the proxy stopped while this request was in flight; it {was}, so it was not sent again"
-                done.append((line.line, LineResult(line.custom_id, request_id, None, None, "interrupted", message)))
-                self._metrics.batch_lines.add(("interrupted",))
-            await self._store.finish_lines(batch.id, done)
-            log.warning(
-                "batch %s: %d line(s) in flight when their runner stopped reported as interrupted", batch.id, len(done)
-            )
-
-    async def _book_answered(self, batch: BatchRecord) -> None:
-        adopted = await self._store.adopt(batch.id, "answered", self.owner)
-        answered = [(taken.line.line, taken.result) for taken in adopted if taken.result is not None]
-        if not answered:
-            return
-        billed = await self._store.billed(result.request_id for _, result in answered if result.request_id)
-        runtime = self._runtimes.current
-        api = APIS_BY_NAME[ENDPOINTS[batch.endpoint]]
-        for _, result in answered:
-            if result.request_id in billed:
-                continue
-            extra = result.extra
-            record = RequestRecord(
-                result.request_id or "",
-                float(extra.get("started_at") or self._accountant.now()),
-                str(extra.get("requested_model") or ""),
-                extra.get("virtual_model"),
-                False,
-                key_name=batch.key_name,
-                status=result.status_code or 0,
-                model=extra.get("model"),
-                upstream=extra.get("upstream"),
-                error=extra.get("error"),
-                api=api.name,
-                batch_id=batch.id,
-                custom_id=result.custom_id,
-            )
-            if result.succeeded and result.body is not None:
-                record.usage = api.usage(result.body)
-                record.note_origin(result.body)
-            await self._accountant.settle(record, None, runtime.policy)
-        await self._store.finish_lines(batch.id, answered)
-        log.warning("batch %s: %d answered line(s) booked after the last stop", batch.id, len(answered))
-
     async def _step(self) -> None:
         runtime = self._runtimes.current
         now = self._clock()

@@ -20,15 +20,14 @@ from proxy.core.routing import Router
 from proxy.money.catalogue import (
     DEFAULT_CACHE,
     CatalogueFetchError,
-    build_models_view,
     fetch_catalogue,
     load_catalogue_source,
     model_kinds,
     openrouter_base_url,
-    render_models,
     write_cache,
 )
 from proxy.money.ledger_api import LedgerUnavailable, ledger_exists, on_file
+from proxy.money.models_view import build_models_view, render_models
 from proxy.money.simulate import (
     MixSimulation,
     Replay,

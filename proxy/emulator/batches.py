@@ -28,9 +28,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import EMULATOR_STATE, EmulatorState, _authorized, _error, _json, _validate
 from .billing import Bill, Charge
+from .chat import validate_chat
 from .completions import completion_body, plan_reply, usage_for
+from .replies import error_response, json_response, unauthorized
+from .state import EMULATOR_STATE, EmulatorState
 
 ENDPOINTS = ("/v1/chat/completions",)  # what the emulator batches (OpenRouter also takes others)
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -101,39 +103,39 @@ def add_batch_routes(app: web.Application) -> None:
 
 async def create_batch(request: web.Request) -> web.Response:
     state, desk = request.app[EMULATOR_STATE], request.app[BATCH_DESK]
-    denied = _authorized(state, request)
+    denied = unauthorized(state, request)
     if denied is not None:
         return denied
     raw = await request.read()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _error(400, "Invalid JSON in request body")
+        return error_response(400, "Invalid JSON in request body")
     if not isinstance(body, dict):
-        return _error(400, "Request body must be a JSON object")
+        return error_response(400, "Request body must be a JSON object")
     keys = list(body)
     if "requests" in keys and any(name in keys[keys.index("requests") :] for name in ("endpoint", "model")):
-        return _error(400, "`endpoint` and `model` must come before `requests` in the request body")
+        return error_response(400, "`endpoint` and `model` must come before `requests` in the request body")
     endpoint, model_id, requests = body.get("endpoint"), body.get("model"), body.get("requests")
     if endpoint not in ENDPOINTS:
-        return _error(400, f"Unsupported batch endpoint: {endpoint!r}")
+        return error_response(400, f"Unsupported batch endpoint: {endpoint!r}")
     if body.get("completion_window", "24h") != "24h":
-        return _error(400, "The only supported completion_window is 24h")
+        return error_response(400, "The only supported completion_window is 24h")
     model = state.models.get(model_id) if isinstance(model_id, str) else None
     if model is None or model.embeddings:
-        return _error(400, f"{model_id} is not a valid model ID")
+        return error_response(400, f"{model_id} is not a valid model ID")
     if desk.models is not None and model.id not in desk.models:
-        return _error(400, f"{model.id} does not support batch requests")
+        return error_response(400, f"{model.id} does not support batch requests")
     if not isinstance(requests, list) or not requests:
-        return _error(400, "`requests` must be a non-empty array")
+        return error_response(400, "`requests` must be a non-empty array")
     seen: set[str] = set()
     for index, item in enumerate(requests):
         custom_id = item.get("custom_id") if isinstance(item, dict) else None
         line_body = item.get("body") if isinstance(item, dict) else None
         if not isinstance(custom_id, str) or custom_id in seen or not isinstance(line_body, dict):
-            return _error(400, f"requests[{index}]: needs a unique string custom_id and an object body")
+            return error_response(400, f"requests[{index}]: needs a unique string custom_id and an object body")
         if line_body.get("model", model.id) != model.id:
-            return _error(400, f"requests[{index}]: body.model must match the batch's model {model.id}")
+            return error_response(400, f"requests[{index}]: body.model must match the batch's model {model.id}")
         seen.add(custom_id)
     desk.created += 1
     now = state.clock()
@@ -157,7 +159,7 @@ def _advance(state: EmulatorState, desk: BatchDesk, batch: EmulatedBatch) -> Non
     model = state.models[batch.model]
     for item in batch.requests:
         line_body = {**item["body"], "model": batch.model}
-        checked = _validate(state, line_body, batch.model)
+        checked = validate_chat(state, line_body, batch.model)
         result: dict[str, Any] = {"id": f"{batch.id}-{len(batch.results)}", "custom_id": item["custom_id"]}
         if isinstance(checked, web.Response):
             error = orjson.loads(checked.body)["error"]  # type: ignore[arg-type]
@@ -203,12 +205,12 @@ def _answer(
 
 def _found(request: web.Request) -> tuple[EmulatorState, BatchDesk, EmulatedBatch] | web.Response:
     state, desk = request.app[EMULATOR_STATE], request.app[BATCH_DESK]
-    denied = _authorized(state, request)
+    denied = unauthorized(state, request)
     if denied is not None:
         return denied
     batch = desk.batches.get(request.match_info["batch_id"])
     if batch is None:
-        return _error(404, f"Batch {request.match_info['batch_id']} not found")
+        return error_response(404, f"Batch {request.match_info['batch_id']} not found")
     return state, desk, batch
 
 
@@ -218,7 +220,7 @@ async def get_batch(request: web.Request) -> web.Response:
         return found
     state, desk, batch = found
     _advance(state, desk, batch)
-    return _json(batch.to_object(with_results=True))
+    return json_response(batch.to_object(with_results=True))
 
 
 async def batch_results(request: web.Request) -> web.Response:
@@ -228,26 +230,26 @@ async def batch_results(request: web.Request) -> web.Response:
     state, desk, batch = found
     _advance(state, desk, batch)
     if batch.status not in TERMINAL:
-        return _error(409, f"Batch {batch.id} has not finished (status {batch.status})")
+        return error_response(409, f"Batch {batch.id} has not finished (status {batch.status})")
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
         start = int(request.query.get("cursor", "0"))
     except ValueError:
-        return _error(400, "limit and cursor must be integers")
+        return error_response(400, "limit and cursor must be integers")
     page = batch.results[start : start + limit]
     more = start + limit < len(batch.results)
-    return _json(
+    return json_response(
         {"object": "list", "data": page, "has_more": more, "next_cursor": str(start + limit) if more else None}
     )
 
 
 async def list_batches(request: web.Request) -> web.Response:
     state, desk = request.app[EMULATOR_STATE], request.app[BATCH_DESK]
-    denied = _authorized(state, request)
+    denied = unauthorized(state, request)
     if denied is not None:
         return denied
     data = [batch.to_object(with_results=False) for batch in desk.batches.values()]
-    return _json({"object": "list", "data": data, "has_more": False})
+    return json_response({"object": "list", "data": data, "has_more": False})
 
 
 async def delete_batch(request: web.Request) -> web.Response:
@@ -256,6 +258,6 @@ async def delete_batch(request: web.Request) -> web.Response:
         return found
     _, desk, batch = found
     if batch.status not in TERMINAL:
-        return _error(409, f"Batch {batch.id} is still {batch.status}")
+        return error_response(409, f"Batch {batch.id} is still {batch.status}")
     del desk.batches[batch.id]
-    return _json({"id": batch.id, "object": "batch", "deleted": True})
+    return json_response({"id": batch.id, "object": "batch", "deleted": True})

@@ -22,9 +22,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import EMULATOR_STATE, EmulatorState, _accept, _error, _failure, _json
 from .billing import IMAGE_PART_TYPES, IMAGE_TOKENS, Charge, text_tokens
 from .completions import ModelInfo, is_embedding_model, usage_for
+from .replies import accept, error_response, fault_response, json_response
+from .state import EMULATOR_STATE, EmulatorState
 
 DEFAULT_DIMENSIONS = 1024
 # Each model's own vector size (OpenRouter does not list it); others get DEFAULT_DIMENSIONS.
@@ -39,17 +40,17 @@ def add_embedding_routes(router: web.UrlDispatcher, prefix: str) -> None:
 async def embedding_models(request: web.Request) -> web.Response:
     """OpenRouter's GET /embeddings/models: the catalogue's embedding models (its /models omits them)."""
     data = request.app[EMULATOR_STATE].catalogue.get("data", [])
-    return _json({"data": [entry for entry in data if is_embedding_model(entry)]})
+    return json_response({"data": [entry for entry in data if is_embedding_model(entry)]})
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    accepted = await _accept(request, _validate)
+    accepted = await accept(request, _validate)
     if isinstance(accepted, web.Response):
         return accepted
     state, body, model = accepted
     fault = state.faults.take(model.id, body)
     if fault is not None and not fault.streams_normally:
-        failed = await _failure(request, state, fault, model)
+        failed = await fault_response(request, state, fault, model)
         if failed is not None:
             return failed
     # Billed before any latency, as a chat answer is: the work is done whether or not the client waits.
@@ -67,20 +68,20 @@ async def embeddings(request: web.Request) -> web.Response:
 
 def _validate(state: EmulatorState, body: Mapping[str, Any], model_id: str | None) -> ModelInfo | web.Response:
     if not model_id:
-        return _error(400, "No model specified: set `model` to a model ID from /api/v1/embeddings/models")
+        return error_response(400, "No model specified: set `model` to a model ID from /api/v1/embeddings/models")
     model = state.models.get(model_id)
     if model is None:
-        return _error(400, f"{model_id} is not a valid model ID")
+        return error_response(400, f"{model_id} is not a valid model ID")
     if not model.embeddings:
-        return _error(400, f"{model_id} is not an embeddings model (see /api/v1/embeddings/models)")
+        return error_response(400, f"{model_id} is not an embeddings model (see /api/v1/embeddings/models)")
     value = body.get("input")
     if value is None or value == "" or value == []:
-        return _error(400, "Input required: `input` must be a non-empty string or array")
+        return error_response(400, "Input required: `input` must be a non-empty string or array")
     dimensions = body.get("dimensions")
     if dimensions is not None and not (isinstance(dimensions, int) and dimensions >= 1):
-        return _error(400, "`dimensions` must be a positive integer")
+        return error_response(400, "`dimensions` must be a positive integer")
     if body.get("encoding_format", "float") not in ("float", "base64"):
-        return _error(400, "`encoding_format` must be `float` or `base64`")
+        return error_response(400, "`encoding_format` must be `float` or `base64`")
     return model
 
 

@@ -21,20 +21,13 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
-from .app import (
-    _SSE_HEADERS,
-    EmulatorState,
-    _accept,
-    _bill_partly,
-    _break_stream,
-    _error,
-    _failure,
-    _keep_alive,
-)
 from .billing import Charge, text_tokens
 from .completions import ModelInfo, Reply, plan_reply, split_words, usage_for
 from .faults import Fault, rate_limit_headers
 from .frames import Frames, openai_usage
+from .replies import accept, error_response, fault_response, text_model
+from .state import EmulatorState
+from .streaming import SSE_HEADERS, StreamTally, break_stream, keep_alive
 
 
 def add_completion_routes(router: web.UrlDispatcher, prefix: str) -> None:
@@ -42,7 +35,7 @@ def add_completion_routes(router: web.UrlDispatcher, prefix: str) -> None:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    accepted = await _accept(request, _validate)
+    accepted = await accept(request, _validate)
     if isinstance(accepted, web.Response):
         return accepted
     state, body, model = accepted
@@ -51,7 +44,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.get("stream") is True and (fault is None or fault.streams_normally):
         return await _stream(request, state, body, model, reply, fault)
     if fault is not None and not fault.streams_normally:
-        failed = await _failure(request, state, fault, model)
+        failed = await fault_response(request, state, fault, model)
         if failed is not None:
             return failed
     created = int(state.clock())
@@ -69,15 +62,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
-    if not model_id:
-        return _error(400, "No model specified: set `model` to a model ID from /api/v1/models")
-    model = state.models.get(model_id)
-    if model is None:
-        return _error(400, f"{model_id} is not a valid model ID")
-    if model.embeddings:
-        return _error(400, f"{model_id} is an embeddings model: send it to /embeddings")
+    model = text_model(state, model_id)
+    if isinstance(model, web.Response):
+        return model
     if body.get("prompt") is None:
-        return _error(400, "Input required: `prompt` must be a string or an array")
+        return error_response(400, "Input required: `prompt` must be a string or an array")
     return model
 
 
@@ -111,47 +100,33 @@ async def _stream(
     fault: Fault | None,
 ) -> web.StreamResponse:
     """As the chat emulator streams (latency, slow chunks, cuts, errors, hang-ups billed for what was sent)."""
-    stats = state.stats
     created = int(state.clock())
     gen_id = state.new_id(created)
     charge = Charge(reply.prompt_tokens, reply.completion_tokens)
     frames = frames_for(request, model, gen_id, created, body)
-    headers = {**_SSE_HEADERS, "X-Generation-Id": gen_id}
+    headers = {**SSE_HEADERS, "X-Generation-Id": gen_id}
     if fault is not None and fault.rate_limit is not None:
         headers.update(rate_limit_headers(fault.rate_limit))
     response = web.StreamResponse(status=200, headers=headers)
     broken = fault if fault is not None and (fault.midstream_error or fault.drop_midstream) else None
     script = frames.script(reply, usage_for(charge, model), cut=None if broken is None else broken.after_chunks)
     delay = fault.chunk_delay_s if fault is not None else 0.0
-    pieces = frames.pieces(reply)
-    stats["streams_started"] += 1
-    sent = 0
-    try:
+    with StreamTally(state, gen_id, model, charge, frames.pieces(reply)) as tally:
         await response.prepare(request)
         if frames.comment is not None:
             await response.write(frames.comment)
         if fault is not None and fault.latency_s:
-            await _keep_alive(response, fault.latency_s, frames.comment)
+            await keep_alive(response, fault.latency_s, frames.comment)
         for index, frame in enumerate(script):
             if delay and index:  # a slow model: a pause before every chunk after the first
                 await asyncio.sleep(delay)
             await response.write(frame)
-            sent += 1
+            tally.sent += 1
         if broken is not None:
-            _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=False)
-            return await _break_stream(request, state, response, frames, broken)
+            tally.cut()
+            return await break_stream(request, state, response, broken, frames.error)
         await response.write_eof()
-    except ConnectionResetError:
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
-        return response
-    except asyncio.CancelledError:
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
-        raise
-    state.bill(gen_id, model, charge, streamed=True, finish_reason=reply.finish_reason)
-    stats["streams_completed"] += 1
-    stats["completions"] += 1
+        tally.completed(reply.finish_reason)
     return response
 
 

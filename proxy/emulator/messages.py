@@ -1,5 +1,5 @@
 """The emulator's `POST /api/v1/messages`: OpenRouter's Anthropic Messages API, streamed or not,
-with the same fault injection, prompt cache and billing as chat (`app`), in Messages' wire shape
+with the same fault injection, prompt cache and billing as chat (`chat`), in Messages' wire shape
 (`messages_wire`). Only under `/api/v1`: an OpenAI-style upstream has no Messages API.
 
 Requests are recorded and counted in the stats like chat's; every generation is billed into
@@ -14,17 +14,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .app import (
-    _SSE_HEADERS,
-    EMULATOR_STATE,
-    EmulatorState,
-    _bill_partly,
-    _drop_connection,
-    _keep_alive,
-)
 from .completions import ModelInfo
 from .faults import DEFAULT_MESSAGES, Fault, rate_limit_headers
 from .messages_wire import COMMENT, MessagesFrames, error_body, message_body, plan, usage_of
+from .replies import drop_connection
+from .state import EMULATOR_STATE, EmulatorState
+from .streaming import SSE_HEADERS, StreamTally, keep_alive
 
 ROUTE = "/api/v1/messages"
 _JSON = "application/json"
@@ -94,7 +89,7 @@ async def _failure(request: web.Request, state: EmulatorState, fault: Fault) -> 
         await asyncio.sleep(fault.latency_s)
     if fault.drop:
         state.stats["drops"] += 1
-        return _drop_connection(request)
+        return drop_connection(request)
     if fault.status is None:
         return None
     state.stats["errors"] += 1
@@ -124,12 +119,11 @@ async def _stream(
     request: web.Request, state: EmulatorState, body: dict[str, Any], model: ModelInfo, fault: Fault | None
 ) -> web.StreamResponse:
     """Stream the reply, honouring latency and mid-stream faults; billed whole once it ran to its end."""
-    stats = state.stats
     gen_id = state.new_id(int(state.clock()))
     reply, view = plan(body, model, "toolu_" + gen_id[-20:])
     charge = state.charge(view, model, reply)
     frames = MessagesFrames(model, gen_id)
-    headers = {**_SSE_HEADERS, "X-Generation-Id": gen_id}
+    headers = {**SSE_HEADERS, "X-Generation-Id": gen_id}
     if fault is not None and fault.rate_limit is not None:
         headers.update(rate_limit_headers(fault.rate_limit))
     response = web.StreamResponse(status=200, headers=headers)
@@ -138,25 +132,22 @@ async def _stream(
     if broken is not None:
         content = content[: broken.after_chunks]
     delay = fault.chunk_delay_s if fault is not None else 0.0
-    pieces = frames.pieces(reply)
-    stats["streams_started"] += 1
-    sent = 0
-    try:
+    with StreamTally(state, gen_id, model, charge, frames.pieces(reply)) as tally:
         await response.prepare(request)
         await response.write(COMMENT)
         if fault is not None and fault.latency_s:
-            await _keep_alive(response, fault.latency_s, COMMENT)
+            await keep_alive(response, fault.latency_s, COMMENT)
         await response.write(frames.opening(reply, charge))
         for frame in content:
             if delay:
                 await asyncio.sleep(delay)
             await response.write(frame)
-            sent += 1
+            tally.sent += 1
         if broken is not None:
-            _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=False)
-            stats["streams_failed"] += 1
+            tally.cut()
+            state.stats["streams_failed"] += 1
             if broken.drop_midstream:
-                _drop_connection(request)
+                drop_connection(request)
                 return response
             status = broken.code if broken.code is not None else 502
             await response.write(frames.error(status, broken.message or "Provider disconnected unexpectedly"))
@@ -164,15 +155,5 @@ async def _stream(
             return response
         await response.write(frames.finish(reply, usage_of(charge, model)))
         await response.write_eof()
-    except ConnectionResetError:
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
-        return response
-    except asyncio.CancelledError:
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, gen_id, model, charge, pieces[:sent], cancelled=True)
-        raise
-    state.bill(gen_id, model, charge, streamed=True, finish_reason=reply.finish_reason)
-    stats["streams_completed"] += 1
-    stats["completions"] += 1
+        tally.completed(reply.finish_reason)
     return response

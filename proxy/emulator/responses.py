@@ -7,34 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .app import (
-    _SSE_HEADERS,
-    EMULATOR_STATE,
-    EmulatorState,
-    _authorized,
-    _bill_partly,
-    _drop_connection,
-    _error,
-    _failure,
-    _keep_alive,
-)
 from .completions import ModelInfo, Reply, plan_reply
 from .faults import Fault, rate_limit_headers
+from .replies import JSON, error_response, fault_response, unauthorized
 from .response_events import ResponseEvents, Shape, chat_view, items_of, prompt_tokens, response_object, usage_object
-
-_JSON = "application/json"
+from .state import EMULATOR_STATE, EmulatorState
+from .streaming import SSE_HEADERS, StreamTally, break_stream, keep_alive
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     state = request.app[EMULATOR_STATE]
     stats = state.stats
     stats["requests"] += 1
-    refused = _authorized(state, request)
+    refused = unauthorized(state, request)
     if refused is None:
         body, refused = await _read(request)
     if refused is not None:
@@ -53,7 +44,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if body.get("stream") is True and (fault is None or fault.streams_normally):
         return await _stream(request, state, body, chat, model, fault)
     if fault is not None and not fault.streams_normally:
-        failed = await _failure(request, state, fault, model)
+        failed = await fault_response(request, state, fault, model)
         if failed is not None:
             return failed
     answer = _complete(request, state, body, chat, model, fault)  # billed before any latency, as for chat
@@ -66,21 +57,21 @@ async def _read(request: web.Request) -> tuple[dict[str, Any], web.Response | No
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        return {}, _error(400, "Invalid JSON in request body")
+        return {}, error_response(400, "Invalid JSON in request body")
     if not isinstance(body, dict):
-        return {}, _error(400, "Request body must be a JSON object")
+        return {}, error_response(400, "Request body must be a JSON object")
     return body, None
 
 
 def _validate(state: EmulatorState, body: dict[str, Any], model_id: str | None) -> ModelInfo | web.Response:
     """The model asked for, or OpenRouter's 400."""
     if not model_id:
-        return _error(400, "No model specified: set `model` to a model ID from /api/v1/models")
+        return error_response(400, "No model specified: set `model` to a model ID from /api/v1/models")
     model = state.models.get(model_id)
     if model is None:
-        return _error(400, f"{model_id} is not a valid model ID")
+        return error_response(400, f"{model_id} is not a valid model ID")
     if not items_of(body):
-        return _error(400, "Input required: `input` must be a non-empty string or array of input items")
+        return error_response(400, "Input required: `input` must be a non-empty string or array of input items")
     return model
 
 
@@ -116,7 +107,7 @@ def _complete(
     if fault is not None and fault.rate_limit is not None:
         headers.update(rate_limit_headers(fault.rate_limit))
     payload = response_object(body, model, shape, created, reply=reply, usage=usage)
-    return web.Response(body=orjson.dumps(payload), headers=headers, content_type=_JSON)
+    return web.Response(body=orjson.dumps(payload), headers=headers, content_type=JSON)
 
 
 async def _stream(
@@ -129,11 +120,10 @@ async def _stream(
 ) -> web.StreamResponse:
     """Stream the reply's events, honouring latency and mid-stream faults. A stream that ran to
     its end is billed whole; one cut short, for its prompt and the text it had sent."""
-    stats = state.stats
     shape, created, reply = _plan(request, state, body, chat, model)
     charge = state.charge(chat, model, reply)
     events = ResponseEvents(body, model, shape, created, reply)
-    headers = {**_SSE_HEADERS, "X-Generation-Id": shape.response_id}
+    headers = {**SSE_HEADERS, "X-Generation-Id": shape.response_id}
     if fault is not None and fault.rate_limit is not None:
         headers.update(rate_limit_headers(fault.rate_limit))
     response = web.StreamResponse(status=200, headers=headers)
@@ -142,55 +132,25 @@ async def _stream(
     if broken is not None:
         content = content[: broken.after_chunks]
     delay = fault.chunk_delay_s if fault is not None else 0.0
-    stats["streams_started"] += 1
-    pieces = events.pieces()
-    sent = 0  # content events written: what a stream cut short is billed for
-    try:
+    with StreamTally(state, shape.response_id, model, charge, events.pieces()) as tally:
         await response.prepare(request)
         if events.comment is not None:
             await response.write(events.comment)
         if fault is not None and fault.latency_s:
-            await _keep_alive(response, fault.latency_s, events.comment)
+            await keep_alive(response, fault.latency_s, events.comment)
         await response.write(b"".join(events.opening()))
         for frame in content:
             if delay:  # a slow model: a pause before every content event
                 await asyncio.sleep(delay)
             await response.write(frame)
-            sent += 1
+            tally.sent += 1
         if broken is not None:
-            _bill_partly(state, shape.response_id, model, charge, pieces[:sent], cancelled=False)
-            return await _break(request, state, response, events, broken, sent)
+            tally.cut()
+            return await break_stream(
+                request, state, response, broken, functools.partial(events.error, sent=tally.sent)
+            )
         for frame in events.closing(usage_object(charge, model, openrouter=shape.openrouter)):
             await response.write(frame)
         await response.write_eof()
-    except ConnectionResetError:  # the client went away mid-stream
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, shape.response_id, model, charge, pieces[:sent], cancelled=True)
-        return response
-    except asyncio.CancelledError:
-        stats["streams_cancelled"] += 1
-        _bill_partly(state, shape.response_id, model, charge, pieces[:sent], cancelled=True)
-        raise
-    state.bill(shape.response_id, model, charge, streamed=True, finish_reason=reply.finish_reason)
-    stats["streams_completed"] += 1
-    stats["completions"] += 1
-    return response
-
-
-async def _break(
-    request: web.Request,
-    state: EmulatorState,
-    response: web.StreamResponse,
-    events: ResponseEvents,
-    fault: Fault,
-    sent: int,
-) -> web.StreamResponse:
-    state.stats["streams_failed"] += 1
-    if fault.drop_midstream:
-        _drop_connection(request)
-        return response
-    message = fault.message or "Provider disconnected unexpectedly"
-    await response.write(events.error(fault.code if fault.code is not None else "server_error", message, sent))
-    # The stream ends right after the error event: no completed response, no [DONE].
-    await response.write_eof()
+        tally.completed(reply.finish_reason)
     return response

@@ -3,15 +3,11 @@ replica, with the SQLite ledger's guarantees.
 
 * A row is committed before `record()` returns (PostgreSQL's default `synchronous_commit = on`):
   a SIGKILL of the proxy afterwards loses nothing.
-* Writes are grouped: one writer task takes everything queued (up to `max_batch`) and sends it as
-  one `executemany` of one prepared INSERT: asyncpg pipelines it (one round trip) in one implicit
-  transaction (all or nothing), so a burst costs one commit. Measured against the alternatives on
-  this machine (bench/ledger_pg_drivers.py, 50 rows): about the client CPU of a 50-row multi-row
-  INSERT (which would need a prepared statement per batch size) and half that of one
-  `INSERT ... SELECT FROM unnest($1::float8[], ...)`; COPY cannot say ON CONFLICT.
-* A batch that failed on the connection (a restarted server, a failover) is sent again, on a new
-  connection: rows are keyed by (request_id, ts) with `ON CONFLICT DO NOTHING`, so a batch whose
-  commit happened but whose answer was lost cannot count twice.
+* Writes are grouped, and a batch lost with its connection is sent again without counting twice
+  (`ledger_pg_writer`). Measured against the alternatives on this machine
+  (bench/ledger_pg_drivers.py, 50 rows), one `executemany` of one prepared INSERT costs about the
+  client CPU of a 50-row multi-row INSERT (which would need a prepared statement per batch size)
+  and half that of one `INSERT ... SELECT FROM unnest($1::float8[], ...)`; COPY cannot say ON CONFLICT.
 * Money is BIGINT nano-dollars, summed as BIGINT (never NUMERIC floats), as in SQLite.
 
 The driver is asyncpg, chosen on bench/ledger_pg_drivers.py (figures in bench/README.md): for the
@@ -27,13 +23,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from proxy.money.ledger_api import GroupBy, LedgerUnavailable, redacted
-from proxy.money.ledger_pg_schema import TABLE, insert_statement, migrate
+from proxy.money.ledger_pg_schema import TABLE, migrate
+from proxy.money.ledger_pg_writer import CONNECTION_ERRORS, PgLedgerWriter
 from proxy.money.ledger_rows import (
     COLUMNS,
     ESTIMATED_SOURCES,
@@ -48,46 +44,15 @@ from proxy.money.ledger_rows import (
     from_record,
     summary_row,
     to_nano,
-    to_params,
 )
 
 log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000
-_RETRY_DELAYS_S = (0.05, 0.25, 1.0, 2.0)  # a lost connection: the batch is sent again after each
-# InternalClientError: what asyncpg raises on a connection the server cut in the middle of a pipelined batch.
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,  # the server is starting up, or shutting down (a failover)
-)
 _SUMS = (
     "count(*), sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, sum(cost_nusd)::bigint, max(cost_nusd), "
     "sum(baseline_cost_nusd)::bigint, sum(cached)::bigint, sum(saved_nusd)::bigint"
 )
 _ROW_COLUMNS = ", ".join(COLUMNS)
-
-
-@dataclass(slots=True)
-class _Pending:
-    row: LedgerRow | None  # None: a flush barrier, resolved with the batch it lands in
-    future: asyncio.Future[None]
-    error: BaseException | None = None  # this row's own failure, when its batch was written row by row
-
-
-def _storable(row: LedgerRow) -> tuple:
-    """The row's values as PostgreSQL TEXT can hold them: it refuses NUL characters and unpaired
-    surrogates, which a client can put in a model name (SQLite keeps them). Replaced, not refused:
-    the request cost money all the same."""
-    values = to_params(row)
-    if any(isinstance(v, str) and (not v.isascii() or "\x00" in v) for v in values):
-        return tuple(_clean(v) if isinstance(v, str) else v for v in values)
-    return values  # nearly always: ASCII without NUL, nothing to copy
-
-
-def _clean(text: str) -> str:
-    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 class PgLedger:
@@ -99,15 +64,9 @@ class PgLedger:
         self._pool = pool
         self._where = where
         self._retention_s = retention_days * 86_400.0
-        self._max_batch = max_batch
         self._clock = clock
-        self._insert = insert_statement()
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop
-        self._closed = False
         self._shutdown: asyncio.Task[None] | None = None
-        self.commits = 0
-        self.rows_written = 0
-        self._writer = asyncio.create_task(self._write_forever(), name="ledger-writer:postgres")
+        self._writer = PgLedgerWriter(pool, where, max_batch=max_batch)
 
     @classmethod
     async def open(
@@ -131,7 +90,7 @@ class PgLedger:
             pool = await asyncpg.create_pool(
                 dsn, min_size=1, max_size=pool_size, timeout=connect_timeout_s, server_settings=settings
             )
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS, TimeoutError, ValueError) as exc:
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError, ValueError) as exc:
             raise LedgerUnavailable(
                 f"cannot reach the ledger database {where} (ledger.dsn / ledger.dsn_env): {exc}"
             ) from exc
@@ -141,7 +100,7 @@ class PgLedger:
         except LedgerSchemaError:
             await pool.close()
             raise
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             await pool.close()
             raise LedgerUnavailable(f"cannot set up the ledger table in {where}: {exc}") from exc
         except BaseException:
@@ -174,7 +133,7 @@ class PgLedger:
 
     async def flush(self) -> None:
         """Wait until everything queued before this call is settled (committed, or failed)."""
-        if self._closed:
+        if self._writer.closed:
             if self._shutdown is not None:
                 await asyncio.shield(self._shutdown)
             return
@@ -183,92 +142,34 @@ class PgLedger:
     async def close(self) -> None:
         """Commit what is queued, stop the writer and close the pool. Idempotent."""
         if self._shutdown is None:
-            self._closed = True
-            self._queue.put_nowait(None)
+            self._writer.stop()
             self._shutdown = asyncio.create_task(self._finish())
         await asyncio.shield(self._shutdown)
 
+    @property
+    def commits(self) -> int:
+        """Batches committed (one transaction each); tests and metrics read it."""
+        return self._writer.commits
+
+    @property
+    def rows_written(self) -> int:
+        return self._writer.rows_written
+
     def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
-        if self._closed or self._writer.done():
+        if not self._writer.running():
             raise LedgerClosed(
                 f"ledger {self._where} is closed; request {row.request_id if row else '(flush)'} was not recorded"
             )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(row, future))
-        return future
+        return self._writer.submit(row)
 
     async def _finish(self) -> None:
-        await asyncio.wait([self._writer])  # wait, not await: a cancelled writer must not fail close()
+        await self._writer.stopped()
         await self._pool.close()
-
-    async def _write_forever(self) -> None:
-        batch: list[_Pending] = []
-        try:
-            stopping = False
-            while not stopping:
-                first = await self._queue.get()
-                stopping = first is None
-                batch = [] if first is None else [first]
-                await asyncio.sleep(0)  # one loop turn: requests finishing together share the commit
-                while not stopping and len(batch) < self._max_batch and not self._queue.empty():
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        stopping = True
-                    else:
-                        batch.append(item)
-                if batch:
-                    await self._write_batch(batch)
-                batch = []
-        except asyncio.CancelledError:
-            self._closed = True
-            error = LedgerClosed(f"ledger {self._where} writer was cancelled")
-            for item in batch + _drain(self._queue):
-                _settle(item.future, error)
-            raise
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        rows = [item.row for item in batch if item.row is not None]
-        error: BaseException | None = None
-        if rows:
-            params = [_storable(row) for row in rows]
-            error = await self._insert_all(params)
-            if error is not None and not isinstance(error, _CONNECTION_ERRORS) and len(rows) > 1:
-                # Refused by the server: one row must not cost the others theirs, so each goes alone.
-                errors = [await self._insert_all([one]) for one in params]
-                for item, failure in zip((item for item in batch if item.row is not None), errors):
-                    item.error = failure
-                error = None
-            if error is not None:
-                log.error("ledger %s: could not record %d request(s): %s", self._where, len(rows), error)
-        for item in batch:
-            failure = item.error if item.error is not None else error
-            _settle(item.future, failure if item.row is not None else None)
-
-    async def _insert_all(self, params: list[tuple]) -> BaseException | None:
-        """Insert in one transaction; sent again on a new connection when the connection fails (the
-        key makes a repeat harmless). Returns the error that stopped it, or None once committed."""
-        for delay in (*_RETRY_DELAYS_S, None):
-            try:
-                await self._pool.executemany(self._insert, params)
-            except _CONNECTION_ERRORS as exc:
-                if delay is None:
-                    return exc
-                log.warning("ledger %s: %s; sending %d row(s) again in %.2fs", self._where, exc, len(params), delay)
-                await asyncio.sleep(delay)
-            except Exception as exc:  # refused by the server
-                if len(params) == 1:
-                    log.error("ledger %s: could not record request %s: %s", self._where, params[0][1], exc)
-                return exc
-            else:
-                self.commits += 1
-                self.rows_written += len(params)
-                return None
-        raise AssertionError("unreachable")
 
     # --- reading -------------------------------------------------------------
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        if self._closed:
+        if self._writer.closed:
             raise LedgerClosed(f"ledger {self._where} is closed; open it again to query it")
         return list(await self._pool.fetch(sql, *args))
 
@@ -368,7 +269,7 @@ class PgLedger:
         )
 
     async def _update(self, sql: str, *args: Any) -> bool:
-        if self._closed:
+        if self._writer.closed:
             raise LedgerClosed(f"ledger {self._where} is closed; open it again to query it")
         status = await self._pool.execute(sql, *args)
         return _count(status) > 0
@@ -378,7 +279,7 @@ class PgLedger:
     async def prune(self, now: float | None = None, *, retention_days: int | None = None) -> int:
         """Delete rows older than retention_days (default: the one the ledger was opened with) before
         `now` (default: the clock), a chunk per transaction; return how many. Replicas may prune at once."""
-        if self._closed:
+        if self._writer.closed:
             raise LedgerClosed(f"ledger {self._where} is closed; open it again to prune it")
         retention_s = self._retention_s if retention_days is None else retention_days * 86_400.0
         cutoff = (self._clock() if now is None else now) - retention_s
@@ -401,24 +302,6 @@ class PgLedger:
 def _count(status: str) -> int:
     """The row count of a command tag such as `UPDATE 3` or `DELETE 0`."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _drain(queue: asyncio.Queue[_Pending | None]) -> list[_Pending]:
-    items = []
-    while not queue.empty():
-        item = queue.get_nowait()
-        if item is not None:
-            items.append(item)
-    return items
 
 
 def _end(end: float | None) -> float:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.apis.messages import measure_prompt
-from proxy.emulator.app import index_catalogue, load_default_catalogue
+from proxy.emulator import load_default_catalogue
+from proxy.emulator.completions import index_catalogue
 from proxy.emulator.messages_wire import ERROR_TYPES, chat_view, error_body, plan, prompt_tokens
 
 MODELS = index_catalogue(load_default_catalogue())

@@ -18,13 +18,13 @@ from proxy.emulator import create_emulator_app
 from proxy.money.catalogue import (
     CatalogueFetchError,
     CatalogueSource,
-    build_models_view,
     catalogue_warnings,
     fetch_catalogue,
     load_catalogue_source,
     packaged_snapshot,
     write_cache,
 )
+from proxy.money.models_view import build_models_view
 
 CONFIG = """
 upstreams:

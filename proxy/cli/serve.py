@@ -60,7 +60,7 @@ def serve_one(config: Config, args: argparse.Namespace) -> int:
 
     # SIGTERM/SIGINT: stop accepting, let requests in flight finish within shutdown_timeout_s, then run
     # the cleanup contexts (the ledger is flushed and closed) and exit 0.
-    from proxy.http.server import run
+    from proxy.http.serving import run
 
     try:
         run(

@@ -20,7 +20,7 @@ from proxy.config import Config
 from proxy.core.budget import SpendBook
 from proxy.emulator import EMULATOR_STATE
 from proxy.http.appkeys import ACCOUNTANT, RUNTIME
-from proxy.http.server import ProxyRunner
+from proxy.http.serving import ProxyRunner
 from proxy.money.ledger_api import LedgerStore
 
 ROOT = Path(__file__).resolve().parent.parent.parent

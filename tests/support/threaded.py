@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.config import parse_config
 from proxy.emulator import create_emulator_app
 from proxy.http.app import create_app
-from proxy.http.server import ProxyRunner
+from proxy.http.serving import ProxyRunner
 from tests.support.gateway import UPSTREAM_KEY
 
 ENV = {"TEST_OPENROUTER_KEY": UPSTREAM_KEY, "TEST_OPENAI_KEY": UPSTREAM_KEY}

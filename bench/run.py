@@ -133,7 +133,20 @@ class Bench:
             "direct",
             self.pinned(
                 LOADGEN_CPU,
-                [py, "-m", "proxy.emulator", "--host", "127.0.0.1", "--port", str(emu), "--api-key", API_KEY],
+                # --max-bills: a long run's bills would grow the emulator past a GB
+                [
+                    py,
+                    "-m",
+                    "proxy.emulator",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(emu),
+                    "--api-key",
+                    API_KEY,
+                    "--max-bills",
+                    "20000",
+                ],
             ),
             f"{upstream}/chat/completions",
             SLUG,

@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalogue", type=Path, help="a /api/v1/models JSON file (default: the packaged snapshot)")
     parser.add_argument("--api-key", help="accept only this bearer key (default: any non-empty key)")
     parser.add_argument("--access-log", action="store_true", help="log every request (slows benchmarks)")
+    parser.add_argument(
+        "--max-bills",
+        type=int,
+        metavar="N",
+        help="keep the newest bills past N, not all (long benchmarks; default: all, as the tests' audits need)",
+    )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError) as exc:
         print(f"emulator: cannot read the catalogue {args.catalogue}: {exc}", file=sys.stderr)
         return 1
-    app = create_emulator_app(catalogue=catalogue, api_key=args.api_key)
+    if args.max_bills is not None and args.max_bills < 2:
+        print("emulator: --max-bills must be at least 2", file=sys.stderr)
+        return 2
+    app = create_emulator_app(catalogue=catalogue, api_key=args.api_key, max_bills=args.max_bills)
     logging.basicConfig(level=logging.INFO)
     try:
         web.run_app(

@@ -36,12 +36,17 @@ def load_default_catalogue() -> dict[str, Any]:
 
 
 def create_emulator_app(
-    *, catalogue: dict[str, Any] | None = None, api_key: str | None = None, clock: Callable[[], float] = time.time
+    *,
+    catalogue: dict[str, Any] | None = None,
+    api_key: str | None = None,
+    clock: Callable[[], float] = time.time,
+    max_bills: int | None = None,
 ) -> web.Application:
-    """An emulator app; its state is `app[EMULATOR_STATE]`."""
+    """An emulator app; its state is `app[EMULATOR_STATE]`. `max_bills`: keep only the newest
+    bills past that many (a long benchmark), instead of all of them."""
     catalogue = catalogue if catalogue is not None else load_default_catalogue()
     app = web.Application()
-    app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock)
+    app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock, max_bills=max_bills)
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/responses", create_response)

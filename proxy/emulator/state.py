@@ -5,6 +5,7 @@ directly as `app[EMULATOR_STATE]`; the handlers share it.
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from collections.abc import Callable
@@ -50,7 +51,8 @@ class EmulatorState:
 
     faults: armed faults; requests: recorded chat requests (oldest trimmed past
     MAX_RECORDED); stats: counters; key_usage: USD billed to the key so far;
-    credit_limit: the key's limit reported by /key (None = unlimited).
+    credit_limit: the key's limit reported by /key (None = unlimited); bills: every
+    generation's bill, or the newest of them past `max_bills` (benchmarks).
     """
 
     catalogue: dict[str, Any]
@@ -67,6 +69,7 @@ class EmulatorState:
     prompt_cache: set[tuple[str, str]] = field(default_factory=set)  # (model, cached system message)
     generation_lag: int = 0  # lookups of a generation answered 404 before it is found (OpenRouter's delay)
     generation_lookups: dict[str, int] = field(default_factory=dict)
+    max_bills: int | None = None  # None: every bill is kept (the tests' audits read them all)
 
     def new_id(self, created: int) -> str:
         return f"gen-{created}-{''.join(self.rng.choices(_ALPHANUMERIC, k=20))}"
@@ -129,6 +132,10 @@ class EmulatorState:
             finish_reason,
         )
         self.bills[gen_id] = bill
+        if self.max_bills is not None and len(self.bills) > self.max_bills:
+            # A benchmark's millions of generations: keep the newest half (lookups of older ones 404).
+            for old in list(itertools.islice(self.bills, len(self.bills) - self.max_bills // 2)):
+                del self.bills[old]
         self.key_usage += cost
         return bill
 

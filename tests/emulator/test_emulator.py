@@ -676,3 +676,19 @@ def test_catalogue_snapshot_has_required_models_and_metadata():
         } <= set(entry)
         assert float(entry["pricing"]["prompt"]) < 0.0001  # per token, not per million
     assert prices("anthropic/claude-sonnet-4.5") == (3e-06, 1.5e-05)
+
+
+async def test_max_bills_keeps_the_newest_and_the_key_usage_whole(aiohttp_client):
+    """A long benchmark (`--max-bills`): old bills go, the newest stay and can be looked up, and the
+    key's usage still counts every generation."""
+    app = create_emulator_app(clock=lambda: NOW, max_bills=4)
+    client, state = await aiohttp_client(app), app[EMULATOR_STATE]
+    answers = [await (await chat(client)).json() for _ in range(10)]
+    assert len(state.bills) <= 4
+    newest = answers[-1]["id"]
+    assert newest in state.bills and answers[0]["id"] not in state.bills
+    assert state.key_usage == pytest.approx(sum(a["usage"]["cost"] for a in answers), rel=1e-12)
+    found = await client.get(f"/api/v1/generation?id={newest}", headers=AUTH)
+    assert found.status == 200
+    gone = await client.get(f"/api/v1/generation?id={answers[0]['id']}", headers=AUTH)
+    assert gone.status == 404

@@ -186,13 +186,14 @@ class ApiHandler:
             except asyncio.CancelledError:  # the client left: the task still books what the answer costs
                 record.client_gone = True
                 raise
-            if commit is not None:  # its ledger row is committed before the answer goes out
-                await self._accountant.committed(record, commit)
             if cache_key is not None:
                 headers["x-proxy-cache"] = "miss"
+            response = web.Response(body=raw, status=200, content_type=JSON, headers=headers)  # while it commits
+            if commit is not None:  # its ledger row is committed before the answer goes out
+                await self._accountant.committed(record, commit)
             if cache_key is not None and cache is not None:
                 store(cache, cache_key, record, payload, self._accountant.now(), self._background)
-            return web.Response(body=raw, status=200, content_type=JSON, headers=headers)
+            return response
         except ProxyError as exc:
             if plan is not None:
                 failed(record, exc, plan, downgrade)

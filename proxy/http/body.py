@@ -21,9 +21,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy.core.body import JsonBody
 from proxy.core.errors import BodyTooLarge, InvalidRequest
 from proxy.http.server import GuardedHandler
 
+# From this size on a body is read as a `JsonBody`, which keeps the JSON of its messages for the
+# upstream body: below it, serialising them twice costs less than keeping them (a small chat
+# request: ~8 k instructions more as a `JsonBody`; a 58 kB one: ~120 k fewer).
+KEEP_JSON_BYTES = 8_192
 MAX_DEPTH = 64  # deeper than any real chat request; far below orjson's own limit of 254
 ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
@@ -39,7 +44,9 @@ class UnsupportedEncoding(InvalidRequest):
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float = 60.0) -> dict[str, Any]:
-    """The request's JSON object (what each API requires of it is checked by `Api.check`)."""
+    """The request's JSON object (what each API requires of it is checked by `Api.check`); from
+    KEEP_JSON_BYTES on, a `JsonBody`: what is serialised of it to measure the prompt is reused for
+    the upstream body."""
     check_headers(request.headers)
     raw = await read_raw(request, limit, timeout_s)
     try:
@@ -49,7 +56,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float = 60.0) -
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     check_depth(body)
-    return body
+    return JsonBody(body) if len(raw) >= KEEP_JSON_BYTES else body
 
 
 async def read_raw(request: web.Request, limit: int, timeout_s: float) -> bytes:

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from proxy.core.body import JsonBody
+
 # Bills a stream cut before its usage came (never reservations or rules, which use
 # `prompt_token_bound`): OpenAI's rule of thumb of about four bytes a token, for the prompt as sent
 # and the text seen.
@@ -59,7 +61,7 @@ def extract_features(body: Mapping[str, Any], headers: Mapping[str, str]) -> Req
     metadata = body.get("metadata")
     task = headers.get("X-Task-Type") or (metadata.get("task") if isinstance(metadata, dict) else None)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    size = prompt_size(messages, tools, response_format, images=images)
+    size = prompt_size(messages, tools, response_format, images=images, measured=_measured(body, images))
     return RequestFeatures(
         task=task.strip().lower() if isinstance(task, str) and task.strip() else None,
         has_tools=bool(tools),
@@ -71,6 +73,15 @@ def extract_features(body: Mapping[str, Any], headers: Mapping[str, str]) -> Req
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
         prompt_estimate=size.estimate,
     )
+
+
+def _measured(body: Mapping[str, Any], images: int) -> int | None:
+    """The bytes of the messages and the tools as JSON, from the JSON a `JsonBody` keeps for the
+    upstream body (None: `prompt_size` serialises them itself)."""
+    if images or not isinstance(body, JsonBody) or not body.get("messages"):
+        return None
+    tools = "tools" if body.get("tools") else "functions" if body.get("functions") else None
+    return len(body.json("messages")) + (len(body.json(tools)) if tools else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +112,25 @@ def prompt_token_bound(
 
 
 def prompt_size(
-    messages: Sequence[Any], tools: Any = None, response_format: Any = None, *, images: int | None = None
+    messages: Sequence[Any],
+    tools: Any = None,
+    response_format: Any = None,
+    *,
+    images: int | None = None,
+    measured: int | None = None,
 ) -> PromptSize:
     """The prompt's upper bound (`prompt_token_bound`) and its typical size, from one measure:
-    the bytes of its text as JSON (the messages without their image parts, and the tools)."""
+    the bytes of its text as JSON (the messages without their image parts, and the tools).
+    `measured`: that measure, when the caller has it (a request without images)."""
     if images is None:
         images = sum(_content_text(m.get("content"))[1] for m in messages if isinstance(m, dict))
-    if images:  # the image parts are priced by the allowance, not by the bytes of their URLs
+    if measured is not None:
+        text = measured
+    elif images:  # the image parts are priced by the allowance, not by the bytes of their URLs
         text = len(orjson.dumps([_without_images(message) for message in messages]))
     else:
         text = len(orjson.dumps(messages))  # the common case: one serialisation, no walk
-    if tools:
+    if tools and measured is None:
         text += len(orjson.dumps(tools))
     bound = text + MESSAGE_OVERHEAD_TOKENS * len(messages) + IMAGE_TOKENS * images
     if tools:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proxy.core.body import JsonBody
 from proxy.core.features import (
     IMAGE_TOKENS,
     MESSAGE_OVERHEAD_TOKENS,
@@ -64,10 +65,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("read", [dict, JsonBody], ids=["dict", "JsonBody"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_big_tool_lists_and_prompts_are_measured_by_the_documented_rule(name: str) -> None:
+def test_big_tool_lists_and_prompts_are_measured_by_the_documented_rule(name: str, read: type[dict]) -> None:
+    """`JsonBody` (a body as the proxy reads it) measures by the JSON it keeps for the upstream body."""
     messages, tools, images = CASES[name]
-    features = extract_features({"model": "auto", "messages": messages, "tools": tools}, {})
+    features = extract_features(read({"model": "auto", "messages": messages, "tools": tools}), {})
     without_images = [
         {**m, "content": [p for p in m["content"] if p.get("type") != "image_url"]}
         if isinstance(m["content"], list)
@@ -86,3 +89,11 @@ def test_big_tool_lists_and_prompts_are_measured_by_the_documented_rule(name: st
 def test_the_last_user_text_of_a_big_prompt_is_the_text_itself() -> None:
     features = extract_features({"model": "auto", "messages": [{"role": "user", "content": LONG}]}, {})
     assert features.last_user_text is LONG  # no copy of 50 kB
+
+
+@pytest.mark.parametrize("key", ["tools", "functions"])
+def test_a_read_body_measures_as_a_plain_one(key: str) -> None:
+    body = {"model": "auto", "messages": [{"role": "user", "content": LONG}], key: [tool(n) for n in range(3)]}
+    read = JsonBody(body)
+    assert extract_features(read, {}) == extract_features(body, {})
+    assert read.json("messages") == json.dumps(body["messages"], separators=(",", ":")).encode()

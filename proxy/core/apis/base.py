@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from proxy.core.body import JsonBody
 from proxy.core.errors import InvalidRequest
 from proxy.core.features import RequestFeatures
 from proxy.core.record import RequestRecord, Usage
@@ -103,7 +104,9 @@ class Api:
     def prepare(self, body: Mapping[str, Any], model: str, kind: str) -> bytes:
         """The request for an upstream of `kind`: the client's body with `model` rewritten."""
         dropped = FALLBACK_FIELDS if kind == "openrouter" else FALLBACK_FIELDS | OPENROUTER_ONLY_FIELDS
-        if dropped.isdisjoint(body):  # the common case: one copy, no walk
+        if dropped.isdisjoint(body):  # the common case: the body as read, with its model
+            if isinstance(body, JsonBody):  # reuses the JSON the prompt bound was measured by
+                return body.with_model(model)
             return orjson.dumps({**body, "model": model})
         out = {k: v for k, v in body.items() if k not in dropped}
         out["model"] = model

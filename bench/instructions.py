@@ -124,7 +124,19 @@ def main() -> int:
         emu = free_port()
         upstream = f"http://127.0.0.1:{emu}/api/v1"
         emulator = subprocess.Popen(
-            [py, "-m", "proxy.emulator", "--port", str(emu), "--api-key", KEY, "--max-bills", "20000"],
+            [
+                py,
+                "-m",
+                "proxy.emulator",
+                "--port",
+                str(emu),
+                "--api-key",
+                KEY,
+                "--max-bills",
+                "20000",
+                "--max-recorded",
+                "100",
+            ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -146,6 +146,8 @@ class Bench:
                     API_KEY,
                     "--max-bills",
                     "20000",
+                    "--max-recorded",
+                    "100",
                 ],
             ),
             f"{upstream}/chat/completions",

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from .app import create_emulator_app
+from .state import MAX_RECORDED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="keep the newest bills past N, not all (long benchmarks; default: all, as the tests' audits need)",
+    )
+    parser.add_argument(
+        "--max-recorded",
+        type=int,
+        default=MAX_RECORDED,
+        metavar="N",
+        help=f"requests kept for inspection (default {MAX_RECORDED}; a benchmark of big bodies wants few)",
     )
 
 
@@ -52,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, orjson.JSONDecodeError) as exc:
         print(f"emulator: cannot read the catalogue {args.catalogue}: {exc}", file=sys.stderr)
         return 1
-    if args.max_bills is not None and args.max_bills < 2:
-        print("emulator: --max-bills must be at least 2", file=sys.stderr)
+    if (args.max_bills is not None and args.max_bills < 2) or args.max_recorded < 1:
+        print("emulator: --max-bills must be at least 2 and --max-recorded at least 1", file=sys.stderr)
         return 2
-    app = create_emulator_app(catalogue=catalogue, api_key=args.api_key, max_bills=args.max_bills)
+    app = create_emulator_app(
+        catalogue=catalogue, api_key=args.api_key, max_bills=args.max_bills, max_recorded=args.max_recorded
+    )
     logging.basicConfig(level=logging.INFO)
     try:
         web.run_app(

@@ -25,7 +25,7 @@ from .embeddings import add_embedding_routes
 from .legacy import add_completion_routes
 from .messages import register as register_messages
 from .responses import create_response
-from .state import EMULATOR_STATE, EmulatorState
+from .state import EMULATOR_STATE, MAX_RECORDED, EmulatorState
 
 PREFIXES = ("/api/v1", "/v1")
 
@@ -41,12 +41,16 @@ def create_emulator_app(
     api_key: str | None = None,
     clock: Callable[[], float] = time.time,
     max_bills: int | None = None,
+    max_recorded: int = MAX_RECORDED,
 ) -> web.Application:
     """An emulator app; its state is `app[EMULATOR_STATE]`. `max_bills`: keep only the newest
-    bills past that many (a long benchmark), instead of all of them."""
+    bills past that many (a long benchmark), instead of all of them; `max_recorded`: how many
+    requests it keeps (`state.requests`) for tests to read."""
     catalogue = catalogue if catalogue is not None else load_default_catalogue()
     app = web.Application()
-    app[EMULATOR_STATE] = EmulatorState(catalogue, index_catalogue(catalogue), api_key, clock, max_bills=max_bills)
+    app[EMULATOR_STATE] = EmulatorState(
+        catalogue, index_catalogue(catalogue), api_key, clock, max_bills=max_bills, max_recorded=max_recorded
+    )
     for prefix in PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/responses", create_response)

@@ -50,7 +50,7 @@ class EmulatorState:
     """Everything one emulator instance knows; tests read and poke it directly.
 
     faults: armed faults; requests: recorded chat requests (oldest trimmed past
-    MAX_RECORDED); stats: counters; key_usage: USD billed to the key so far;
+    max_recorded, MAX_RECORDED unless told); stats: counters; key_usage: USD billed to the key so far;
     credit_limit: the key's limit reported by /key (None = unlimited); bills: every
     generation's bill, or the newest of them past `max_bills` (benchmarks).
     """
@@ -70,6 +70,7 @@ class EmulatorState:
     generation_lag: int = 0  # lookups of a generation answered 404 before it is found (OpenRouter's delay)
     generation_lookups: dict[str, int] = field(default_factory=dict)
     max_bills: int | None = None  # None: every bill is kept (the tests' audits read them all)
+    max_recorded: int = MAX_RECORDED  # requests kept in `requests` (a benchmark's 58 kB bodies: keep few)
 
     def new_id(self, created: int) -> str:
         return f"gen-{created}-{''.join(self.rng.choices(_ALPHANUMERIC, k=20))}"
@@ -140,8 +141,8 @@ class EmulatorState:
         return bill
 
     def record(self, request: web.Request, body: dict[str, Any], model: str | None) -> None:
-        if len(self.requests) >= MAX_RECORDED:
-            del self.requests[: MAX_RECORDED // 2]
+        if len(self.requests) >= self.max_recorded:
+            del self.requests[: max(1, self.max_recorded // 2)]
         self.requests.append(RecordedRequest(request.path, CIMultiDict(request.headers), body, model))
 
 

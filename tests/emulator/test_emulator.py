@@ -692,3 +692,12 @@ async def test_max_bills_keeps_the_newest_and_the_key_usage_whole(aiohttp_client
     assert found.status == 200
     gone = await client.get(f"/api/v1/generation?id={answers[0]['id']}", headers=AUTH)
     assert gone.status == 404
+
+
+async def test_max_recorded_bounds_the_requests_kept(aiohttp_client):
+    app = create_emulator_app(clock=lambda: NOW, max_recorded=3)
+    client, state = await aiohttp_client(app), app[EMULATOR_STATE]
+    for i in range(8):
+        await chat(client, user=f"u{i}")
+    assert 1 <= len(state.requests) <= 3
+    assert state.requests[-1].body["user"] == "u7"  # the newest is kept

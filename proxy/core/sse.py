@@ -6,14 +6,19 @@ the relay still makes one write per read. What is left of an unfinished event wa
 read. `data: [DONE]` ends the stream: the decoder stops in front of it, and the relay sends its own
 `[DONE]` once the request has been settled.
 
-`StreamMeter` reads the `data` of each event (one `orjson.loads` each) for accounting: the time to
-the first chunk, the generation id and provider, the usage object when a real one comes (OpenAI
-sends `"usage": null` in every chunk until the last), an upstream error chunk, and the text that
-was generated, as UTF-8 bytes, for when the stream is cut before any usage comes.
+`StreamMeter` reads the `data` of each event for accounting: the time to the first chunk, the
+generation id and provider, the usage object when a real one comes (OpenAI sends `"usage": null`
+in every chunk until the last), an upstream error chunk, and the text that was generated, as UTF-8
+bytes, for when the stream is cut before any usage comes. Most events of a long stream are ordinary
+text chunks that differ from each other in their text alone; `see_events` parses one (`orjson`),
+and then measures the next ones' text straight from their bytes while they keep its shape byte for
+byte (see `_shape_of`). Anything else (the first chunk, usage, errors, tool calls, a new shape) is
+parsed as before.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import orjson
@@ -24,6 +29,10 @@ DONE = b"[DONE]"
 # Delta fields whose strings are generated text: answer, refusal, and reasoning (OpenRouter's
 # `reasoning`, `reasoning_content` of DeepSeek-style upstreams).
 TEXT_FIELDS = frozenset(("content", "refusal", "reasoning", "reasoning_content"))
+# The body of a JSON string (between its quotes) as JSON allows it: without escapes, and with the
+# escapes that decode to one byte each (`\uXXXX` ones are left to orjson).
+_PLAIN = re.compile(rb'[^"\\\x00-\x1f]*')
+_ESCAPED = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*')
 
 
 class EventTooLarge(ValueError):
@@ -158,12 +167,53 @@ class StreamMeter:
     asked for it (`stream_options.include_usage`), as OpenAI does. OpenRouter sends it always; the
     proxy asks OpenAI-style upstreams for it always, since a stream without usage is billed blind."""
 
-    __slots__ = ("_include_usage", "_record", "_started")
+    __slots__ = ("_include_usage", "_record", "_shape", "_started")
 
     def __init__(self, record: RequestRecord, started: float, *, include_usage: bool = True) -> None:
         self._record = record
         self._started = started  # the monotonic time the request came in: TTFT counts from there
         self._include_usage = include_usage
+        self._shape: tuple[bytes, bytes] | None = None  # an ordinary text chunk's bytes around its text
+
+    def see_events(self, events: list[bytes], now: float) -> list[int]:
+        """`see` the events of one read (`now`: the monotonic time it arrived), and return the
+        indexes of those the client does not get (`forward`).
+
+        An event with the shape of the last ordinary text chunk parsed (the same bytes before and
+        after its text, so the same keys and values: no usage, no error, one choice, the text in
+        the same field) is not parsed: its text's UTF-8 bytes are counted from its JSON string,
+        which must be one JSON allows (else it is parsed, and orjson decides as before)."""
+        dropped: list[int] = []
+        record, shape = self._record, self._shape
+        for index, data in enumerate(events):
+            if shape is not None:
+                counted = _text_in(shape, data)
+                if counted is not None:
+                    record.streamed_text_bytes += counted
+                    continue
+            chunk = self.see(data, now)
+            if not self.forward(chunk):
+                dropped.append(index)
+            elif chunk is not None:
+                sole = self._sole_text(chunk)
+                if sole is not None:
+                    shape = _shape_of(data, chunk, *sole) or shape
+        self._shape = shape
+        return dropped
+
+    def _sole_text(self, chunk: dict[str, Any]) -> tuple[str, str] | None:
+        """(field, text) when all the text `see` counts in this chunk is that one string of its
+        one choice's delta, else None."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return None
+        delta = choices[0].get("delta")
+        if not isinstance(delta, dict):
+            return None
+        texts = [(name, value) for name, value in delta.items() if name in TEXT_FIELDS and isinstance(value, str)]
+        if len(texts) != 1 or text_bytes(choices) != _utf8_len(texts[0][1]):
+            return None
+        return texts[0]
 
     def forward(self, chunk: dict[str, Any] | None) -> bool:
         return self._include_usage or chunk is None or chunk.get("choices") != []
@@ -193,6 +243,48 @@ class StreamMeter:
             # Counted always, used only when no usage comes: a stream cut short is billed from it.
             record.streamed_text_bytes += text_bytes(choices)
         return chunk
+
+
+def _shape_of(data: bytes, chunk: dict[str, Any], field: str, text: str) -> tuple[bytes, bytes] | None:
+    """The bytes before and after the JSON string of `text` in `data`, which parsed as `chunk`:
+    the shape of the chunks that differ from it in that text alone. Only for a chunk whose counted
+    text is all in `field` (`_sole_text`), without usage or error, without any escape (so every
+    key is spelt as it reads), and with one `"field"` in it: that one is the field's key."""
+    if b"\\" in data or chunk.get("usage") is not None or chunk.get("error"):
+        return None
+    key = b'"' + field.encode() + b'"'
+    if data.count(key) != 1:
+        return None
+    start = data.find(key + b':"')
+    if start < 0:
+        return None
+    start += len(key) + 2
+    end = data.find(b'"', start)
+    if data[start:end] != text.encode():
+        return None
+    return data[:start], data[end:]
+
+
+def _text_in(shape: tuple[bytes, bytes], data: bytes) -> int | None:
+    """The UTF-8 bytes of the text in `data` if it is a chunk of this shape, with a JSON string
+    orjson would read (no control characters, no `\\u` escapes, valid UTF-8), else None."""
+    before, after = shape
+    end = len(data) - len(after)
+    if end < len(before) or not data.startswith(before) or not data.endswith(after):
+        return None
+    text = data[len(before) : end]
+    if _PLAIN.fullmatch(text) is not None:
+        escapes = 0
+    elif _ESCAPED.fullmatch(text) is not None:  # an escaped backslash is two of the backslashes
+        escapes = text.count(b"\\") - text.count(b"\\\\")
+    else:
+        return None
+    if not text.isascii():
+        try:
+            text.decode()
+        except UnicodeDecodeError:
+            return None
+    return len(text) - escapes
 
 
 def text_bytes(choices: Any) -> int:

@@ -22,7 +22,7 @@ from proxy.core.overhead import HEADER, Overhead, milliseconds
 from proxy.core.record import RequestRecord
 from proxy.core.redact import leaks, redact
 from proxy.core.sse import StreamMeter
-from proxy.upstream.client import OpenedStream, UpstreamError
+from proxy.upstream.client import OpenedStream, UpstreamError, decode, read_piece
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -93,26 +93,35 @@ async def _forward(
     broke. The meter writes into the record as events pass, so a client hanging up mid-way is
     billed for the text that reached the proxy by then."""
     encoded = tuple(secret.encode() for secret in secrets if secret)
-    # Chat's and legacy completions' meter skips parsing ordinary text chunks; the cache's
-    # assembler needs every chunk parsed, and other APIs' meters parse each event.
+    # Chat's and legacy completions' meter skips cutting and parsing ordinary text chunks; the
+    # cache's assembler needs every chunk parsed, and other APIs' meters parse each event.
     skimming = meter if assembler is None and isinstance(meter, StreamMeter) else None
-    batches, batch = stream.batches, stream.first
+    content, decoder = stream.response.content, stream.decoder
+    if skimming is not None:  # the decoder leaves runs of ordinary text chunks to it, uncut
+        decoder.skim = skimming.skim
+    batch, began = stream.first, time.perf_counter()
     try:
         while batch is not None:
-            began = time.perf_counter()
-            if skimming is not None:
-                dropped = skimming.see_events(batch.events, time.monotonic())
+            # `began`: the read came in. Cutting it into events, metering and inspecting them is
+            # the proxy's work; the write is left out, as it may wait on the client.
+            if not batch.events:  # comments, part of an event, or text chunks the skim has metered
+                raw = batch.raw
             else:
-                dropped = _see(meter, batch.events, assembler)
-            raw = batch.without(dropped) if dropped else batch.raw
-            if overhead is not None:  # the write is left out: it may wait on the client
+                if skimming is not None:
+                    dropped = skimming.see_events(batch.events, time.monotonic(), batch.raw, batch.spans)
+                else:
+                    dropped = _see(meter, batch.events, assembler)
+                raw = batch.without(dropped) if dropped else batch.raw
+            if overhead is not None:
                 overhead.streaming_s += time.perf_counter() - began
             if raw:
                 # One substring search per key and read; a copy only when a key is really there.
                 await response.write(redact(raw, secrets) if leaks(raw, encoded) else raw)
             if batch.done:
                 return b""
-            batch = await anext(batches, None)
+            piece = await read_piece(content)
+            began = time.perf_counter()
+            batch = decode(decoder, piece)
         if assembler is not None and api.done is not None:
             assembler.failed = True  # the stream ended without [DONE]
     except UpstreamError as exc:

@@ -13,8 +13,8 @@ import pytest
 
 from proxy.core.apis.completions import CompletionsMeter
 from proxy.core.record import RequestRecord
-from proxy.core.sse import StreamMeter
-from tests.core.test_sse import METERED, OPENROUTER_USAGE, STARTED, openai_chunk, openrouter_chunk, record
+from proxy.core.sse import EventTooLarge, SseDecoder, StreamMeter
+from tests.core.test_sse import LIMIT, METERED, OPENROUTER_USAGE, STARTED, openai_chunk, openrouter_chunk, record
 
 # Texts a JSON string may carry: escapes (quote, backslash, control characters, line breaks),
 # multi-byte UTF-8, and text that spells the keys and values the fast path looks for.
@@ -220,3 +220,99 @@ def test_a_long_stream_parses_its_first_text_chunk_and_its_usage_only(monkeypatc
     # the opening chunk (its shape is the text chunks'), the finish chunk, the usage chunk
     assert counting.parsed == 3
     assert target.streamed_text_bytes == sum(len(f"word {n} wörd\n".encode()) for n in range(1000))
+
+
+# ---------------------------------------------------------------- runs of events left uncut by the decoder
+
+
+def relayed(stream: bytes, reads: list[int], include_usage: bool, skim: str) -> tuple[Any, ...]:
+    """(the record's outcome, the bytes the client gets) of a stream read in pieces of these sizes,
+    through the decoder and `see` + `forward` for each event (`skim` "no", as the relay did), or
+    `see_events` with the decoder's skim hook set ("decoder"), with the batches' bytes ("batch",
+    as for a stream's first read, cut before the hook is set), or both (as the relay does)."""
+    target = record()
+    meter = StreamMeter(target, STARTED, include_usage=include_usage)
+    decoder = SseDecoder(LIMIT)
+    if skim in ("decoder", "both"):
+        decoder.skim = meter.skim
+    forwarded, at = [], 0
+    for size in reads:
+        batch = decoder.feed(stream[at : at + size])
+        at += size
+        if skim == "no":
+            dropped = [i for i, data in enumerate(batch.events) if not meter.forward(meter.see(data, STARTED + 1))]
+        elif skim == "decoder":
+            dropped = meter.see_events(batch.events, STARTED + 1)
+        else:
+            dropped = meter.see_events(batch.events, STARTED + 1, batch.raw, batch.spans)
+        forwarded.append(batch.without(dropped) if dropped else batch.raw)
+        if batch.done:
+            break
+    return *outcome(target), b"".join(forwarded), decoder.pending
+
+
+def assert_relayed_the_same(stream: bytes, reads: list[int], include_usage: bool) -> None:
+    expected = relayed(stream, reads, include_usage, "no")
+    for skim in ("decoder", "batch", "both"):
+        assert relayed(stream, reads, include_usage, skim) == expected, skim
+
+
+def sse_bytes(events: list[bytes], comments: bool = False, crlf: bool = False) -> bytes:
+    end = b"\r\n" if crlf else b"\n"
+    out = []
+    for index, data in enumerate(events):
+        if comments and index % 4 == 2:
+            out.append(b": OPENROUTER PROCESSING" + end + end)
+        out.append(b"data: " + data + end + end)
+    return b"".join(out) + b"data: [DONE]" + end + end
+
+
+def read_sizes(length: int, events: list[bytes] | None = None) -> list[list[int]]:
+    """One read; a read per event (LF framing, no comments); reads of 1, 7, 50 and 301 bytes;
+    two reads, cut at a spread of places."""
+    sizes: list[list[int]] = [[length]]
+    if events is not None:
+        sizes.append([len(b"data: \n\n") + len(data) for data in [*events, b"[DONE]"]])
+    sizes += [[size] * (length // size + 1) for size in (1, 7, 50, 301)]
+    sizes += [[cut, length - cut] for cut in range(1, length, max(1, length // 25))]
+    return sizes
+
+
+SKIMMED_STREAMS = {
+    **{f"stream: {name}": events for name, events in STREAMS.items()},
+    **{f"metered: {name}": case[0] for name, case in METERED.items()},
+    "a long openrouter stream": openrouter_stream([f"w{n} wörd\\n " for n in range(60)]),
+}
+
+
+@pytest.mark.parametrize("events", SKIMMED_STREAMS.values(), ids=SKIMMED_STREAMS.keys())
+@pytest.mark.parametrize("framing", ["lf", "comments", "crlf"])
+def test_runs_left_uncut_bill_and_forward_the_same_however_the_stream_is_read(events, framing):
+    stream = sse_bytes(events, comments=framing == "comments", crlf=framing == "crlf")
+    for reads in read_sizes(len(stream), events if framing == "lf" else None):
+        for include_usage in (True, False):
+            assert_relayed_the_same(stream, reads, include_usage)
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_runs_stop_at_bytes_that_are_not_a_plain_text_chunk(text):
+    before, after = openrouter_chunk({"role": "assistant", "content": "\0"}).split(b"\\u0000")
+    plain = [openrouter_chunk({"role": "assistant", "content": t}) for t in ("a", "b\\", "\\\\", "c")]
+    events = [*plain, before + text + after, *plain, before + after[1:], *plain]
+    stream = sse_bytes(events)
+    for reads in read_sizes(len(stream), events):
+        assert_relayed_the_same(stream, reads, True)
+
+
+def test_an_event_over_the_limit_in_a_run_is_refused_as_before():
+    events = [openrouter_chunk({"role": "assistant", "content": text}) for text in ("a", "b", "x" * 5000, "c")]
+    stream = sse_bytes(events)
+    for skim in (True, False):
+        target = record()
+        meter = StreamMeter(target, STARTED)
+        decoder = SseDecoder(len(events[0]) + 1000)
+        if skim:
+            decoder.skim = meter.skim
+        meter.see_events(decoder.feed(stream[:600]).events, STARTED + 1)  # learns the shape
+        with pytest.raises(EventTooLarge):
+            decoder.feed(stream[600:])

@@ -38,4 +38,5 @@ def redact(text: str | bytes, secrets: Iterable[str]) -> str | bytes:
 def leaks(data: bytes, secrets: tuple[bytes, ...]) -> bool:
     """Whether any of the (pre-encoded) secrets occurs in `data`: the relay's per-read check,
     one substring search per secret, before it pays for a copy."""
-    return any(secret in data for secret in secrets)
+    # find, not `in`: for bytes, `in` first tries its operand as an int (and formats that error)
+    return any(data.find(secret) >= 0 for secret in secrets)

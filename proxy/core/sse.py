@@ -6,14 +6,20 @@ the relay still makes one write per read. What is left of an unfinished event wa
 read. `data: [DONE]` ends the stream: the decoder stops in front of it, and the relay sends its own
 `[DONE]` once the request has been settled.
 
-`StreamMeter` reads the `data` of each event (one `orjson.loads` each) for accounting: the time to
-the first chunk, the generation id and provider, the usage object when a real one comes (OpenAI
-sends `"usage": null` in every chunk until the last), an upstream error chunk, and the text that
-was generated, as UTF-8 bytes, for when the stream is cut before any usage comes.
+`StreamMeter` reads the `data` of each event for accounting: the time to the first chunk, the
+generation id and provider, the usage object when a real one comes (OpenAI sends `"usage": null`
+in every chunk until the last), an upstream error chunk, and the text that was generated, as UTF-8
+bytes, for when the stream is cut before any usage comes. Most events of a long stream are ordinary
+text chunks that differ from each other in their text alone; `see_events` parses one (`orjson`),
+and then measures the next ones' text straight from their bytes while they keep its shape byte for
+byte (see `_shape_of`). Anything else (the first chunk, usage, errors, tool calls, a new shape) is
+parsed as before.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -24,6 +30,12 @@ DONE = b"[DONE]"
 # Delta fields whose strings are generated text: answer, refusal, and reasoning (OpenRouter's
 # `reasoning`, `reasoning_content` of DeepSeek-style upstreams).
 TEXT_FIELDS = frozenset(("content", "refusal", "reasoning", "reasoning_content"))
+# The body of a JSON string (between its quotes) as JSON allows it: without escapes, and with the
+# escapes that decode to one byte each (`\uXXXX` ones are left to orjson).
+_NOT_PLAIN = b'"\\' + bytes(range(0x20))  # a string body without these has no escape (translate() finds them)
+_ESCAPED = re.compile(rb'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*')
+# (buffer, start, event size limit) -> where the run of ordinary events at `start` ends (`StreamMeter.skim`)
+Skim = Callable[[bytes, int, int], int]
 
 
 class EventTooLarge(ValueError):
@@ -55,13 +67,20 @@ class Batch(NamedTuple):
         return b"".join(kept)
 
 
+def _batch(raw: bytes, events: list[bytes], done: bool, spans: list[tuple[int, int]] | tuple[()]) -> Batch:
+    return tuple.__new__(Batch, (raw, events, done, spans))  # not Batch(...): its __new__ is Python code
+
+
 class SseDecoder:
     """Incremental SSE framing (the WHATWG event-stream format): lines end in LF or CRLF, a blank
     line ends an event, `data:` lines are joined with LF, comment and other field lines are kept in
     `raw` but carry no data. A lone CR as a line end is legal SSE but sent by no LLM API, and is
-    not treated as one."""
+    not treated as one.
 
-    __slots__ = ("_carry", "_crlf", "_done", "_limit", "_resume")
+    `skim`, when set, is offered each event start (LF framing): it meters the run of ordinary
+    events there from their bytes (`StreamMeter.skim`), and they go into `raw` but not `events`."""
+
+    __slots__ = ("_carry", "_crlf", "_done", "_limit", "_resume", "skim")
 
     def __init__(self, max_event_bytes: int) -> None:
         self._limit = max_event_bytes
@@ -69,6 +88,7 @@ class SseDecoder:
         self._resume = 0  # where in `_carry` the search for its end goes on (no byte is searched twice)
         self._crlf = False  # CR seen: from then on, lines are scanned one by one
         self._done = False
+        self.skim: Skim | None = None
 
     @property
     def pending(self) -> bool:
@@ -79,14 +99,23 @@ class SseDecoder:
         """The events `piece` completes, with the exact bytes to forward for them. Raises
         EventTooLarge when an event is, or grows, larger than the limit."""
         if self._done:
-            return Batch(b"", [], True)
+            return _batch(b"", [], True, ())
         carry = self._carry
         buffer = carry + piece if carry else piece
-        if not self._crlf and b"\r" in piece:
-            self._crlf, self._resume = True, 0  # lines of the carry were not tracked: scan it again
+        start, search, skim = 0, self._resume, self.skim
+        if skim is not None and not self._crlf and (start := skim(buffer, 0, self._limit)) > 0:
+            if start == len(buffer):  # ordinary text chunks alone (no CR in them): a long stream's read
+                self._carry, self._resume = b"", 0
+                return _batch(buffer, [], False, ())
+            search = start
+        # (find, not `in`: for bytes, `in` first tries the needle as an int, and formats an error)
+        if not self._crlf and piece.find(b"\r") >= 0:
+            self._crlf, search = True, start  # lines of the carry were not tracked: scan it again
+        crlf = self._crlf
+        if crlf:
+            skim = None
         events: list[bytes] = []
         spans: list[tuple[int, int]] = []
-        start, search, crlf = 0, self._resume, self._crlf
         while True:
             if crlf:
                 body_end, end = _crlf_event_end(buffer, search)
@@ -100,13 +129,15 @@ class SseDecoder:
             data = _event_data(buffer[start:body_end])
             if data == DONE:
                 self._done, self._carry = True, b""
-                return Batch(buffer[:start], events, True, spans)
+                return _batch(buffer[:start], events, True, spans)
             if data is not None:
                 events.append(data)
                 spans.append((start, end))
             start = search = end
+            if skim is not None and (run_end := skim(buffer, start, self._limit)) > start:
+                start = search = run_end
         self._keep(buffer, start, search)
-        return Batch(buffer[:start], events, False, spans)
+        return _batch(buffer[:start], events, False, spans)
 
     def _keep(self, buffer: bytes, start: int, search: int) -> None:
         """Hold the unfinished event back for the next read; it may not outgrow the limit."""
@@ -139,7 +170,7 @@ def _event_data(body: bytes) -> bytes | None:
     """The `data` of one event's lines (multi-line data joined by LF, per the SSE spec), or None
     when it has none (a comment such as `: OPENROUTER PROCESSING`). A body with a CR always has
     an LF too (the decoder cuts CRLF events with their last line end), so takes the long way."""
-    if body.startswith(b"data: ") and b"\n" not in body:  # the common case: one line, LF framing
+    if body.startswith(b"data: ") and body.find(b"\n") < 0:  # the common case: one line, LF framing
         return body[6:] or None
     values = []
     for line in body.split(b"\n"):
@@ -158,12 +189,116 @@ class StreamMeter:
     asked for it (`stream_options.include_usage`), as OpenAI does. OpenRouter sends it always; the
     proxy asks OpenAI-style upstreams for it always, since a stream without usage is billed blind."""
 
-    __slots__ = ("_include_usage", "_record", "_started")
+    __slots__ = ("_include_usage", "_record", "_shape", "_started")
 
     def __init__(self, record: RequestRecord, started: float, *, include_usage: bool = True) -> None:
         self._record = record
         self._started = started  # the monotonic time the request came in: TTFT counts from there
         self._include_usage = include_usage
+        self._shape: _Shape | None = None  # an ordinary text chunk's bytes around its text
+
+    def see_events(
+        self, events: list[bytes], now: float, raw: bytes = b"", spans: Sequence[tuple[int, int]] = ()
+    ) -> list[int]:
+        """`see` the events of one read (`now`: the monotonic time it arrived), and return the
+        indexes of those the client does not get (`forward`). `raw` and `spans`: the read's bytes
+        and where each event lies in them (a `Batch`'s), to `skim` runs of events in them.
+
+        An event with the shape of the last ordinary text chunk parsed (the same bytes before and
+        after its text, so the same keys and values: no usage, no error, one choice, the text in
+        the same field) is not parsed: its text's UTF-8 bytes are counted from its JSON string,
+        which must be one JSON allows (else it is parsed, and orjson decides as before)."""
+        dropped: list[int] = []
+        record, index, count = self._record, 0, len(events)
+        while index < count:
+            data, shape = events[index], self._shape
+            if shape is not None:
+                # (a run, when there is one, holds this event whole: the loop below moves on)
+                if spans and (run_end := self.skim(raw, spans[index][0], len(raw))) >= spans[index][1]:
+                    while index < count and spans[index][1] <= run_end:
+                        index += 1
+                    continue
+                counted = _text_in(shape, data)
+                if counted is not None:
+                    record.streamed_text_bytes += counted
+                    index += 1
+                    continue
+            chunk = self.see(data, now)
+            if not self.forward(chunk):
+                dropped.append(index)
+            elif chunk is not None:
+                sole = self._sole_text(chunk)
+                if sole is not None:
+                    self._shape = _shape_of(data, chunk, *sole) or shape
+            index += 1
+        return dropped
+
+    def skim(self, buffer: bytes, start: int, limit: int) -> int:
+        """Where the run of whole events at `start` in `buffer` (SSE bytes, LF framing) that have the
+        shape of the last ordinary text chunk parsed ends (`start`: none); their text is counted.
+        `SseDecoder` calls it, so that such events are neither cut apart one by one nor parsed:
+        each text ends at the next quote, after which come the same bytes each time (`joint`, or
+        the last one's `closing`), and one check of the texts joined tells they are JSON strings as
+        `see_events` requires (else the run stops before the first that is not). Events over
+        `limit` bytes are left to the decoder."""
+        shape = self._shape
+        if shape is None:
+            return start
+        opening, closing, joint = shape.opening, shape.closing, shape.joint
+        first = start + len(opening)
+        if buffer[start:first] != opening:  # (a slice compared: cheaper than startswith's arguments)
+            return start
+        end = len(buffer) - len(closing)
+        if end >= first and buffer[end:] == closing and len(buffer) - start <= limit:
+            # One event to the end of the read (the common read), if its text has no quote: then
+            # it has no line end either, and this is the whole event.
+            counted = _plain_bytes(buffer[first:end])
+            if counted is not None:
+                self._record.streamed_text_bytes += counted
+                return len(buffer)
+        texts: list[bytes] = []
+        at, find, step, last = first, buffer.find, len(joint), len(closing)
+        while (quote := find(b'"', at)) >= 0:
+            if buffer[quote : quote + step] == joint:  # this event is whole, and the next has the opening
+                texts.append(buffer[at:quote])
+                at = quote + step
+                continue
+            if buffer[quote : quote + last] == closing:
+                texts.append(buffer[at:quote])
+            break
+        if not texts:
+            return start
+        framing = len(opening) + last
+        joined = b" ".join(texts)  # a space between two texts: no escape runs on from one to the next
+        counted = _string_bytes(joined)
+        if counted is None or max(map(len, texts)) > limit - framing:
+            for index, text in enumerate(texts):
+                if _string_bytes(text) is None or len(text) > limit - framing:
+                    texts = texts[:index]
+                    break
+            if not texts:
+                return start
+            joined = b" ".join(texts)
+            counted = _string_bytes(joined)
+            if counted is None:  # cannot be: each is a JSON string
+                return start
+        spaces = len(texts) - 1
+        self._record.streamed_text_bytes += counted - spaces
+        return start + len(texts) * framing + len(joined) - spaces
+
+    def _sole_text(self, chunk: dict[str, Any]) -> tuple[str, str] | None:
+        """(field, text) when all the text `see` counts in this chunk is that one string of its
+        one choice's delta, else None."""
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return None
+        delta = choices[0].get("delta")
+        if not isinstance(delta, dict):
+            return None
+        texts = [(name, value) for name, value in delta.items() if name in TEXT_FIELDS and isinstance(value, str)]
+        if len(texts) != 1 or text_bytes(choices) != _utf8_len(texts[0][1]):
+            return None
+        return texts[0]
 
     def forward(self, chunk: dict[str, Any] | None) -> bool:
         return self._include_usage or chunk is None or chunk.get("choices") != []
@@ -193,6 +328,78 @@ class StreamMeter:
             # Counted always, used only when no usage comes: a stream cut short is billed from it.
             record.streamed_text_bytes += text_bytes(choices)
         return chunk
+
+
+class _Shape(NamedTuple):
+    """An ordinary text chunk's data: `before` its text's JSON string (up to its opening quote),
+    the text, then `after` (from its closing quote); as an SSE event, `opening`, the text, then
+    `closing`; and `joint`, the bytes between the texts of two such events in a row."""
+
+    before: bytes
+    after: bytes
+    opening: bytes
+    closing: bytes
+    joint: bytes
+
+
+def _shape_of(data: bytes, chunk: dict[str, Any], field: str, text: str) -> _Shape | None:
+    """The bytes before and after the JSON string of `text` in `data`, which parsed as `chunk`:
+    the shape of the chunks that differ from it in that text alone. Only for a chunk whose counted
+    text is all in `field` (`_sole_text`), without usage or error, on one line, without any escape
+    (so every key is spelt as it reads), and with one `"field"` in it: that one is the field's key."""
+    if b"\\" in data or b"\n" in data or b"\r" in data or chunk.get("usage") is not None or chunk.get("error"):
+        return None
+    key = b'"' + field.encode() + b'"'
+    if data.count(key) != 1:
+        return None
+    start = data.find(key + b':"')
+    if start < 0:
+        return None
+    start += len(key) + 2
+    end = data.find(b'"', start)
+    if data[start:end] != text.encode():
+        return None
+    before, after = data[:start], data[end:]
+    opening, closing = b"data: " + before, after + b"\n\n"
+    return _Shape(before, after, opening, closing, closing + opening)
+
+
+def _text_in(shape: _Shape, data: bytes) -> int | None:
+    """The UTF-8 bytes of the text in `data` if it is a chunk of this shape, with a JSON string
+    as `_string_bytes` requires, else None."""
+    before, after = shape.before, shape.after
+    end = len(data) - len(after)
+    if end < len(before) or not data.startswith(before) or not data.endswith(after):
+        return None
+    return _string_bytes(data[len(before) : end])
+
+
+def _string_bytes(text: bytes) -> int | None:
+    """The UTF-8 bytes of the text of this JSON string body (between its quotes) if orjson would
+    read it (no control characters, no unescaped quote, known escapes, valid UTF-8) and it has no
+    `\\u` escape, else None."""
+    counted = _plain_bytes(text)
+    if counted is not None or _ESCAPED.fullmatch(text) is None:
+        return counted
+    if not text.isascii():
+        try:
+            text.decode()
+        except UnicodeDecodeError:
+            return None
+    return len(text) - text.count(b"\\") + text.count(b"\\\\")  # an escaped backslash is two of them
+
+
+def _plain_bytes(text: bytes) -> int | None:
+    """`_string_bytes` of a string body without escapes (else None: it may still be a JSON string)."""
+    if len(text.translate(None, _NOT_PLAIN)) != len(text):
+        return None
+    if text.isascii():
+        return len(text)
+    try:
+        text.decode()
+    except UnicodeDecodeError:
+        return None
+    return len(text)
 
 
 def text_bytes(choices: Any) -> int:

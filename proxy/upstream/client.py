@@ -214,27 +214,42 @@ async def iter_batches(response: aiohttp.ClientResponse) -> AsyncIterator[Batch]
     every event still leaves as soon as it has arrived whole. Raises UpstreamError when the stream
     breaks (connection dropped, read timeout, an event over MAX_EVENT_BYTES).
     """
-    content = response.content
-    decoder = SseDecoder(MAX_EVENT_BYTES)
-    while True:
-        try:
-            piece = await content.readany()
-        except TimeoutError:
-            raise UpstreamError(timeout_failure("waiting for the next stream event")) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None
-        if not piece:
-            if decoder.pending:  # EOF in the middle of an event: the connection was cut
-                raise UpstreamError(dropped_failure("the upstream closed the stream mid-event"))
-            return
-        try:
-            batch = decoder.feed(piece)
-        except EventTooLarge as exc:
-            raise UpstreamError(dropped_failure(str(exc))) from None
-        if batch.raw or batch.done:
-            yield batch
+    content, decoder = response.content, SseDecoder(MAX_EVENT_BYTES)
+    while (batch := await next_batch(content, decoder)) is not None:
+        yield batch
         if batch.done:
             return
+
+
+async def next_batch(content: aiohttp.StreamReader, decoder: SseDecoder) -> Batch | None:
+    """The next read's batch that has anything to forward, or None once the stream has ended."""
+    while True:
+        batch = decode(decoder, await read_piece(content))
+        if batch is None or batch.raw or batch.done:
+            return batch
+
+
+async def read_piece(content: aiohttp.StreamReader) -> bytes:
+    """The next network read of a stream (empty: it ended); UpstreamError when the stream breaks."""
+    try:
+        return await content.readany()
+    except TimeoutError:
+        raise UpstreamError(timeout_failure("waiting for the next stream event")) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(dropped_failure(f"stream broken: {type(exc).__name__}")) from None
+
+
+def decode(decoder: SseDecoder, piece: bytes) -> Batch | None:
+    """What a read completes (`raw` may be empty), or None at the stream's end (`piece` empty).
+    UpstreamError when it ended in the middle of an event, or an event is over the limit."""
+    if not piece:
+        if decoder.pending:  # EOF in the middle of an event: the connection was cut
+            raise UpstreamError(dropped_failure("the upstream closed the stream mid-event"))
+        return None
+    try:
+        return decoder.feed(piece)
+    except EventTooLarge as exc:
+        raise UpstreamError(dropped_failure(str(exc))) from None
 
 
 @dataclass(slots=True)
@@ -242,8 +257,8 @@ class OpenedStream:
     """A stream that answered, with its first network read already taken."""
 
     response: aiohttp.ClientResponse
-    batches: AsyncIterator[Batch]  # the reads after `first`
     first: Batch | None  # None: the stream ended before sending anything
+    decoder: SseDecoder  # has cut the reads so far, and cuts the next ones (`read_piece`, `decode`)
 
 
 async def open_stream(
@@ -258,10 +273,10 @@ async def open_stream(
     another task before its first read could lose the text that did arrive. A stream that breaks
     before its first byte fails like any attempt (and the chain falls back)."""
     response = await client.post(payload, stream=True, model=model, path=path, headers=headers)
-    batches = iter_batches(response)
+    decoder = SseDecoder(MAX_EVENT_BYTES)
     try:
-        first = await anext(batches, None)
+        first = await next_batch(response.content, decoder)
     except BaseException:
         response.close()
         raise
-    return OpenedStream(response, batches, first)
+    return OpenedStream(response, first, decoder)

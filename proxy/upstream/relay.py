@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -21,8 +21,8 @@ from proxy.core.apis import Api, Meter
 from proxy.core.overhead import HEADER, Overhead, milliseconds
 from proxy.core.record import RequestRecord
 from proxy.core.redact import leaks, redact
-from proxy.core.sse import Batch
-from proxy.upstream.client import OpenedStream, UpstreamError
+from proxy.core.sse import StreamMeter
+from proxy.upstream.client import OpenedStream, UpstreamError, decode, read_piece
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -93,25 +93,35 @@ async def _forward(
     broke. The meter writes into the record as events pass, so a client hanging up mid-way is
     billed for the text that reached the proxy by then."""
     encoded = tuple(secret.encode() for secret in secrets if secret)
+    # Chat's and legacy completions' meter skips cutting and parsing ordinary text chunks; the
+    # cache's assembler needs every chunk parsed, and other APIs' meters parse each event.
+    skimming = meter if assembler is None and isinstance(meter, StreamMeter) else None
+    content, decoder = stream.response.content, stream.decoder
+    if skimming is not None:  # the decoder leaves runs of ordinary text chunks to it, uncut
+        decoder.skim = skimming.skim
+    batch, began = stream.first, time.perf_counter()
     try:
-        async for batch in _batches(stream):
-            began = time.perf_counter()
-            now = time.monotonic()
-            dropped: list[int] = []
-            for index, data in enumerate(batch.events):
-                chunk = meter.see(data, now)
-                if assembler is not None:
-                    assembler.add_chunk(chunk)
-                if not meter.forward(chunk):
-                    dropped.append(index)
-            raw = batch.without(dropped) if dropped else batch.raw
-            if overhead is not None:  # the write is left out: it may wait on the client
+        while batch is not None:
+            # `began`: the read came in. Cutting it into events, metering and inspecting them is
+            # the proxy's work; the write is left out, as it may wait on the client.
+            if not batch.events:  # comments, part of an event, or text chunks the skim has metered
+                raw = batch.raw
+            else:
+                if skimming is not None:
+                    dropped = skimming.see_events(batch.events, time.monotonic(), batch.raw, batch.spans)
+                else:
+                    dropped = _see(meter, batch.events, assembler)
+                raw = batch.without(dropped) if dropped else batch.raw
+            if overhead is not None:
                 overhead.streaming_s += time.perf_counter() - began
             if raw:
                 # One substring search per key and read; a copy only when a key is really there.
                 await response.write(redact(raw, secrets) if leaks(raw, encoded) else raw)
             if batch.done:
                 return b""
+            piece = await read_piece(content)
+            began = time.perf_counter()
+            batch = decode(decoder, piece)
         if assembler is not None and api.done is not None:
             assembler.failed = True  # the stream ended without [DONE]
     except UpstreamError as exc:
@@ -122,10 +132,14 @@ async def _forward(
     return b""
 
 
-async def _batches(stream: OpenedStream) -> AsyncIterator[Batch]:
-    if stream.first is None:
-        return
-    yield stream.first
-    if not stream.first.done:
-        async for batch in stream.batches:
-            yield batch
+def _see(meter: Meter, events: list[bytes], assembler: StreamAssembler | None) -> list[int]:
+    """Parse and meter each event (and feed the assembler); the indexes of those the client does not get."""
+    now = time.monotonic()
+    dropped: list[int] = []
+    for index, data in enumerate(events):
+        chunk = meter.see(data, now)
+        if assembler is not None:
+            assembler.add_chunk(chunk)
+        if not meter.forward(chunk):
+            dropped.append(index)
+    return dropped

@@ -20,7 +20,7 @@ from proxy.core.apis.chat import ChatApi, wants_usage
 from proxy.core.errors import InvalidRequest
 from proxy.core.features import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, RequestFeatures
 from proxy.core.record import RequestRecord
-from proxy.core.sse import StreamMeter
+from proxy.core.sse import StreamMeter, text_bytes
 
 # What a prompt grows by as the user message a chat model reads it as: the message's JSON around its
 # text (`[{"role":"user","content":}]`, as chat's bound counts it) and the template's role markers.
@@ -114,6 +114,13 @@ class CompletionsMeter(StreamMeter):
                 if isinstance(choice, dict) and isinstance(choice.get("text"), str)
             )
         return chunk
+
+    def _sole_text(self, chunk: dict[str, Any]) -> tuple[str, str] | None:
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            return None
+        text = choices[0].get("text")
+        return ("text", text) if isinstance(text, str) and not text_bytes(choices) else None
 
 
 def utf8_len(text: str) -> int:

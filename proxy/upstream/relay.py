@@ -21,7 +21,7 @@ from proxy.core.apis import Api, Meter
 from proxy.core.overhead import HEADER, Overhead, milliseconds
 from proxy.core.record import RequestRecord
 from proxy.core.redact import leaks, redact
-from proxy.core.sse import StreamMeter
+from proxy.core.stream_meter import StreamMeter
 from proxy.upstream.client import OpenedStream, UpstreamError, decode, read_piece
 
 SSE_HEADERS = {

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from proxy.core.record import RequestRecord, Usage, billed_tokens
-from proxy.core.sse import Batch, EventTooLarge, SseDecoder, StreamMeter
+from proxy.core.sse import Batch, EventTooLarge, SseDecoder
+from proxy.core.stream_meter import StreamMeter
 
 LIMIT = 1 << 20
 STARTED = 100.0
@@ -402,14 +403,22 @@ def test_decoder_and_meter_bill_a_stream_the_same_however_it_is_read(stream, exp
         )
 
 
-def test_the_sse_module_is_pure():
-    """No IO library, no other layer of the proxy, no clock: the caller passes the time in
-    (`re` checks a JSON string's bytes; `collections.abc` types the decoder's skim hook)."""
-    source = Path(__file__).resolve().parents[2] / "proxy" / "core" / "sse.py"
+@pytest.mark.parametrize(
+    "module, allowed",
+    [
+        # the decoder: `collections.abc` types its skim hook
+        ("sse.py", {"__future__", "collections.abc", "typing"}),
+        # the meter: `re` checks a JSON string's bytes
+        ("stream_meter.py", {"__future__", "collections.abc", "re", "typing", "orjson", "proxy.core.record"}),
+    ],
+)
+def test_the_stream_modules_are_pure(module, allowed):
+    """No IO library, no other layer of the proxy, no clock: the caller passes the time in."""
+    source = Path(__file__).resolve().parents[2] / "proxy" / "core" / module
     imported = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
-    assert imported == {"__future__", "collections.abc", "re", "typing", "orjson", "proxy.core.record"}
+    assert imported == allowed

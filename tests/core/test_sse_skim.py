@@ -13,7 +13,8 @@ import pytest
 
 from proxy.core.apis.completions import CompletionsMeter
 from proxy.core.record import RequestRecord
-from proxy.core.sse import EventTooLarge, SseDecoder, StreamMeter
+from proxy.core.sse import EventTooLarge, SseDecoder
+from proxy.core.stream_meter import StreamMeter
 from tests.core.test_sse import LIMIT, METERED, OPENROUTER_USAGE, STARTED, openai_chunk, openrouter_chunk, record
 
 # Texts a JSON string may carry: escapes (quote, backslash, control characters, line breaks),
@@ -211,7 +212,7 @@ class CountingOrjson:
 
 def test_a_long_stream_parses_its_first_text_chunk_and_its_usage_only(monkeypatch):
     counting = CountingOrjson()
-    monkeypatch.setattr("proxy.core.sse.orjson", counting)
+    monkeypatch.setattr("proxy.core.stream_meter.orjson", counting)
     events = openrouter_stream([f"word {n} wörd\n" for n in range(1000)])
     target = record()
     meter = StreamMeter(target, STARTED)

@@ -11,7 +11,7 @@ from proxy.core.apis.base import Api, check_model, check_stream
 from proxy.core.errors import InvalidRequest
 from proxy.core.features import RequestFeatures, extract_features
 from proxy.core.record import RequestRecord
-from proxy.core.sse import StreamMeter
+from proxy.core.stream_meter import StreamMeter
 
 
 class ChatApi(Api):

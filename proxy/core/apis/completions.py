@@ -20,7 +20,7 @@ from proxy.core.apis.chat import ChatApi, wants_usage
 from proxy.core.errors import InvalidRequest
 from proxy.core.features import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, RequestFeatures
 from proxy.core.record import RequestRecord
-from proxy.core.sse import StreamMeter, text_bytes
+from proxy.core.stream_meter import StreamMeter, text_bytes
 
 # What a prompt grows by as the user message a chat model reads it as: the message's JSON around its
 # text (`[{"role":"user","content":}]`, as chat's bound counts it) and the template's role markers.

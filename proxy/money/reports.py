@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
-
-from rich.table import Table
 
 from proxy.core.budget import BudgetCalendar
 from proxy.money.ledger_api import GroupBy, LedgerStore
 from proxy.money.ledger_rows import SummaryRow
+
+if TYPE_CHECKING:  # rich is for the command line: a serving proxy does not load it (5 MB)
+    from rich.table import Table
 
 Period = Literal["day", "month"]
 PERIODS = ("day", "month")
@@ -48,6 +49,8 @@ def _row(row: SummaryRow) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     title = f"Spend by {report['by']}, {report['period']} from {report['start'][:16]} ({report['timezone']})"
     table = Table(title=title, title_justify="left")
     table.add_column(report["by"])

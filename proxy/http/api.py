@@ -298,6 +298,8 @@ class ApiHandler:
         self, record: RequestRecord, reservation: Reservation | None, policy: Policy, started: float
     ) -> asyncio.Future[None] | None:
         """Book the request (once); the future of its ledger row's commit."""
+        if record.settled:  # booked already (an answer's booking, then `_answer`'s `finally`)
+            return None
         if record.client_gone:
             record.status, record.error = 499, "client_disconnected"
         elif record.abandoned:

@@ -139,7 +139,7 @@ class LedgerWriter:
                             item = jobs.get_nowait()
                         except queue.Empty:
                             break
-                for start in range(0, len(group), self._max_batch):  # a single turn may exceed it
+                for start in range(0, len(group), self._max_batch):  # flush barriers are not rows: it may exceed
                     part = group[start : start + self._max_batch]
                     self._wake(_settle_group, part, self._write(part))
                 keep_up = self._others_in_flight(rows)

@@ -64,7 +64,32 @@ SCHEMA = (
     f"CREATE INDEX IF NOT EXISTS {TABLE}_batch_cost ON {TABLE} (batch_id, cost_nusd) WHERE batch_id IS NOT NULL",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_batch_ts ON {TABLE} (ts, cost_nusd) WHERE batch_id IS NOT NULL",
 )
+# What SCHEMA makes. `CREATE INDEX IF NOT EXISTS` locks its table (SHARE) before it looks, which
+# blocks, and may deadlock with, the writes of replicas already serving: looked up first, so a
+# replica starting beside them takes no lock unless something is really missing.
+SCHEMA_OBJECTS = (
+    FILES,
+    BATCHES,
+    f"{BATCHES}_status",
+    LINES,
+    f"{LINES}_state",
+    f"{LINES}_owner",
+    f"{TABLE}_batch_cost",
+    f"{TABLE}_batch_ts",
+)
+_MISSING = "SELECT count(*) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
 _NOW = "extract(epoch FROM clock_timestamp())"
+
+
+async def _create(conn: asyncpg.Connection) -> None:
+    """Make what is missing, one replica at a time: under the ledger's own advisory lock, so it
+    never runs beside another replica's ledger migration either."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orproxy.ledger'), hashtext(current_schema()))")
+        for statement in SCHEMA:
+            await conn.execute(statement)
+
+
 _ACTIVE = list(ACTIVE)
 _TERMINAL = list(TERMINAL)
 
@@ -99,12 +124,8 @@ class PgBatchStore:
         try:
             async with pool.acquire() as conn:
                 await migrate(conn, where)  # the ledger's table first: the store reads it
-                async with conn.transaction():
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext('orproxy.batches'), hashtext(current_schema()))"
-                    )
-                    for statement in SCHEMA:
-                        await conn.execute(statement)
+                if await conn.fetchval(_MISSING, list(SCHEMA_OBJECTS)):
+                    await _create(conn)
         except BaseException:
             await pool.close()
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import socket
 import sys
@@ -15,15 +16,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from proxy.core.batch import BatchRecord, FileRecord, InputLine, LineResult
 from proxy.money.batch_store import BatchStore
-from proxy.money.batch_store_pg import PgBatchStore
+from proxy.money.batch_store_pg import SCHEMA, SCHEMA_OBJECTS, PgBatchStore
 from proxy.money.batch_store_sqlite import SqliteBatchStore
 from proxy.money.ledger import Ledger
 from proxy.money.ledger_api import LedgerStore
 from proxy.money.ledger_pg import PgLedger
+from proxy.money.ledger_pg_schema import TABLE
 from proxy.money.ledger_rows import LedgerRow, to_nano
 from tests.support.postgres import scratch_schema
 
@@ -280,3 +283,27 @@ async def test_an_older_sqlite_file_gets_the_owner_columns(tmp_path: Path) -> No
         assert (cut.line.line, cut.request_id) == (1, "batch_1-1")
     finally:
         await store.close()
+
+
+async def test_a_replica_starting_beside_one_writing_takes_no_lock_on_the_ledger() -> None:
+    """The batch tables exist: a second replica opening the store must not wait for (or deadlock
+    with) another's open transaction on the ledger's table, as `CREATE INDEX IF NOT EXISTS` would
+    (it takes a SHARE lock on the table before it looks). Seen as a deadlock in a scale-out test."""
+
+    made = {m.group(1) for s in SCHEMA if (m := re.search(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", s))}
+    assert made == set(SCHEMA_OBJECTS)  # what is looked up is what the schema makes
+    async with scratch_schema() as (_, dsn):
+        ledger = await PgLedger.open(dsn, prune=False)
+        first = await PgBatchStore.open(dsn, pool_size=1)
+        writer = await asyncpg.connect(dsn)
+        try:
+            transaction = writer.transaction()
+            await transaction.start()  # a replica's ledger write in progress (ROW EXCLUSIVE, held)
+            await writer.execute(f"LOCK TABLE {TABLE} IN ROW EXCLUSIVE MODE")
+            second = await asyncio.wait_for(PgBatchStore.open(dsn, pool_size=1), timeout=10)
+            await second.close()
+            await transaction.rollback()
+        finally:
+            await writer.close()
+            await first.close()
+            await ledger.close()

@@ -33,6 +33,7 @@ from typing import Literal
 
 import aiosqlite
 
+from proxy.money.ledger_front import QueuedLedger
 from proxy.money.ledger_rows import (
     COLUMNS,
     ESTIMATED_SOURCES,
@@ -47,7 +48,6 @@ from proxy.money.ledger_rows import (
     LedgerSchemaError,
     Reconciled,
     SummaryRow,
-    check_row,
     from_nano,
     from_record,
     summary_row,
@@ -60,8 +60,10 @@ log = logging.getLogger("orproxy.ledger")
 _PRUNE_CHUNK = 10_000  # rows deleted per transaction, so pruning never stalls the writer for long
 
 
-class Ledger:
+class Ledger(QueuedLedger):
     """Spend records in one SQLite file; build with `await Ledger.open(path)`, end with `close()`."""
+
+    _writer: LedgerWriter
 
     def __init__(
         self,
@@ -137,49 +139,17 @@ class Ledger:
     def where(self) -> str:
         return str(self._path)
 
-    # --- writing -------------------------------------------------------------
+    # --- writing (QueuedLedger: record, record_nowait, flush, close) ------------
 
-    async def record(self, row: LedgerRow) -> None:
-        """Return once `row` is committed; raise LedgerClosed after close()."""
-        await self.record_nowait(row)
+    def _taking(self) -> bool:
+        return not self._closed and not self._watch.done()
 
-    def record_nowait(self, row: LedgerRow) -> asyncio.Future[None]:
-        """Queue `row` and return the future its commit resolves. Cancelling that
-        future does not withdraw the row: a client that went away still costs money."""
-        check_row(row)
-        return self._enqueue(row)
+    def _stopped(self) -> bool:
+        return self._closed
 
-    async def flush(self) -> None:
-        """Wait until everything queued before this call is settled (committed, or failed)."""
-        if self._closed:
-            if self._shutdown is not None:
-                await asyncio.shield(self._shutdown)
-            return
-        await self._enqueue(None)
-
-    async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the connections. Idempotent."""
-        if self._shutdown is None:
-            self._closed = True
-            self._writer.stop()
-            self._shutdown = asyncio.create_task(self._finish())
-        await asyncio.shield(self._shutdown)
-
-    @property
-    def commits(self) -> int:
-        """Groups committed (one transaction each); tests and metrics read it."""
-        return self._writer.commits
-
-    @property
-    def rows_written(self) -> int:
-        return self._writer.rows_written
-
-    def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
-        if self._closed or self._watch.done():
-            raise LedgerClosed(
-                f"ledger {self._path} is closed; request {row.request_id if row else '(flush)'} was not recorded"
-            )
-        return self._writer.submit(row)
+    def _stop_taking(self) -> None:
+        self._closed = True
+        self._writer.stop()
 
     async def _finish(self) -> None:
         await asyncio.wait([self._watch])  # wait, not await: a cancelled watcher must not fail close()

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 
 from proxy.money.ledger_api import GroupBy, LedgerUnavailable, redacted
+from proxy.money.ledger_front import QueuedLedger
 from proxy.money.ledger_pg_schema import TABLE, migrate
 from proxy.money.ledger_pg_writer import CONNECTION_ERRORS, PgLedgerWriter
 from proxy.money.ledger_rows import (
@@ -39,7 +40,6 @@ from proxy.money.ledger_rows import (
     LedgerSchemaError,
     Reconciled,
     SummaryRow,
-    check_row,
     from_nano,
     from_record,
     summary_row,
@@ -55,8 +55,10 @@ _SUMS = (
 _ROW_COLUMNS = ", ".join(COLUMNS)
 
 
-class PgLedger:
+class PgLedger(QueuedLedger):
     """Spend records in one PostgreSQL table; build with `await PgLedger.open(dsn)`, end with `close()`."""
+
+    _writer: PgLedgerWriter
 
     def __init__(
         self, pool: asyncpg.Pool, where: str, *, retention_days: int, max_batch: int, clock: Callable[[], float]
@@ -119,48 +121,16 @@ class PgLedger:
     def where(self) -> str:
         return self._where
 
-    # --- writing -------------------------------------------------------------
+    # --- writing (QueuedLedger: record, record_nowait, flush, close) ------------
 
-    async def record(self, row: LedgerRow) -> None:
-        """Return once `row` is committed; raise LedgerClosed after close()."""
-        await self.record_nowait(row)
+    def _taking(self) -> bool:
+        return self._writer.running()
 
-    def record_nowait(self, row: LedgerRow) -> asyncio.Future[None]:
-        """Queue `row` and return the future its commit resolves. Cancelling that future does not
-        withdraw the row: a client that went away still costs money."""
-        check_row(row)
-        return self._enqueue(row)
+    def _stopped(self) -> bool:
+        return self._writer.closed
 
-    async def flush(self) -> None:
-        """Wait until everything queued before this call is settled (committed, or failed)."""
-        if self._writer.closed:
-            if self._shutdown is not None:
-                await asyncio.shield(self._shutdown)
-            return
-        await self._enqueue(None)
-
-    async def close(self) -> None:
-        """Commit what is queued, stop the writer and close the pool. Idempotent."""
-        if self._shutdown is None:
-            self._writer.stop()
-            self._shutdown = asyncio.create_task(self._finish())
-        await asyncio.shield(self._shutdown)
-
-    @property
-    def commits(self) -> int:
-        """Batches committed (one transaction each); tests and metrics read it."""
-        return self._writer.commits
-
-    @property
-    def rows_written(self) -> int:
-        return self._writer.rows_written
-
-    def _enqueue(self, row: LedgerRow | None) -> asyncio.Future[None]:
-        if not self._writer.running():
-            raise LedgerClosed(
-                f"ledger {self._where} is closed; request {row.request_id if row else '(flush)'} was not recorded"
-            )
-        return self._writer.submit(row)
+    def _stop_taking(self) -> None:
+        self._writer.stop()
 
     async def _finish(self) -> None:
         await self._writer.stopped()
